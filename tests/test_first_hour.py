@@ -1,0 +1,61 @@
+"""A new user's first hour, end to end: clone, `dvc repro`, one variant, `dvc metrics diff`.
+
+Runs the real default pipeline (SmolLM2 from its PyPI wheel, TRL, lm-eval) in a fresh clone of
+this repository's HEAD, so it needs the package index and several minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_first_hour(tmp_path: Path) -> None:
+    clone = tmp_path / "karma"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout with commits")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "first-hour",
+        "GIT_AUTHOR_EMAIL": "first-hour@example.com",
+        "GIT_COMMITTER_NAME": "first-hour",
+        "GIT_COMMITTER_EMAIL": "first-hour@example.com",
+    }
+    dvc = [sys.executable, "-m", "dvc"]
+
+    _run([*dvc, "repro"], clone, env)
+    ev = json.loads((clone / "metrics/eval.json").read_text())
+    prefs = json.loads((clone / "metrics/preferences.json").read_text())
+    policy = {k: v for k, v in ev.items() if k.startswith("policy.")}
+    assert policy, ev
+    assert all(0.0 <= v <= 1.0 for v in policy.values())
+    assert any(k.startswith("delta.") for k in ev)
+    assert prefs["pairs_kept"] > 0
+    status = _run([*dvc, "status"], clone, env)
+    assert "changed" not in status  # a second repro would be a no-op
+
+    _run(["git", "add", "-A"], clone, env)
+    _run(["git", "commit", "-qm", "first run"], clone, env)
+    _run([*dvc, "exp", "run", "-S", "kinship=sim"], clone, env)
+    diff = json.loads(_run([*dvc, "metrics", "diff", "HEAD", "--json"], clone, env))
+    changed = diff["metrics/preferences.json"]
+    assert changed, diff  # the sim strategy pairs different models than score
+    shown = _run([*dvc, "exp", "show", "--md"], clone, env)
+    assert "sim" in shown and "score" in shown
