@@ -77,7 +77,9 @@ def collect_experiments(repo: str | Path = ".", *, workspace: bool = False) -> l
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[name] = float(value)
         label = item.get("Experiment") or item.get("rev") or "?"
-        rows.append({"name": str(label), "rev": item.get("rev"), "params": params, "metrics": metrics})
+        rows.append(
+            {"name": str(label), "rev": item.get("rev"), "params": params, "metrics": metrics}
+        )
     if not rows:
         raise KarmaError("no experiments with metrics: run `dvc repro` or `dvc exp run` first")
     return rows
@@ -309,14 +311,13 @@ def metrics_diff(rev: str, repo: str | Path = ".") -> dict[str, dict[str, float 
     out: dict[str, dict[str, float | None]] = {}
     for path, entries in sorted(raw.get("diff", {}).items()):
         for key, change in sorted(entries.items()):
-            out[f"{Path(path).stem}:{key}"] = {
-                k: change.get(k) for k in ("old", "new", "diff")
-            }
+            out[f"{Path(path).stem}:{key}"] = {k: change.get(k) for k in ("old", "new", "diff")}
     return out
 
 
 def diff_markdown(diff: dict[str, dict[str, float | None]], rev: str) -> str:
     """A PR-ready table of the evaluation deltas first, then everything else that changed."""
+
     def order(key: str) -> tuple[int, str]:
         return (0 if ":policy." in key or ":delta." in key else 1), key
 

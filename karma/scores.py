@@ -3,7 +3,7 @@
 The canonical frame has a ``model`` column (lower-case canonical ids) and one ``Float64`` column
 per benchmark (lower-case names); a missing score is null.
 
->>> df = read_scores("data/origin/scores.csv", aliases={"Gemini-1.5-Flash": "bard"})  # doctest: +SKIP
+>>> df = read_scores("data/origin/scores.csv", {"Gemini-1.5-Flash": "bard"})  # doctest: +SKIP
 >>> df.columns  # doctest: +SKIP
 ['model', 'ifeval', 'mmlu_stem', 'mmlu_pro', 'hellaswag', 'arc_easy', 'arc_challenge']
 
@@ -53,7 +53,6 @@ def _read_raw(path: Path) -> tuple[list[str], list[list[Any]]]:
                 path,
                 separator="\t" if suffix == ".tsv" else ",",
                 infer_schema=False,
-                missing_utf8_is_empty_string=True,
             )
         elif suffix in (".parquet", ".pq"):
             df = pl.read_parquet(path)

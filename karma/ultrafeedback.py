@@ -74,8 +74,13 @@ def parse_rating(value: Any, *, file: object, field: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise KarmaError("rating is not a number", file=file, field=field, value=value,
-                         expected='a number, a numeric string or "N/A"')
+        raise KarmaError(
+            "rating is not a number",
+            file=file,
+            field=field,
+            value=value,
+            expected='a number, a numeric string or "N/A"',
+        )
     if isinstance(value, (int, float)):
         v = float(value)
         return None if math.isnan(v) else v
@@ -90,12 +95,17 @@ def parse_rating(value: Any, *, file: object, field: str) -> float | None:
         else:
             if math.isfinite(v):
                 return v
-    raise KarmaError("rating is not a number", file=file, field=field, value=value,
-                     expected='a number, a numeric string or "N/A"')
+    raise KarmaError(
+        "rating is not a number",
+        file=file,
+        field=field,
+        value=value,
+        expected='a number, a numeric string or "N/A"',
+    )
 
 
 def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFeedback:
-    """Validate and flatten records; each item is ``(where, record)`` with ``where`` e.g. "line 3"."""
+    """Validate and flatten ``(where, record)`` items (``where`` e.g. "line 3")."""
     p_instr: list[str] = []
     p_source: list[str | None] = []
     c_row: list[int] = []
@@ -106,33 +116,60 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
     for row, (where, rec) in enumerate(records):
         loc = f"{file}: {where}"
         if not isinstance(rec, dict):
-            raise KarmaError("record is not a JSON object", file=loc, value=type(rec).__name__,
-                             expected="an object with 'instruction' and 'completions'")
+            raise KarmaError(
+                "record is not a JSON object",
+                file=loc,
+                value=type(rec).__name__,
+                expected="an object with 'instruction' and 'completions'",
+            )
         instr = rec.get("instruction")
         if not isinstance(instr, str):
-            raise KarmaError("missing or not a string" if instr is not None else "missing",
-                             file=loc, field="instruction", value=instr,
-                             expected="the instruction text")
+            raise KarmaError(
+                "missing or not a string" if instr is not None else "missing",
+                file=loc,
+                field="instruction",
+                value=instr,
+                expected="the instruction text",
+            )
         comps = rec.get("completions")
         if not isinstance(comps, list):
-            raise KarmaError("missing or not a list", file=loc, field="completions",
-                             value=None if comps is None else type(comps).__name__,
-                             expected="a list of {model, response, ...}")
+            raise KarmaError(
+                "missing or not a list",
+                file=loc,
+                field="completions",
+                value=None if comps is None else type(comps).__name__,
+                expected="a list of {model, response, ...}",
+            )
         src = rec.get("source")
         p_instr.append(instr)
         p_source.append(None if src is None else str(src))
         for pos, comp in enumerate(comps):
             cloc = f"completions[{pos}]"
             if not isinstance(comp, dict):
-                raise KarmaError("completion is not an object", file=loc, field=cloc,
-                                 value=type(comp).__name__, expected="{model, response, ...}")
+                raise KarmaError(
+                    "completion is not an object",
+                    file=loc,
+                    field=cloc,
+                    value=type(comp).__name__,
+                    expected="{model, response, ...}",
+                )
             model, resp = comp.get("model"), comp.get("response")
             if not isinstance(model, str) or not model.strip():
-                raise KarmaError("completion without a model name", file=loc,
-                                 field=f"{cloc}.model", value=model, expected="a model name")
+                raise KarmaError(
+                    "completion without a model name",
+                    file=loc,
+                    field=f"{cloc}.model",
+                    value=model,
+                    expected="a model name",
+                )
             if not isinstance(resp, str):
-                raise KarmaError("completion without a response", file=loc,
-                                 field=f"{cloc}.response", value=resp, expected="a string")
+                raise KarmaError(
+                    "completion without a response",
+                    file=loc,
+                    field=f"{cloc}.response",
+                    value=resp,
+                    expected="a string",
+                )
             c_row.append(row)
             c_pos.append(pos)
             c_model.append(model)
@@ -140,8 +177,9 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
             for col, key in RATING_FIELDS.items():
                 ratings[col].append(parse_rating(comp.get(key), file=loc, field=f"{cloc}.{key}"))
     if not p_instr:
-        raise KarmaError("no records (empty file)", file=file,
-                         expected="at least one UltraFeedback record")
+        raise KarmaError(
+            "no records (empty file)", file=file, expected="at least one UltraFeedback record"
+        )
     prompts = pl.DataFrame(
         {"row": range(len(p_instr)), "instruction": p_instr, "source": p_source},
         schema=PROMPT_SCHEMA,
@@ -161,8 +199,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"line {lineno}", json.loads(line)
             except json.JSONDecodeError as err:
-                raise KarmaError(f"malformed JSON on line {lineno}: {err.msg} at column "
-                                 f"{err.colno}", file=path) from None
+                raise KarmaError(
+                    f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
+                ) from None
 
 
 def _read_json(path: Path) -> UltraFeedback:
@@ -174,15 +213,20 @@ def _read_json(path: Path) -> UltraFeedback:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON lines in a .json file
             return from_records(_iter_jsonl(path), file=path)
-        raise KarmaError(f"malformed JSON on line {err.lineno}: {err.msg} at column {err.colno}",
-                         file=path) from None
+        raise KarmaError(
+            f"malformed JSON on line {err.lineno}: {err.msg} at column {err.colno}", file=path
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise KarmaError("top level is not a list of records", file=path,
-                         value=type(data).__name__, expected="a JSON list of records")
+        raise KarmaError(
+            "top level is not a list of records",
+            file=path,
+            value=type(data).__name__,
+            expected="a JSON list of records",
+        )
     return from_records(((f"record {i}", r) for i, r in enumerate(data)), file=path)
 
 
@@ -197,43 +241,78 @@ def _rating_expr(frame_dtype: pl.DataType, key: str) -> pl.Expr:
         return pl.when(missing).then(None).otherwise(s.cast(pl.Float64, strict=False))
     if frame_dtype == pl.Null:
         return pl.lit(None, dtype=pl.Float64)
-    raise KarmaError("rating column has an unsupported type", field=key, value=str(frame_dtype),
-                     expected="numbers or numeric strings")
+    raise KarmaError(
+        "rating column has an unsupported type",
+        field=key,
+        value=str(frame_dtype),
+        expected="numbers or numeric strings",
+    )
 
 
 def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
     """Validate and flatten a frame with the UltraFeedback columns (vectorised)."""
     for col in ("instruction", "completions"):
         if col not in df.columns:
-            raise KarmaError("missing column", file=file, field=col,
-                             expected="columns 'instruction' and 'completions'")
+            raise KarmaError(
+                "missing column",
+                file=file,
+                field=col,
+                expected="columns 'instruction' and 'completions'",
+            )
     if df.height == 0:
-        raise KarmaError("no records (empty file)", file=file,
-                         expected="at least one UltraFeedback record")
+        raise KarmaError(
+            "no records (empty file)", file=file, expected="at least one UltraFeedback record"
+        )
     if df.schema["instruction"] != pl.String:
-        raise KarmaError("wrong type", file=file, field="instruction",
-                         value=str(df.schema["instruction"]), expected="strings")
+        raise KarmaError(
+            "wrong type",
+            file=file,
+            field="instruction",
+            value=str(df.schema["instruction"]),
+            expected="strings",
+        )
     ctype = df.schema["completions"]
     if not isinstance(ctype, pl.List) or not isinstance(ctype.inner, pl.Struct):
-        raise KarmaError("wrong type", file=file, field="completions", value=str(ctype),
-                         expected="a list of {model, response, ...} structs")
+        raise KarmaError(
+            "wrong type",
+            file=file,
+            field="completions",
+            value=str(ctype),
+            expected="a list of {model, response, ...} structs",
+        )
     fields = {f.name: f.dtype for f in ctype.inner.fields}
     for key in ("model", "response"):
         if key not in fields:
-            raise KarmaError("completions have no such field", file=file,
-                             field=f"completions[].{key}", expected="model and response")
+            raise KarmaError(
+                "completions have no such field",
+                file=file,
+                field=f"completions[].{key}",
+                expected="model and response",
+            )
         if fields[key] != pl.String:
-            raise KarmaError("wrong type", file=file, field=f"completions[].{key}",
-                             value=str(fields[key]), expected="strings")
+            raise KarmaError(
+                "wrong type",
+                file=file,
+                field=f"completions[].{key}",
+                value=str(fields[key]),
+                expected="strings",
+            )
     df = df.with_row_index("row")
     bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
     if bad.height:
         r = bad.row(0, named=True)
         field = "instruction" if r["instruction"] is None else "completions"
-        raise KarmaError("missing", file=f"{file}: record {r['row']}", field=field,
-                         expected="the instruction text and a list of completions")
-    source = (pl.col("source").cast(pl.String) if "source" in df.columns
-              else pl.lit(None, dtype=pl.String))
+        raise KarmaError(
+            "missing",
+            file=f"{file}: record {r['row']}",
+            field=field,
+            expected="the instruction text and a list of completions",
+        )
+    source = (
+        pl.col("source").cast(pl.String)
+        if "source" in df.columns
+        else pl.lit(None, dtype=pl.String)
+    )
     prompts = df.select(pl.col("row"), pl.col("instruction"), source.alias("source"))
     exploded = (
         df.lazy()
@@ -256,35 +335,51 @@ def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
         pl.col("completions").struct.field("response").alias("response"),
         *ratings,
     ).collect()
-    miss = comps.filter(pl.col("model").is_null() | (pl.col("model").str.strip_chars() == "")
-                        | pl.col("response").is_null())
+    miss = comps.filter(
+        pl.col("model").is_null()
+        | (pl.col("model").str.strip_chars() == "")
+        | pl.col("response").is_null()
+    )
     if miss.height:
         r = miss.row(0, named=True)
         key = "model" if not r["model"] or not r["model"].strip() else "response"
-        raise KarmaError(f"completion without a {key}", file=f"{file}: record {r['row']}",
-                         field=f"completions[{r['pos']}].{key}", value=r[key],
-                         expected="a model name and a response string")
+        raise KarmaError(
+            f"completion without a {key}",
+            file=f"{file}: record {r['row']}",
+            field=f"completions[{r['pos']}].{key}",
+            value=r[key],
+            expected="a model name and a response string",
+        )
     for col, key in RATING_FIELDS.items():
         raw = f"_raw_{col}"
         if raw not in comps.columns:
             continue
         bad = comps.filter(pl.col(col).is_null() & pl.col(raw).is_not_null())
         if fields[key] == pl.String:
-            bad = bad.filter(~pl.col(raw).str.strip_chars().str.to_lowercase().is_in(
-                list(_MISSING)))
+            bad = bad.filter(
+                ~pl.col(raw).str.strip_chars().str.to_lowercase().is_in(list(_MISSING))
+            )
         else:
             bad = bad.filter(~pl.col(raw).cast(pl.Float64).is_nan())
         if bad.height:
             r = bad.row(0, named=True)
-            raise KarmaError("rating is not a number", file=f"{file}: record {r['row']}",
-                             field=f"completions[{r['pos']}].{key}", value=r[raw],
-                             expected='a number, a numeric string or "N/A"')
+            raise KarmaError(
+                "rating is not a number",
+                file=f"{file}: record {r['row']}",
+                field=f"completions[{r['pos']}].{key}",
+                value=r[raw],
+                expected='a number, a numeric string or "N/A"',
+            )
         comps = comps.drop(raw)
     inf = comps.filter(pl.any_horizontal(pl.col(list(RATING_FIELDS)).is_infinite()))
     if inf.height:
         r = inf.row(0, named=True)
-        raise KarmaError("rating is not finite", file=f"{file}: record {r['row']}",
-                         field=f"completions[{r['pos']}]", expected="a finite number")
+        raise KarmaError(
+            "rating is not finite",
+            file=f"{file}: record {r['row']}",
+            field=f"completions[{r['pos']}]",
+            expected="a finite number",
+        )
     comps = comps.cast(COMPLETION_SCHEMA)  # type: ignore[arg-type]
     return UltraFeedback(prompts.cast(PROMPT_SCHEMA), comps, str(file))  # type: ignore[arg-type]
 
@@ -293,20 +388,24 @@ def _read_parquet(path: Path) -> UltraFeedback:
     try:
         df = pl.read_parquet(path)
     except Exception as err:  # polars raises several error types for broken files
-        raise KarmaError(f"cannot read Parquet: {' '.join(str(err).split())[:200]}",
-                         file=path) from None
+        raise KarmaError(
+            f"cannot read Parquet: {' '.join(str(err).split())[:200]}", file=path
+        ) from None
     return from_frame(df, file=path)
 
 
-def _read_hub(name: str, split: str) -> UltraFeedback:  # pragma: no cover - needs the hub
+def _read_hub(name: str, split: str) -> UltraFeedback:
     import datasets
 
     log.info("loading %s (split %s) through datasets.load_dataset", name, split)
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as err:
-        raise KarmaError(f"cannot load hub dataset: {' '.join(str(err).split())[:200]}",
-                         file=name, expected="a dataset id reachable through datasets") from None
+        raise KarmaError(
+            f"cannot load hub dataset: {' '.join(str(err).split())[:200]}",
+            file=name,
+            expected="a dataset id reachable through datasets",
+        ) from None
     df = pl.from_arrow(ds.data.table)
     assert isinstance(df, pl.DataFrame)
     return from_frame(df, file=name)
@@ -325,12 +424,15 @@ def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeed
             return _read_json(path)
         if suffix in (".parquet", ".pq"):
             return _read_parquet(path)
-        raise KarmaError("unsupported file type", file=path, value=suffix,
-                         expected=".jsonl, .json or .parquet")
+        raise KarmaError(
+            "unsupported file type", file=path, value=suffix, expected=".jsonl, .json or .parquet"
+        )
     if path.exists():
         raise KarmaError("not a file", file=path, expected="a .jsonl/.json/.parquet file")
     if _HUB_ID.match(str(source)) and not path.suffix:
         return _read_hub(str(source), split)
-    raise KarmaError("dataset not found", file=source,
-                     expected="a local .jsonl/.json/.parquet file or a hub id like "
-                     "openbmb/UltraFeedback")
+    raise KarmaError(
+        "dataset not found",
+        file=source,
+        expected="a local .jsonl/.json/.parquet file or a hub id like openbmb/UltraFeedback",
+    )

@@ -18,13 +18,28 @@ def _walk(root: Path, pattern: str) -> list[Path]:
 
 
 @click.command("report")
-@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help="The DVC project.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
-              show_default=True, help="Writes report.md and report.html here.")
+@click.option(
+    "--repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="The DVC project.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Writes report.md and report.html here.",
+)
 @click.option("--workspace", is_flag=True, help="Include the uncommitted workspace as a row.")
-@click.option("--diff", "diff_rev", metavar="REV", default=None,
-              help="Instead: print a PR-ready Markdown table of metric changes since REV.")
+@click.option(
+    "--diff",
+    "diff_rev",
+    metavar="REV",
+    default=None,
+    help="Instead: print a PR-ready Markdown table of metric changes since REV.",
+)
 def command(repo: Path, out: Path, workspace: bool, diff_rev: str | None) -> None:
     """Render the paper's comparison (baseline vs kinship variants, per benchmark, per method).
 

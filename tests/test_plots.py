@@ -1,0 +1,124 @@
+"""karma.plots: the kinship figures are real pictures, deterministic, and show what they claim."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from karma.kinship import DEFAULT_GROUPS, compute_kinship
+from karma.plots import cluster_order, dendrogram, kinship_figures, rms_distance
+from karma.scores import read_scores
+
+REPO = Path(__file__).resolve().parents[1]
+ORIGIN = REPO / "data" / "origin" / "scores.csv"
+
+
+def _pixels(path: Path) -> np.ndarray:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    return (img[..., :3] * 255).round().astype(np.uint8)
+
+
+def _n_colours(img: np.ndarray) -> int:
+    rgb = img.reshape(-1, 3).astype(np.int32)
+    return len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]))
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    res = compute_kinship(read_scores(ORIGIN))
+    out = tmp_path_factory.mktemp("fig")
+    paths = kinship_figures(res, out, groups=DEFAULT_GROUPS, threshold=0.4)
+    return {p.stem: p for p in paths}
+
+
+def test_all_figures_written_and_non_trivial(figures: dict[str, Path]) -> None:
+    assert set(figures) == {
+        "kinship_heatmap",
+        "pca",
+        "dendrogram_all",
+        "dendrogram_knowledge",
+        "dendrogram_reasoning",
+        "dendrogram_instruction_following",
+    }
+    for name, path in figures.items():
+        img = _pixels(path)
+        h, w, _ = img.shape
+        assert h >= 500 and w >= 800, name  # readable size
+        assert _n_colours(img) > 50, name  # not blank: text, lines, colour maps
+        white = (img == 255).all(axis=-1).mean()
+        assert 0.2 < white < 0.97, (name, white)  # drawn on, but not a solid block
+
+
+def test_heatmap_shows_a_colour_map(figures: dict[str, Path]) -> None:
+    img = _pixels(figures["kinship_heatmap"]).astype(int)
+    # viridis cells: many saturated (non-grey) pixels with a real spread of hues
+    chroma = img.max(axis=-1) - img.min(axis=-1)
+    assert (chroma > 80).mean() > 0.3
+    assert _n_colours(img) > 300
+
+
+def test_dendrogram_colours_clusters_below_threshold(tmp_path: Path) -> None:
+    # three tight, well separated groups -> three coloured clusters at threshold 0.4
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    x = np.vstack([c + 0.02 * rng.standard_normal((4, 3)) for c in centres])
+    names = [f"model-{i}" for i in range(len(x))]
+    coloured = dendrogram(x, names, tmp_path / "d.png", title="t", threshold=0.4)
+    one = dendrogram(x, names, tmp_path / "one.png", title="t", threshold=5.0)
+    hues = {}
+    for key, p in (("three", coloured), ("one", one)):
+        img = _pixels(p).astype(int)
+        chroma = img.max(axis=-1) - img.min(axis=-1)
+        q = img[chroma > 100] // 64
+        _, counts = np.unique(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], return_counts=True)
+        hues[key] = int((counts > 150).sum())  # saturated colours with real line length
+    assert hues["three"] >= 3
+    assert hues["three"] > hues["one"]
+
+
+def test_figures_are_byte_identical_across_runs(tmp_path: Path, figures: dict[str, Path]) -> None:
+    res = compute_kinship(read_scores(ORIGIN))
+    again = kinship_figures(res, tmp_path, groups=DEFAULT_GROUPS)
+    for p in again:
+        assert p.read_bytes() == figures[p.stem].read_bytes(), p.name
+        assert b"Software" not in p.read_bytes()[:4096]
+
+
+def test_cluster_order_puts_kin_together() -> None:
+    # models 0, 2, 4 are one family, 1, 3, 5 another: clustering must keep families adjacent
+    fam = np.array([0, 1, 0, 1, 0, 1])
+    sim = np.where(fam[:, None] == fam[None, :], 0.95, 0.1)
+    np.fill_diagonal(sim, 1.0)
+    order = cluster_order(1.0 - sim)
+    assert sorted(order) == list(range(6))
+    groups = fam[order]
+    assert (groups[:3] == groups[0]).all() and (groups[3:] == groups[3]).all()
+
+
+def test_rms_distance_nan_aware() -> None:
+    nan = math.nan
+    x = np.array([[0.0, 1.0, nan], [1.0, 1.0, 1.0], [nan, nan, 0.5]])
+    d = rms_distance(x)
+    assert d[0, 1] == pytest.approx(math.sqrt(1.0 / 2))  # common: first two
+    assert math.isnan(d[0, 2])  # nothing in common
+    assert d[1, 2] == pytest.approx(0.5)
+    assert np.allclose(np.diag(d), 0.0)
+
+
+def test_large_pool_skips_unreadable_figures(tmp_path: Path) -> None:
+    import polars as pl
+
+    rng = np.random.default_rng(3)
+    n = 150
+    df = pl.DataFrame({"model": [f"m{i}" for i in range(n)]}).with_columns(
+        pl.Series(f"b{j}", rng.random(n)) for j in range(4)
+    )
+    res = compute_kinship(df, dense_max_models=100, top_k=3)
+    paths = kinship_figures(res, tmp_path, groups=DEFAULT_GROUPS)
+    assert [p.name for p in paths] == ["pca.png"]
+    assert _n_colours(_pixels(paths[0])) > 50
