@@ -23,12 +23,7 @@ Each time is the best of several rounds (the implementations of one row run roun
 from __future__ import annotations
 
 import os
-import sys
 
-# `python benchmarks/kinship.py` puts benchmarks/ first on sys.path, where benchmarks/select.py
-# would shadow the standard library's `select` module.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 # Numba's OpenMP workers and OpenBLAS's threads alternate in this script: idle OpenMP threads
 # that spin-wait would steal the cores from the next BLAS call (and vice versa).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

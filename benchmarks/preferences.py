@@ -18,17 +18,11 @@ loop is timed on the first 100k records and extrapolated linearly.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/select.py would shadow the standard library's `select` (used by subprocess)
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

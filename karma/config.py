@@ -97,7 +97,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str) -> T:
     for key, value in data.items():
         tp = hints[key]
         if not _check(tp, value):
-            raise KarmaError("wrong type", file=where, field=key, value=value, expected=_describe(tp))
+            raise KarmaError(
+                "wrong type", file=where, field=key, value=value, expected=_describe(tp)
+            )
         if isinstance(value, float) and tp is float:
             data[key] = float(value)
     try:

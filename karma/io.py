@@ -1,4 +1,4 @@
-"""Atomic output: write to a temporary sibling, rename on success, so DVC never sees half a result."""
+"""Atomic output: write a temporary sibling, rename on success; DVC never sees half a result."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def atomic_path(path: str | os.PathLike[str], *, is_dir: bool = False) -> Iterat
     try:
         yield tmp
         if is_dir:
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are ordinary directories
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             os.replace(tmp, target)

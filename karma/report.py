@@ -142,7 +142,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    """The results table (values x100 when they are fractions), best policy value per column bold."""
+    """The results table (fractions shown x100); the best policy value per column in bold."""
     benches = benchmarks(rows)
     header = ["", *[b.replace(".", " ") for b in benches], "avg"]
     lines: list[str] = []

@@ -7,14 +7,6 @@ local directory. The model must answer a check prompt sensibly before the direct
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python stages/<name>.py` puts stages/ first on sys.path, where stages/select.py would shadow
-# the standard library's `select` (imported by subprocess, torch, ...): drop that entry.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 from karma.base_model import build_base_model, config_from_params
 from karma.cli import run_stage
 from karma.config import load_params, section

@@ -3,14 +3,6 @@ origin model and write its flat score row (lm-eval's fractions) to ``--out``."""
 
 from __future__ import annotations
 
-import os
-import sys
-
-# `python stages/x.py` puts stages/ first on sys.path, where stages/select.py would shadow the
-# standard library's `select` module.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 from pathlib import Path
 

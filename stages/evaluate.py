@@ -7,12 +7,6 @@ to the metrics file that ``dvc metrics diff`` reads.
 
 from __future__ import annotations
 
-import os
-import sys
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 from pathlib import Path

@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Running `python stages/kinship.py` puts stages/ first on sys.path, where stages/select.py
-# would shadow the standard library's `select` module (imported by subprocess, polars, ...).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 from pathlib import Path
 

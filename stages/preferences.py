@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-
-# `python stages/preferences.py` puts stages/ first on sys.path, where stages/select.py would
-# shadow the standard library's `select` module (imported by subprocess, polars, ...).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 from karma.cli import run_stage
 from karma.config import from_dict, load_params, section

@@ -3,12 +3,6 @@ the one table the kinship stage reads."""
 
 from __future__ import annotations
 
-import os
-import sys
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 from pathlib import Path
 

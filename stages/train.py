@@ -8,14 +8,7 @@ With ``train.launcher: accelerate`` the script re-runs itself under ``accelerate
 
 from __future__ import annotations
 
-import os
 import sys
-
-# `python stages/<name>.py` puts stages/ first on sys.path, where stages/select.py would shadow
-# the standard library's `select` (imported by subprocess, torch, ...): drop that entry.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 
 from karma.cli import run_stage
 from karma.config import load_params, section

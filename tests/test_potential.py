@@ -469,7 +469,7 @@ def test_cli_select(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.Capture
 
 
 def test_stage_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """``python stages/select.py`` from a repo-like directory with the tiny model as base."""
+    """``python stages/select_pairs.py`` from a repo-like directory with the tiny model as base."""
     (tmp_path / "data" / "preferences").mkdir(parents=True)
     (tmp_path / "models").mkdir()
     os.symlink(tiny_model_dir, tmp_path / "models" / "base")
@@ -477,7 +477,7 @@ def test_stage_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     params = "seed: 3\nselect:\n  method: map\n  ratio: 0.4\n  beta: 1.0\n  explicit: s_pref_gap\n"
     (tmp_path / "params.yaml").write_text(params)
     env = {**os.environ, "KARMA_MARGIN_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(REPO / "stages" / "select.py")]
+    cmd = [sys.executable, str(REPO / "stages" / "select_pairs.py")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert pl.read_parquet(tmp_path / "data" / "selected" / "pairs.parquet").height == 6

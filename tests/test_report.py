@@ -19,8 +19,12 @@ ROWS = [
     {
         "name": "main",
         "params": {"kinship": "score", "train.method": "dpo"},
-        "metrics": {"policy.arc_easy.acc": 0.50, "base.arc_easy.acc": 0.40,
-                    "policy.ifeval.prompt_acc": 0.30, "base.ifeval.prompt_acc": 0.25},
+        "metrics": {
+            "policy.arc_easy.acc": 0.50,
+            "base.arc_easy.acc": 0.40,
+            "policy.ifeval.prompt_acc": 0.30,
+            "base.ifeval.prompt_acc": 0.25,
+        },
     },
     {
         "name": "exp-rlaif",

@@ -9,12 +9,6 @@ Reads ``data/preferences/pairs.parquet`` and ``models/base``; writes ``data/sele
 from __future__ import annotations
 
 import os
-import sys
-
-# Run as `python stages/select.py`, this file's directory is sys.path[0] and the file would shadow
-# the standard library's `select` module (imported by subprocess, used by polars/torch).
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
 
 from karma.cli import run_stage
 from karma.config import from_dict, load_params, section

@@ -4,19 +4,11 @@ The naive peer is the authors' ``cal_logp`` loop (Hesse73/Alignment-Potential-Me
 per response, full logits, ``log_softmax``, gather. Both score the same token ids on the same model
 in the same run; the script checks they agree and prints tokens/s and the speed-up ratio.
 
-    python benchmarks/select.py                      # tiny random model, 128 pairs
-    python benchmarks/select.py --model models/base --pairs 32
+    python benchmarks/select_pairs.py                      # tiny random model, 128 pairs
+    python benchmarks/select_pairs.py --model models/base --pairs 32
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# `python benchmarks/select.py` puts this directory first on sys.path, where this file would
-# shadow the standard library's `select` module.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
 
 import argparse
 import tempfile
