@@ -32,21 +32,35 @@ STRATEGY_LABEL = {
     "score_sim": "KARMA score_sim",
     "random": "random pairs",
 }
+# Data-side columns: (label, metric); ``file:key`` names a key that several metrics files share.
 DATA_KEYS = [
-    "pairs_kept",
-    "mean_kinship",
-    "mean_s_pref_gap",
-    "rating_agreement",
-    "pairs_selected",
-    "train_loss",
-    "wall_time_s",
+    ("pairs", "preferences:pairs"),
+    ("mean kinship", "preferences:mean_kinship"),
+    ("mean S_pref gap", "preferences:mean_s_pref_gap"),
+    ("rating agreement", "preferences:rating_agree"),
+    ("pairs trained", "select:pairs_kept"),
+    ("train loss", "train:train_loss"),
+    ("train time (s)", "train:wall_time_s"),
 ]
+# The headline metric of a benchmark when the evaluation reports several (first one found).
+PRIMARY = ["prompt_level_strict_acc", "acc_norm", "exact_match", "acc"]
+CURVES = ["loss", "rewards/accuracies", "rewards/margins", "learning_rate"]
 Row = dict[str, Any]
 
 
 def _strip(key: str) -> str:
-    """``metrics/eval.json:policy.x.acc`` -> ``policy.x.acc`` (DVC prefixes colliding names)."""
-    return key.split(":", 1)[1] if ":" in key else key
+    """``metrics/eval.json:policy.x`` -> ``eval:policy.x`` (DVC prefixes names files share)."""
+    if ":" not in key:
+        return key
+    path, name = key.split(":", 1)
+    return f"{Path(path).stem}:{name}"
+
+
+def _get(metrics: dict[str, float], key: str) -> float | None:
+    """``metrics[key]``, where ``file:name`` also matches a plain ``name`` that DVC left bare."""
+    if key in metrics:
+        return metrics[key]
+    return metrics.get(key.split(":", 1)[-1])
 
 
 def collect_experiments(repo: str | Path = ".", *, workspace: bool = False) -> list[Row]:
@@ -95,13 +109,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[str]:
 
 
 def benchmarks(rows: Sequence[Row], who: str = "policy") -> list[str]:
-    """``<benchmark>.<metric>`` names found under ``who.`` in any row, sorted."""
-    found = set()
+    """One ``<benchmark>.<metric>`` per benchmark found under ``who.``: its headline metric."""
+    found: dict[str, set[str]] = {}
     for row in rows:
         for key in row["metrics"]:
             if key.startswith(who + ".") and key.count(".") >= 2:
-                found.add(key[len(who) + 1 :])
-    return sorted(found)
+                bench, metric = key[len(who) + 1 :].split(".", 1)
+                found.setdefault(bench, set()).add(metric)
+    out = []
+    for bench, metrics in sorted(found.items()):
+        metric = next((m for m in PRIMARY if m in metrics), min(metrics))
+        out.append(f"{bench}.{metric}")
+    return out
 
 
 def _fmt(value: float | None) -> str:
@@ -136,6 +155,13 @@ def results(rows: Sequence[Row]) -> dict[str, list[tuple[str, list[float | None]
     return out
 
 
+def _best(table: list[tuple[str, list[float | None]]], n: int) -> list[float | None]:
+    """Best policy value per column; none when a table has a single policy (nothing to compare)."""
+    if len(table) < 3:
+        return [None] * n
+    return [max((v[i] for _, v in table[1:] if v[i] is not None), default=None) for i in range(n)]
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     real = [v for v in values if v is not None and not math.isnan(v)]
     return sum(real) / len(real) if real else None
@@ -147,10 +173,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     header = ["", *[b.replace(".", " ") for b in benches], "avg"]
     lines: list[str] = []
     for method, table in results(rows).items():
-        best = [
-            max((v[i] for _, v in table[1:] if v[i] is not None), default=None)
-            for i in range(len(header) - 1)
-        ]
+        best = _best(table, len(header) - 1)
         lines += [f"### {method.upper()}", "", "| " + " | ".join(header) + " |"]
         lines.append("|" + "---|" * len(header))
         for i, (label, values) in enumerate(table):
@@ -168,13 +191,13 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def data_table(rows: Sequence[Row]) -> str:
     """A Markdown table of the data-side metrics each experiment has (pairs, kinship, loss...)."""
-    keys = [k for k in DATA_KEYS if any(k in r["metrics"] for r in rows)]
+    keys = [(lab, k) for lab, k in DATA_KEYS if any(_get(r["metrics"], k) for r in rows)]
     if not keys:
         return ""
-    lines = ["| experiment | kinship | method | " + " | ".join(keys) + " |"]
+    lines = ["| experiment | kinship | method | " + " | ".join(lab for lab, _ in keys) + " |"]
     lines.append("|" + "---|" * (len(keys) + 3))
     for row in sorted(rows, key=_order):
-        cells = [row["metrics"].get(k) for k in keys]
+        cells = [_get(row["metrics"], k) for _, k in keys]
         text = [f"{v:.4g}" if v is not None else "–" for v in cells]
         p = row["params"]
         lines.append(
@@ -198,16 +221,23 @@ def curves_png(tsv_files: Sequence[Path]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def name(path: Path) -> str:
+        parts = path.with_suffix("").parts
+        return "/".join(parts[parts.index("metrics") + 1 :]) if "metrics" in parts else path.stem
+
+    named = {name(p): p for p in tsv_files}
+    chosen = [c for c in CURVES if c in named] or sorted(named)
     series = []
-    for path in tsv_files:
+    for key in chosen:
+        path = named[key]
         with path.open() as fh:
             reader = csv.DictReader(fh, delimiter="\t")
             pts = [(float(r["step"]), float(r[reader.fieldnames[-1]])) for r in reader]
         if pts:
-            series.append((str(path.with_suffix("").name), pts))
+            series.append((key, pts))
     if not series:
         return None
-    cols = min(3, len(series))
+    cols = min(4, len(series))
     nrows = math.ceil(len(series) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3 * nrows), squeeze=False)
     for ax, (name, pts) in zip(axes.flat, series, strict=False):
@@ -250,10 +280,7 @@ def html_page(
     benches = benchmarks(rows)
     header = ["", *benches, "avg"]
     for method, table in results(rows).items():
-        best = [
-            max((v[i] for _, v in table[1:] if v[i] is not None), default=None)
-            for i in range(len(header) - 1)
-        ]
+        best = _best(table, len(header) - 1)
         parts.append(f"<h2>{html.escape(method.upper())}</h2><table><tr>")
         parts += [f"<th>{html.escape(h)}</th>" for h in header]
         parts.append("</tr>")
@@ -265,18 +292,19 @@ def html_page(
                 parts.append(f"<td{cls}>{_fmt(v)}</td>")
             parts.append("</tr>")
         parts.append("</table>")
-    data = [k for k in DATA_KEYS if any(k in r["metrics"] for r in rows)]
+    data = [(lab, k) for lab, k in DATA_KEYS if any(_get(r["metrics"], k) for r in rows)]
     if data:
         parts.append("<h2>Data and training</h2><table><tr><th>experiment</th>")
-        parts += [f"<th>{html.escape(k)}</th>" for k in ["kinship", "method", *data]]
+        labels = ["kinship", "method", *(lab for lab, _ in data)]
+        parts += [f"<th>{html.escape(k)}</th>" for k in labels]
         parts.append("</tr>")
         for row in sorted(rows, key=_order):
             p = row["params"]
             parts.append(f"<tr><td>{html.escape(row['name'])}</td>")
             parts.append(f"<td>{html.escape(str(p.get('kinship', '?')))}</td>")
             parts.append(f"<td>{html.escape(str(p.get('train.method', '?')))}</td>")
-            for k in data:
-                v = row["metrics"].get(k)
+            for _, k in data:
+                v = _get(row["metrics"], k)
                 parts.append(f"<td>{'–' if v is None else f'{v:.4g}'}</td>")
             parts.append("</tr>")
         parts.append("</table>")
