@@ -299,10 +299,6 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o644)
     log.info("base model (%d parameters) saved to %s", summary["parameters"], out_dir)
     return summary
 

@@ -100,8 +100,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str) -> T:
             raise KarmaError(
                 "wrong type", file=where, field=key, value=value, expected=_describe(tp)
             )
-        if isinstance(value, float) and tp is float:
-            data[key] = float(value)
+        if tp is float:
+            data[key] = float(value)  # YAML's `1` for a float field
     try:
         obj = cls(**data)
     except KarmaError:

@@ -753,4 +753,3 @@ def write_kinship(result: KinshipResult, out_dir: str | os.PathLike[str]) -> Non
         result.models.write_parquet(tmp / "models.parquet", statistics=False)
         result.kinship.write_parquet(tmp / "kinship.parquet", statistics=False)
         (tmp / "pairs.json").write_text(json.dumps(result.pairs, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)

@@ -899,7 +899,6 @@ def run_select(
     metrics = selection_metrics(scored)
     out = Path(out_dir)
     with atomic_path(out, is_dir=True) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
         scored.filter(pl.col("kept")).write_parquet(tmp / "pairs.parquet")
         scored.write_parquet(tmp / "scores.parquet")
     if metrics_path is not None:

@@ -466,8 +466,9 @@ def _curve_callback(live_dir: str | Path) -> Any:
 
     On resume, the restored ``log_history`` is replayed first, so the curves are complete.
     """
-    from dvclive import Live
     from transformers import TrainerCallback
+
+    from dvclive import Live
 
     class LiveCurves(TrainerCallback):
         def __init__(self) -> None:
@@ -683,10 +684,6 @@ def save_policy(trainer: Any, out_dir: str | Path, card: str) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         trainer.processing_class.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(card)
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o644)
 
 
 def run_training(

@@ -27,7 +27,6 @@ def main(scores: Path, out: Path, plots: Path, metrics: Path) -> None:
     )
     write_kinship(result, out)
     with atomic_path(plots, is_dir=True) as tmp:
-        tmp.chmod(0o755)
         if cfg.plots:
             from karma.plots import kinship_figures
 

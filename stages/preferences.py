@@ -8,7 +8,6 @@ Reads ``data/kinship/{models,kinship}.parquet`` and params ``kinship`` (strategy
 from __future__ import annotations
 
 import logging
-import os
 
 from karma.cli import run_stage
 from karma.config import from_dict, load_params, section
@@ -67,7 +66,6 @@ def main() -> None:
         "preferences.dataset": config.dataset,
     }
     with atomic_path(OUT_DIR, is_dir=True) as tmp:
-        os.chmod(tmp, 0o755)
         write_outputs(
             result,
             pairs_path=tmp / "pairs.parquet",

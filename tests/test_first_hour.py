@@ -48,7 +48,7 @@ def test_first_hour(tmp_path: Path) -> None:
     assert policy, ev
     assert all(0.0 <= v <= 1.0 for v in policy.values())
     assert any(k.startswith("delta.") for k in ev)
-    assert prefs["pairs_kept"] > 0
+    assert prefs["pairs"] > 0
     status = _run([*dvc, "status"], clone, env)
     assert "changed" not in status  # a second repro would be a no-op
 
