@@ -118,6 +118,13 @@ def check_args(strategy: str, tau: float, seed: int) -> None:
         raise KarmaError(
             "not a finite number", field="similarity.tau", value=tau, expected="a number, e.g. 0.1"
         )
+    if not -1.0 <= tau <= 1.0:
+        raise KarmaError(
+            "out of range: kinship lies in [-1, 1]",
+            field="similarity.tau",
+            value=tau,
+            expected="-1 <= tau <= 1, e.g. 0.1",
+        )
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise KarmaError("bad seed", field="seed", value=seed, expected="an integer >= 0")
 
@@ -902,7 +909,7 @@ def run_preferences(
     log.info(
         "read %d instructions, %d completions from %s", len(data), data.completions.height, dataset
     )
-    return make_pairs(
+    result = make_pairs(
         data,
         models.select("model", "s_pref"),
         kinship,
@@ -912,3 +919,14 @@ def run_preferences(
         rating=rating,
         aliases=aliases,
     )
+    if result.pairs.height == 0:
+        counts = result.counts
+        drops = ", ".join(f"{r} {counts[f'drop_{r}']}" for r in REASONS[1:] if counts[f"drop_{r}"])
+        raise KarmaError(
+            f"no preference pair: every instruction was dropped ({drops})",
+            file=dataset,
+            field="kinship",
+            value=strategy,
+            expected=f"a strategy and tau ({tau}) that pair some responses",
+        )
+    return result

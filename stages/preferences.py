@@ -16,6 +16,7 @@ from karma.io import atomic_path, write_json
 from karma.plots import pair_usage_heatmap
 from karma.preferences import (
     PreferencesConfig,
+    check_args,
     load_kinship_dir,
     run_preferences,
     summary,
@@ -38,14 +39,10 @@ def main() -> None:
     strategy = params.get("kinship", "score")
     seed = params.get("seed", 0)
     tau = section(params, "similarity").get("tau", 0.1)
-    if not isinstance(strategy, str):
-        raise KarmaError(
-            "wrong type",
-            file="params.yaml",
-            field="kinship",
-            value=strategy,
-            expected="score | sim | score_sim | rlaif | random",
-        )
+    try:
+        check_args(strategy, tau, seed)
+    except KarmaError as err:
+        raise KarmaError(f"params.yaml: {err}") from None
     models, kinship = load_kinship_dir(KINSHIP_DIR)
     result = run_preferences(
         config.dataset,

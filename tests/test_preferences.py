@@ -528,3 +528,30 @@ def test_prompt_ids_match_reference(texts: list[str]) -> None:
     assert all(len(h) == 32 for h in got)
     if len(texts) > 2:  # a slice (non-zero arrow offset) hashes the same
         assert P.prompt_ids(s.slice(1, 2)).to_list() == got[1:3]
+
+
+def test_tau_outside_kinship_range_is_a_clear_error() -> None:
+    from karma.preferences import check_args
+
+    with pytest.raises(KarmaError, match=r"field 'similarity.tau': out of range.*got 2.5"):
+        check_args("sim", 2.5, 0)
+
+
+def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None:
+    from karma.preferences import run_preferences
+
+    data = tmp_path / "uf.jsonl"
+    record = {
+        "instruction": "Say hi.",
+        "completions": [
+            {"model": "a", "response": "hi", "overall_score": 5},
+            {"model": "b", "response": "hello", "overall_score": 3},
+        ],
+    }
+    data.write_text(json.dumps(record) + "\n")
+    models = pl.DataFrame({"model": ["a", "b"], "s_pref": [0.9, 0.1]})
+    kin = pl.DataFrame({"model_a": ["a", "b"], "model_b": ["b", "a"], "kinship": [0.05, 0.05]})
+    with pytest.raises(KarmaError, match=r"no preference pair.*no_eligible_pair 1"):
+        run_preferences(data, models, kin, strategy="score", tau=0.1)
+    ok = run_preferences(data, models, kin, strategy="score", tau=0.0)
+    assert ok.pairs["chosen_model"].to_list() == ["a"]
