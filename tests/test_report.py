@@ -126,6 +126,20 @@ def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
     by_kinship = {r["params"]["kinship"]: r["metrics"]["policy.arc_easy.acc"] for r in rows}
     assert by_kinship == {"score": 0.5, "sim": 0.6}
 
+    # the README's grid, queued and run in one go (two cells of it)
+    for k in ("score", "sim"):
+        subprocess.run(
+            [*dvc, "exp", "run", "--queue", "-q", "-n", f"{k}-sft", "-S", f"kinship={k}",
+             "-S", "train.method=sft"],
+            cwd=tmp_path, check=True, env=env,
+        )  # fmt: skip
+    subprocess.run([*dvc, "exp", "run", "--run-all", "-q"], cwd=tmp_path, check=True, env=env)
+    rows = report.collect_experiments(tmp_path)
+    sft = {r["name"]: r["metrics"]["policy.arc_easy.acc"] for r in rows
+           if r["params"]["train.method"] == "sft"}  # fmt: skip
+    assert sft == {"score-sft": 0.5, "sim-sft": 0.6}
+    assert list(report.results(rows)) == ["dpo", "sft"]
+
     out = tmp_path / "reports"
     result = CliRunner().invoke(command, ["--repo", str(tmp_path), "--out", str(out)])
     assert result.exit_code == 0, result.output
