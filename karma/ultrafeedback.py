@@ -73,15 +73,7 @@ def parse_rating(value: Any, *, file: object, field: str) -> float | None:
     """A rating as float; ``None`` for absent / "N/A"; KarmaError for anything else."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise KarmaError(
-            "rating is not a number",
-            file=file,
-            field=field,
-            value=value,
-            expected='a number, a numeric string or "N/A"',
-        )
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
         return None if math.isnan(v) else v
     if isinstance(value, str):
