@@ -1,8 +1,8 @@
 """Kinship kernel speed vs numpy (BLAS / masked) and scipy ``cdist``, measured in the same run.
 
-    python benchmarks/kinship.py            # n = 256, 1024, 4096 x 6 and 64 benchmarks
-    python benchmarks/kinship.py --quick    # n = 256, 1024 only
-    python benchmarks/kinship.py --metric pearson --sizes 512 2048
+    python -m benchmarks.kinship            # n = 256, 1024, 4096 x 6 and 64 benchmarks
+    python -m benchmarks.kinship --quick    # n = 256, 1024 only
+    python -m benchmarks.kinship --metric pearson --sizes 512 2048
 
 For every (n models, d benchmarks, complete | 20% missing) it prints the best-of-r wall time of:
 

@@ -12,8 +12,8 @@ duplicated texts), then times, from the Parquet file to the written pairs Parque
 Each timing runs in a fresh subprocess (so peak memory, ``ru_maxrss``, is per run). At 1M the
 loop is timed on the first 100k records and extrapolated linearly.
 
-    python benchmarks/preferences.py                 # 64k and 1M
-    python benchmarks/preferences.py --sizes 64000   # quicker
+    python -m benchmarks.preferences                 # 64k and 1M
+    python -m benchmarks.preferences --sizes 64000   # quicker
 """
 
 from __future__ import annotations
@@ -27,70 +27,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
+
+from tests.fixtures import synthetic_records
 
 REPO = Path(__file__).resolve().parents[1]
 SCORES = REPO / "data/origin/scores.csv"
-_VOCAB = (
-    "the a model answer data light water energy system result value first second because "
-    "therefore however example simple number people time world science question reason"
-)
-WORDS = _VOCAB.split()
-
-
-def make_data(n: int, path: Path, seed: int = 0) -> None:
-    """Write ``n`` UltraFeedback-shaped records (4 completions each) to ``path`` (Parquet)."""
-    rng = np.random.default_rng(seed)
-    models = [*pl.read_csv(SCORES)["model"].to_list(), "ultralm-65b"]
-    pool = [
-        " ".join(rng.choice(WORDS, size=int(rng.integers(18, 30)))).capitalize() + "."
-        for _ in range(4096)
-    ]
-    m = len(models)
-    # 4 distinct models per instruction: a random permutation prefix
-    pick = np.argsort(rng.random((n, m)), axis=1)[:, :4].reshape(-1)
-    c = 4 * n
-    text_idx = rng.integers(0, len(pool), c)
-    blank = rng.random(c) < 0.01
-    score = np.round(rng.uniform(1, 10, c) * 2) / 2
-    na = rng.random(c) < 0.02
-    flat = pl.DataFrame(
-        {
-            "row": np.repeat(np.arange(n, dtype=np.int64), 4),
-            "model": pl.Series(models).gather(pick),
-            "t": pl.Series(pool).gather(text_idx),
-            "blank": blank,
-            "overall_score": np.where(na, np.nan, score),
-            "fine-grained_score": np.round(score / 2, 2),
-        }
-    )
-    dup = pl.Series(rng.random(c) < 0.02)  # copy the previous completion's text
-    flat = flat.with_columns(
-        response=pl.when(pl.col("blank"))
-        .then(pl.lit(""))
-        .when(dup & (pl.int_range(pl.len()) % 4 > 0))
-        .then(pl.format("Answer {}: {}", pl.col("row"), pl.col("t").shift(1)))
-        .otherwise(pl.format("Answer {}: {}", pl.col("row"), pl.col("t"))),
-        overall_score=pl.col("overall_score").fill_nan(None),
-    )
-    nested = flat.group_by("row", maintain_order=True).agg(
-        completions=pl.struct("model", "response", "overall_score", "fine-grained_score")
-    )
-    df = nested.select(
-        pl.lit("evol_instruct").alias("source"),
-        pl.format("Instruction {}: explain the topic in a few sentences.", pl.col("row")).alias(
-            "instruction"
-        ),
-        "completions",
-    )
-    df.write_parquet(path)
 
 
 def _kinship() -> tuple[pl.DataFrame, pl.DataFrame]:
-    from karma.preferences import kinship_from_scores
+    from karma.kinship import compute_kinship
+    from karma.scores import read_scores
 
-    return kinship_from_scores(SCORES)
+    res = compute_kinship(read_scores(SCORES))
+    return res.models, res.kinship
 
 
 def run_stage(data: Path, out: Path, strategy: str, repeat: int = 3) -> dict:
@@ -200,7 +150,8 @@ def _spawn(
 ) -> dict:
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.preferences",
         "--child",
         kind,
         "--data",
@@ -214,7 +165,7 @@ def _spawn(
         cmd += ["--limit", str(limit)]
     if repeat:
         cmd += ["--repeat", str(repeat)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -244,7 +195,7 @@ def main() -> None:
         for n in (int(s) for s in args.sizes.split(",")):
             data = tmp / f"uf_{n}.parquet"
             t = time.perf_counter()
-            make_data(n, data)
+            synthetic_records(n, data)
             print(
                 f"\n== {n:,} instructions x 4 completions "
                 f"({data.stat().st_size / 2**20:.0f} MiB Parquet, made in "

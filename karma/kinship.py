@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,8 +58,10 @@ import numpy as np
 import polars as pl
 from numba import njit, prange
 
+from karma.config import Params
 from karma.errors import KarmaError
-from karma.io import atomic_path
+from karma.io import dumps_json, write_json
+from karma.pipeline import Stage, input_path, output_path
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,6 @@ Metric = Literal["cosine", "pearson", "euclidean"]
 METRICS: tuple[str, ...] = ("cosine", "pearson", "euclidean")
 _METRIC_CODE = {name: i for i, name in enumerate(METRICS)}
 PAIR_STRATEGIES: tuple[str, ...] = ("score", "sim", "score_sim")
-DEFAULT_GROUPS: dict[str, list[str]] = {
-    "knowledge": ["mmlu_stem", "mmlu_pro"],
-    "reasoning": ["arc_easy", "arc_challenge", "hellaswag"],
-    "instruction_following": ["ifeval"],
-}
 #: complete tables with at least this many models use the BLAS path under ``backend="auto"``
 BLAS_MIN_MODELS = 64
 #: a pearson vector counts as constant when sum((x - mean)^2) <= this * sum(x^2)
@@ -81,89 +78,6 @@ _CANCEL_RTOL = 1e-6
 #: top-k mode computes at most this many similarities at a time (rows x models)
 BLOCK_ELEMENTS = 1 << 22
 _FASTMATH = {"reassoc", "contract"}
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class SimilarityConfig:
-    """``params.yaml: similarity``: kinship metric, kin threshold, pool scaling and figures."""
-
-    metric: Metric = "cosine"
-    tau: float = 0.1
-    min_common: int = 2
-    aliases: dict[str, str] = field(default_factory=dict)
-    groups: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_GROUPS))
-    cluster_threshold: float = 0.4
-    dense_max_models: int = 2000
-    top_k: int = 50
-    plots: bool = True
-
-    def __post_init__(self) -> None:
-        where = "params.yaml:similarity"
-        _check_params(
-            self.metric, self.tau, self.min_common, self.dense_max_models, self.top_k, where=where
-        )
-        if not math.isfinite(self.cluster_threshold) or self.cluster_threshold <= 0:
-            raise KarmaError(
-                "must be a positive number",
-                file=where,
-                field="cluster_threshold",
-                value=self.cluster_threshold,
-            )
-        for name, members in self.groups.items():
-            if (
-                not isinstance(members, list)
-                or not members
-                or not all(isinstance(b, str) for b in members)
-            ):
-                raise KarmaError(
-                    "each group must be a non-empty list of benchmark names",
-                    file=where,
-                    field=f"groups.{name}",
-                    value=members,
-                )
-        for alias, target in self.aliases.items():
-            if not isinstance(target, str) or not str(target).strip():
-                raise KarmaError(
-                    "alias target must be a model id", file=where, field=f"aliases.{alias}"
-                )
-
-
-def _check_params(
-    metric: str,
-    tau: float,
-    min_common: int,
-    dense_max_models: int,
-    top_k: int,
-    *,
-    where: str | None = None,
-) -> None:
-    """Validate the numeric knobs of :func:`compute_kinship`; ``where`` names the source."""
-    if metric not in METRICS:
-        raise KarmaError(
-            "unknown similarity",
-            file=where,
-            field="metric",
-            value=metric,
-            expected=" | ".join(METRICS),
-        )
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
-        raise KarmaError("must be a finite number", file=where, field="tau", value=tau)
-    if not -1.0 <= tau <= 1.0:
-        raise KarmaError(
-            "out of range", file=where, field="tau", value=tau, expected="-1 <= tau <= 1"
-        )
-    for name, value, low in (
-        ("min_common", min_common, 1),
-        ("dense_max_models", dense_max_models, 2),
-        ("top_k", top_k, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise KarmaError(
-                "must be an integer", file=where, field=name, value=value, expected=f">= {low}"
-            )
 
 
 # --------------------------------------------------------------------------- kernels
@@ -599,7 +513,10 @@ def compute_kinship(
     Pools larger than ``dense_max_models`` are processed block by block and only the ``top_k``
     kin of each model are kept. Raises :class:`KarmaError` when no pair is kin (kinship >= tau).
     """
-    _check_params(similarity, tau, min_common, dense_max_models, top_k)
+    if similarity not in METRICS:
+        raise KarmaError(
+            "unknown similarity", field="metric", value=similarity, expected="|".join(METRICS)
+        )
     if "model" not in scores.columns or scores.height < 2:
         raise KarmaError(
             "need a model column and at least two models", value=scores.shape, expected=">= 2 rows"
@@ -682,10 +599,10 @@ def compute_kinship(
     if first_row is None:
         raise KarmaError(
             "no pair of models is kin (kinship >= tau)",
-            field="tau",
+            field="similarity.tau",
             value=tau,
-            expected=f"a lower tau; max {similarity} kinship here is "
-            + ("undefined" if n_defined == 0 else f"{total / n_defined:.3g} on average"),
+            expected=f"a lower tau; the mean {similarity} kinship here is "
+            + ("undefined" if n_defined == 0 else f"{total / n_defined:.3g}"),
         )
     top, row = first_row
     score_partner = int(np.nonzero(np.isfinite(row))[0][0])
@@ -746,10 +663,118 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def write_kinship(result: KinshipResult, out_dir: str | os.PathLike[str]) -> None:
-    """Write ``models.parquet``, ``kinship.parquet``, ``pairs.json`` into ``out_dir`` atomically."""
-    import json
+    """Write ``models.parquet``, ``kinship.parquet`` and ``pairs.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.models.write_parquet(out / "models.parquet", statistics=False)
+    result.kinship.write_parquet(out / "kinship.parquet", statistics=False)
+    (out / "pairs.json").write_text(dumps_json(result.pairs))
 
-    with atomic_path(Path(out_dir), is_dir=True) as tmp:
-        result.models.write_parquet(tmp / "models.parquet", statistics=False)
-        result.kinship.write_parquet(tmp / "kinship.parquet", statistics=False)
-        (tmp / "pairs.json").write_text(json.dumps(result.pairs, indent=2, sort_keys=True) + "\n")
+
+def summary(result: KinshipResult, top: int = 10) -> str:
+    """A readable plain-text summary: S_pref ranking, global kin pairs, closest kin pairs."""
+    lines = [
+        f"{result.stats['n_models']} models x {len(result.benchmarks)} benchmarks "
+        f"({', '.join(result.benchmarks)}); similarity={result.metric}, tau={result.tau:g}, "
+        f"mode={result.mode}",
+    ]
+    if result.dropped:
+        lines.append(f"dropped constant benchmarks: {', '.join(result.dropped)}")
+    lines += ["", "S_pref ranking:"]
+    ranking = result.models.select("model", "s_pref").head(max(top, 20)).rows()
+    width = max(len(m) for m, _ in ranking)
+    for rank, (model, s) in enumerate(ranking, 1):
+        shown = "   n/a" if s is None else f"{s:.4f}"
+        lines.append(f"  {rank:>3}. {model:<{width}}  {shown}")
+    if result.models.height > len(ranking):
+        lines.append(f"  ... {result.models.height - len(ranking)} more")
+    lines += ["", f"global kin pairs (kinship >= {result.tau:g}; higher S_pref first):"]
+    for key in PAIR_STRATEGIES:
+        a, b = result.pairs[key]
+        lines.append(f"  {key:<10} {a} > {b}")
+    rank = {m: i for i, m in enumerate(result.names)}
+    kin = (
+        result.kinship.lazy()
+        .with_columns(
+            pl.col("model_a").replace_strict(rank, return_dtype=pl.Int64).alias("_ra"),
+            pl.col("model_b").replace_strict(rank, return_dtype=pl.Int64).alias("_rb"),
+        )
+        .filter(pl.col("_ra") < pl.col("_rb"))
+        .drop_nulls("kinship")
+        .sort(["kinship", "_ra", "_rb"], descending=[True, False, False])
+        .select("model_a", "model_b", "kinship")
+        .head(top)
+        .collect()
+    )
+    lines += [
+        "",
+        f"top kin pairs ({result.stats['n_kin_pairs']} kin of "
+        f"{result.stats['n_pairs_defined']} defined pairs):",
+    ]
+    lines += [f"  {v:.4f}  {a} ~ {b}" for a, b, v in kin.rows()]
+    return "\n".join(lines)
+
+
+def kinship_metrics(result: KinshipResult) -> dict[str, Any]:
+    """The flat metrics of ``metrics/kinship.json``."""
+    st = result.stats
+    mean = st["mean_kinship"]
+    return {
+        "n_models": st["n_models"],
+        "n_benchmarks": st["n_benchmarks"],
+        "n_dropped_benchmarks": st["n_dropped_benchmarks"],
+        "n_kin_pairs": st["n_kin_pairs"],
+        "kin_fraction": round(st["n_kin_pairs"] / max(st["n_pairs_defined"], 1), 6),
+        "mean_kinship": None if mean is None else round(mean, 6),
+        **{f"pair_{k}": " > ".join(result.pairs[k]) for k in PAIR_STRATEGIES},
+    }
+
+
+# --------------------------------------------------------------------------- stage
+
+
+@dataclass(frozen=True, kw_only=True)
+class KinshipPaths:
+    """Paths of the ``kinship`` stage."""
+
+    scores: Path = input_path("benchmark table: CSV/TSV/Parquet/JSON, wide or long")
+    out: Path = output_path("models.parquet, kinship.parquet, pairs.json", is_dir=True)
+    plots: Path | None = output_path(
+        "figures: heatmap, PCA, dendrograms", is_dir=True, required=False
+    )
+    metrics: Path | None = output_path("flat metrics", ".json", required=False)
+
+
+def run_kinship(params: Params, paths: KinshipPaths) -> dict[str, Any]:
+    """Stage ``kinship``: score table -> S_pref, kinship, global kin pairs, figures, metrics."""
+    from karma.scores import read_scores
+
+    cfg = params.similarity
+    result = compute_kinship(
+        read_scores(paths.scores),
+        similarity=cfg.metric,
+        tau=cfg.tau,
+        min_common=cfg.min_common,
+        dense_max_models=cfg.dense_max_models,
+        top_k=cfg.top_k,
+    )
+    write_kinship(result, paths.out)
+    if paths.plots is not None:
+        from karma.plots import kinship_figures
+
+        kinship_figures(result, paths.plots, groups=cfg.groups, threshold=cfg.cluster_threshold)
+    metrics = kinship_metrics(result)
+    if paths.metrics is not None:
+        write_json(paths.metrics, metrics)
+    log.info("%s", summary(result, top=5))
+    return metrics
+
+
+STAGE = Stage(
+    name="kinship",
+    settings=("similarity",),
+    paths=KinshipPaths,
+    run=run_kinship,
+    help="Min-max normalise each benchmark, S_pref = mean normalised score, kinship = cosine "
+    "(or pearson, euclidean) of the normalised vectors; global kin pairs by strategy.",
+)

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from karma.io import atomic_path
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -46,12 +44,16 @@ def _pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Save ``fig`` as PNG atomically with fixed metadata (byte-identical across runs)."""
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, tight: bool = True) -> Path:
+    """Save ``fig`` as PNG with fixed metadata (byte-identical across runs)."""
     plt = _pyplot()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI, metadata={"Software": None}, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tight:
+        fig.savefig(path, format="png", dpi=_DPI, metadata={"Software": None}, bbox_inches="tight")
+    else:
+        fig.tight_layout()
+        fig.savefig(path, format="png", metadata={"Software": None})
     plt.close(fig)
     return path
 
@@ -379,3 +381,30 @@ def pair_usage_heatmap(
     cbar.set_label("pairs")
     ax.set_title(f"{title} ({len(chosen)} pairs)")
     return save_figure(fig, path)
+
+
+def margins_scatter(
+    scored: Any,
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    explicit_label: str = "explicit margin",
+) -> Path:
+    """Explicit vs implicit margin of every pair (MAP's select stage), kept pairs highlighted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    e, i = scored["margin_explicit"], scored["margin_implicit"]
+    if scored.height and e.null_count() == 0 and i.null_count() == 0:
+        kept = scored["kept"].to_numpy().astype(bool)
+        x, y = e.to_numpy(), i.to_numpy()
+        ax.scatter(x[~kept], y[~kept], s=14, c="#b0b0b0", label=f"dropped ({int((~kept).sum())})")
+        ax.scatter(x[kept], y[kept], s=18, c="#d62728", label=f"kept ({int(kept.sum())})")
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no implicit margins (select.method: none)", ha="center",
+                va="center", transform=ax.transAxes)  # fmt: skip
+    ax.set_xlabel(explicit_label)
+    ax.set_ylabel("implicit margin (mean logp chosen - rejected)")
+    ax.set_title(title or "MAP selection", fontsize=10)
+    return save_figure(fig, path, tight=False)

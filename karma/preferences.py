@@ -44,7 +44,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,18 @@ import numpy as np
 import polars as pl
 from numba import njit
 
-from karma.errors import KarmaError
+from karma.config import Params
+from karma.errors import KarmaError, did_you_mean
+from karma.pipeline import Stage, input_path, output_path
 from karma.ultrafeedback import UltraFeedback
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("score", "sim", "score_sim", "rlaif", "random")
+#: Strategy codes of the kernel (index into :data:`STRATEGIES`).
+SCORE, SIM, SCORE_SIM, RLAIF, RANDOM = range(5)
 RATING_FIELDS = ("overall_score", "fine_grained_score")
-#: Reason codes returned by the kernel (index 0 = kept).
+#: Reason codes returned by the kernel (index into :data:`REASONS`; 0 = kept).
 REASONS = (
     "kept",
     "too_few_candidates",
@@ -69,64 +73,19 @@ REASONS = (
     "identical_text",
 )
 KEPT, TOO_FEW, UNKNOWN, NO_ELIGIBLE, TIE, IDENTICAL = range(6)
-_STRATEGY_CODE = {name: i for i, name in enumerate(STRATEGIES)}
 _MASK = (1 << 64) - 1
 
 
-@dataclass
-class PreferencesConfig:
-    """``params.yaml:preferences``. The strategy (``kinship``), ``seed`` and ``similarity.tau``
-    are read from their own top-level keys by the stage."""
-
-    dataset: str = "data/demo/ultrafeedback_demo.jsonl"
-    split: str = "train"  # for hub ids
-    rating: str = "overall_score"  # overall_score | fine_grained_score (rlaif + metrics)
-    aliases: dict[str, str] = field(default_factory=dict)  # completion model name -> table name
-
-    def __post_init__(self) -> None:
-        if self.rating not in RATING_FIELDS:
-            raise KarmaError(
-                "unknown rating field",
-                file="params.yaml:preferences",
-                field="rating",
-                value=self.rating,
-                expected=" | ".join(RATING_FIELDS),
-            )
-        if not self.dataset:
-            raise KarmaError(
-                "empty",
-                file="params.yaml:preferences",
-                field="dataset",
-                expected="a local file or a hub id",
-            )
-
-
-def check_args(strategy: str, tau: float, seed: int) -> None:
-    """Validate the pairing parameters (KarmaError naming the bad one)."""
+def strategy_code(strategy: str) -> int:
+    """The kernel's code of a pairing strategy (KarmaError naming the choices)."""
     if strategy not in STRATEGIES:
-        import difflib
-
-        close = difflib.get_close_matches(strategy, STRATEGIES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise KarmaError(
-            f"unknown pairing strategy{hint}",
+            f"unknown pairing strategy{did_you_mean(strategy, STRATEGIES)}",
             field="kinship",
             value=strategy,
             expected=" | ".join(STRATEGIES),
         )
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau):
-        raise KarmaError(
-            "not a finite number", field="similarity.tau", value=tau, expected="a number, e.g. 0.1"
-        )
-    if not -1.0 <= tau <= 1.0:
-        raise KarmaError(
-            "out of range: kinship lies in [-1, 1]",
-            field="similarity.tau",
-            value=tau,
-            expected="-1 <= tau <= 1, e.g. 0.1",
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise KarmaError("bad seed", field="seed", value=seed, expected="an integer >= 0")
+    return STRATEGIES.index(strategy)
 
 
 # --------------------------------------------------------------------------- randomness
@@ -169,7 +128,7 @@ def _pair_kernel(
         hi = offsets[i + 1]
         out_chosen[i] = -1
         out_rejected[i] = -1
-        if strategy == 3:  # rlaif
+        if strategy == RLAIF:
             count = 0
             best = -1
             best_r = 0.0
@@ -180,14 +139,14 @@ def _pair_kernel(
                         best = c
                         best_r = rating[c]
             if count < 2:
-                out_reason[i] = 1
+                out_reason[i] = TOO_FEW
                 continue
             nlower = 0
             for c in range(lo, hi):
                 if nonempty[c] and not np.isnan(rating[c]) and rating[c] < best_r:
                     nlower += 1
             if nlower == 0:
-                out_reason[i] = 4
+                out_reason[i] = TIE
                 continue
             k = np.int64(_splitmix64_nb(seed, np.uint64(i)) % np.uint64(nlower))
             for c in range(lo, hi):
@@ -197,7 +156,7 @@ def _pair_kernel(
                         out_rejected[i] = c
                         break
                     k -= 1
-            out_reason[i] = 0
+            out_reason[i] = KEPT
             continue
         ncand = 0
         nne = 0
@@ -210,11 +169,11 @@ def _pair_kernel(
                     ncand += 1
             cand[c] = ok
         if ncand < 2:
-            out_reason[i] = 2 if nne >= 2 else 1
+            out_reason[i] = UNKNOWN if nne >= 2 else TOO_FEW
             continue
         a = -1
         b = -1
-        if strategy == 4:  # random: any candidate pair
+        if strategy == RANDOM:  # any candidate pair
             npairs = ncand * (ncand - 1) // 2
             k = np.int64(_splitmix64_nb(seed, np.uint64(i)) % np.uint64(npairs))
             for p in range(lo, hi):
@@ -229,7 +188,7 @@ def _pair_kernel(
                     k -= 1
                 if a >= 0:
                     break
-        elif strategy == 0 or strategy == 1:  # score / sim
+        elif strategy in (SCORE, SIM):
             best1 = 0.0
             best2 = 0.0
             for p in range(lo, hi):
@@ -243,10 +202,10 @@ def _pair_kernel(
                     if mp == mq:
                         continue
                     k_pq = kin[mp, mq]
-                    if np.isnan(k_pq) or k_pq < tau:
+                    if not k_pq >= tau:  # NaN kinship (or tau) is never kin
                         continue
                     ssum = s_pref[mp] + s_pref[mq]
-                    if strategy == 0:
+                    if strategy == SCORE:
                         v1 = ssum
                         v2 = k_pq
                     else:
@@ -270,7 +229,7 @@ def _pair_kernel(
                     if q == p or not cand[q]:
                         continue
                     mq = model[q]
-                    if mq != mp and not np.isnan(kin[mp, mq]) and kin[mp, mq] >= tau:
+                    if mq != mp and kin[mp, mq] >= tau:
                         has = True
                         break
                 if has:
@@ -287,19 +246,19 @@ def _pair_kernel(
                     if mq == ma:
                         continue
                     k_aq = kin[ma, mq]
-                    if np.isnan(k_aq) or k_aq < tau:
+                    if not k_aq >= tau:
                         continue
                     if b < 0 or k_aq > bk or (k_aq == bk and s_pref[mq] > bs):
                         b = q
                         bk = k_aq
                         bs = s_pref[mq]
         if a < 0:
-            out_reason[i] = 3
+            out_reason[i] = NO_ELIGIBLE
             continue
         sa = s_pref[model[a]]
         sb = s_pref[model[b]]
         if sa == sb:
-            out_reason[i] = 4
+            out_reason[i] = TIE
             continue
         if sa > sb:
             out_chosen[i] = a
@@ -307,7 +266,7 @@ def _pair_kernel(
         else:
             out_chosen[i] = b
             out_rejected[i] = a
-        out_reason[i] = 0
+        out_reason[i] = KEPT
 
 
 def pair_arrays(
@@ -325,7 +284,7 @@ def pair_arrays(
     """Run the pair search over CSR-like ``offsets``; returns (chosen, rejected, reason) per
     instruction (flat completion indices, -1 when dropped; reason codes index :data:`REASONS`).
     ``identical_text`` is not decided here (see :func:`make_pairs`)."""
-    check_args(strategy, tau, seed)
+    code = strategy_code(strategy)
     n = offsets.shape[0] - 1
     chosen = np.empty(n, dtype=np.int64)
     rejected = np.empty(n, dtype=np.int64)
@@ -337,7 +296,7 @@ def pair_arrays(
         np.ascontiguousarray(rating, dtype=np.float64),
         np.ascontiguousarray(s_pref, dtype=np.float64),
         np.ascontiguousarray(kin, dtype=np.float64),
-        _STRATEGY_CODE[strategy],
+        code,
         float(tau),
         np.uint64(seed),
         chosen,
@@ -600,11 +559,6 @@ def make_pairs(
     aliases: Mapping[str, str] | None = None,
 ) -> PreferenceResult:
     """Pair every instruction of ``data`` by ``strategy``; returns the TRL frame and counts."""
-    check_args(strategy, tau, seed)
-    if rating not in RATING_FIELDS:
-        raise KarmaError(
-            "unknown rating field", field="rating", value=rating, expected=" | ".join(RATING_FIELDS)
-        )
     names, sp = _s_pref_table(s_pref)
     kin = kinship_matrix(names, kinship)
     comps = data.completions
@@ -702,11 +656,8 @@ def pair_metrics(result: PreferenceResult) -> dict[str, Any]:
 
 
 def write_pairs(result: PreferenceResult, path: str | Path) -> None:
-    """Write the pairs Parquet atomically (byte-identical for equal frames)."""
-    from karma.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        result.pairs.write_parquet(tmp, compression=PARQUET_COMPRESSION, statistics=False)
+    """Write the pairs Parquet (byte-identical for equal frames)."""
+    result.pairs.write_parquet(path, compression=PARQUET_COMPRESSION, statistics=False)
 
 
 def dataset_card(
@@ -822,44 +773,6 @@ def summary(result: PreferenceResult) -> str:
     )
 
 
-def write_outputs(
-    result: PreferenceResult,
-    *,
-    pairs_path: str | Path,
-    dataset: str,
-    params: Mapping[str, Any],
-    card_path: str | Path | None = None,
-    metrics_path: str | Path | None = None,
-    plot_path: str | Path | None = None,
-    model_order: Sequence[str] | None = None,
-) -> None:
-    """Write the pairs Parquet and, where a path is given, the card, metrics JSON and heatmap.
-
-    When ``pairs_path`` is ``<dir>/pairs.parquet`` and ``card_path`` is ``<dir>/README.md`` the
-    caller should wrap both in one :func:`karma.io.atomic_path` directory (the stage does).
-    """
-    from karma.io import write_json, write_text
-
-    write_pairs(result, pairs_path)
-    if card_path is not None:
-        write_text(
-            card_path,
-            dataset_card(result, dataset=dataset, params=params, data_file=Path(pairs_path).name),
-        )
-    if metrics_path is not None:
-        write_json(metrics_path, result.metrics)
-    if plot_path is not None:
-        from karma.plots import pair_usage_heatmap
-
-        pair_usage_heatmap(
-            result.pairs["chosen_model"].to_list(),
-            result.pairs["rejected_model"].to_list(),
-            plot_path,
-            order=model_order,
-            title=f"Model pairs used by '{result.strategy}'",
-        )
-
-
 def load_kinship_dir(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(models, kinship)`` frames from the kinship stage's output directory."""
     d = Path(path)
@@ -872,61 +785,82 @@ def load_kinship_dir(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     return frames[0], frames[1]
 
 
-def kinship_from_scores(
-    scores_path: str | Path,
-    *,
-    similarity: str = "cosine",
-    tau: float = 0.1,
-    min_common: int = 2,
-    aliases: Mapping[str, str] | None = None,
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``(models, kinship)`` computed from a benchmark table by the kinship engine."""
-    from karma.kinship import compute_kinship
-    from karma.scores import read_scores
-
-    scores = read_scores(scores_path, aliases=dict(aliases or {}))
-    res = compute_kinship(scores, similarity=similarity, tau=tau, min_common=min_common)
-    return res.models, res.kinship
+# --------------------------------------------------------------------------- stage
 
 
-def run_preferences(
-    dataset: str | Path,
-    models: pl.DataFrame,
-    kinship: pl.DataFrame,
-    *,
-    strategy: str,
-    tau: float = 0.1,
-    seed: int = 0,
-    rating: str = "overall_score",
-    aliases: Mapping[str, str] | None = None,
-    split: str = "train",
-) -> PreferenceResult:
-    """Read ``dataset`` and pair it (the body shared by the CLI and the DVC stage)."""
+@dataclass(frozen=True, kw_only=True)
+class PreferencesPaths:
+    """Paths of the ``preferences`` stage (the completions are ``preferences.dataset``)."""
+
+    kinship_dir: Path = input_path("the kinship stage's output directory", is_dir=True)
+    out: Path = output_path("pairs.parquet + README.md (dataset card)", is_dir=True)
+    metrics: Path | None = output_path("flat metrics", ".json", required=False)
+    plot: Path | None = output_path("model-pair heatmap", ".png", required=False)
+
+
+def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
+    """Stage ``preferences``: read the completions, pair them, write pairs, card and metrics."""
+    from karma.io import write_json
+    from karma.plots import pair_usage_heatmap
     from karma.ultrafeedback import read_ultrafeedback
 
-    check_args(strategy, tau, seed)
-    data = read_ultrafeedback(dataset, split=split)
-    log.info(
-        "read %d instructions, %d completions from %s", len(data), data.completions.height, dataset
-    )
+    cfg = params.preferences
+    models, kinship = load_kinship_dir(paths.kinship_dir)
+    data = read_ultrafeedback(cfg.dataset, split=cfg.split)
+    log.info("read %d instructions, %d completions from %s", len(data), data.completions.height,
+             cfg.dataset)  # fmt: skip
     result = make_pairs(
         data,
         models.select("model", "s_pref"),
         kinship,
-        strategy=strategy,
-        tau=tau,
-        seed=seed,
-        rating=rating,
-        aliases=aliases,
+        strategy=params.kinship,
+        tau=params.similarity.tau,
+        seed=params.seed,
+        rating=cfg.rating,
+        aliases=cfg.aliases,
     )
     if result.pairs.height == 0:
-        counts = result.counts
-        drops = ", ".join(f"{r} {counts[f'drop_{r}']}" for r in REASONS[1:] if counts[f"drop_{r}"])
+        c = result.counts
+        drops = ", ".join(f"{r} {c[f'drop_{r}']}" for r in REASONS[1:] if c[f"drop_{r}"])
         raise KarmaError(
             f"no preference pair: every instruction was dropped ({drops})",
-            file=dataset,
+            file=cfg.dataset,
             field="kinship",
-            value=strategy,
-            expected=f"a strategy and tau ({tau}) that pair some responses",
+            value=params.kinship,
+            expected=f"a strategy and tau ({params.similarity.tau}) that pair some responses",
         )
-    return result
+    card_params = {
+        "kinship": params.kinship,
+        "seed": params.seed,
+        "similarity.tau": params.similarity.tau,
+        "preferences.rating": cfg.rating,
+        "preferences.dataset": cfg.dataset,
+    }
+    out = Path(paths.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_pairs(result, out / "pairs.parquet")
+    (out / "README.md").write_text(dataset_card(result, dataset=cfg.dataset, params=card_params))
+    if paths.metrics is not None:
+        write_json(paths.metrics, result.metrics)
+    if paths.plot is not None:
+        pair_usage_heatmap(
+            result.pairs["chosen_model"].to_list(),
+            result.pairs["rejected_model"].to_list(),
+            paths.plot,
+            order=models["model"].to_list(),
+            title=f"Model pairs used by '{params.kinship}'",
+        )
+    log.info("%s", summary(result))
+    return result.metrics
+
+
+STAGE = Stage(
+    name="preferences",
+    settings=("kinship", "seed", "similarity.tau", "preferences"),
+    paths=PreferencesPaths,
+    run=run_preferences,
+    inputs=("preferences.dataset",),
+    help="Per instruction, pair two responses of kin models (kinship >= tau) and choose the one "
+    "whose model has the higher S_pref (KARMA), or binarise by rating (rlaif), or pair at "
+    "random; TRL conversational format with metadata columns.",
+)

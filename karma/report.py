@@ -327,6 +327,28 @@ def html_page(
     return "".join(parts)
 
 
+def _workspace_files(repo: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` under the repo's visible top-level folders (not .git, .venv)."""
+    skip = {".git", ".dvc", ".venv", "node_modules"}
+    found: list[Path] = []
+    for top in sorted(p for p in repo.iterdir() if p.is_dir() and p.name not in skip):
+        if not top.name.startswith("."):
+            found += top.rglob(pattern)
+    return sorted(found)
+
+
+def render(repo: str | Path = ".", *, workspace: bool = False) -> tuple[str, str, int]:
+    """``(markdown, html, number of experiments)`` of the project's experiments."""
+    repo = Path(repo)
+    rows = collect_experiments(repo, workspace=workspace)
+    md = "# KARMA experiments\n\n" + markdown_table(rows)
+    figures = [f for f in _workspace_files(repo, "*.png") if f.parts[len(repo.parts)] == "plots"]
+    curves = [
+        p for p in _workspace_files(repo, "*.tsv") if "metrics" in p.parts and "plots" in p.parts
+    ]
+    return md, html_page(rows, figures=figures, curve_files=curves), len(rows)
+
+
 def metrics_diff(rev: str, repo: str | Path = ".") -> dict[str, dict[str, float | None]]:
     """``{metric: {old, new, diff}}`` of every changed metric between ``rev`` and the workspace."""
     from dvc.repo import Repo

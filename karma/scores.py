@@ -23,13 +23,17 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from karma.config import Params
 from karma.errors import KarmaError
-from karma.io import atomic_path
+from karma.io import read_json
+from karma.pipeline import Stage, input_path, output_path
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +271,113 @@ def _from_long(
     return models, bench_names, values
 
 
+# --------------------------------------------------------------------------- merging
+
+
+def read_measured(path: str | Path) -> dict[str, Any]:
+    """Read one measured score row written by the benchmark stage."""
+    if not Path(path).is_file():
+        raise KarmaError("measured score row not found (run its benchmark stage)", file=path)
+    row = read_json(path)
+    if "model" not in row:
+        raise KarmaError("not a score row", file=path, field="model", expected="{model, scores...}")
+    return row
+
+
+def merge_scores(
+    reported: pl.DataFrame | None,
+    measured: Sequence[Mapping[str, Any]],
+    *,
+    scale: float | Mapping[str, float] = 1.0,
+    aliases: Mapping[str, str] | None = None,
+) -> pl.DataFrame:
+    """Reported table (canonical polars frame: ``model`` + benchmark columns) + measured rows.
+
+    Measured fractions are multiplied by ``scale`` (one number, or per benchmark; absent: 1) to
+    match the reported table. Model ids are canonical (stripped, lower-case, ``aliases``
+    applied), as :func:`karma.scores.read_scores` makes them. A measured model that is also
+    reported replaces the reported row (logged). Benchmarks missing on either side are null.
+    Rows: reported order, then measured; columns: model, reported benchmarks, then new ones.
+    """
+    alias_map = {canonical_id(k): canonical_id(v) for k, v in (aliases or {}).items()}
+    if reported is None:
+        reported = pl.DataFrame({MODEL: pl.Series([], dtype=pl.String)})
+    if MODEL not in reported.columns:
+        raise KarmaError(
+            "reported table has no model column", field=MODEL, expected=", ".join(reported.columns)
+        )
+    benches = [c for c in reported.columns if c != MODEL]
+    rows = []
+    for row in measured:
+        model = canonical_id(row["model"])
+        model = alias_map.get(model, model)
+        values = {}
+        for key, value in row.items():
+            if key == "model":
+                continue
+            bench = canonical_id(key)
+            if bench not in benches:
+                benches.append(bench)
+            factor = scale.get(bench, 1.0) if isinstance(scale, Mapping) else scale
+            values[bench] = None if value is None else float(value) * float(factor)
+        rows.append({MODEL: model, **values})
+    names = [r[MODEL] for r in rows]
+    if len(set(names)) != len(names):
+        raise KarmaError("duplicate measured model", field="measured", value=names)
+    replaced = sorted(set(names) & set(reported[MODEL].to_list()))
+    if replaced:
+        log.warning("measured scores replace reported ones for %s", ", ".join(replaced))
+    schema = {MODEL: pl.String, **{b: pl.Float64 for b in benches}}
+    measured_df = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
+    kept = (
+        reported.lazy()
+        .filter(~pl.col(MODEL).is_in(names))
+        .with_columns(
+            [pl.lit(None, dtype=pl.Float64).alias(b) for b in benches if b not in reported.columns]
+        )
+        .select(pl.col(MODEL).cast(pl.String), *[pl.col(b).cast(pl.Float64) for b in benches])
+    )
+    return pl.concat([kept, measured_df.lazy()], how="vertical").collect()
+
+
 def write_scores(df: pl.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write a canonical score frame (wide) as CSV or Parquet, atomically, by suffix."""
+    """Write a canonical score frame (wide) as CSV or Parquet, by suffix."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    with atomic_path(path) as tmp:
-        if suffix == ".csv":
-            df.write_csv(tmp)
-        elif suffix in (".parquet", ".pq"):
-            df.write_parquet(tmp, statistics=False)
-        else:
-            raise KarmaError("unsupported output format", file=path, expected=".csv or .parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        df.write_csv(path)
+    elif path.suffix.lower() in (".parquet", ".pq"):
+        df.write_parquet(path, statistics=False)
+    else:
+        raise KarmaError("unsupported output format", file=path, expected=".csv or .parquet")
+
+
+# --------------------------------------------------------------------------- stage
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoresPaths:
+    """Paths of the ``scores`` stage."""
+
+    measured_dir: Path = input_path("rows of the benchmark stage: <name>.json each", is_dir=True)
+    out: Path = output_path("the merged score table", ".csv", ".parquet", ".pq")
+
+
+def run_scores(params: Params, paths: ScoresPaths) -> dict[str, Any]:
+    """Stage ``scores``: the reported table + the measured rows -> one canonical table."""
+    cfg = params.scores
+    reported = read_scores(cfg.reported, cfg.aliases) if cfg.reported else None
+    rows = [read_measured(Path(paths.measured_dir) / f"{name}.json") for name in cfg.measured]
+    table = merge_scores(reported, rows, scale=cfg.scale, aliases=cfg.aliases)
+    write_scores(table, paths.out)
+    return {"models": table.height, "benchmarks": table.width - 1, "measured": len(rows)}
+
+
+STAGE = Stage(
+    name="scores",
+    settings=("scores",),
+    paths=ScoresPaths,
+    run=run_scores,
+    help="Measured rows (lm-eval fractions times scores.scale) replace reported rows of the "
+    "same model; model ids are canonical (lower case, aliases applied).",
+)

@@ -8,53 +8,46 @@ Checkpoints go to ``<checkpoints>/<fingerprint>/checkpoint-<step>``; the fingerp
 the method, TRL args, LoRA, seed, the data file and the base model, so a changed input never
 resumes from a stale checkpoint, and a killed run resumes from its last complete checkpoint.
 
->>> from karma.training import TrainConfig, run_training
->>> cfg = TrainConfig(method="sft", trl={"max_steps": 5})
->>> paths = TrainPaths(data="pairs.parquet", base="models/base", out="out/policy")
->>> metrics = run_training(cfg, paths, seed=0)  # doctest: +SKIP
+>>> from karma.config import Params, TrainConfig
+>>> params = Params(train=TrainConfig(method="sft", trl={"max_steps": 5}))
+>>> paths = TrainPaths(data="pairs.parquet", base="models/base", out="out/policy",
+...                    checkpoints="checkpoints/train")
+>>> metrics = run_train(params, paths)  # doctest: +SKIP
 
 Multi-GPU: ``train.launcher: accelerate`` (+ ``num_processes``, ``accelerate_config``) makes the
-stage re-run itself under ``accelerate launch`` (see :func:`launch_command`).
+stage re-run itself under ``accelerate launch`` (see :func:`launcher_prefix`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import difflib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from karma.errors import KarmaError
-from karma.io import atomic_path, write_json
+from karma.config import Params, TrainConfig, read_yaml
+from karma.errors import KarmaError, did_you_mean
+from karma.io import tree_digest, write_json
+from karma.lm import load_causal_lm
+from karma.pipeline import Stage, input_path, output_path, state_path
 
 log = logging.getLogger(__name__)
 
-WHERE = "params.yaml:train"
-METHODS = ("dpo", "sft")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-LAUNCHED_ENV = "KARMA_TRAIN_LAUNCHED"
 FINGERPRINT_FILE = "karma_fingerprint.json"
-
-# Settings karma owns: the user's TRL blocks may not set them (they come from elsewhere).
-RESERVED = {
-    "output_dir": "train.checkpoints",
-    "seed": "the top-level 'seed' param",
-    "report_to": "karma (tracking is dvclive; curves in train.live_dir)",
-    "resume_from_checkpoint": "karma (resumes automatically)",
-}
 
 # Karma's defaults under the user's TRL args (CPU friendly; every key is overridable).
 TRL_DEFAULTS: dict[str, Any] = {
@@ -83,133 +76,32 @@ CURVE_SKIP = (
 )
 
 
-@dataclass
-class TrainConfig:
-    """``train`` params (TRL's own fields live in the ``trl`` / ``dpo`` / ``sft`` dicts).
-
-    method: ``dpo`` (DPOTrainer with an explicit reference model) or ``sft`` (prompt + chosen).
-    recipe: optional YAML file whose ``train.trl|dpo|sft|lora`` blocks override these.
-    trl: fields for the trainer config of either method (``DPOConfig`` / ``SFTConfig``).
-    dpo / sft: fields only for that method's config (e.g. ``dpo: {beta: 0.1}``).
-    lora: null, or ``peft.LoraConfig`` fields (``r``, ``lora_alpha``, ``target_modules``...).
-    dtype: dtype the base model is loaded in (mixed precision is ``trl.bf16``).
-    launcher: ``python`` or ``accelerate`` (the stage re-executes itself under accelerate).
-    num_processes / accelerate_config: passed to ``accelerate launch``.
-    keep_checkpoints: keep the checkpoint directory after a successful run.
-    """
-
-    method: Literal["dpo", "sft"] = "dpo"
-    recipe: str | None = None
-    trl: dict[str, Any] = field(default_factory=dict)
-    dpo: dict[str, Any] = field(default_factory=dict)
-    sft: dict[str, Any] = field(default_factory=dict)
-    lora: dict[str, Any] | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    launcher: Literal["python", "accelerate"] = "python"
-    num_processes: int = 1
-    accelerate_config: str | None = None
-    keep_checkpoints: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else ""
-            raise KarmaError(
-                f"unknown training method {hint}",
-                file=WHERE,
-                field="method",
-                value=self.method,
-                expected=" | ".join(METHODS),
-            )
-        if self.launcher not in ("python", "accelerate"):
-            raise KarmaError(
-                "unknown launcher",
-                file=WHERE,
-                field="launcher",
-                value=self.launcher,
-                expected="python | accelerate",
-            )
-        if self.num_processes < 1:
-            raise KarmaError(
-                "must be >= 1", file=WHERE, field="num_processes", value=self.num_processes
-            )
-        for block in ("trl", "dpo", "sft"):
-            value = getattr(self, block)
-            if value is None:
-                setattr(self, block, {})
-            elif not isinstance(value, dict):
-                raise KarmaError("must be a mapping", file=WHERE, field=block, value=value)
-            for key in getattr(self, block):
-                if key in RESERVED:
-                    raise KarmaError(
-                        f"is set by {RESERVED[key]}", file=WHERE, field=f"{block}.{key}"
-                    )
-        if self.lora is not None and not isinstance(self.lora, dict):
-            raise KarmaError("must be null or a mapping", file=WHERE, field="lora", value=self.lora)
-        if self.accelerate_config is not None and not Path(self.accelerate_config).is_file():
-            raise KarmaError(
-                "accelerate config file not found",
-                file=WHERE,
-                field="accelerate_config",
-                value=self.accelerate_config,
-            )
-        if self.recipe is not None:
-            self._apply_recipe(self.recipe)
-
-    def _apply_recipe(self, path: str) -> None:
-        p = Path(path)
-        if not p.is_file():
-            raise KarmaError("recipe file not found", file=WHERE, field="recipe", value=path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise KarmaError(f"not valid YAML: {' '.join(str(err).split())}", file=p) from None
-        block = data.get("train", data) if isinstance(data, dict) else None
-        if not isinstance(block, dict):
-            raise KarmaError("must hold a 'train' mapping", file=p)
-        allowed = {"trl", "dpo", "sft", "lora", "dtype"}
-        for key, value in block.items():
-            if key not in allowed:
-                raise KarmaError(
-                    "unknown recipe key", file=p, field=key, expected=", ".join(sorted(allowed))
-                )
-            if key in ("trl", "dpo", "sft"):
-                if not isinstance(value, dict):
-                    raise KarmaError("must be a mapping", file=p, field=key, value=value)
-                merged = {**getattr(self, key), **value}
-                setattr(self, key, merged)
-            else:
-                setattr(self, key, value)
-        self.recipe = None  # applied; re-validate the merged blocks
-        self.__post_init__()
-        self.recipe = path
-
-
-@dataclass(frozen=True)
-class TrainPaths:
-    """Where the train stage reads and writes (fixed by dvc.yaml, not params).
-
-    data: preference pairs (parquet, TRL conversational format + metadata columns).
-    base: base model directory (the ``base_model`` stage output).
-    out: policy output directory (safetensors, tokenizer, README.md model card).
-    checkpoints: persisted checkpoint root (resume after a crash).
-    live_dir: dvclive directory (curves under ``plots/metrics``).
-    metrics: flat final metrics JSON.
-    """
-
-    data: str | Path = "data/selected/pairs.parquet"
-    base: str | Path = "models/base"
-    out: str | Path = "models/policy"
-    checkpoints: str | Path = "checkpoints/train"
-    live_dir: str | Path = "dvclive/train"
-    metrics: str | Path = "metrics/train.json"
-
-
-def config_from_params(data: dict[str, Any] | None) -> TrainConfig:
-    """Build :class:`TrainConfig` from the ``train`` params section."""
-    from karma.config import from_dict
-
-    return from_dict(TrainConfig, data, where=WHERE)
+def apply_recipe(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its recipe file's ``trl``/``dpo``/``sft`` blocks merged in (and ``lora``,
+    ``dtype`` replaced); errors name the recipe file and key."""
+    if cfg.recipe is None:
+        return cfg
+    path = Path(cfg.recipe)
+    if not path.is_file():
+        raise KarmaError("recipe file not found", field="train.recipe", value=cfg.recipe)
+    data = read_yaml(path)
+    block = data.get("train", data)
+    allowed = ("trl", "dpo", "sft", "lora", "dtype")
+    merged = cfg.model_dump()
+    for key, value in (block if isinstance(block, dict) else {}).items():
+        if key not in allowed:
+            raise KarmaError(f"unknown recipe key{did_you_mean(key, allowed)}", file=path,
+                             field=key, expected=", ".join(allowed))  # fmt: skip
+        if key in ("trl", "dpo", "sft") and isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise KarmaError(err["msg"], file=path, field=key, value=err.get("input")) from None
 
 
 # ---------------------------------------------------------------- data
@@ -262,20 +154,6 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
     return datasets.Dataset(frame.to_arrow())
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file, or of a directory's files (names + contents, sorted)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(cfg: TrainConfig, paths: TrainPaths, seed: int) -> dict[str, Any]:
     """What a checkpoint depends on: training settings, seed, data and base model contents."""
     settings = {
@@ -284,10 +162,9 @@ def fingerprint(cfg: TrainConfig, paths: TrainPaths, seed: int) -> dict[str, Any
         "method_args": cfg.dpo if cfg.method == "dpo" else cfg.sft,
         "lora": cfg.lora,
         "dtype": cfg.dtype,
-        "num_processes": cfg.num_processes,
         "seed": seed,
-        "data": file_digest(paths.data),
-        "base": file_digest(paths.base),
+        "data": tree_digest(paths.data, memo=True),
+        "base": tree_digest(paths.base, memo=True),
     }
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     settings["id"] = hashlib.sha256(blob).hexdigest()[:16]
@@ -331,18 +208,14 @@ def _config_class(method: str) -> type:
 
 
 def _check_fields(cls: type, block: str, args: dict[str, Any]) -> None:
-    import dataclasses
-
+    """Every key of ``args`` is a field of the dataclass ``cls`` (did-you-mean otherwise)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in args:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise KarmaError(
-                f"unknown {cls.__name__} field{hint}",
-                file=WHERE,
-                field=f"{block}.{key}",
-                expected=f"a field of trl.{cls.__name__}",
+                f"unknown {cls.__name__} field{did_you_mean(key, names)}",
+                field=f"train.{block}.{key}",
+                expected=f"a field of {cls.__module__.split('.')[0]}.{cls.__name__}",
             )
 
 
@@ -351,8 +224,6 @@ def _coerce_numbers(cls: type, args: dict[str, Any]) -> dict[str, Any]:
 
     PyYAML (YAML 1.1) reads ``5e-5`` (no dot) as a string, and ``dvc exp run -S`` may write it so.
     """
-    import dataclasses
-
     types_ = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(cls)}
     out = dict(args)
     for key, value in args.items():
@@ -379,6 +250,7 @@ def trl_kwargs(cfg: TrainConfig, *, seed: int, output_dir: str | Path) -> dict[s
     method_args = cfg.dpo if cfg.method == "dpo" else cfg.sft
     kwargs = {**TRL_DEFAULTS, **copy.deepcopy(cfg.trl), **copy.deepcopy(method_args)}
     kwargs.update(output_dir=str(output_dir), seed=int(seed), report_to="none")
+    kwargs["save_steps"] = cfg.checkpoint_steps
     return _coerce_numbers(_config_class(cfg.method), kwargs)
 
 
@@ -391,7 +263,7 @@ def build_trl_config(cfg: TrainConfig, *, seed: int, output_dir: str | Path) -> 
     except (ValueError, TypeError) as err:
         raise KarmaError(
             f"TRL rejected the {cls.__name__} arguments: {' '.join(str(err).split())[:300]}",
-            file=WHERE,
+            field="train.trl",
         ) from None
 
 
@@ -403,56 +275,35 @@ def build_lora_config(lora: dict[str, Any] | None) -> Any:
         from peft import LoraConfig
     except ImportError:
         raise KarmaError(
-            "LoRA needs peft: pip install 'karma-align[lora]'", file=WHERE, field="lora"
+            "LoRA needs peft: pip install 'karma-align[lora]'", field="train.lora"
         ) from None
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    for key in lora:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise KarmaError(f"unknown LoraConfig field{hint}", file=WHERE, field=f"lora.{key}")
+    _check_fields(LoraConfig, "lora", lora)
     try:
         return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
     except (ValueError, TypeError) as err:
-        raise KarmaError(f"bad LoRA settings: {err}", file=WHERE, field="lora") from None
+        raise KarmaError(f"bad LoRA settings: {err}", field="train.lora") from None
 
 
 # ---------------------------------------------------------------- launch
 
 
-def launch_command(cfg: TrainConfig, script_argv: Sequence[str]) -> list[str]:
-    """The command running ``script_argv`` (script path + args) with the configured launcher.
+def launcher_prefix(params: Params) -> list[str] | None:
+    """The command prefix that runs the train stage under ``train.launcher`` (None: in-process).
 
-    >>> launch_command(TrainConfig(launcher="accelerate", num_processes=2), ["stages/train.py"])[3:]
-    ['--num_processes', '2', '--multi_gpu', 'stages/train.py']
+    >>> from karma.config import TrainConfig
+    >>> launcher_prefix(Params(train=TrainConfig(launcher="accelerate", num_processes=2)))[3:]
+    ['--num_processes', '2', '--multi_gpu']
     """
+    cfg = params.train
     if cfg.launcher == "python":
-        return [sys.executable, *script_argv]
+        return None
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.accelerate_config:
         cmd += ["--config_file", cfg.accelerate_config]
     cmd += ["--num_processes", str(cfg.num_processes)]
     if cfg.num_processes > 1 and not cfg.accelerate_config:
         cmd.append("--multi_gpu")
-    return cmd + list(script_argv)
-
-
-def relaunch_if_needed(cfg: TrainConfig, script_argv: Sequence[str]) -> bool:
-    """Under ``launcher: accelerate``, re-run the script through accelerate; True when it did.
-
-    A non-zero exit of the launched processes raises :class:`KarmaError`.
-    """
-    if cfg.launcher != "accelerate" or os.environ.get(LAUNCHED_ENV):
-        return False
-    cmd = launch_command(cfg, script_argv)
-    log.info("launching: %s", " ".join(cmd))
-    env = {**os.environ, LAUNCHED_ENV: "1"}
-    rc = subprocess.run(cmd, env=env, check=False).returncode
-    if rc != 0:
-        raise KarmaError(f"accelerate launch exited with code {rc}", field="train.launcher")
-    return True
+    return cmd
 
 
 # ---------------------------------------------------------------- tracking
@@ -560,7 +411,7 @@ def model_card(
         "",
         f"- **Base model:** `{paths.base}` ({base_summary})",
         f"- **Data:** `{paths.data}` ({n_pairs} preference pairs, sha256 "
-        f"`{file_digest(paths.data)[:16]}`)",
+        f"`{tree_digest(paths.data, memo=True)[:16]}`)",
         f"- **Method:** {method}",
         "",
         "## Params",
@@ -594,43 +445,6 @@ def _base_summary(base: str | Path) -> str:
 # ---------------------------------------------------------------- training
 
 
-def _load_model(path: str | Path, dtype: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
-
-
-def check_base_dir(base: str | Path) -> Path:
-    """``base`` as a Path, or KarmaError when it is not a saved model directory."""
-    p = Path(base)
-    if not (p / "config.json").is_file():
-        raise KarmaError(
-            "base model directory not found or has no config.json (run the base_model stage)",
-            file=p,
-            expected="a transformers model directory",
-        )
-    return p
-
-
-def load_base(base: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """Policy model and tokenizer from ``base`` (checked: has a chat template)."""
-    from transformers import AutoTokenizer
-
-    base = check_base_dir(base)
-    tok = AutoTokenizer.from_pretrained(str(base))
-    if not getattr(tok, "chat_template", None):
-        raise KarmaError(
-            "tokenizer has no chat template; conversational pairs need one",
-            file=base,
-            expected="a tokenizer saved with chat_template",
-        )
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return _load_model(base, dtype), tok
-
-
 def make_trainer(
     cfg: TrainConfig,
     base: str | Path,
@@ -646,13 +460,13 @@ def make_trainer(
     args = build_trl_config(cfg, seed=seed, output_dir=output_dir)
     peft_config = build_lora_config(cfg.lora)
     set_seed(seed)
-    model, tok = load_base(base, cfg.dtype)
+    model, tok = load_causal_lm(base, dtype=cfg.dtype)
     if cfg.method == "dpo":
         from trl import DPOTrainer
 
         # An explicit reference model (TRL would otherwise reload it by name); with LoRA the
         # adapter-disabled policy is the reference.
-        ref_model = None if peft_config is not None else _load_model(base, cfg.dtype)
+        ref_model = None if peft_config is not None else load_causal_lm(base, dtype=cfg.dtype)[0]
         return DPOTrainer(
             model=model,
             ref_model=ref_model,
@@ -680,29 +494,34 @@ def save_policy(trainer: Any, out_dir: str | Path, card: str) -> None:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = trainer.accelerator.unwrap_model(model) if hasattr(trainer, "accelerator") else model
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        trainer.processing_class.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(card)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    trainer.processing_class.save_pretrained(str(out_dir))
+    (Path(out_dir) / "README.md").write_text(card)
 
 
-def run_training(
-    cfg: TrainConfig,
-    paths: TrainPaths | None = None,
-    *,
-    seed: int = 0,
-    callbacks: Sequence[Any] = (),
+@dataclass(frozen=True, kw_only=True)
+class TrainPaths:
+    """Paths of the ``train`` stage."""
+
+    data: Path = input_path("preference pairs: prompt, chosen, rejected (TRL conversational)")
+    base: Path = input_path("base model directory", is_dir=True)
+    out: Path = output_path("policy: safetensors, tokenizer, README.md model card", is_dir=True)
+    checkpoints: Path = state_path("persisted checkpoints: a killed run resumes from here")
+    live_dir: Path | None = output_path("dvclive curves (plots/metrics/*.tsv)", is_dir=True,
+                                        required=False)  # fmt: skip
+    metrics: Path | None = output_path("final training metrics", ".json", required=False)
+
+
+def run_train(
+    params: Params, paths: TrainPaths, *, callbacks: Sequence[Any] = ()
 ) -> dict[str, Any]:
-    """The train stage: validate, resume if possible, train, write policy, curves and metrics.
-
-    Returns the flat metrics written to ``paths.metrics``.
-    """
-    paths = paths or TrainPaths()
+    """Stage ``train``: validate, resume if possible, train, write policy, curves and metrics."""
+    cfg = apply_recipe(params.train)
+    seed = params.seed
     # Validate everything cheap before touching models.
     trl_kwargs(cfg, seed=seed, output_dir=paths.checkpoints)
     build_lora_config(cfg.lora)
     dataset = load_pairs(paths.data, cfg.method)
-    check_base_dir(paths.base)
     fp = fingerprint(cfg, paths, seed)
     run_dir, resume = prepare_run_dir(paths.checkpoints, fp)
     if resume is not None:
@@ -710,14 +529,14 @@ def run_training(
     else:
         log.info("no checkpoint for this configuration (%s): training from scratch", fp["id"])
 
-    live = _curve_callback(paths.live_dir)
+    live = [] if paths.live_dir is None else [_curve_callback(paths.live_dir)]
     trainer = make_trainer(
         cfg,
         paths.base,
         seed=seed,
         output_dir=run_dir,
         dataset=dataset,
-        callbacks=[live, *callbacks],
+        callbacks=[*live, *callbacks],
     )
     start_step = 0
     start_tokens = 0
@@ -726,7 +545,9 @@ def run_training(
         start_step = int(state.get("global_step", 0))
         start_tokens = int(state.get("num_input_tokens_seen", 0))
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    # TRL's log printer (print / tqdm.write) goes to stdout, which holds only the metrics JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     wall = time.perf_counter() - t0
     state = trainer.state
     tokens = int(state.num_input_tokens_seen) - start_tokens
@@ -743,7 +564,7 @@ def run_training(
     )
     bad = [k for k in ("loss", "train_loss") if k in metrics and not math.isfinite(metrics[k])]
     if bad:
-        raise KarmaError(f"training diverged: non-finite {bad}", file=WHERE)
+        raise KarmaError(f"training diverged: non-finite {bad}", field="train.trl")
     if trainer.is_world_process_zero():
         card = model_card(
             cfg,
@@ -754,7 +575,8 @@ def run_training(
             metrics=metrics,
         )
         save_policy(trainer, paths.out, card)
-        write_json(paths.metrics, metrics)
+        if paths.metrics is not None:
+            write_json(paths.metrics, metrics)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
     log.info(
@@ -768,25 +590,12 @@ def run_training(
     return metrics
 
 
-__all__ = [
-    "TRL_DEFAULTS",
-    "TrainConfig",
-    "TrainPaths",
-    "build_lora_config",
-    "build_trl_config",
-    "check_base_dir",
-    "config_from_params",
-    "file_digest",
-    "fingerprint",
-    "last_checkpoint",
-    "launch_command",
-    "load_base",
-    "load_pairs",
-    "make_trainer",
-    "model_card",
-    "prepare_run_dir",
-    "relaunch_if_needed",
-    "run_training",
-    "save_policy",
-    "trl_kwargs",
-]
+STAGE = Stage(
+    name="train",
+    settings=("train", "seed"),
+    paths=TrainPaths,
+    run=run_train,
+    launcher=launcher_prefix,
+    help="DPO (TRL DPOTrainer, explicit reference model) or SFT on prompt + chosen; curves "
+    "through dvclive; checkpoints every train.checkpoint_steps, resumed after a kill.",
+)

@@ -18,6 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with a locally trained tokenizer and a chat template."""
-    from karma.tiny import build_tiny_model
+    from tests.fixtures import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

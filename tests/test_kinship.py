@@ -1,12 +1,11 @@
-"""karma.kinship: kernels vs numpy reference, hand-checked cases, global pairs, top-k, CLI."""
+"""karma.kinship: kernels vs numpy reference, hand-checked cases, global pairs, top-k, the
+settings through params and the CLI, the stage."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from karma.config import from_dict
+from karma.config import Params, SimilarityConfig, build_params, load_params
 from karma.errors import KarmaError
 from karma.kinship import (
     METRICS,
-    SimilarityConfig,
+    KinshipPaths,
     compute_kinship,
+    kinship_metrics,
     normalise,
     pairwise_similarity,
     pairwise_similarity_numpy,
+    run_kinship,
     similarity_rows,
+    summary,
     write_kinship,
 )
 from karma.scores import read_scores
@@ -318,7 +320,7 @@ def test_topk_mode_matches_dense(missing: float, metric: str) -> None:
     np.testing.assert_allclose(joined["kinship"], joined["kinship_right"], rtol=1e-12)
 
 
-# --------------------------------------------------------------------------- output and config
+# --------------------------------------------------------------------------- output and metrics
 
 
 def test_write_kinship_is_deterministic(tmp_path: Path) -> None:
@@ -329,6 +331,7 @@ def test_write_kinship_is_deterministic(tmp_path: Path) -> None:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert json.loads((tmp_path / "a" / "pairs.json").read_text()) == res.pairs
     assert pl.read_parquet(tmp_path / "a" / "kinship.parquet").equals(res.kinship)
+    assert pl.read_parquet(tmp_path / "a" / "models.parquet").equals(res.models)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         "kinship.parquet",
         "models.parquet",
@@ -336,73 +339,171 @@ def test_write_kinship_is_deterministic(tmp_path: Path) -> None:
     ]
 
 
+def test_summary_and_metrics_of_the_origin_table() -> None:
+    res = compute_kinship(read_scores(ORIGIN))
+    text = summary(res, top=3)
+    lines = text.splitlines()
+    assert lines[0].startswith("16 models x 6 benchmarks (ifeval, mmlu_stem,")
+    assert "similarity=cosine, tau=0.1, mode=dense" in lines[0]
+    ranking = lines[lines.index("S_pref ranking:") + 1 :][:16]
+    assert [ln.split()[1] for ln in ranking] == res.names  # every model, in rank order
+    assert ranking[0].split() == ["1.", "gpt-4", f"{res.models['s_pref'][0]:.4f}"]
+    assert "  score      gpt-4 > bard" in lines
+    assert "  sim        llama-2-13b-chat > llama-2-7b-chat" in lines
+    assert "top kin pairs (119 kin of 120 defined pairs):" in lines
+    top = lines[lines.index("top kin pairs (119 kin of 120 defined pairs):") + 1 :]
+    assert len(top) == 3
+    assert top[0].split() == ["0.9961", "llama-2-13b-chat", "~", "llama-2-7b-chat"]
+    m = kinship_metrics(res)
+    upper = res.matrix[np.triu_indices(16, k=1)]  # type: ignore[index]
+    assert m == {
+        "n_models": 16,
+        "n_benchmarks": 6,
+        "n_dropped_benchmarks": 0,
+        "n_kin_pairs": int((upper >= 0.1).sum()),
+        "kin_fraction": round(int((upper >= 0.1).sum()) / 120, 6),
+        "mean_kinship": round(float(upper.mean()), 6),
+        "pair_score": "gpt-4 > bard",
+        "pair_sim": "llama-2-13b-chat > llama-2-7b-chat",
+        "pair_score_sim": "gpt-4 > bard",
+    }
+    assert m["n_kin_pairs"] == 119
+
+
+# --------------------------------------------------------------------------- settings
+
+
 @pytest.mark.parametrize(
-    ("params", "pattern"),
+    ("key", "value", "label", "message"),
     [
-        ({"metric": "manhattan"}, "field 'metric'"),
-        ({"tau": 1.5}, "field 'tau': out of range"),
-        ({"min_common": 0}, "field 'min_common'"),
-        ({"top_k": 0}, "field 'top_k'"),
-        ({"dense_max_models": 1}, "field 'dense_max_models'"),
-        ({"cluster_threshold": -1.0}, "field 'cluster_threshold'"),
-        ({"groups": {"knowledge": []}}, "field 'groups.knowledge'"),
-        ({"tua": 0.1}, "did you mean 'tau'"),
+        ("metric", "manhattan", "--metric", "--metric: not one of the choices (got 'manhattan';"
+         " expected cosine | pearson | euclidean)"),
+        ("tau", 1.5, "--tau", "--tau: out of range (got 1.5; expected -1 <= tau <= 1)"),
+        ("tau", -1.5, "--tau", "--tau: out of range (got -1.5; expected -1 <= tau <= 1)"),
+        ("tau", "high", "--tau", "--tau: wrong type (got 'high'; expected float)"),
+        ("min_common", 0, "--min-common", "--min-common: out of range (got 0; expected"
+         " 1 <= min_common)"),
+        ("top_k", 0, "--top-k", "--top-k: out of range (got 0; expected 1 <= top_k)"),
+        ("dense_max_models", 1, "--dense-max-models", "--dense-max-models: out of range"),
+        ("cluster_threshold", -1.0, "--cluster-threshold", "--cluster-threshold: out of range"
+         " (got -1.0; expected 0 < cluster_threshold)"),
+        ("groups", {"knowledge": []}, "--groups", "--groups: field 'knowledge': List should have"
+         " at least 1"),
+        ("tua", 0.1, "-S similarity.tua", "-S similarity.tua: unknown key; did you mean 'tau'?"),
     ],
-)
-def test_config_errors(params: dict, pattern: str) -> None:
-    with pytest.raises(KarmaError, match=pattern):
-        from_dict(SimilarityConfig, params, where="params.yaml:similarity")
+)  # fmt: skip
+def test_similarity_settings_errors_name_the_flag(
+    key: str, value: object, label: str, message: str
+) -> None:
+    with pytest.raises(KarmaError) as info:
+        build_params(None, [(f"similarity.{key}", value, label)])
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_similarity_settings_from_a_params_file(tmp_path: Path) -> None:
+    f = tmp_path / "params.yaml"
+    f.write_text("similarity:\n  metric: pearson\n  tau: -0.5\n  groups: {all: [ifeval]}\n")
+    cfg = build_params(f).similarity
+    assert (cfg.metric, cfg.tau, cfg.groups) == ("pearson", -0.5, {"all": ["ifeval"]})
+    assert cfg.min_common == SimilarityConfig().min_common  # the rest keeps the defaults
+    f.write_text("similarity:\n  tau: 2\n")
+    with pytest.raises(KarmaError, match=r"params.yaml: field 'similarity.tau': out of range"):
+        build_params(f)
+    f.write_text("similarity:\n  metirc: cosine\n")
+    with pytest.raises(KarmaError, match=r"field 'similarity.metirc': unknown key; did you mean"):
+        build_params(f)
 
 
 def test_config_defaults_match_params_yaml() -> None:
-    from karma.config import load_params, section
+    assert load_params(REPO / "params.yaml").similarity == SimilarityConfig()
 
-    cfg = from_dict(
-        SimilarityConfig,
-        section(load_params(REPO / "params.yaml"), "similarity"),
-        where="params.yaml:similarity",
+
+# --------------------------------------------------------------------------- stage and CLI
+
+
+def test_run_kinship_follows_the_settings(tmp_path: Path) -> None:
+    params = Params(similarity=SimilarityConfig(metric="pearson", tau=0.3))
+    paths = KinshipPaths(scores=ORIGIN, out=tmp_path / "k", metrics=tmp_path / "m.json")
+    metrics = run_kinship(params, paths)
+    want = compute_kinship(read_scores(ORIGIN), similarity="pearson", tau=0.3)
+    assert metrics == kinship_metrics(want)
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    assert json.loads((tmp_path / "k" / "pairs.json").read_text()) == want.pairs
+    assert pl.read_parquet(tmp_path / "k" / "kinship.parquet").equals(want.kinship)
+    assert want.stats["n_kin_pairs"] != compute_kinship(read_scores(ORIGIN)).stats["n_kin_pairs"]
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from karma.cli import main
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:  # the CLI points logging at the captured stderr; restore it
+        root.handlers[:], root.level = saved[0], saved[1]
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_writes_outputs_and_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, m = tmp_path / "k", tmp_path / "m.json"
+    argv = ["kinship", "--scores", str(ORIGIN), "--out", str(out), "--metrics", str(m)]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    assert (
+        metrics
+        == json.loads(m.read_text())
+        == kinship_metrics(compute_kinship(read_scores(ORIGIN)))
     )
-    assert cfg == SimilarityConfig()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _karma(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "karma.cli", *args], capture_output=True, text=True, cwd=cwd
-    )
-
-
-def test_cli_writes_outputs_and_summary(tmp_path: Path) -> None:
-    proc = _karma("kinship", str(ORIGIN), "--out", str(tmp_path / "k"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "S_pref ranking" in proc.stdout and "gpt-4" in proc.stdout
-    assert "score      gpt-4 > bard" in proc.stdout
-    assert json.loads((tmp_path / "k" / "pairs.json").read_text())["score"] == ["gpt-4", "bard"]
-    assert pl.read_parquet(tmp_path / "k" / "kinship.parquet").height == 240
-    models = pl.read_parquet(tmp_path / "k" / "models.parquet")
+    assert "S_pref ranking" in err and "score      gpt-4 > bard" in err  # the summary is logged
+    assert json.loads((out / "pairs.json").read_text())["score"] == ["gpt-4", "bard"]
+    assert pl.read_parquet(out / "kinship.parquet").height == 240
+    models = pl.read_parquet(out / "models.parquet")
     assert models.columns == ["model", "s_pref", *read_scores(ORIGIN).columns[1:]]
+    # a setting flag reaches the computation
+    code, stdout, err = _cli([*argv, "--tau", "0.995"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["n_kin_pairs"] == 1
+    assert json.loads((out / "pairs.json").read_text())["score"] == [
+        "llama-2-13b-chat",
+        "llama-2-7b-chat",
+    ]
 
 
 @pytest.mark.parametrize(
     ("table", "extra", "pattern"),
     [
-        ("model,x\na,1\nA,2\n", [], "duplicate model"),
-        ("model,x,y\na,1,2\nb,x,3\n", [], "non-numeric score"),
-        ("model,x,y\na,1,2\nb,2,3\n", ["--tau", "7"], "field 'tau'"),
-        ("model,x,y\na,1,2\nb,2,3\n", ["--alias", "oops"], "ALIAS=MODEL"),
+        ("model,x\na,1\nA,2\n", [], "t.csv: field 'model': line 3: duplicate model 'a'"),
+        ("model,x,y\na,1,2\nb,x,3\n", [], "t.csv: field 'x': line 3 (model 'b'): non-numeric"),
+        ("model,x,y\na,1,2\nb,2,3\n", ["--tau", "7"], "--tau: out of range (got 7; expected"),
+        ("model,x,y\na,1,2\nb,2,3\n", ["--metric", "cosin"], "--metric: not one of the choices;"
+         " did you mean 'cosine'?"),
+        ("model,x,y\na,1,2\nb,2,3\n", ["-S", "oops"], "field '-S': expects KEY=VALUE"),
+        # kin at the default tau (max cosine 0.894), none at 0.95
+        ("model,x,y\na,1,2\nb,2,3\nc,3,1\n", ["--tau", "0.95"], "--tau: no pair of models"
+         " is kin (kinship >= tau) (got 0.95; expected a lower tau"),
     ],
-)
+)  # fmt: skip
 def test_cli_bad_input_one_line_exit_1(
-    tmp_path: Path, table: str, extra: list[str], pattern: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    table: str,
+    extra: list[str],
+    pattern: str,
 ) -> None:
     p = tmp_path / "t.csv"
     p.write_text(table)
-    proc = _karma("kinship", str(p), "--out", str(tmp_path / "o"), *extra, cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("karma: error:"), proc.stderr
+    code, stdout, err = _cli(["kinship", "--scores", str(p), "--out", str(tmp_path / "o"), *extra],
+                             capsys)  # fmt: skip
+    assert code == 1
+    assert stdout == ""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("karma: error:"), err
     assert pattern in lines[0]
-    assert not (tmp_path / "o").exists()
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["t.csv"]  # no output, no temporaries

@@ -1,4 +1,4 @@
-"""karma.plots: the kinship figures are real pictures, deterministic, and show what they claim."""
+"""karma.plots: the figures are real pictures, deterministic, and show what they claim."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
-from karma.kinship import DEFAULT_GROUPS, compute_kinship
-from karma.plots import cluster_order, dendrogram, kinship_figures, rms_distance
+from karma.config import DEFAULT_GROUPS, Params, SimilarityConfig
+from karma.kinship import STAGE, KinshipPaths, compute_kinship
+from karma.pipeline import execute
+from karma.plots import cluster_order, dendrogram, kinship_figures, margins_scatter, rms_distance
 from karma.scores import read_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +85,13 @@ def test_dendrogram_colours_clusters_below_threshold(tmp_path: Path) -> None:
 
 
 def test_figures_are_byte_identical_across_runs(tmp_path: Path, figures: dict[str, Path]) -> None:
-    res = compute_kinship(read_scores(ORIGIN))
-    again = kinship_figures(res, tmp_path, groups=DEFAULT_GROUPS)
+    # the kinship stage draws them again, with the settings' groups and threshold (defaults)
+    assert SimilarityConfig().groups == DEFAULT_GROUPS
+    assert SimilarityConfig().cluster_threshold == 0.4
+    paths = KinshipPaths(scores=ORIGIN, out=tmp_path / "k", plots=tmp_path / "plots")
+    execute(STAGE, Params(), paths)
+    again = sorted((tmp_path / "plots").iterdir())
+    assert {p.stem for p in again} == set(figures)
     for p in again:
         assert p.read_bytes() == figures[p.stem].read_bytes(), p.name
         assert b"Software" not in p.read_bytes()[:4096]
@@ -122,3 +130,39 @@ def test_large_pool_skips_unreadable_figures(tmp_path: Path) -> None:
     paths = kinship_figures(res, tmp_path, groups=DEFAULT_GROUPS)
     assert [p.name for p in paths] == ["pca.png"]
     assert _n_colours(_pixels(paths[0])) > 50
+
+
+def _scored(kept: list[bool], implicit: list[float | None]) -> pl.DataFrame:
+    n = len(kept)
+    return pl.DataFrame(
+        {
+            "margin_explicit": np.linspace(-1.0, 1.0, n),
+            "margin_implicit": pl.Series(implicit, dtype=pl.Float64),
+            "kept": kept,
+        }
+    )
+
+
+def _count(img: np.ndarray, rgb: tuple[int, int, int]) -> int:
+    """Pixels of exactly this colour (marker interiors; antialiased text rarely hits it)."""
+    return int((img.astype(int) == np.array(rgb)).all(axis=-1).sum())
+
+
+def test_margins_scatter_marks_kept_and_dropped_pairs(tmp_path: Path) -> None:
+    red, grey = (0xD6, 0x27, 0x28), (0xB0, 0xB0, 0xB0)
+    rng = np.random.default_rng(0)
+    implicit = rng.normal(size=30).tolist()
+    mixed = _pixels(
+        margins_scatter(_scored([True] * 10 + [False] * 20, implicit), tmp_path / "m.png")
+    )
+    all_kept = _pixels(margins_scatter(_scored([True] * 30, implicit), tmp_path / "k.png"))
+    none = _pixels(margins_scatter(_scored([True] * 30, [None] * 30), tmp_path / "n.png"))
+    assert mixed.shape[:2] == (450, 600)  # 6 x 4.5 inches at 100 dpi
+    assert _count(mixed, red) > 200 and _count(mixed, grey) > 200
+    assert _count(all_kept, red) > 2 * _count(mixed, red)  # three times the kept pairs
+    assert _count(all_kept, grey) < _count(mixed, grey) / 4  # only the legend's marker is grey
+    # no implicit margins (method none): a message, no points
+    assert _count(none, red) == 0 and _count(none, grey) < _count(mixed, grey) / 10
+    assert margins_scatter(_scored([True] * 30, implicit), tmp_path / "k2.png").read_bytes() == (
+        (tmp_path / "k.png").read_bytes()
+    )

@@ -1,36 +1,41 @@
-"""MAP selection: z-scores and top-k by hand, ratio edge cases, implicit margins vs a direct
-per-example computation on the tiny model, the margin cache, determinism, CLI and stage."""
+"""MAP selection: z-scores and top-k by hand, ratio edge cases, the settings through params and
+the CLI, implicit margins vs a direct per-example computation on the tiny model, the margin
+cache (a hit loads no model; the key does not re-read the model), determinism, CLI and stage."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
 
-from karma import potential
-from karma.config import from_dict
+from karma import margins, potential
+from karma.config import Params, SelectConfig, build_params
 from karma.errors import KarmaError
+from karma.io import cache_root
+from karma.margins import encode_sequence, implicit_margins
+from karma.pipeline import execute
 from karma.potential import (
     SCORE_COLUMNS,
-    SelectConfig,
-    encode_sequence,
-    implicit_margins,
+    SelectPaths,
     method_scores,
     n_keep,
+    read_pairs,
     run_select,
     select,
     selection_metrics,
-    synthetic_pairs,
     top_k,
     zscore,
 )
+from tests.fixtures import build_tiny_model, synthetic_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +48,18 @@ EXPLICIT = np.array([3.0, 1.0, 2.0, 2.0])
 IMPLICIT = np.array([0.5, -0.1, -2.0, 0.1])
 Z_E = [1.414214, -1.414214, 0.0, 0.0]
 Z_I = [-0.223721, -0.735083, 1.693887, -0.735083]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every cache (margins, digest memo) of these tests lives in the test's tmp dir."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KARMA_CACHE_DIR", str(root))
+    return root
+
+
+def _no_model(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a model was loaded")
 
 
 def test_zscore_by_hand() -> None:
@@ -119,6 +136,13 @@ def test_random_method_is_seeded() -> None:
     assert a.tolist() != c.tolist()
 
 
+def test_method_scores_refuses_none_and_missing_margins() -> None:
+    with pytest.raises(KarmaError, match="no ranking score"):
+        method_scores("none", EXPLICIT, IMPLICIT)
+    with pytest.raises(KarmaError, match="'map' needs margins that were not computed"):
+        method_scores("map", EXPLICIT, None)
+
+
 @pytest.mark.parametrize(
     ("n", "ratio", "k"),
     [(10, 0.4, 4), (10, 1.0, 10), (3, 0.5, 1), (100, 0.29, 29), (7, 0.4, 2), (1, 1.0, 1)],
@@ -130,41 +154,78 @@ def test_n_keep_floor(n: int, ratio: float, k: int) -> None:
 def test_ratio_keeping_zero_pairs_is_a_clear_error() -> None:
     with pytest.raises(
         KarmaError,
-        match=r"field 'ratio': keeps zero of 10 pairs \(got 0.05; expected ratio >= 1/10",
+        match=r"field 'select.ratio': keeps zero of 10 pairs \(got 0.05; expected ratio >= 1/10",
     ):
         n_keep(10, 0.05)
     with pytest.raises(KarmaError, match="keeps zero"):
         top_k([1.0, 2.0], ratio=0.4)
+    with pytest.raises(KarmaError, match="expected a non-empty preference dataset"):
+        n_keep(0, 0.5)
+    with pytest.raises(KarmaError, match="field 'ratio': out of range"):
+        n_keep(10, 0.0)  # the library function checks its argument too
+
+
+# --------------------------------------------------------------------------- settings
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan")])
-def test_ratio_out_of_range(ratio: float) -> None:
-    with pytest.raises(KarmaError, match=r"params.yaml:select: field 'ratio'"):
-        SelectConfig(ratio=ratio)
+def test_ratio_out_of_range_names_the_flag(ratio: float) -> None:
+    with pytest.raises(KarmaError, match=r"^--ratio: out of range \(got .*expected 0 < ratio <= 1"):
+        build_params(None, [("select.ratio", ratio, "--ratio")])
 
 
-def test_config_validation_names_field() -> None:
-    with pytest.raises(KarmaError, match="'method'"):
-        from_dict(SelectConfig, {"method": "mapp"}, where="params.yaml:select")
-    with pytest.raises(KarmaError, match="did you mean 'ratio'"):
-        from_dict(SelectConfig, {"ratoi": 0.3}, where="params.yaml:select")
-    with pytest.raises(KarmaError, match="'beta'"):
-        SelectConfig(beta=-1.0)
-    with pytest.raises(KarmaError, match="'batch_size'"):
-        SelectConfig(batch_size=0)
-    cfg = from_dict(SelectConfig, {"method": "map", "ratio": 1}, where="params.yaml:select")
-    assert cfg.ratio == 1.0
+@pytest.mark.parametrize(
+    ("key", "value", "label", "message"),
+    [
+        ("select.method", "mapp", "--method", "--method: not one of the choices; did you mean"
+         " 'map'? (got 'mapp'; expected none | map | explicit | implicit | random)"),
+        ("select.ratoi", 0.3, "-S select.ratoi", "-S select.ratoi: unknown key; did you mean"
+         " 'ratio'?"),
+        ("select.beta", -1.0, "--beta", "--beta: out of range (got -1.0; expected 0 <= beta)"),
+        ("select.beta", math.inf, "--beta", "--beta: a finite number (got inf)"),
+        ("select.dpo_beta", 0, "--dpo-beta", "--dpo-beta: out of range (got 0; expected 0 <"),
+        ("select.batch_size", 0, "--batch-size", "--batch-size: out of range (got 0; expected"
+         " 1 <= batch_size)"),
+        ("select.max_tokens", 8, "--max-tokens", "--max-tokens: out of range"),
+        ("select.max_length", 4, "--max-length", "--max-length: out of range"),
+        ("select.explicit", "gap", "--explicit", "--explicit: not one of the choices"),
+    ],
+)  # fmt: skip
+def test_select_settings_errors_name_the_flag(
+    key: str, value: object, label: str, message: str
+) -> None:
+    with pytest.raises(KarmaError) as info:
+        build_params(None, [(key, value, label)])
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
 
 
-def _implicit_frame(margins: np.ndarray) -> pl.DataFrame:
-    n = len(margins)
+def test_select_settings_from_a_params_file_name_file_and_key(tmp_path: Path) -> None:
+    good = build_params(None, [("select.ratio", 1, "--ratio"), ("select.method", "map", "--m")])
+    assert good.select.ratio == 1.0 and isinstance(good.select.ratio, float)
+    assert good.select.method == "map"
+    f = tmp_path / "params.yaml"
+    f.write_text("select:\n  method: map\n  ratio: 0\n")
+    with pytest.raises(KarmaError, match=r"params.yaml: field 'select.ratio': out of range"):
+        build_params(f)
+    # a flag overrides the file, and then the error (if any) names the flag
+    assert build_params(f, [("select.ratio", 0.5, "--ratio")]).select.ratio == 0.5
+    with pytest.raises(KarmaError, match=r"^--ratio: out of range"):
+        build_params(f, [("select.ratio", 2, "--ratio")])
+
+
+# --------------------------------------------------------------------------- selection frame
+
+
+def _implicit_frame(values: np.ndarray) -> pl.DataFrame:
+    n = len(values)
     return pl.DataFrame(
         {
             "logp_chosen": np.zeros(n),
-            "logp_rejected": -margins,
+            "logp_rejected": -values,
             "n_tokens_chosen": np.ones(n, dtype=np.int64),
             "n_tokens_rejected": np.ones(n, dtype=np.int64),
-            "margin_implicit": margins,
+            "margin_implicit": values,
         }
     )
 
@@ -189,6 +250,9 @@ def test_select_frame_and_metrics_by_hand() -> None:
     assert m["explicit_margin_mean_dropped"] == 1.5  # rows 1, 2: (1 + 2) / 2
     assert m["implicit_margin_mean_kept"] == pytest.approx(0.3)  # (0.5 + 0.1) / 2
     assert m["implicit_abs_mean_dropped"] == pytest.approx(1.05)  # (0.1 + 2.0) / 2
+    # map = [1.637935, -0.679131, -1.693887, 0.735083] (worked out above)
+    assert m["map_score_mean_kept"] == pytest.approx((1.637935 + 0.735083) / 2, abs=1e-6)
+    assert m["map_score_mean_dropped"] == pytest.approx((-0.679131 - 1.693887) / 2, abs=1e-6)
     r = np.corrcoef(EXPLICIT, IMPLICIT)[0, 1]
     assert m["pearson_explicit_implicit"] == pytest.approx(r, abs=1e-6)
     # Spearman: ranks of explicit [4, 1, 2.5, 2.5] vs implicit [4, 2, 1, 3]
@@ -196,16 +260,26 @@ def test_select_frame_and_metrics_by_hand() -> None:
     assert m["spearman_explicit_implicit"] == pytest.approx(rs, abs=1e-6)
 
 
-def test_rating_gap_without_ratings_errors(tmp_path: Path) -> None:
+def test_select_refuses_existing_score_columns_and_short_implicit() -> None:
+    cfg = SelectConfig(method="map", ratio=0.5)
+    with pytest.raises(KarmaError, match="field 'rank': already has score columns"):
+        select(_hand_pairs().with_columns(rank=pl.lit(1)), cfg, implicit=_implicit_frame(IMPLICIT))
+    with pytest.raises(KarmaError, match="needs implicit margins for all 4 pairs"):
+        select(_hand_pairs(), cfg, implicit=_implicit_frame(IMPLICIT[:3]))
+
+
+def test_rating_gap_without_ratings_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pairs = synthetic_pairs(6, ratings=False)
     cfg = SelectConfig(method="map", explicit="rating_gap")
     with pytest.raises(KarmaError, match=r"'chosen_rating'.*6 of 6 pairs have no value"):
         select(pairs, cfg, implicit=_implicit_frame(np.zeros(6)))
-    # in the full run it fails before any model is loaded (the model path does not exist)
+    # in the full run it fails before any model is loaded
+    monkeypatch.setattr(margins, "load_scorer", _no_model)
     path = tmp_path / "pairs.parquet"
     pairs.drop("chosen_rating", "rejected_rating").write_parquet(path)
+    paths = SelectPaths(pairs=path, model=tmp_path / "no-model", out=tmp_path / "out")
     with pytest.raises(KarmaError, match=r"pairs.parquet: field 'chosen_rating': column missing"):
-        run_select(path, tmp_path / "no-model", tmp_path / "out", cfg, cache_dir=None)
+        run_select(Params(select=cfg), paths)
 
 
 def test_rating_gap_with_ratings() -> None:
@@ -216,19 +290,36 @@ def test_rating_gap_with_ratings() -> None:
     assert scored["margin_explicit"].to_list() == gap
 
 
-def test_method_none_keeps_all_without_model(tmp_path: Path) -> None:
+def test_read_pairs_errors(tmp_path: Path) -> None:
+    with pytest.raises(KarmaError, match="preference pairs not found"):
+        read_pairs(tmp_path / "absent.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(KarmaError, match=r"junk\.parquet: not a readable parquet file"):
+        read_pairs(tmp_path / "junk.parquet")
+    synthetic_pairs(3).drop("chosen").write_parquet(tmp_path / "p.parquet")
+    with pytest.raises(KarmaError, match=r"p.parquet: field 'chosen': column missing"):
+        read_pairs(tmp_path / "p.parquet")
+    synthetic_pairs(3).head(0).write_parquet(tmp_path / "empty.parquet")
+    paths = SelectPaths(pairs=tmp_path / "empty.parquet", model=tmp_path, out=tmp_path / "o")
+    with pytest.raises(KarmaError, match=r"empty\.parquet: no preference pairs"):
+        run_select(Params(), paths)
+
+
+def test_method_none_keeps_all_without_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(margins, "load_scorer", _no_model)
     pairs = synthetic_pairs(9)
     src = tmp_path / "pairs.parquet"
     pairs.write_parquet(src)
-    metrics = run_select(
-        src,
-        tmp_path / "no-such-model",
-        tmp_path / "out",
-        SelectConfig(method="none"),
-        metrics_path=tmp_path / "m.json",
-        plot_path=tmp_path / "p.png",
-        cache_dir=None,
+    paths = SelectPaths(
+        pairs=src,
+        model=tmp_path / "no-such-model",
+        out=tmp_path / "out",
+        metrics=tmp_path / "m.json",
+        plot=tmp_path / "p.png",
     )
+    metrics = run_select(Params(select=SelectConfig(method="none")), paths)
     kept = pl.read_parquet(tmp_path / "out" / "pairs.parquet")
     assert kept.height == 9
     assert kept.columns == pairs.columns + list(SCORE_COLUMNS)
@@ -236,8 +327,11 @@ def test_method_none_keeps_all_without_model(tmp_path: Path) -> None:
     assert kept["kept"].all()
     assert kept["rank"].to_list() == list(range(1, 10))
     assert kept["margin_implicit"].null_count() == 9
-    assert kept["margin_explicit"].null_count() == 0  # the explicit margin is free
+    gap = (pairs["s_pref_chosen"] - pairs["s_pref_rejected"]).to_numpy()
+    np.testing.assert_allclose(kept["margin_explicit"].to_numpy(), gap, atol=1e-12)  # free
     assert metrics["pairs_kept"] == 9
+    assert metrics["explicit_margin_mean_kept"] == pytest.approx(gap.mean(), abs=1e-6)
+    assert metrics["explicit_margin_mean_dropped"] is None  # nothing dropped
     assert metrics["pearson_explicit_implicit"] is None
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
@@ -253,7 +347,7 @@ def _direct_mean_logps(model_dir: Path, pairs: pl.DataFrame) -> tuple[np.ndarray
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = {"chosen": [], "rejected": []}
+    out: dict[str, list[float]] = {"chosen": [], "rejected": []}
     for row in pairs.iter_rows(named=True):
         for field in ("chosen", "rejected"):
             prompt = tok.apply_chat_template(
@@ -275,8 +369,9 @@ def _direct_mean_logps(model_dir: Path, pairs: pl.DataFrame) -> tuple[np.ndarray
 
 def test_implicit_margins_match_direct_computation(tiny_model_dir: Path) -> None:
     pairs = synthetic_pairs(11, seed=5)
-    cfg = SelectConfig(method="map", batch_size=3, max_tokens=400)  # several padded batches
-    got = implicit_margins(pairs, tiny_model_dir, config=cfg, cache_dir=None, progress=False)
+    # several padded batches; cache off so the values are computed here
+    cfg = SelectConfig(method="map", batch_size=3, max_tokens=400, cache=False)
+    got = implicit_margins(pairs, tiny_model_dir, config=cfg, progress=False)
     chosen, rejected = _direct_mean_logps(tiny_model_dir, pairs)
     np.testing.assert_allclose(got["logp_chosen"].to_numpy(), chosen, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got["logp_rejected"].to_numpy(), rejected, atol=1e-5, rtol=0)
@@ -284,20 +379,21 @@ def test_implicit_margins_match_direct_computation(tiny_model_dir: Path) -> None
         got["margin_implicit"].to_numpy(), chosen - rejected, atol=1e-5, rtol=0
     )
     assert np.ptp(got["margin_implicit"].to_numpy()) > 1e-4  # not trivially constant
+    assert not cache_root("margins").exists()  # cache: false writes nothing
 
 
 def test_hidden_and_full_logit_paths_agree(tiny_model_dir: Path) -> None:
     import torch
 
-    model, tok = potential.load_model(tiny_model_dir, device="cpu")
+    model, tok = margins.load_scorer(tiny_model_dir, device="cpu")
     pairs = synthetic_pairs(5, seed=2)
     seqs = [
         encode_sequence(tok, row["prompt"], row["chosen"]) for row in pairs.iter_rows(named=True)
     ]
     with torch.inference_mode():
-        kw = {"pad_id": tok.pad_token_id, "device": torch.device("cpu")}
-        s_h, c_h = potential._batch_logps(model, seqs, head="hidden", chunk=7, **kw)
-        s_f, c_f = potential._batch_logps(model, seqs, head="full", **kw)
+        kw: dict[str, Any] = {"pad_id": tok.pad_token_id, "device": torch.device("cpu")}
+        s_h, c_h = margins._batch_logps(model, seqs, head="hidden", chunk=7, **kw)
+        s_f, c_f = margins._batch_logps(model, seqs, head="full", **kw)
     assert c_h.tolist() == c_f.tolist() == [len(ids) - start for ids, start in seqs]
     np.testing.assert_allclose(s_h, s_f, rtol=1e-6, atol=1e-5)
 
@@ -307,22 +403,22 @@ def test_fast_path_falls_back_when_logits_are_post_processed(
 ) -> None:
     import torch
 
-    model, tok = potential.load_model(tiny_model_dir, device="cpu")
+    model, tok = margins.load_scorer(tiny_model_dir, device="cpu")
     seqs = [
         encode_sequence(tok, row["prompt"], row["rejected"])
         for row in synthetic_pairs(6, seed=8).iter_rows(named=True)
     ]
-    kw = {"pad_id": tok.pad_token_id, "batch_size": 4, "progress": False}
-    good, _ = potential.sequence_logps(model, seqs, **kw)
+    kw: dict[str, Any] = {"pad_id": tok.pad_token_id, "batch_size": 4, "progress": False}
+    good, _ = margins.sequence_logps(model, seqs, **kw)
     head = model.get_output_embeddings()
     # a model whose own forward post-processes logits differently from decoder + LM head
     model.get_output_embeddings = lambda: lambda h: 2.0 * head(h)  # type: ignore[method-assign]
-    with caplog.at_level("WARNING", logger="karma.potential"):
-        got, _ = potential.sequence_logps(model, seqs, **kw)
+    with caplog.at_level("WARNING", logger="karma.margins"):
+        got, _ = margins.sequence_logps(model, seqs, **kw)
     assert "using logits" in caplog.text
     np.testing.assert_allclose(got, good, rtol=1e-6, atol=1e-5)
     with torch.inference_mode():
-        wrong, _ = potential._batch_logps(
+        wrong, _ = margins._batch_logps(
             model, seqs, pad_id=tok.pad_token_id, device=torch.device("cpu"), head="hidden"
         )
     assert np.abs(wrong - good).max() > 1e-2  # the check had something to catch
@@ -346,7 +442,7 @@ def test_encode_sequence_scores_only_the_response(tiny_model_dir: Path) -> None:
 
 def test_batches_respect_caps() -> None:
     lengths = [5, 50, 7, 50, 3, 20, 20]
-    batches = potential._batches(lengths, batch_size=3, max_tokens=100)
+    batches = margins._batches(lengths, batch_size=3, max_tokens=100)
     assert sorted(i for b in batches for i in b) == list(range(7))
     for b in batches:
         assert len(b) <= 3
@@ -354,39 +450,103 @@ def test_batches_respect_caps() -> None:
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
 
 
-def test_cache_hit_returns_identical_values_without_recomputation(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_cache_hit_loads_no_model_and_returns_identical_values(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    loads: list[str] = []
+    real = margins.load_scorer
+
+    def load_once(path: Any, **kwargs: Any) -> Any:
+        loads.append(str(path))
+        if len(loads) > 1:
+            raise AssertionError("model loaded again")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(margins, "load_scorer", load_once)
     pairs = synthetic_pairs(6, seed=9)
     cfg = SelectConfig(method="map", batch_size=4)
-    cache = tmp_path / "cache"
-    first = implicit_margins(pairs, tiny_model_dir, config=cfg, cache_dir=cache, progress=False)
-    assert len(list(cache.glob("*.parquet"))) == 1
-
-    def boom(*args: object, **kwargs: object) -> None:
-        raise AssertionError("recomputed despite a cache hit")
-
-    monkeypatch.setattr(potential, "_score_model", boom)
-    again = implicit_margins(pairs, tiny_model_dir, config=cfg, cache_dir=cache, progress=False)
+    first = implicit_margins(pairs, tiny_model_dir, config=cfg, progress=False)
+    assert loads == [str(tiny_model_dir)]
+    entries = list(cache_root("margins").glob("*.parquet"))  # the default: $KARMA_CACHE_DIR
+    assert len(entries) == 1
+    again = implicit_margins(pairs, tiny_model_dir, config=cfg, progress=False)
     assert again.equals(first)
-    # other data, other settings or cache disabled -> a miss, which would recompute
-    changed = pairs.with_columns(pl.col("chosen").reverse())
-    with pytest.raises(AssertionError, match="recomputed"):
-        implicit_margins(changed, tiny_model_dir, config=cfg, cache_dir=cache, progress=False)
-    other = SelectConfig(method="map", batch_size=5)
-    with pytest.raises(AssertionError, match="recomputed"):
-        implicit_margins(pairs, tiny_model_dir, config=other, cache_dir=cache, progress=False)
-    off = SelectConfig(method="map", batch_size=4, cache=False)
-    with pytest.raises(AssertionError, match="recomputed"):
-        implicit_margins(pairs, tiny_model_dir, config=off, cache_dir=cache, progress=False)
+    assert np.ptp(first["margin_implicit"].to_numpy()) > 1e-4  # real margins were cached
+    # ranking settings are not part of the key: ratio / beta / method reuse the scores
+    ranking = SelectConfig(method="explicit", ratio=0.9, beta=3.0, batch_size=4)
+    assert implicit_margins(pairs, tiny_model_dir, config=ranking, progress=False).equals(first)
+    assert len(loads) == 1
+    # other data, other scoring settings, a reference model or cache off -> a miss (a load)
+    misses: list[tuple[pl.DataFrame, SelectConfig, dict[str, Any]]] = [
+        (pairs.with_columns(pl.col("chosen").reverse()), cfg, {}),
+        (pairs, SelectConfig(method="map", batch_size=5), {}),
+        (pairs, SelectConfig(method="map", batch_size=4, max_length=512), {}),
+        (pairs, cfg, {"reference_dir": tiny_model_dir}),
+        (pairs, SelectConfig(method="map", batch_size=4, cache=False), {}),
+    ]
+    for data, config, extra in misses:
+        with pytest.raises(AssertionError, match="model loaded again"):
+            implicit_margins(data, tiny_model_dir, config=config, progress=False, **extra)
+    assert len(list(cache_root("margins").glob("*.parquet"))) == 1
+
+
+def test_corrupt_cache_entry_is_recomputed(tiny_model_dir: Path) -> None:
+    pairs = synthetic_pairs(4, seed=3)
+    cfg = SelectConfig(method="map")
+    first = implicit_margins(pairs, tiny_model_dir, config=cfg, progress=False)
+    (entry,) = cache_root("margins").glob("*.parquet")
+    entry.write_bytes(b"garbage")
+    again = implicit_margins(pairs, tiny_model_dir, config=cfg, progress=False)
+    assert again.equals(first)
+    assert pl.read_parquet(entry).height == 4  # rewritten
+
+
+def test_cache_key_reads_the_model_once_per_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cache_key`` digests the model with the stat-keyed memo: no re-read while unchanged."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"\x01" * 4096)
+    pairs = synthetic_pairs(3)
+    opened: list[str] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if model in self.parents:
+            opened.append(self.name)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", spy)
+    key = margins.cache_key(pairs, model)
+    assert sorted(opened) == ["config.json", "model.safetensors"]  # first call: hashed
+    assert len([p for p in cache_root("digests").rglob("*") if p.is_file()]) == 1  # memo entry
+    opened.clear()
+    assert margins.cache_key(pairs, model) == key
+    assert opened == []  # second call: the memo answers, no model file is read
+    # a new mtime (same content) -> digested again, same key
+    st = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert margins.cache_key(pairs, model) == key
+    assert sorted(opened) == ["config.json", "model.safetensors"]
+    # new content -> a new key
+    opened.clear()
+    (model / "model.safetensors").write_bytes(b"\x02" * 4096)
+    os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert margins.cache_key(pairs, model) != key
+    assert "model.safetensors" in opened
+    # the data and the scoring settings are part of the key, ranking settings are not
+    new = margins.cache_key(pairs, model)
+    assert margins.cache_key(pairs.reverse(), model) != new
+    assert margins.cache_key(pairs, model, config=SelectConfig(max_tokens=4096)) != new
+    assert margins.cache_key(pairs, model, config=SelectConfig(ratio=0.9, beta=2.0)) == new
 
 
 def test_dpo_form_with_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from karma.tiny import build_tiny_model
-
     ref_dir = build_tiny_model(tmp_path / "ref", seed=1)
     pairs = synthetic_pairs(5, seed=4)
-    kw = {"config": SelectConfig(method="map"), "cache_dir": None, "progress": False}
+    kw: dict[str, Any] = {"config": SelectConfig(method="map", cache=False), "progress": False}
     same = implicit_margins(pairs, tiny_model_dir, reference_dir=tiny_model_dir, **kw)
     np.testing.assert_allclose(same["margin_implicit"].to_numpy(), 0.0, atol=1e-9)
     dpo = implicit_margins(pairs, tiny_model_dir, reference_dir=ref_dir, dpo_beta=0.5, **kw)
@@ -401,6 +561,11 @@ def test_dpo_form_with_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
     )
     np.testing.assert_allclose(dpo["margin_implicit"].to_numpy(), expected, atol=1e-4)
     assert np.abs(expected).max() > 1e-3
+    # the logp columns stay those of the scored model (the policy), token-averaged
+    assert dpo["logp_chosen"].equals(pi["logp_chosen"])
+
+
+# --------------------------------------------------------------------------- stage
 
 
 def _read_outputs(root: Path) -> dict[str, bytes]:
@@ -411,80 +576,190 @@ def _read_outputs(root: Path) -> dict[str, bytes]:
     }
 
 
+def _reference_selection(scores: pl.DataFrame, method: str, *, seed: int) -> np.ndarray:
+    """Ranking score of every pair, recomputed with plain numpy from the raw columns."""
+    gap = np.round((scores["s_pref_chosen"] - scores["s_pref_rejected"]).to_numpy(), 12)
+    implicit = (scores["logp_chosen"] - scores["logp_rejected"]).to_numpy()
+
+    def z(x: np.ndarray) -> np.ndarray:
+        return (x - x.mean()) / x.std()
+
+    if method == "map":
+        return z(gap) - 1.0 * z(np.abs(implicit))
+    if method == "explicit":
+        return z(gap)
+    if method == "implicit":
+        return -z(np.abs(implicit))
+    return np.random.default_rng(seed).random(len(gap))
+
+
 @pytest.mark.parametrize("method", ["map", "explicit", "implicit", "random"])
-def test_run_select_outputs_are_deterministic(
+def test_select_stage_matches_numpy_reference_and_is_deterministic(
     tiny_model_dir: Path, tmp_path: Path, method: str
 ) -> None:
+    from scipy.stats import rankdata
+
     pairs = synthetic_pairs(20, seed=7)
     src = tmp_path / "pairs.parquet"
     pairs.write_parquet(src)
-    cfg = SelectConfig(method=method, ratio=0.4)  # type: ignore[arg-type]
     outputs = []
-    for run, cache in (
-        ("a", None),
-        ("b", None),
-        ("c", tmp_path / "cache"),
-        ("d", tmp_path / "cache"),
-    ):
+    # a cache miss and a cache hit (and for map also two runs without the cache, which score
+    # the pairs twice): all byte-identical
+    runs = [("a", True), ("b", True)]
+    if method == "map":
+        runs += [("c", False), ("d", False)]
+    for run, cache in runs:
         root = tmp_path / run
-        run_select(
-            src,
-            tiny_model_dir,
-            root / "data",
-            cfg,
-            seed=1,
-            metrics_path=root / "m.json",
-            plot_path=root / "p.png",
-            cache_dir=cache,
-            progress=False,
+        cfg = SelectConfig(method=method, ratio=0.4, cache=cache)  # type: ignore[arg-type]
+        paths = SelectPaths(
+            pairs=src,
+            model=tiny_model_dir,
+            out=root / "data",
+            metrics=root / "m.json",
+            plot=root / "p.png",
         )
+        execute(potential.STAGE, Params(seed=1, select=cfg), paths)
         outputs.append(_read_outputs(root))
-    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
+    assert all(out == outputs[0] for out in outputs[1:])
+    assert len(list(cache_root("margins").glob("*.parquet"))) == 1  # run b reused run a's
     assert set(outputs[0]) == {"data/pairs.parquet", "data/scores.parquet", "m.json", "p.png"}
     kept = pl.read_parquet(tmp_path / "a" / "data" / "pairs.parquet")
     scores = pl.read_parquet(tmp_path / "a" / "data" / "scores.parquet")
     assert kept.height == 8 and scores.height == 20
     assert kept.equals(scores.filter("kept"))
-    assert sorted(kept["rank"].to_list()) == list(range(1, 9))
     assert scores.drop(list(SCORE_COLUMNS)).equals(pairs)
+
+    # the selection, recomputed independently: numpy z-scores, stable sort (ties: row order)
+    ref = _reference_selection(scores, method, seed=1)
+    order = np.argsort(-ref, kind="stable")
+    want_rank = np.empty(20, dtype=np.int64)
+    want_rank[order] = np.arange(1, 21)
+    np.testing.assert_allclose(scores["score"].to_numpy(), ref, rtol=1e-9, atol=1e-12)
+    assert scores["rank"].to_list() == want_rank.tolist()
+    keep = want_rank <= 8
+    assert scores["kept"].to_list() == keep.tolist()
+    if method != "random":  # a real ranking: keeping the top 8 is not keeping the first 8
+        assert keep.tolist() != [True] * 8 + [False] * 12
+
+    # the metrics, recomputed from the same raw columns
     m = json.loads((tmp_path / "a" / "m.json").read_text())
-    assert m["pairs_in"] == 20 and m["pairs_kept"] == 8
+    gap = (scores["s_pref_chosen"] - scores["s_pref_rejected"]).to_numpy()
+    implicit = (scores["logp_chosen"] - scores["logp_rejected"]).to_numpy()
+    z_map = _reference_selection(scores, "map", seed=1)
+    assert m["pairs_in"] == 20 and m["pairs_kept"] == 8 and m["kept_fraction"] == 0.4
+    for name, values in (("explicit_margin", gap), ("implicit_abs", np.abs(implicit)),
+                         ("implicit_margin", implicit), ("map_score", z_map)):  # fmt: skip
+        assert m[f"{name}_mean_kept"] == pytest.approx(values[keep].mean(), abs=2e-6), name
+        assert m[f"{name}_mean_dropped"] == pytest.approx(values[~keep].mean(), abs=2e-6), name
+    assert m["pearson_explicit_implicit"] == pytest.approx(
+        np.corrcoef(gap, implicit)[0, 1], abs=2e-6
+    )
+    assert m["spearman_explicit_implicit"] == pytest.approx(
+        np.corrcoef(rankdata(gap), rankdata(implicit))[0, 1], abs=2e-6
+    )
     assert all(v is None or math.isfinite(v) for v in m.values())
-    if method == "map":
-        assert m["map_score_mean_kept"] > m["map_score_mean_dropped"]
 
 
-def test_cli_select(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    import logging
+
     from karma.cli import main
 
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:  # the CLI points logging at the captured stderr; restore it
+        root.handlers[:], root.level = saved[0], saved[1]
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_select(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     src = tmp_path / "pairs.parquet"
     synthetic_pairs(10).write_parquet(src)
-    args = ["select", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]
-    main([*args, "--method", "implicit", "--ratio", "0.3", "--no-cache"])
-    assert json.loads(capsys.readouterr().out)["pairs_kept"] == 3
-    with pytest.raises(SystemExit) as exc:
-        main([*args, "--ratio", "0.05"])
-    assert exc.value.code == 1
-    assert "karma: error:" in capsys.readouterr().err
+    out = tmp_path / "o"
+    args = ["select", "--pairs", str(src), "--model", str(tiny_model_dir), "--out", str(out)]
+    code, stdout, err = _cli(
+        [*args, "--method", "implicit", "--ratio", "0.3", "--no-cache"], capsys
+    )
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    assert metrics["pairs_kept"] == 3 and metrics["pairs_in"] == 10
+    assert pl.read_parquet(out / "pairs.parquet")["rank"].sort().to_list() == [1, 2, 3]
+    assert not cache_root("margins").exists()  # --no-cache
+    # the default method keeps every pair, in input order
+    code, stdout, err = _cli(args, capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["pairs_kept"] == 10
+    # errors: one line, exit 1, no model loaded, the previous output left as it was
+    before = _read_outputs(out)
+    monkeypatch.setattr(margins, "load_scorer", _no_model)
+    cases = [
+        (["--method", "map", "--ratio", "0.05"], "--ratio: keeps zero of 10 pairs"),
+        (["--ratio", "0"], "--ratio: out of range (got 0; expected 0 < ratio <= 1)"),
+        (["--method", "mapp"], "--method: not one of the choices; did you mean 'map'?"),
+        (["-S", "select.bta=2"], "-S select.bta: unknown key; did you mean 'beta'?"),
+    ]
+    for extra, needle in cases:
+        code, stdout, err = _cli([*args, *extra], capsys)
+        lines = err.strip().splitlines()
+        assert code == 1, (extra, err)
+        assert stdout == ""
+        assert len(lines) == 1 and lines[0].startswith("karma: error: "), err
+        assert needle in lines[0], lines[0]
+        assert _read_outputs(out) == before
+    # --no-cache touched no cache at all (not even the model digest memo)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "pairs.parquet"]
 
 
-def test_stage_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """``python stages/select_pairs.py`` from a repo-like directory with the tiny model as base."""
+@pytest.mark.slow
+def test_stage_script_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``python stages/select_pairs.py`` as dvc.yaml runs it, settings from ./params.yaml."""
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
     (tmp_path / "data" / "preferences").mkdir(parents=True)
-    (tmp_path / "models").mkdir()
-    os.symlink(tiny_model_dir, tmp_path / "models" / "base")
     synthetic_pairs(15).write_parquet(tmp_path / "data" / "preferences" / "pairs.parquet")
     params = "seed: 3\nselect:\n  method: map\n  ratio: 0.4\n  beta: 1.0\n  explicit: s_pref_gap\n"
     (tmp_path / "params.yaml").write_text(params)
-    env = {**os.environ, "KARMA_MARGIN_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(REPO / "stages" / "select_pairs.py")]
+    env = {**os.environ, "KARMA_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable,
+        str(REPO / "stages" / "select_pairs.py"),
+        "--pairs", "data/preferences/pairs.parquet",
+        "--model", "models/base",
+        "--out", "data/selected",
+        "--metrics", "metrics/select.json",
+        "--plot", "plots/select/margins.png",
+    ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert pl.read_parquet(tmp_path / "data" / "selected" / "pairs.parquet").height == 6
     assert json.loads((tmp_path / "metrics" / "select.json").read_text())["pairs_kept"] == 6
-    assert (tmp_path / "plots" / "select" / "margins.png").stat().st_size > 1000
-    assert list((tmp_path / "cache").glob("*.parquet"))
+    plot = (tmp_path / "plots" / "select" / "margins.png").read_bytes()
+    assert plot[:4] == b"\x89PNG" and len(plot) > 1000
+    assert len(list((tmp_path / "cache" / "margins").glob("*.parquet"))) == 1
+    # a bad value in params.yaml: one line naming the file and the key
+    (tmp_path / "params.yaml").write_text(params.replace("0.4", "0"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "karma: error: params.yaml: field 'select.ratio': out of range "
+        "(got 0; expected 0 < ratio <= 1)"
+    ]
+    # a ratio that keeps no pair of this data set
     (tmp_path / "params.yaml").write_text(params.replace("0.4", "0.01"))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("karma: error: params.yaml:select")
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(
+        "karma: error: params.yaml: field 'select.ratio': keeps zero of 15 pairs"
+    )
+    assert "Traceback" not in proc.stderr

@@ -1,20 +1,34 @@
-"""Pairing rules on hand-made instructions, kernel vs the plain-Python reference, outputs."""
+"""Pairing rules on hand-made instructions, kernel vs the plain-Python reference, the stage's
+settings and paths (config model, CLI), outputs."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
+import typing
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import karma.ultrafeedback
+from karma import config
 from karma import preferences as P
+from karma.config import Params, PreferencesConfig, SimilarityConfig, build_params, load_params
 from karma.errors import KarmaError
-from karma.ultrafeedback import from_records, read_ultrafeedback
+from karma.kinship import compute_kinship, write_kinship
+from karma.pipeline import execute
+from karma.scores import read_scores
+from karma.ultrafeedback import UltraFeedback, from_records, read_ultrafeedback
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data/demo/ultrafeedback_demo.jsonl"
@@ -208,18 +222,6 @@ def test_hand_made_rlaif() -> None:
     assert picks == {"b", "c", "d"}
 
 
-def test_bad_args() -> None:
-    data = from_records([("line 1", HAND[0])], file="hand")
-    with pytest.raises(KarmaError, match="unknown pairing strategy; did you mean 'score_sim'"):
-        P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="score-sim")
-    with pytest.raises(KarmaError, match="seed"):
-        P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="score", seed=-1)
-    with pytest.raises(KarmaError, match="tau"):
-        P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="score", tau=math.nan)
-    with pytest.raises(KarmaError, match="rating"):
-        P.PreferencesConfig(rating="stars")
-
-
 # --------------------------------------------------------------------------- kernel vs reference
 @st.composite
 def _pools(draw: st.DrawFn) -> tuple:
@@ -304,18 +306,91 @@ def test_splitmix_kernel_matches_python() -> None:
 
 
 # --------------------------------------------------------------------------- outputs
+def test_strategy_and_reason_codes() -> None:
+    assert [P.strategy_code(s) for s in P.STRATEGIES] == list(range(5))
+    named = [P.strategy_code(s) for s in ("score", "sim", "score_sim", "rlaif", "random")]
+    assert named == [P.SCORE, P.SIM, P.SCORE_SIM, P.RLAIF, P.RANDOM]
+    codes = (P.KEPT, P.TOO_FEW, P.UNKNOWN, P.NO_ELIGIBLE, P.TIE, P.IDENTICAL)
+    assert [P.REASONS[c] for c in codes] == [
+        "kept",
+        "too_few_candidates",
+        "unknown_models",
+        "no_eligible_pair",
+        "tie",
+        "identical_text",
+    ]
+    with pytest.raises(KarmaError, match=r"field 'kinship': unknown pairing strategy; did you "):
+        P.strategy_code("score-sim")
+    data = from_records([("line 1", HAND[0])], file="hand")
+    with pytest.raises(KarmaError, match="unknown pairing strategy; did you mean 'score_sim'"):
+        P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="score-sim")
+
+
+# --------------------------------------------------------------------------- golden hashes
+#: GOLDEN values of ``prompt_id``, computed once from the implementation of this commit. They
+#: are the row ids of every pairs file ever written: a change here must be deliberate (a new
+#: hash invalidates every published dataset's ids), never a side effect.
+GOLDEN_PROMPT_IDS = {
+    "": "7049d01f2bdc1d941fbd5bfd64f34988",
+    "a": "59ffb2e4e153fb0ddf8467cd8211c913",
+    "abcdefgh": "9689d7661a7ace0e600717bda250ecd6",  # exactly one 8-byte word
+    "abcdefghi": "4d8958e7786e0b6519428384f2213561",  # one word plus a zero-padded byte
+    "What is the capital of France?": "0fe8fcc0f5895ba359d664861aed5691",
+    "Grüße, 世界 🌍": "06f3423d3990020c8bfcc3a8482157d1",  # multi-byte UTF-8
+    "line\nbreak\ttab": "85ac93c5d9fa797ca2f5f3dcbdf543cb",
+}
+
+
+def test_prompt_id_golden_values() -> None:
+    texts = list(GOLDEN_PROMPT_IDS)
+    golden = list(GOLDEN_PROMPT_IDS.values())
+    assert [P.prompt_id(t) for t in texts] == golden  # the plain-Python reference
+    assert P.prompt_ids(pl.Series(texts, dtype=pl.String)).to_list() == golden  # the kernel
+    assert P.prompt_ids(pl.Series(texts, dtype=pl.String)).name == "prompt_id"
+    assert len(set(golden)) == len(golden)
+
+
+@settings(max_examples=50, deadline=None)
+@given(texts=st.lists(st.text(max_size=40), min_size=0, max_size=20))
+def test_prompt_ids_match_reference(texts: list[str]) -> None:
+    s = pl.Series(texts, dtype=pl.String)
+    got = P.prompt_ids(s).to_list()
+    assert got == [P.prompt_id(t) for t in texts]
+    assert all(len(h) == 32 and int(h, 16) >= 0 for h in got)
+    if len(texts) > 2:  # a slice (non-zero arrow offset) hashes the same
+        assert P.prompt_ids(s.slice(1, 2)).to_list() == got[1:3]
+
+
+# --------------------------------------------------------------------------- demo data
+@dataclass(frozen=True)
+class Demo:
+    """The paper's score table through the kinship engine, written as the kinship stage does,
+    and the demo completions."""
+
+    kinship_dir: Path
+    models: pl.DataFrame
+    kinship: pl.DataFrame
+    data: UltraFeedback
+
+
 @pytest.fixture(scope="module")
-def demo_kinship() -> tuple[pl.DataFrame, pl.DataFrame]:
-    return P.kinship_from_scores(SCORES)
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    result = compute_kinship(read_scores(SCORES))
+    out = tmp_path_factory.mktemp("kinship") / "kinship"
+    write_kinship(result, out)
+    return Demo(out, result.models, result.kinship, read_ultrafeedback(DEMO))
 
 
-def test_demo_all_strategies(demo_kinship: tuple, tmp_path: Path) -> None:
-    models, kin = demo_kinship
+def _demo_pairs(demo: Demo, strategy: str, **kwargs: Any) -> P.PreferenceResult:
+    return P.make_pairs(demo.data, demo.models, demo.kinship, strategy=strategy, **kwargs)
+
+
+def test_demo_all_strategies(demo: Demo) -> None:
     from trl.data_utils import is_conversational
 
     results = {}
     for strategy in P.STRATEGIES:
-        res = P.run_preferences(DEMO, models, kin, strategy=strategy, seed=0)
+        res = _demo_pairs(demo, strategy, seed=0)
         results[strategy] = res
         assert res.counts["pairs"] >= 250, (strategy, res.counts)
         assert (
@@ -343,47 +418,58 @@ def test_demo_all_strategies(demo_kinship: tuple, tmp_path: Path) -> None:
     assert not results["sim"].pairs.equals(results["score"].pairs)
 
 
-def test_byte_identical_and_hf_loadable(demo_kinship: tuple, tmp_path: Path) -> None:
-    models, kin = demo_kinship
-    paths = []
-    for k in range(2):
-        res = P.run_preferences(DEMO, models, kin, strategy="score_sim", seed=0)
-        out = tmp_path / f"run{k}" / "pairs.parquet"
-        P.write_outputs(
-            res,
-            pairs_path=out,
-            dataset=str(DEMO),
-            params={"kinship": "score_sim"},
-            card_path=out.with_name("README.md"),
-            metrics_path=out.with_name("m.json"),
-            plot_path=out.with_name("p.png"),
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
+    """The library run and the staged run (:func:`karma.pipeline.execute`, as the CLI and DVC
+    run it) write the same bytes, and the same metrics as :func:`make_pairs`."""
+    params = Params(kinship="score_sim", preferences=PreferencesConfig(dataset=str(DEMO)))
+    runs = []
+    for k, runner in enumerate((P.run_preferences, partial(execute, P.STAGE))):
+        d = tmp_path / f"run{k}"
+        d.mkdir()
+        paths = P.PreferencesPaths(
+            kinship_dir=demo.kinship_dir,
+            out=d / "prefs",
+            metrics=d / "m.json",
+            plot=d / "p.png",
         )
-        paths.append(out)
-    for name in ("pairs.parquet", "README.md", "m.json", "p.png"):
-        a, b = (p.with_name(name).read_bytes() for p in paths)
+        runs.append(runner(params, paths))
+    assert runs[0] == runs[1] == _demo_pairs(demo, "score_sim", tau=0.1, seed=0).metrics
+    expected = ["m.json", "p.png", "prefs/README.md", "prefs/pairs.parquet"]
+    assert _files(tmp_path / "run0") == _files(tmp_path / "run1") == expected
+    for name in expected:
+        a, b = ((tmp_path / f"run{k}" / name).read_bytes() for k in range(2))
         assert a == b, name
-    card = paths[0].with_name("README.md").read_text()
+    run = tmp_path / "run1"
+    card = (run / "prefs" / "README.md").read_text()
     assert card.startswith("---\n") and "path: pairs.parquet" in card
-    metrics = json.loads(paths[0].with_name("m.json").read_text())
-    assert metrics["pairs"] == res.counts["pairs"] and metrics["strategy"] == "score_sim"
+    assert "- `kinship`: `score_sim`" in card and f"- `preferences.dataset`: `{DEMO}`" in card
+    metrics = json.loads((run / "m.json").read_text())
+    assert metrics == runs[1] and metrics["strategy"] == "score_sim"
+    assert (run / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import datasets
 
     ds = datasets.load_dataset(
-        "parquet", data_files=str(paths[0]), split="train", cache_dir=str(tmp_path / "hf")
+        "parquet",
+        data_files=str(run / "prefs" / "pairs.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
     )
-    assert len(ds) == res.counts["pairs"]
+    assert len(ds) == metrics["pairs"]
     ex = ds[0]
     assert ex["prompt"][0]["role"] == "user" and isinstance(ex["chosen"][0]["content"], str)
     assert set(P.OUTPUT_COLUMNS) == set(ds.column_names)
 
 
-def test_chat_template_applies(demo_kinship: tuple, tiny_model_dir: Path) -> None:
+def test_chat_template_applies(demo: Demo, tiny_model_dir: Path) -> None:
     """TRL's conversational preprocessing accepts a row unchanged."""
     from transformers import AutoTokenizer
     from trl.data_utils import maybe_apply_chat_template
 
-    models, kin = demo_kinship
-    res = P.run_preferences(DEMO, models, kin, strategy="sim")
+    res = _demo_pairs(demo, "sim")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ex = res.pairs.select("prompt", "chosen", "rejected").row(0, named=True)
     out = maybe_apply_chat_template(ex, tok)
@@ -391,93 +477,7 @@ def test_chat_template_applies(demo_kinship: tuple, tiny_model_dir: Path) -> Non
     assert ex["prompt"][0]["content"] in out["prompt"]
 
 
-# --------------------------------------------------------------------------- CLI
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from karma.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def test_cli_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "p.parquet"
-    code, stdout, _ = _cli(
-        [
-            "preferences",
-            "--scores",
-            str(SCORES),
-            "--dataset",
-            str(DEMO),
-            "--kinship",
-            "sim",
-            "--out",
-            str(out),
-        ],
-        capsys,
-    )
-    assert code == 0
-    assert "strategy sim" in stdout and "pairs from 480 instructions" in stdout
-    assert pl.read_parquet(out).height > 250
-
-
-@pytest.mark.parametrize(
-    "text, pattern",
-    [
-        ('{"instruction": "a", "completions": []}\n{bad json\n', "malformed JSON on line 2"),
-        ("", "empty file"),
-        (
-            '{"instruction": "a", "completions": [{"model": "gpt-4", "response": "r", '
-            '"overall_score": "good"}]}\n',
-            "rating is not a number",
-        ),
-    ],
-)
-def test_cli_bad_input(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, pattern: str
-) -> None:
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(text)
-    out = tmp_path / "out" / "p.parquet"
-    code, _, err = _cli(
-        [
-            "preferences",
-            "--scores",
-            str(SCORES),
-            "--dataset",
-            str(bad),
-            "--kinship",
-            "score",
-            "--out",
-            str(out),
-        ],
-        capsys,
-    )
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("karma: error:") and pattern in lines[0]
-    assert not out.exists()
-    assert not list(tmp_path.rglob("*.parquet*"))
-
-
-def test_stage_config_defaults() -> None:
-    from karma.config import from_dict, load_params, section
-
-    params = load_params(REPO / "params.yaml")
-    cfg = from_dict(
-        P.PreferencesConfig, section(params, "preferences"), where="params.yaml:preferences"
-    )
-    assert Path(REPO / cfg.dataset).is_file()
-    assert params["kinship"] in P.STRATEGIES
-    with pytest.raises(KarmaError, match="unknown key"):
-        from_dict(P.PreferencesConfig, {"datset": "x"}, where="params.yaml:preferences")
-
-
-def test_reads_real_layout_all_strategies(tmp_path: Path, demo_kinship: tuple) -> None:
+def test_reads_real_layout_all_strategies(tmp_path: Path, demo: Demo) -> None:
     """A local file in the real UltraFeedback layout gives valid pairs with every strategy."""
     aspect = {"Rating": "N/A", "Rationale": "..."}
 
@@ -511,35 +511,16 @@ def test_reads_real_layout_all_strategies(tmp_path: Path, demo_kinship: tuple) -
     ]
     path = tmp_path / "uf.parquet"
     pl.DataFrame(recs).write_parquet(path)
-    models, kin = demo_kinship
+    data = read_ultrafeedback(path)
+    assert data.completions.height == 24
     for strategy in P.STRATEGIES:
-        res = P.run_preferences(path, models, kin, strategy=strategy)
+        res = P.make_pairs(data, demo.models, demo.kinship, strategy=strategy)
         assert res.counts["pairs"] == 6, strategy
         assert "ultralm-65b" not in set(res.pairs["rejected_model"]) or strategy == "rlaif"
-    assert read_ultrafeedback(path).completions.height == 24
-
-
-@settings(max_examples=50, deadline=None)
-@given(texts=st.lists(st.text(max_size=40), min_size=0, max_size=20))
-def test_prompt_ids_match_reference(texts: list[str]) -> None:
-    s = pl.Series(texts, dtype=pl.String)
-    got = P.prompt_ids(s).to_list()
-    assert got == [P.prompt_id(t) for t in texts]
-    assert all(len(h) == 32 for h in got)
-    if len(texts) > 2:  # a slice (non-zero arrow offset) hashes the same
-        assert P.prompt_ids(s.slice(1, 2)).to_list() == got[1:3]
-
-
-def test_tau_outside_kinship_range_is_a_clear_error() -> None:
-    from karma.preferences import check_args
-
-    with pytest.raises(KarmaError, match=r"field 'similarity.tau': out of range.*got 2.5"):
-        check_args("sim", 2.5, 0)
+        assert res.pairs["source"].to_list() == ["flan_v2_niv2"] * 6
 
 
 def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None:
-    from karma.preferences import run_preferences
-
     data = tmp_path / "uf.jsonl"
     record = {
         "instruction": "Say hi.",
@@ -549,9 +530,242 @@ def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None
         ],
     }
     data.write_text(json.dumps(record) + "\n")
-    models = pl.DataFrame({"model": ["a", "b"], "s_pref": [0.9, 0.1]})
-    kin = pl.DataFrame({"model_a": ["a", "b"], "model_b": ["b", "a"], "kinship": [0.05, 0.05]})
-    with pytest.raises(KarmaError, match=r"no preference pair.*no_eligible_pair 1"):
-        run_preferences(data, models, kin, strategy="score", tau=0.1)
-    ok = run_preferences(data, models, kin, strategy="score", tau=0.0)
-    assert ok.pairs["chosen_model"].to_list() == ["a"]
+    kin_dir = tmp_path / "kin"  # a kinship stage output, written by hand
+    kin_dir.mkdir()
+    pl.DataFrame({"model": ["a", "b"], "s_pref": [0.9, 0.1]}).write_parquet(
+        kin_dir / "models.parquet"
+    )
+    pl.DataFrame({"model_a": ["a"], "model_b": ["b"], "kinship": [0.05]}).write_parquet(
+        kin_dir / "kinship.parquet"
+    )
+    paths = P.PreferencesPaths(
+        kinship_dir=kin_dir, out=tmp_path / "prefs", metrics=tmp_path / "m.json"
+    )
+    prefs = PreferencesConfig(dataset=str(data))
+    before = _files(tmp_path)
+    with pytest.raises(KarmaError, match=r"no preference pair.*no_eligible_pair 1") as err:
+        execute(P.STAGE, Params(kinship="score", preferences=prefs), paths)
+    assert str(err.value).startswith(f"{data}: field 'kinship': ")
+    assert _files(tmp_path) == before  # nothing written, no temporary left
+    loose = Params(kinship="score", similarity=SimilarityConfig(tau=0.0), preferences=prefs)
+    ok = execute(P.STAGE, loose, paths)
+    assert ok["pairs"] == 1 and json.loads(paths.metrics.read_text()) == ok
+    assert pl.read_parquet(paths.out / "pairs.parquet")["chosen_model"].to_list() == ["a"]
+
+
+# --------------------------------------------------------------------------- settings
+def test_stage_settings_and_defaults(tmp_path: Path) -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.preferences == PreferencesConfig()  # the committed file holds the defaults
+    assert len(read_ultrafeedback(REPO / params.preferences.dataset)) == 480
+    assert params.kinship in P.STRATEGIES
+    # the config's choices are the library's
+    assert typing.get_args(config.Strategy) == P.STRATEGIES
+    assert typing.get_args(config.Rating) == P.RATING_FIELDS
+    assert P.STAGE.setting_keys() == [
+        "kinship",
+        "seed",
+        "similarity.tau",
+        "preferences.dataset",
+        "preferences.split",
+        "preferences.rating",
+        "preferences.aliases",
+    ]
+    assert P.STAGE.inputs == ("preferences.dataset",)
+    with pytest.raises(pydantic.ValidationError):
+        PreferencesConfig(rating="stars")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("preferences:\n  datset: x\n")
+    with pytest.raises(KarmaError) as err:
+        build_params(bad)
+    assert str(err.value).startswith(f"{bad}: field 'preferences.datset': unknown key; did you ")
+    assert "'dataset'" in str(err.value)
+
+
+# (was: preferences.check_args range checks; now the config model, reported with the flag)
+@pytest.mark.parametrize(
+    ("extra", "flag", "match"),
+    [
+        (["--tau", "2.5"], "--tau", "out of range (got 2.5; expected -1 <= tau <= 1)"),
+        (["--tau", "nan"], "--tau", "expected -1 <= tau <= 1"),
+        (["--seed", "-1"], "--seed", "out of range (got -1"),
+        (["--kinship", "score-sim"], "--kinship", "did you mean 'score_sim'"),
+        (["--rating", "stars"], "--rating", "expected overall_score | fine_grained_score"),
+        (["-S", "preferences.rating=stars"], "-S preferences.rating", "not one of the choices"),
+        (["-S", "preferences.datset=x"], "-S preferences.datset", "did you mean 'dataset'"),
+        (["--dataset", ""], "--dataset", "at least 1 character"),
+    ],
+)
+def test_bad_settings_one_line(
+    tmp_path: Path,
+    extra: list[str],
+    flag: str,
+    match: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(karma.ultrafeedback, "read_ultrafeedback", _never)
+    monkeypatch.setattr(P, "make_pairs", _never)
+    argv = ["preferences", "--kinship-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    code, out, err = _cli([*argv, *extra], capsys)
+    assert code == 1 and out == ""
+    line = _one_error_line(err)
+    assert line.startswith(f"karma: error: {flag}: ") and match in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_settings_in_a_params_file_name_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("similarity:\n  tau: 1.5\n")
+    argv = ["preferences", "--kinship-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    code, _, err = _cli([*argv, "--params", str(path)], capsys)
+    assert code == 1
+    line = _one_error_line(err)
+    assert line.startswith(f"karma: error: {path}: field 'similarity.tau': out of range"), line
+    code, _, err = _cli([*argv, "--params", str(tmp_path / "missing.yaml")], capsys)
+    assert code == 1 and "params file not found" in _one_error_line(err)
+
+
+# --------------------------------------------------------------------------- CLI
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``karma <argv>`` in-process: (exit code, stdout, stderr); root logging restored after."""
+    from karma.cli import main
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("karma: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def _never(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("ran although the command is refused")
+
+
+def test_cli_writes_what_make_pairs_makes(
+    demo: Demo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A params file, then flags over it; stdout is the metrics JSON."""
+    params = tmp_path / "params.yaml"
+    params.write_text(f"kinship: rlaif\nseed: 3\npreferences:\n  dataset: {DEMO}\n")
+    out = tmp_path / "prefs"
+    metrics = tmp_path / "metrics" / "preferences.json"
+    plot = tmp_path / "plots" / "pairs.png"
+    argv = ["preferences", "--kinship-dir", str(demo.kinship_dir), "--out", str(out)]
+    argv += ["--params", str(params), "--kinship", "sim", "--metrics", str(metrics)]
+    code, stdout, err = _cli([*argv, "--plot", str(plot)], capsys)
+    assert code == 0, err
+    expected = _demo_pairs(demo, "sim", tau=0.1, seed=3)  # --kinship over the file's rlaif
+    assert json.loads(stdout) == json.loads(metrics.read_text()) == expected.metrics
+    assert expected.metrics["strategy"] == "sim" and expected.metrics["instructions"] == 480
+    assert pl.read_parquet(out / "pairs.parquet").equals(expected.pairs)
+    assert "- `seed`: `3`" in (out / "README.md").read_text()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _files(tmp_path) == [
+        "metrics/preferences.json",
+        "params.yaml",
+        "plots/pairs.png",
+        "prefs/README.md",
+        "prefs/pairs.parquet",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ('{"instruction": "a", "completions": []}\n{bad json\n', "malformed JSON on line 2"),
+        ("", "empty file"),
+        (
+            '{"instruction": "a", "completions": [{"model": "gpt-4", "response": "r", '
+            '"overall_score": "good"}]}\n',
+            "rating is not a number",
+        ),
+    ],
+)
+def test_cli_bad_input(
+    demo: Demo, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, pattern: str
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    out = tmp_path / "out" / "prefs"
+    argv = ["preferences", "--kinship-dir", str(demo.kinship_dir), "--out", str(out)]
+    code, stdout, err = _cli([*argv, "--dataset", str(bad), "--kinship", "score"], capsys)
+    assert code == 1 and stdout == ""
+    line = _one_error_line(err)
+    assert pattern in line and str(bad) in line, line
+    assert not out.exists()
+    assert _files(tmp_path) == ["bad.jsonl"]  # no partial output, no temporary sibling
+
+
+@pytest.mark.parametrize(
+    ("out", "dataset", "flag", "match"),
+    [
+        # the output is the input completions file itself (issue item 8)
+        ("X.jsonl", "X.jsonl", "--out", "the input --dataset"),
+        # the output directory would hold the input file
+        (".", "X.jsonl", "--out", "the input --dataset"),
+        # the output lies inside the kinship stage's directory
+        ("{kin}/prefs", "X.jsonl", "--out", "the input --kinship-dir"),
+    ],
+)
+def test_output_overlapping_an_input_is_refused(
+    demo: Demo,
+    tmp_path: Path,
+    out: str,
+    dataset: str,
+    flag: str,
+    match: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "X.jsonl"
+    shutil.copyfile(DEMO, data)
+    before = data.read_bytes()
+    kin_before = _files(demo.kinship_dir)
+    out = out.format(kin=demo.kinship_dir)
+    argv = ["preferences", "--kinship-dir", str(demo.kinship_dir), "--out", out]
+    code, stdout, err = _cli([*argv, "-S", f"preferences.dataset={dataset}"], capsys)
+    assert code == 1 and stdout == ""
+    line = _one_error_line(err)
+    assert f"field '{flag}': output path is (or holds, or lies inside) {match}" in line, line
+    assert data.read_bytes() == before  # the input is untouched
+    assert _files(tmp_path) == ["X.jsonl"]
+    assert _files(demo.kinship_dir) == kin_before
+
+
+@pytest.mark.parametrize(
+    ("flag", "name", "expected"),
+    [("--metrics", "m.txt", ".json"), ("--metrics", "m", ".json"), ("--plot", "p.jpg", ".png")],
+)
+def test_output_suffix_that_does_not_match_is_refused(
+    demo: Demo,
+    tmp_path: Path,
+    flag: str,
+    name: str,
+    expected: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "prefs"
+    argv = ["preferences", "--kinship-dir", str(demo.kinship_dir), "--out", str(out)]
+    argv += ["--dataset", str(DEMO), flag, str(tmp_path / name)]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 1 and stdout == ""
+    line = _one_error_line(err)
+    assert f"field '{flag}': wrong output suffix" in line and f"expected {expected})" in line
+    assert _files(tmp_path) == [] and not out.exists()

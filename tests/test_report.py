@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from karma import report
-from karma.commands.report import command
+from karma.cli import cli
 
 ROWS = [
     {
@@ -141,7 +141,7 @@ def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
     assert list(report.results(rows)) == ["dpo", "sft"]
 
     out = tmp_path / "reports"
-    result = CliRunner().invoke(command, ["--repo", str(tmp_path), "--out", str(out)])
+    result = CliRunner().invoke(cli, ["report", "--repo", str(tmp_path), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| KARMA sim" in (out / "report.md").read_text()
     assert "**60.0**" in (out / "report.md").read_text()

@@ -1,8 +1,10 @@
-"""karma.scores: wide/long tables in CSV, Parquet and JSON; canonical ids; clear errors."""
+"""karma.scores: wide/long tables in CSV, Parquet and JSON; canonical ids; clear errors; the
+scores stage's settings and output through the CLI."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -89,11 +91,11 @@ def test_parquet_nan_is_missing(tmp_path: Path) -> None:
 def test_write_scores_roundtrip(tmp_path: Path) -> None:
     df = read_scores(ORIGIN)
     write_scores(df, tmp_path / "o.csv")
-    write_scores(df, tmp_path / "o.parquet")
+    write_scores(df, tmp_path / "sub" / "o.parquet")  # creates the parent
+    assert (tmp_path / "o.csv").read_text().splitlines()[0] == PAPER_HEADER
+    assert (tmp_path / "sub" / "o.parquet").read_bytes()[:4] == b"PAR1"
     assert read_scores(tmp_path / "o.csv").equals(df)
-    assert read_scores(tmp_path / "o.parquet").equals(df)
-    with pytest.raises(KarmaError, match="unsupported output format"):
-        write_scores(df, tmp_path / "o.xlsx")
+    assert read_scores(tmp_path / "sub" / "o.parquet").equals(df)
 
 
 @pytest.mark.parametrize(
@@ -142,3 +144,70 @@ def test_errors_are_one_clear_line(
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(KarmaError, match="score table not found"):
         read_scores(tmp_path / "absent.csv")
+
+
+# --------------------------------------------------------------------------- stage via the CLI
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from karma.cli import main
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:  # the CLI points logging at the captured stderr; restore it
+        root.handlers[:], root.level = saved[0], saved[1]
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_scores_stage_writes_the_table_with_aliases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "measured").mkdir()
+    base = ["scores", "--measured-dir", str(tmp_path / "measured"), "--reported", str(ORIGIN)]
+    for name in ("t.csv", "t.parquet"):
+        code, out, err = _cli([*base, "--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        assert json.loads(out) == {"models": 16, "benchmarks": 6, "measured": 0}
+        assert read_scores(tmp_path / name).equals(read_scores(ORIGIN)), name
+    # scores.aliases (moved from similarity) reaches the reader
+    code, out, err = _cli(
+        [*base, "--out", str(tmp_path / "a.csv"), "--aliases", '{"GPT-4": "gpt4-renamed"}'], capsys
+    )
+    assert code == 0, err
+    got = read_scores(tmp_path / "a.csv")["model"].to_list()
+    assert got == ["gpt4-renamed" if m == "gpt-4" else m for m in read_scores(ORIGIN)["model"]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "pattern"),
+    [
+        (["--out", "{tmp}/o.xlsx"], 1, "o.xlsx: field '--out': wrong output suffix (got '.xlsx';"
+         " expected .csv or .parquet or .pq)"),
+        (["--out", "{tmp}/o"], 1, "field '--out': wrong output suffix (got '(none)'"),
+        (["--out", "{tmp}/o.csv", "--reported", "{tmp}/absent.csv"], 1,
+         "absent.csv: score table not found"),
+        (["--out", "{tmp}/o.csv", "-S", "scores.scale.ifeval=0"], 1,
+         "-S scores.scale.ifeval: out of range (got 0;"),
+        (["--out", "{tmp}/o.csv", "-S", "scores.alias={}"], 1,
+         "-S scores.alias: unknown key; did you mean 'aliases'?"),
+        (["--out", "{tmp}/o.csv", "--measured-x", "1"], 2, "No such option '--measured-x'"),
+    ],
+)  # fmt: skip
+def test_scores_stage_errors_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], code: int, pattern: str
+) -> None:
+    (tmp_path / "measured").mkdir()
+    argv = ["scores", "--measured-dir", str(tmp_path / "measured"), "--reported", str(ORIGIN)]
+    got, out, err = _cli([*argv, *(a.replace("{tmp}", str(tmp_path)) for a in extra)], capsys)
+    lines = err.strip().splitlines()
+    assert got == code, err
+    assert out == ""
+    assert len(lines) == 1 and lines[0].startswith("karma: error: "), err
+    assert pattern in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["measured"]  # nothing written

@@ -10,11 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from karma.evaluation import TASKS_DIR, embedded_tasks, ensure_punkt, load_task_config
+from karma.config import BENCHMARKS, SUITES
+from karma.evaluation import (
+    TASKS_DIR,
+    embedded_tasks,
+    ensure_punkt,
+    load_task_config,
+    resolve_tasks,
+)
 from karma.tasks import _generate
-
-SUITES = ("ifeval", "mmlu_stem", "mmlu_pro", "hellaswag", "arc_easy", "arc_challenge")
 
 
 def _rows(name: str) -> list[dict]:
@@ -33,13 +39,13 @@ def _arith(question: str) -> int | None:
 
 def test_files_match_the_generator(tmp_path: Path) -> None:
     _generate.main(tmp_path)
-    for name in SUITES:
+    for name in BENCHMARKS:
         assert (tmp_path / f"{name}.jsonl").read_text() == (
             TASKS_DIR / f"{name}.jsonl"
         ).read_text(), f"{name}.jsonl is stale: run python -m karma.tasks._generate"
 
 
-@pytest.mark.parametrize("name", SUITES)
+@pytest.mark.parametrize("name", BENCHMARKS)
 def test_each_suite_has_at_least_40_unique_items(name: str) -> None:
     rows = _rows(name)
     assert len(rows) >= 40
@@ -49,12 +55,26 @@ def test_each_suite_has_at_least_40_unique_items(name: str) -> None:
 
 def test_every_yaml_names_a_task_with_absolute_existing_data() -> None:
     tasks = embedded_tasks()
-    assert sorted(tasks) == sorted(f"karma_{s}" for s in SUITES)
+    assert sorted(tasks) == sorted(f"karma_{s}" for s in BENCHMARKS)
     for name, path in tasks.items():
         cfg = load_task_config(path)
         assert cfg["task"] == name
         files = cfg["dataset_kwargs"]["data_files"]["test"]
-        assert Path(files).is_absolute() and Path(files).is_file()
+        bench = name.removeprefix("karma_")
+        assert files == str((TASKS_DIR / f"{bench}.jsonl").resolve())
+        assert len(Path(files).read_text().splitlines()) == len(_rows(bench))
+
+
+def test_suites_yaml_is_the_config_and_matches_the_embedded_tasks() -> None:
+    """karma/tasks/suites.yaml is read whole into config.SUITES, and the embedded suite names
+    each embedded task with a metric that task produces (resolve_tasks checks it)."""
+    raw = yaml.safe_load((TASKS_DIR.parent / "suites.yaml").read_text())
+    assert {n: {b: s.model_dump() for b, s in m.items()} for n, m in SUITES.items()} == raw
+    assert sorted(raw) == ["embedded", "lm_eval"]
+    resolved = resolve_tasks(SUITES["embedded"], where="benchmark.suite=embedded")
+    assert resolved.names == {b: f"karma_{b}" for b in BENCHMARKS}
+    assert not resolved.needs_registry
+    assert [cfg["task"] for cfg in resolved.load] == [f"karma_{b}" for b in BENCHMARKS]
 
 
 def test_mmlu_stem_answers() -> None:

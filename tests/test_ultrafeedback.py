@@ -11,45 +11,10 @@ import pytest
 
 from karma.errors import KarmaError
 from karma.ultrafeedback import from_records, parse_rating, read_ultrafeedback
+from tests.fixtures import real_record, synthetic_records
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data/demo/ultrafeedback_demo.jsonl"
-
-
-def _real_record(i: int) -> dict:
-    """One record in the real openbmb/UltraFeedback layout (all its keys)."""
-
-    def comp(model: str, response: str, overall: float, rating: str) -> dict:
-        aspect = {"Rating": rating, "Rationale": "..."}
-        return {
-            "annotations": {
-                "helpfulness": {**aspect, "Type": ["1", "2"], "Rationale For Rating": "..."},
-                "honesty": aspect,
-                "instruction_following": aspect,
-                "truthfulness": {**aspect, "Type": ["0"], "Rationale For Rating": "..."},
-            },
-            "critique": "Good.",
-            "custom_system_prompt": "You are a helpful assistant.",
-            "fine-grained_score": 4.25,
-            "model": model,
-            "overall_score": overall,
-            "principle": "helpfulness",
-            "response": response,
-        }
-
-    return {
-        "source": "evol_instruct",
-        "instruction": f"Question {i}?",
-        "models": ["gpt-4", "llama-2-70b-chat", "ultralm-65b", "starchat"],
-        "completions": [
-            comp("gpt-4", f"Answer {i} by gpt-4.", 8.5, "5"),
-            comp("llama-2-70b-chat", f"Answer {i} by llama.", 6.0, "4"),
-            comp("ultralm-65b", f"Answer {i} by ultralm.", 7.0, "N/A"),
-            comp("starchat", f"Answer {i} by starchat.", 3.0, "2"),
-        ],
-        "correct_answers": ["None"],
-        "incorrect_answers": ["None"],
-    }
 
 
 def _write_jsonl(path: Path, records: list) -> Path:
@@ -71,7 +36,7 @@ def test_demo_file_reads() -> None:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
 def test_real_layout_all_formats_agree(tmp_path: Path, fmt: str) -> None:
-    records = [_real_record(i) for i in range(5)]
+    records = [real_record(i) for i in range(5)]
     records[1]["completions"][2]["overall_score"] = "N/A"  # as in the real data
     if fmt == "jsonl":
         path = _write_jsonl(tmp_path / "uf.jsonl", records)
@@ -212,9 +177,9 @@ def test_bad_sources(tmp_path: Path) -> None:
 
 def test_from_records_json_lines_in_json_file(tmp_path: Path) -> None:
     path = tmp_path / "lines.json"
-    _write_jsonl(path, [_real_record(0), _real_record(1)])
+    _write_jsonl(path, [real_record(0), real_record(1)])
     assert len(read_ultrafeedback(path)) == 2
-    data = from_records([("record 0", _real_record(3))], file="mem")
+    data = from_records([("record 0", real_record(3))], file="mem")
     assert data.completions.height == 4
 
 
@@ -223,7 +188,7 @@ def test_hub_id_goes_through_load_dataset(tmp_path: Path, monkeypatch: pytest.Mo
     import datasets
 
     path = tmp_path / "uf.parquet"
-    pl.DataFrame([_real_record(i) for i in range(3)]).write_parquet(path)
+    pl.DataFrame([real_record(i) for i in range(3)]).write_parquet(path)
     calls = []
     real = datasets.load_dataset
 
@@ -236,6 +201,27 @@ def test_hub_id_goes_through_load_dataset(tmp_path: Path, monkeypatch: pytest.Mo
     assert calls == [("openbmb/UltraFeedback", "train")]
     assert len(data) == 3 and data.completions.height == 12
     assert data.completions["overall_score"].to_list()[:2] == [8.5, 6.0]
+
+
+def test_synthetic_records_fixture_reads_as_ultrafeedback(tmp_path: Path) -> None:
+    """The benchmarks' synthetic data (tests.fixtures) is valid UltraFeedback with the quirks
+    of the real set: 4 distinct models per instruction, a few blank responses, null ratings."""
+    path = tmp_path / "synthetic.parquet"
+    synthetic_records(200, path, seed=1)
+    data = read_ultrafeedback(path)
+    assert len(data) == 200 and data.completions.height == 800
+    per_row = data.completions.group_by("row").agg(
+        pl.len().alias("n"), pl.col("model").n_unique().alias("models")
+    )
+    assert per_row["n"].to_list() == [4] * 200 and per_row["models"].to_list() == [4] * 200
+    assert data.prompts["instruction"][7] == "Instruction 7: explain the topic in a few sentences."
+    assert 0 < data.completions["overall_score"].null_count() < 800 // 10
+    assert 0 < (data.completions["response"] == "").sum() < 800 // 10
+    assert data.completions["fine_grained_score"].null_count() == 0
+    assert "ultralm-65b" in set(data.completions["model"])  # a model outside the score table
+    # same seed, same bytes
+    synthetic_records(200, tmp_path / "again.parquet", seed=1)
+    assert (tmp_path / "again.parquet").read_bytes() == path.read_bytes()
 
 
 def test_demo_generator_reproduces_committed_file(tmp_path: Path) -> None:

@@ -1,0 +1,452 @@
+"""One entry point per stage, shared by the DVC stage script and the ``karma`` command.
+
+A :class:`Stage` names the params it reads, its paths (inputs, outputs, persisted state) and its
+``run(params, paths) -> metrics`` function in the library. From it come
+
+* the DVC entry point (``stages/<name>.py`` calls :func:`stage_main`): paths from the command
+  line that ``dvc.yaml`` writes, every setting from ``params.yaml``;
+* the ``karma <name>`` command (:func:`make_command`): the same paths, plus ``--params FILE``,
+  one generated option per setting and ``-S key=value``;
+
+and both go through :func:`execute`, so the two cannot behave differently. :func:`execute`
+checks the paths (an output may not be an input, nor lie inside one; file outputs have the
+suffix of what is written), runs the stage into temporary siblings of its outputs and only
+then moves them into place, so a failed or killed run never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from karma.config import (
+    Params,
+    bounds,
+    build_params,
+    describe,
+    field_at,
+    is_operational,
+    iter_fields,
+    section_type,
+    sources,
+    with_source,
+)
+from karma.errors import KarmaError
+
+log = logging.getLogger(__name__)
+
+LAUNCHED_ENV = "KARMA_LAUNCHED"
+ROLE_NAMES = {"in": "input", "arg": "input", "out": "output", "state": "persisted state"}
+TMP_SUFFIX = ".karma-tmp"
+OLD_SUFFIX = ".karma-old"
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _path(role: str, help: str, *, is_dir: bool, required: bool, suffixes: tuple[str, ...]) -> Any:
+    meta = {"role": role, "help": help, "is_dir": is_dir, "suffixes": suffixes}
+    if required:
+        return field(metadata=meta)
+    return field(default=None, metadata=meta)
+
+
+def input_path(help: str, *, is_dir: bool = False, required: bool = True) -> Any:
+    """An input file or directory (must exist)."""
+    return _path("in", help, is_dir=is_dir, required=required, suffixes=())
+
+
+def output_path(help: str, *suffixes: str, is_dir: bool = False, required: bool = True) -> Any:
+    """An output, staged in a temporary sibling and moved into place after success."""
+    return _path("out", help, is_dir=is_dir, required=required, suffixes=suffixes)
+
+
+def state_path(help: str) -> Any:
+    """A persisted working directory (checkpoints), written in place."""
+    return _path("state", help, is_dir=True, required=True, suffixes=())
+
+
+def argument(help: str, *, required: bool = True) -> Any:
+    """A plain text input that is not a path (a model name or hub id)."""
+    return _path("arg", help, is_dir=False, required=required, suffixes=())
+
+
+def path_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    """The fields of a paths class."""
+    return list(dataclasses.fields(cls))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: its params, its paths class and its library entry point."""
+
+    name: str
+    settings: tuple[str, ...]  # params keys it reads: sections ("select") or keys ("seed")
+    paths: type
+    run: Callable[[Params, Any], dict[str, Any]]
+    help: str = ""
+    inputs: tuple[str, ...] = ()  # params keys that name input files (preferences.dataset)
+    launcher: Callable[[Params], list[str] | None] | None = None  # re-run under a launcher
+
+    def setting_keys(self) -> list[str]:
+        """Every leaf params key the stage reads, sections expanded."""
+        out: list[str] = []
+        for entry in self.settings:
+            found = field_at(entry)
+            if found is None:
+                raise KarmaError("not a params key", field=entry)
+            sub = section_type(found[0].model_fields[found[1]].annotation)
+            if sub is not None:
+                out += [k for k, _ in iter_fields(sub, f"{entry}.")]
+            else:
+                out.append(entry)
+        return out
+
+    def tracked_keys(self) -> list[str]:
+        """The keys that change the stage's outputs: what ``dvc.yaml`` lists under params."""
+        return [k for k in self.setting_keys() if not is_operational(_info(k))]
+
+
+def _info(key: str) -> Any:
+    found = field_at(key)
+    assert found is not None, key
+    return found[0].model_fields[found[1]]
+
+
+def load_stage(ref: str) -> Stage:
+    """``"karma.kinship:STAGE"`` -> the Stage object."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr or "STAGE")
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or lies inside it."""
+    return a == b or b in a.parents
+
+
+def check_paths(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str]) -> None:
+    """Inputs exist; an output is neither an input nor inside one (or holding one); suffixes."""
+    values = {f.name: getattr(paths, f.name) for f in path_fields(stage.paths)}
+    roles = {f.name: f.metadata for f in path_fields(stage.paths)}
+    inputs = []
+    for key in stage.inputs:  # params that name input files: only local paths are checked
+        value: Any = params
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and Path(value).exists():
+            inputs.append((key, Path(value).resolve()))
+    for name, value in values.items():
+        meta = roles[name]
+        if value is None:
+            if meta["role"] != "arg" and name in _required(stage.paths):
+                raise KarmaError("missing path", field=flag(name))
+            continue
+        if meta["role"] == "in":
+            p = Path(value)
+            if not p.exists():
+                raise KarmaError("input not found", file=p, field=flag(name))
+            if meta["is_dir"] != p.is_dir():
+                kind = "a directory" if meta["is_dir"] else "a file"
+                raise KarmaError(f"input is not {kind}", file=p, field=flag(name))
+            inputs.append((name, p.resolve()))
+    for name, value in values.items():
+        meta = roles[name]
+        if value is None or meta["role"] not in ("out", "state"):
+            continue
+        out = Path(value).resolve()
+        for in_name, src in inputs:
+            if _inside(out, src) or _inside(src, out):
+                raise KarmaError(
+                    f"output path is (or holds, or lies inside) the input {flag(in_name)}",
+                    file=value,
+                    field=flag(name),
+                    expected="an output path apart from every input",
+                )
+        suffixes = meta["suffixes"]
+        if suffixes and Path(value).suffix.lower() not in suffixes:
+            raise KarmaError(
+                "wrong output suffix",
+                file=value,
+                field=flag(name),
+                value=Path(value).suffix or "(none)",
+                expected=" or ".join(suffixes),
+            )
+        if not meta["is_dir"] and Path(value).is_dir():
+            raise KarmaError("output is a directory", file=value, field=flag(name))
+
+
+def _required(cls: type) -> set[str]:
+    return {
+        f.name
+        for f in path_fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def execute(stage: Stage, params: Params, paths: Any, *, flag: Callable[[str], str] = str) -> Any:
+    """Check the paths, run the stage into temporary outputs, then move them into place.
+
+    Returns the stage's metrics. Under a launcher (``train.launcher``), the same command is
+    re-run under it instead and its exit status is checked.
+    """
+    if stage.launcher is not None and not os.environ.get(LAUNCHED_ENV):
+        prefix = stage.launcher(params)
+        if prefix:
+            cmd = [*prefix, *sys.argv]
+            log.info("launching: %s", " ".join(cmd))
+            rc = subprocess.run(cmd, env={**os.environ, LAUNCHED_ENV: "1"}, check=False).returncode
+            if rc != 0:
+                raise KarmaError(f"launched command exited with code {rc}", value=cmd[0])
+            return {}
+    check_paths(stage, params, paths, flag)
+    staged: dict[str, Staged] = {}
+    for f in path_fields(stage.paths):
+        value = getattr(paths, f.name)
+        if f.metadata["role"] == "out" and value is not None:
+            staged[f.name] = Staged(Path(value), bool(f.metadata["is_dir"]))
+    main = _is_main_process()
+    if main:
+        for s in staged.values():
+            s.prepare()
+    try:
+        metrics = stage.run(
+            params, dataclasses.replace(paths, **{k: s.tmp for k, s in staged.items()})
+        )
+        if main:
+            commit(list(staged.values()), stage.name)
+    finally:
+        if main:
+            for s in staged.values():
+                _remove(s.tmp)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An output with its temporary and set-aside siblings (fixed names: a rerun cleans up)."""
+
+    final: Path
+    is_dir: bool
+
+    @property
+    def tmp(self) -> Path:
+        """``.<stem>.karma-tmp<suffix>``: the suffix stays last (writers choose by it)."""
+        return self.final.with_name(f".{self.final.stem}{TMP_SUFFIX}{self.final.suffix}")
+
+    @property
+    def old(self) -> Path:
+        return self.final.with_name(f".{self.final.stem}{OLD_SUFFIX}{self.final.suffix}")
+
+    def prepare(self) -> None:
+        """Remove what a killed run left behind, then make the empty temporary output."""
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        _remove(self.tmp)
+        if self.old.exists() and not self.final.exists():  # killed between two renames
+            self.old.rename(self.final)
+        _remove(self.old)
+        if self.is_dir:
+            self.tmp.mkdir()
+
+
+def commit(staged: list[Staged], name: str) -> None:
+    """Move every staged output into place: the old one aside, the new one in, old removed."""
+    for s in staged:
+        if not s.tmp.exists():
+            raise KarmaError(f"stage {name!r} did not write this output", file=s.final)
+    for s in staged:
+        os.chmod(s.tmp, 0o755 if s.is_dir else 0o644)
+        if s.final.exists() or s.final.is_symlink():
+            s.final.rename(s.old)
+        s.tmp.rename(s.final)
+    for s in staged:
+        _remove(s.old)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_text(annotation: Any) -> bool:
+    args = set(typing.get_args(annotation)) or {annotation}
+    return str in args and args <= {str, type(None)}
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """A command-line value for params key ``key``: text fields verbatim, others as YAML."""
+    found = field_at(key)
+    annotation = found[0].model_fields[found[1]].annotation if found else None
+    is_leaf = found is not None and found[1] == key.rsplit(".", 1)[-1]
+    if is_leaf and _is_text(annotation):
+        return None if raw in ("null", "~") and type(None) in typing.get_args(annotation) else raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _help(key: str) -> str:
+    info = _info(key)
+    found = field_at(key)
+    assert found is not None
+    default = getattr(found[0](), found[1])
+    shown = json.dumps(default.model_dump() if hasattr(default, "model_dump") else default)
+    extra = describe(info.annotation)
+    rng = bounds(info, "x")
+    text = f"{info.description} [{extra}{'; ' + rng if rng else ''}; default: {shown}]"
+    if is_operational(info):
+        text += " (operational)"
+    return text
+
+
+def _metavar(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "NAME"
+    simple = {int: "INT", float: "FLOAT", str: "TEXT"}
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return simple.get(args[0], "YAML") if len(args) == 1 else "YAML"
+
+
+def _setting_options(stage: Stage) -> dict[str, str]:
+    """Option name -> params key, for every setting of the stage."""
+    out: dict[str, str] = {}
+    for key in stage.setting_keys():
+        name = key.rsplit(".", 1)[-1]
+        if name in out:
+            raise KarmaError("two settings share an option name", field=name, value=key)
+        out[name] = key
+    return out
+
+
+def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
+    """The click command of a stage: path options, and with ``settings`` the params options."""
+    params: list[click.Parameter] = []
+    path_names = {f.name for f in path_fields(stage.paths)}
+    required = _required(stage.paths)
+    for f in path_fields(stage.paths):
+        meta = f.metadata
+        kind = meta["role"]
+        metavar = "TEXT" if kind == "arg" else ("DIR" if meta["is_dir"] else "FILE")
+        params.append(
+            click.Option(
+                [_flag(f.name)],
+                metavar=metavar,
+                required=f.name in required,
+                help=f"{meta['help']} ({ROLE_NAMES[kind]})",
+            )
+        )
+    options = _setting_options(stage) if settings else {}
+    clash = set(options) & path_names
+    if clash:
+        raise KarmaError("a setting and a path share an option name", value=sorted(clash))
+    if settings:
+        params.append(
+            click.Option(
+                ["--params", "params_file"],
+                metavar="FILE",
+                help="Read settings from this params file (default: the built-in defaults, "
+                "which are those of the committed params.yaml). Flags override it.",
+            )
+        )
+        for name, key in options.items():
+            info = _info(key)
+            if info.annotation is bool:
+                decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
+                params.append(click.Option(decls, default=None, help=_help(key)))
+            else:
+                params.append(
+                    click.Option(
+                        [_flag(name)],
+                        metavar=_metavar(info.annotation),
+                        default=None,
+                        help=_help(key),
+                    )
+                )
+        params.append(
+            click.Option(
+                ["-S", "--set", "assignments"],
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
+            )
+        )
+
+    def callback(**kwargs: Any) -> None:
+        flags = {f.name: _flag(f.name) for f in path_fields(stage.paths)}
+        flags.update({key: _flag(name) for name, key in options.items()})
+        values = {k: kwargs.pop(k) for k in path_names}
+        paths = stage.paths(**values)
+        if settings:
+            overrides: list[tuple[str, Any, str]] = []
+            file = kwargs.pop("params_file")
+            for name, key in options.items():
+                raw = kwargs.get(name)
+                if raw is not None:
+                    value = raw if isinstance(raw, bool) else parse_value(key, raw)
+                    overrides.append((key, value, _flag(name)))
+            for item in kwargs.get("assignments", ()):
+                key, sep, raw = item.partition("=")
+                if not sep or not key.strip():
+                    raise KarmaError("expects KEY=VALUE", field="-S", value=item)
+                overrides.append((key.strip(), parse_value(key.strip(), raw), f"-S {key.strip()}"))
+        else:
+            file, overrides = "params.yaml", []
+        params_obj = build_params(file, overrides)
+        try:
+            metrics = execute(stage, params_obj, paths, flag=lambda n: flags.get(n, n))
+        except KarmaError as err:  # a params key named by the library: say where it was set
+            raise with_source(err, sources(file, overrides)) from None
+        if settings:
+            click.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+
+    return click.Command(
+        command_name,
+        params=params,
+        callback=callback,
+        help=f"{short_help}\n\n{stage.help}".strip(),
+        short_help=short_help,
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
+
+
+def stage_main(ref: str) -> None:
+    """Entry point of ``stages/<name>.py``: paths from ``dvc.yaml``, settings from params.yaml."""
+    from karma.cli import run_click, setup_logging
+
+    setup_logging()
+    stage = load_stage(ref)
+    command = make_command(stage, f"stages/{stage.name}", stage.help, settings=False)
+    run_click(command, sys.argv[1:], prog=f"stage {stage.name}")

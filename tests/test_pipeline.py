@@ -1,0 +1,227 @@
+"""The pipeline as DVC sees it: tracked params, the committed params.yaml, and every stage script
+against its ``karma`` command (same settings -> byte-identical outputs)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from karma.config import Params, defaults_yaml, is_operational, iter_fields
+from karma.pipeline import load_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dvc_stages() -> dict[str, dict[str, Any]]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: spec.get("do", spec) for name, spec in stages.items()}
+
+
+def _stage_ref(cmd: str) -> str:
+    script = REPO / cmd.split()[1]
+    return re.search(r'stage_main\("([^"]+)"\)', script.read_text()).group(1)  # type: ignore[union-attr]
+
+
+def test_dvc_yaml_tracks_exactly_the_params_that_change_outputs() -> None:
+    for name, spec in _dvc_stages().items():
+        stage = load_stage(_stage_ref(spec["cmd"]))
+        listed = spec.get("params", [])
+        assert len(listed) == len(set(listed)), name
+        assert set(listed) == set(stage.tracked_keys()), name
+        assert f"stages/{Path(spec['cmd'].split()[1]).name}" in spec["deps"], name
+
+
+def test_committed_params_yaml_is_the_documented_defaults() -> None:
+    text = (REPO / "params.yaml").read_text()
+    assert text == defaults_yaml(), "regenerate it: karma params > params.yaml"
+    assert Params.model_validate(yaml.safe_load(text)) == Params()
+
+
+def _status(root: Path) -> dict[str, set[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out: dict[str, set[str]] = {}
+    for stage, changes in json.loads(proc.stdout or "{}").items():
+        for change in changes:
+            keys = (
+                change.get("changed deps", {}).get("params.yaml") if isinstance(change, dict) else 0
+            )
+            if isinstance(keys, dict) and keys:  # a str ("new") is a stage never run
+                out.setdefault(stage.split("@")[0], set()).update(keys)
+    return out
+
+
+MEASURED = {"x": "some/model"}  # one benchmark@x instance, so that its params are checked too
+
+
+def _changed(key: str, value: Any) -> Any:
+    if key == "scores.measured":  # the foreach of the benchmark stage: keep benchmark@x
+        return {**MEASURED, "changed": "other/model"}
+    return f"changed/{key}/{value}"
+
+
+def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_path: Path) -> None:
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    assert _status(tmp_path) == {}, "dvc.lock is out of step with params.yaml: run dvc repro"
+    # a locked benchmark@x (stand-in files for its deps and out), so its params are checked too
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["scores"]["measured"] = MEASURED
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for dep in ("stages/benchmark.py", "karma/evaluation.py", "karma/tasks/x.yaml",
+                "data/benchmark/measured/x.json"):  # fmt: skip
+        (tmp_path / dep).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / dep).write_text("x")
+    subprocess.run([*dvc, "commit", "-f", "-q", "benchmark@x"], cwd=tmp_path, check=True)
+    baseline = _status(tmp_path)
+    assert baseline == {"scores": {"scores.measured"}}, baseline
+
+    def write(keys: list[str]) -> None:
+        data = yaml.safe_load(yaml.safe_dump(params))
+        for key in keys:
+            *parents, last = key.split(".")
+            node = data
+            for p in parents:
+                node = node[p]
+            node[last] = _changed(key, node[last])
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+
+    operational = [k for k, info in iter_fields() if is_operational(info)]
+    assert {"train.launcher", "train.num_processes", "evaluate.threads"} <= set(operational)
+    write(operational)
+    assert _status(tmp_path) == baseline, "an operational knob is tracked by dvc.yaml"
+
+    tracked = [k for k, info in iter_fields() if not is_operational(info)]
+    write(tracked)
+    status = _status(tmp_path)
+    for name, spec in _dvc_stages().items():
+        assert status.get(name, set()) == set(spec.get("params", [])), name
+    seen = set().union(*status.values())
+    assert seen == set(tracked), "a result-affecting param is tracked by no stage"
+
+
+# --------------------------------------------------------------------------- script vs command
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    if root.is_file():
+        return {"": root.read_bytes()}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _script(name: str, args: list[str], cwd: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _command(argv: list[str]) -> None:
+    from karma.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exit_:  # pragma: no cover - a failure is the assertion
+        raise AssertionError(f"karma {' '.join(argv)} exited with {exit_.code}") from None
+
+
+@pytest.mark.parametrize("_", [0])
+def test_every_stage_script_writes_what_its_command_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _: int
+) -> None:
+    from tests.fixtures import build_tiny_model
+
+    monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
+    # a model that answers the base_model stage's check with some text
+    tiny_model_dir = build_tiny_model(tmp_path / "tiny", initializer_range=0.3)
+    a, b = tmp_path / "a", tmp_path / "b"  # a: the DVC stage scripts, b: the karma commands
+    for d in (a, b):
+        (d / "measured").mkdir(parents=True)
+    row = {"model": "tiny", **{k: 0.5 + 0.01 * i for i, k in enumerate(["ifeval", "arc_easy"])}}
+    (a / "measured" / "tiny.json").write_text(json.dumps(row))
+    demo = (REPO / "data/demo/ultrafeedback_demo.jsonl").read_text().splitlines()[:40]
+    (a / "demo.jsonl").write_text("\n".join(demo) + "\n")
+    params = defaults_yaml_with(
+        {
+            "scores": {"reported": str(REPO / "data/origin/scores.csv"), "measured": {"tiny": "x"}},
+            "preferences": {"dataset": str(a / "demo.jsonl")},
+            "base_model": {"source": str(tiny_model_dir), "check_expect": None,
+                           "check_max_new_tokens": 4},
+            "select": {"method": "map", "ratio": 0.5, "cache": False},
+            "train": {"trl": {"max_steps": 2, "per_device_train_batch_size": 2,
+                              "max_length": 64, "logging_steps": 1}, "checkpoint_steps": 1},
+            "benchmark": {"limit": 2, "max_gen_toks": 8, "cache": False,
+                          "tasks": {"arc_easy": {"task": "karma_arc_easy", "metric": "acc_norm"},
+                                    "ifeval": {"task": "karma_ifeval",
+                                               "metric": "prompt_level_strict_acc"}}},
+        }
+    )  # fmt: skip
+    params["evaluate"] = {**params["evaluate"], **params["benchmark"]}
+    (a / "params.yaml").write_text(yaml.safe_dump(params))
+    pfile = str(a / "params.yaml")
+
+    steps: list[tuple[str, str, list[tuple[str, str]], list[str]]] = [
+        # (script, command, [(flag, a-relative path)], outputs)
+        ("scores", "scores", [("--measured-dir", "measured"), ("--out", "scores.csv")],
+         ["scores.csv"]),
+        ("kinship", "kinship", [("--scores", "scores.csv"), ("--out", "kin"), ("--plots", "kp"),
+                                ("--metrics", "km.json")], ["kin", "kp", "km.json"]),
+        ("preferences", "preferences", [("--kinship-dir", "kin"), ("--out", "prefs"),
+                                        ("--metrics", "pm.json"), ("--plot", "pp.png")],
+         ["prefs", "pm.json", "pp.png"]),
+        ("base_model", "base-model", [("--out", "base")], ["base"]),
+        ("select_pairs", "select", [("--pairs", "prefs/pairs.parquet"), ("--model", "base"),
+                                    ("--out", "sel"), ("--metrics", "sm.json"),
+                                    ("--plot", "sp.png")], ["sel", "sm.json", "sp.png"]),
+        ("train", "train", [("--data", "sel/pairs.parquet"), ("--base", "base"),
+                            ("--out", "policy"), ("--checkpoints", "ck"), ("--live-dir", "live"),
+                            ("--metrics", "tm.json")], ["policy", "live", "tm.json"]),
+        ("evaluate", "evaluate", [("--model", "base"), ("--out", "eb.json")], ["eb.json"]),
+        ("evaluate", "evaluate", [("--model", "policy"), ("--baseline", "eb.json"),
+                                  ("--out", "ep.json")], ["ep.json"]),
+        ("benchmark", "benchmark", [("--model", "base"), ("--name", "tiny"),
+                                    ("--out", "bm.json")], ["bm.json"]),
+    ]  # fmt: skip
+    monkeypatch.chdir(a)  # the command reads a's inputs by the same (relative) names
+    for script, command, flags, outputs in steps:
+        _script(script, [x for flag, rel in flags for x in (flag, rel)], a)
+        argv = [command, "--params", pfile]
+        for flag, rel in flags:  # outputs go to b
+            argv += [flag, str(b / rel) if rel.split("/")[0] in outputs else rel]
+        _command(argv)
+        for out in outputs:
+            fa, fb = _files(a / out), _files(b / out)
+            if out == "tm.json":  # wall time and throughput are measurements, not results
+                fa, fb = ({k: _no_timing(v) for k, v in f.items()} for f in (fa, fb))
+            assert fa and fa == fb, (script, out, sorted(fa), sorted(fb))
+
+
+def _no_timing(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
+    return {k: v for k, v in data.items() if k not in ("wall_time_s", "tokens_per_second")}
+
+
+def defaults_yaml_with(changes: dict[str, Any]) -> dict[str, Any]:
+    """The default params as a dict with ``changes`` merged into their sections."""
+    data = yaml.safe_load(defaults_yaml())
+    for section, values in changes.items():
+        data[section] = {**data[section], **values}
+    return data
