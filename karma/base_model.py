@@ -27,7 +27,7 @@ from typing import Any
 from karma.config import BaseModelConfig, Params
 from karma.errors import KarmaError
 from karma.io import atomic_file, cache_root
-from karma.lm import load_causal_lm, pad_id, torch_dtype
+from karma.lm import load_causal_lm, pad_id, torch_dtype, write_provenance
 from karma.pipeline import Stage, output_path
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,7 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any
         model.generation_config.pad_token_id = pad_id(tokenizer)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+    write_provenance(out_dir, {"source": cfg.source, "resolved": described, "dtype": cfg.dtype})
     log.info("base model (%d parameters) saved to %s", model.num_parameters(), out_dir)
     return {
         "source": cfg.source,

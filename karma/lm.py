@@ -8,6 +8,7 @@ template (a clear error instead of TRL's late failure).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,31 @@ def model_dir(path: str | os.PathLike[str]) -> Path:
             expected="a directory written by save_pretrained, e.g. models/base",
         )
     return p
+
+
+#: Provenance file inside model directories the pipeline writes (what made the model).
+PROVENANCE = "karma.json"
+
+
+def provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What made a model directory: its ``karma.json`` (``source``, and for a policy the
+    training ``method``, ``seed`` and ``base``), else ``{"source": <path>}``."""
+    import json
+
+    p = Path(path) / PROVENANCE
+    if p.is_file():
+        with contextlib.suppress(ValueError):
+            data = json.loads(p.read_text())
+            if isinstance(data, dict):
+                return data
+    return {"source": str(path)}
+
+
+def write_provenance(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Write ``karma.json`` into a model directory (sorted keys: deterministic bytes)."""
+    from karma.io import write_json
+
+    write_json(Path(path) / PROVENANCE, data)
 
 
 def pad_id(tokenizer: Any) -> int:
