@@ -19,8 +19,9 @@ Every run also keeps its per-item scores (:data:`SAMPLE_SCHEMA`, one row per ite
 benchmark), from which each benchmark's ``score``, 95% interval and standard error are computed
 and, against a baseline, the paired comparison (:func:`karma.stats.paired`).
 
-lm-eval is seeded as its command line does (:data:`LM_EVAL_SEEDS`), so IFEval's checks, some of
-which draw from Python's global random state, score exactly as ``lm_eval run`` does.
+lm-eval is seeded as its command line does (:data:`LM_EVAL_SEEDS`); karma's IFEval tasks score
+each item from its own seed (:mod:`karma.ifeval`), so they score as ``lm_eval run`` does on the
+same task YAML, in any process count.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ SAMPLE_SCHEMA = {
 }
 #: The keys every benchmark's headline metric gets: ``<bench>.<key>``.
 HEADLINE_KEYS = ("score", "ci_low", "ci_high", "stderr", "n")
+#: Every metric's interval keys: ``<bench>.<metric>_stderr`` / ``_ci_low`` / ``_ci_high``.
+INTERVAL_SUFFIXES = ("_stderr", "_ci_low", "_ci_high")
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.parquet"
 
@@ -111,9 +114,9 @@ def compare_metrics(
 ) -> dict[str, Any]:
     """Flat ``base.*``, ``policy.*`` and ``delta.*`` (policy - base) keys.
 
-    No plain difference for standard errors, for the headline keys (``<bench>.score``,
-    ``ci_low``, ...: their deltas are paired comparisons, :func:`compare_runs`) or for
-    ``meta.*`` keys (not compared) and missing values (null).
+    No plain difference for standard errors and interval bounds, for the headline keys
+    (``<bench>.score``, ``ci_low``, ...: their deltas are paired comparisons,
+    :func:`compare_runs`), for ``meta.*`` keys (not compared) and for missing values (null).
     """
     out: dict[str, Any] = {}
 
@@ -127,7 +130,7 @@ def compare_metrics(
         if key.startswith("meta."):
             continue
         out[f"policy.{key}"] = rounded(value)
-        plain = not key.endswith("_stderr") and key.rsplit(".", 1)[-1] not in HEADLINE_KEYS
+        plain = not key.endswith(INTERVAL_SUFFIXES) and key.rsplit(".", 1)[-1] not in HEADLINE_KEYS
         other = base.get(key)
         if plain and isinstance(value, (int, float)) and isinstance(other, (int, float)):
             out[f"delta.{key}"] = round(value - other, digits)
@@ -222,7 +225,7 @@ def load_task_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KarmaError("task file not found", file=path)
     text = path.read_text()
-    if "lm_eval.tasks.ifeval" in text:
+    if "lm_eval.tasks.ifeval" in text or "karma.ifeval" in text:
         _prepare_ifeval()
     try:
         cfg = load_yaml(path, resolve_func=True)
@@ -339,15 +342,16 @@ def _own_length(cfg: Mapping[str, Any]) -> int | None:
 
 
 def _warn_truncation(load: list[Any], cap: int | None) -> None:
-    """Log the local generation tasks whose own length ``cap`` would cut (chain of thought)."""
+    """Log the local generation tasks whose own length the user's ``cap`` cuts (a suite's own
+    cap is deliberate); for chain-of-thought tasks the answer may be cut off."""
     if cap is None:
         return
     for cfg in load:
         own = _own_length(cfg) if isinstance(cfg, Mapping) else None
         if own is not None and own > cap:
             log.warning(
-                "max_gen_toks=%d cuts %s (it generates up to %d tokens): reasoning may be "
-                "truncated before the answer; set max_gen_toks: null to use its own length",
+                "max_gen_toks=%d cuts %s (it generates up to %d tokens): a chain of thought may "
+                "end before its answer; max_gen_toks: null uses the task's own length",
                 cap,
                 cfg["task"],
                 own,
@@ -433,10 +437,10 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _load_lm(model: str, cfg: RunConfig) -> Any:
+def _load_lm(model: str, cfg: RunConfig, *, section: str = "evaluate") -> Any:
     """The lm-eval model of ``cfg.backend``; data-parallel when launched with N processes."""
     if cfg.backend == "vllm":
-        return _load_vllm(model, cfg)
+        return _load_vllm(model, cfg, field=f"{section}.backend")
     from lm_eval.models.huggingface import HFLM
 
     accelerator = _cpu_accelerator()
@@ -474,12 +478,12 @@ def _cpu_accelerator() -> Any:
     return accelerator if accelerator.num_processes > 1 else None
 
 
-def _load_vllm(model: str, cfg: RunConfig) -> Any:
+def _load_vllm(model: str, cfg: RunConfig, *, field: str = "backend") -> Any:
     """lm-eval's ``vllm`` model: ``pretrained``, ``dtype``, ``batch_size`` + ``model_args``."""
     if importlib.util.find_spec("vllm") is None:
         raise KarmaError(
             "backend vllm needs the vllm package (pip install vllm, on a CUDA machine)",
-            field="backend",
+            field=field,
             value="vllm",
             expected="hf, or vllm installed",
         )
@@ -540,7 +544,7 @@ def run_tasks(
     resolved = resolve_tasks(specs, where=where)
     model = resolve_model(model, local_only=local_only, where="model")
     _prepare_ifeval()
-    _warn_truncation(resolved.load, cfg.gen_cap())
+    _warn_truncation(resolved.load, cfg.max_gen_toks)
 
     from lm_eval.tasks import TaskManager
 
@@ -561,8 +565,11 @@ def run_tasks(
         use_cache = str(root / "responses" / fp)
         request_dir = root / "requests" / f"{fp}-{resolved.fingerprint}"
     manager = None if resolved.needs_registry else TaskManager(include_defaults=False)
+    section = where.split(".", 1)[0]
     with _torch_threads(cfg.threads):
-        results = _simple_evaluate(model, resolved, cfg, manager, use_cache, request_dir)
+        results = _simple_evaluate(
+            model, resolved, cfg, manager, use_cache, request_dir, section=section
+        )
     if results is None:  # only on non-zero ranks in distributed runs
         return Measurement({}, pl.DataFrame(schema=_schema()))
     if cfg.samples_dir is not None:
@@ -582,7 +589,9 @@ def run_tasks(
             )
         metrics[bench] = flatten_metrics(task_result)
     samples = sample_frame(results, resolved)
+    intervals = metric_intervals(results, resolved)
     for bench, spec in specs.items():
+        metrics[bench].update(intervals.get(bench, {}))
         metrics[bench].update(_headline(samples, bench, metrics[bench].get(spec.flat_metric)))
     return Measurement(metrics, samples)
 
@@ -644,6 +653,37 @@ def sample_frame(results: Mapping[str, Any], resolved: _Resolved) -> Any:
     return frame.sort("_order", "task", "doc_id").drop("_order")
 
 
+def metric_intervals(results: Mapping[str, Any], resolved: _Resolved) -> dict[str, dict[str, Any]]:
+    """``<metric>_stderr``, ``<metric>_ci_low``, ``<metric>_ci_high`` (95%) of every metric of
+    every benchmark, from lm-eval's per-item values (instruction-level IFEval metrics: over
+    the instructions, as lm-eval aggregates them). Flat metric names (``acc``,
+    ``exact_match_custom-extract``)."""
+    from karma.stats import mean_ci
+
+    samples = results.get("samples") or {}
+    groups = results.get("group_subtasks") or {}
+    out: dict[str, dict[str, Any]] = {}
+    for bench in resolved.specs:
+        values: dict[str, list[float]] = {}
+        for task in _leaves(resolved.names[bench], groups):
+            for s in samples.get(task) or []:
+                for metric in s.get("metrics") or []:
+                    value = s.get(metric)
+                    items = value if isinstance(value, list) else [value]
+                    if all(isinstance(v, (bool, int, float)) for v in items):
+                        key = flat_key(f"{metric},{s.get('filter', 'none')}")
+                        values.setdefault(key, []).extend(float(v) for v in items)
+        row: dict[str, Any] = {}
+        for key, vals in sorted(values.items()):
+            if not vals:
+                continue
+            est = mean_ci(vals)
+            for name, v in (("stderr", est.se), ("ci_low", est.ci_low), ("ci_high", est.ci_high)):
+                row[f"{key}_{name}"] = round(v, 6) if math.isfinite(v) else None
+        out[bench] = row
+    return out
+
+
 def _headline(samples: Any, bench: str, reported: float | None) -> dict[str, Any]:
     """``score``, 95% interval, standard error and n of a benchmark from its per-item scores."""
     from karma.stats import estimate
@@ -683,10 +723,12 @@ def _simple_evaluate(
     manager: Any,
     use_cache: str | None,
     request_dir: Path | None,
+    *,
+    section: str = "evaluate",
 ) -> dict[str, Any] | None:
     import lm_eval
 
-    lm = _load_lm(model, cfg)
+    lm = _load_lm(model, cfg, section=section)
     cap = cfg.gen_cap()
     gen_kwargs = {"max_gen_toks": cap} if cap else None
     log.info("evaluating %s on %s", model, ", ".join(resolved.names.values()))
@@ -707,8 +749,8 @@ def _simple_evaluate(
                 gen_kwargs=gen_kwargs,
                 **LM_EVAL_SEEDS,
             )
-        if results is None:
-            return None
+        if results is None:  # a non-zero rank: it takes part in every group's run
+            continue
         if merged is None:
             merged = results
         else:

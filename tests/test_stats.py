@@ -247,3 +247,56 @@ def test_to_metrics_is_flat_json():
     est = to_metrics(mean_ci([0.3]))
     assert est["se"] is None and est["ci_low"] is None and est["mean"] == 0.3
     json.dumps(est, allow_nan=False)  # NaN would raise
+
+
+# ---------------------------------------------------------------- the eval.json keys
+
+
+def test_estimate_is_the_eval_json_keys_of_mean_ci():
+    items = [1] * 16 + [0] * 33  # 16 of 49 prompts, like the default run's IFEval
+    est = stats.estimate(items)
+    ref = sps.binomtest(16, 49).proportion_ci(confidence_level=0.95, method="wilson")
+    assert est == {
+        "score": round(16 / 49, 6),
+        "ci_low": round(ref.low, 6),
+        "ci_high": round(ref.high, 6),
+        "stderr": round(float(np.std(items, ddof=1)) / 7, 6),
+        "n": 49,
+    }
+    cont = stats.estimate([0.2, 0.4, 0.9])
+    t = sps.t.ppf(0.975, 2) * np.std([0.2, 0.4, 0.9], ddof=1) / math.sqrt(3)
+    assert (cont["ci_low"], cont["ci_high"]) == pytest.approx((0.5 - t, 0.5 + t), abs=1e-6)
+    assert stats.estimate([1])["stderr"] is None  # NaN -> JSON null
+
+
+def test_paired_matches_the_reference_bootstrap_and_exact_test():
+    """delta.<bench>.* of eval.json: the paired bootstrap against the plain-python loop, p
+    against scipy's exact binomial test of the discordant items, significance by the interval."""
+    rng = np.random.default_rng(7)
+    base = (rng.random(49) < 0.35).astype(float)
+    policy = base.copy()
+    flip = rng.choice(49, size=9, replace=False)
+    policy[flip[:7]] = 1  # mostly wins
+    policy[flip[7:]] = 0
+    got = stats.paired(policy, base, seed=11, n_boot=2000)
+    low, high = _loop_bootstrap(policy, base, 2000, 11)
+    wins, losses = int(np.sum(policy > base)), int(np.sum(policy < base))
+    assert got["score"] == round(policy.mean() - base.mean(), 6)
+    assert (got["ci_low"], got["ci_high"]) == (round(low, 6), round(high, 6))
+    assert (got["n"], got["wins"], got["losses"]) == (49, wins, losses)
+    exact = sps.binomtest(wins, wins + losses, 0.5).pvalue
+    assert got["p"] == pytest.approx(exact, rel=1e-5)
+    assert got["significant"] == int(low > 0 or high < 0)
+    # 3 prompts of 49 lost: the interval holds 0, not significant (the issue's IFEval example)
+    drop = base.copy()
+    drop[np.flatnonzero(base)[:3]] = 0
+    noise = stats.paired(drop, base, seed=0, n_boot=2000)
+    assert noise["score"] == round(-3 / 49, 6) and noise["ci_low"] < 0
+    assert noise["p"] == pytest.approx(0.25) and noise["significant"] == 0
+    # 12 of 40 gained, none lost: significant, by the interval and by the test
+    strong = stats.paired([1] * 12 + [0] * 28, [0] * 40, seed=0, n_boot=2000)
+    assert strong["significant"] == 1 and strong["ci_low"] > 0
+    assert strong["p"] == pytest.approx(2 * 0.5**12, rel=1e-5)
+    json.dumps(strong, allow_nan=False)
+    # seeded: the same seed gives the same interval
+    assert stats.paired(policy, base, seed=11, n_boot=2000) == got
