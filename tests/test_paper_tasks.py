@@ -189,8 +189,11 @@ def test_hub_tasks_render_the_mini_tasks_prompts(name: str, mini: str) -> None:
     hub = load_task_config(HUB / f"karma_paper_hub_{name}.yaml")
     assert hub["dataset_path"] in ("allenai/ai2_arc", "Rowan/hellaswag")
     base = load_task_config(PAPER / f"karma_paper_{mini}.yaml")
-    keep = ("filter_list", "generation_kwargs", "metric_list", "description", "output_type")
+    keep = ("filter_list", "metric_list", "description", "output_type")
     assert {k: hub[k] for k in keep} == {k: base[k] for k in keep}
+    gen, mini_gen = dict(hub["generation_kwargs"]), dict(base["generation_kwargs"])
+    assert gen.pop("max_gen_toks") == 1024 and mini_gen.pop("max_gen_toks") == 256
+    assert gen == mini_gen  # a larger model's chain of thought has 4x the room
     task = _task(mini)
     for doc in list(task.test_docs())[:5]:
         hub_doc = _hub_hellaswag(doc) if name == "hellaswag" else doc

@@ -56,7 +56,7 @@ def test_each_suite_has_at_least_40_unique_items(name: str) -> None:
 def test_every_yaml_names_a_task_with_absolute_existing_data() -> None:
     tasks = embedded_tasks()
     paper = {f"karma_paper_{b}" for b in BENCHMARKS if b != "ifeval"}
-    hub = {f"karma_paper_hub_{b}" for b in ("arc_easy", "arc_challenge", "hellaswag")}
+    hub = {f"karma_paper_hub_{b}" for b in ("ifeval", "arc_easy", "arc_challenge", "hellaswag")}
     assert set(tasks) == {f"karma_{s}" for s in BENCHMARKS} | paper | hub
     for name, path in tasks.items():
         cfg = load_task_config(path)
