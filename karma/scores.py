@@ -423,13 +423,7 @@ def run_scores(params: Params, paths: ScoresPaths) -> dict[str, Any]:
     protocols = row_protocols(reported, rows, cfg.reported_protocol, cfg.aliases)
     if paths.protocols is not None:
         write_json(paths.protocols, protocols)
-    counts = {p: sum(v == p for v in protocols.values()) for p in sorted(set(protocols.values()))}
-    return {
-        "models": table.height,
-        "benchmarks": table.width - 1,
-        "measured": len(rows),
-        **{f"protocol.{p}": n for p, n in counts.items()},
-    }
+    return {"models": table.height, "benchmarks": table.width - 1, "measured": len(rows)}
 
 
 STAGE = Stage(
