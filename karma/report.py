@@ -802,7 +802,8 @@ def _diff_text(d: Estimate) -> str:
 
 def _caption(table: Table) -> str:
     note = SUITE_NOTE.get(table.suite)
-    suite = f"suite {table.suite}" + (f" ({note})" if note else "")
+    suite = f"suite {table.suite}" if table.suite != "?" else "suite not recorded (meta.suite)"
+    suite += f" ({note})" if note else ""
     ref = "the untrained base" if table.reference.untrained else table.reference.label
     return f"{suite}; protocol {table.protocol}; ▲/▼ and bold vs {ref}."
 
@@ -882,57 +883,50 @@ def _group_label(line: Line) -> str:
 def data_table(tables: Sequence[Table]) -> str:
     """Markdown table of the data-side metrics per configuration (mean ± sd over seeds)."""
     lines = [ln for t in tables for ln in t.lines[1:]]
-    rows = [r for ln in lines for r in ln.rows]
-    keys = [
-        (lab, k) for lab, k in DATA_KEYS if any(_get(r["metrics"], k) is not None for r in rows)
-    ]
-    if not keys:
+    body = [[_group_label(ln), *(_aggregate(ln.rows, k) for _, k in DATA_KEYS)] for ln in lines]
+    return _markdown_grid(["configuration", *(lab for lab, _ in DATA_KEYS)], body)
+
+
+def _change(rows: Sequence[Row], key: str) -> str:
+    """A paired change over replicate runs (``key`` with ``.ci_low``/``.ci_high``), as text."""
+    ests = []
+    for r in rows:
+        g = r["metrics"]
+        if (v := _num(_get(g, key))) is not None:
+            ests.append(
+                Estimate(v, _num(_get(g, key + ".ci_low")), _num(_get(g, key + ".ci_high")))
+            )
+    if not ests or len(ests) < len(rows):
+        return "–"
+    d = replicates(ests)
+    text = f"{d.value:+.3g}"
+    if d.lo is not None and d.hi is not None:
+        text += f" [{d.lo:+.3g}, {d.hi:+.3g}]"
+    return text + {1: " ▲", -1: " ▼"}.get(d.sign, "")
+
+
+def _markdown_grid(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, leaving out the columns (but the first) that have no value."""
+    keep = [0] + [j for j in range(1, len(head)) if any(r[j] != "–" for r in body)]
+    if len(keep) == 1:
         return ""
-    out = ["| configuration | " + " | ".join(lab for lab, _ in keys) + " |"]
-    out.append("|---|" + "---|" * len(keys))
-    for ln in lines:
-        out.append(
-            f"| {_group_label(ln)} | " + " | ".join(_aggregate(ln.rows, k) for _, k in keys) + " |"
-        )
-    return "\n".join(out) + "\n"
-
-
-def _heldout(line: Line) -> list[str] | None:
-    """Per held-out metric: after-training value, and the paired change with its interval."""
-    cells, found = [], False
-    for _, m in HELDOUT:
-        after = _aggregate(line.rows, f"train:heldout.after.{m}")
-        ests = []
-        for r in line.rows:
-            g = r["metrics"]
-            v = _num(_get(g, f"train:heldout.delta.{m}"))
-            if v is not None:
-                lo = _num(_get(g, f"train:heldout.delta.{m}.ci_low"))
-                hi = _num(_get(g, f"train:heldout.delta.{m}.ci_high"))
-                ests.append(Estimate(v, lo, hi))
-        found |= after != "–" or bool(ests)
-        delta = "–"
-        if ests and len(ests) == line.n:
-            d = replicates(ests)
-            delta = f"{d.value:+.3g}"
-            if d.lo is not None and d.hi is not None:
-                delta += f" [{d.lo:+.3g}, {d.hi:+.3g}]"
-            delta += {1: " ▲", -1: " ▼"}.get(d.sign, "")
-        cells += [after, delta]
-    return cells if found else None
+    lines = ["| " + " | ".join(head[j] for j in keep) + " |", "|---|" + "---|" * (len(keep) - 1)]
+    lines += ["| " + " | ".join(r[j] for j in keep) + " |" for r in body]
+    return "\n".join(lines) + "\n"
 
 
 def heldout_table(tables: Sequence[Table]) -> str:
     """Markdown table of the held-out preference metrics (train.json ``heldout.*``)."""
-    body = []
-    for t in tables:
-        for ln in t.lines[1:]:
-            if (cells := _heldout(ln)) is not None:
-                body.append(f"| {_group_label(ln)} | " + " | ".join(cells) + " |")
-    if not body:
-        return ""
-    head = " | ".join(f"{lab} after | Δ {lab}" for lab, _ in HELDOUT)
-    return "\n".join([f"| configuration | {head} |", "|---|" + "---|" * 6, *body]) + "\n"
+    head, body = ["configuration"], []
+    for lab, _ in HELDOUT:
+        head += [f"{lab} after", f"Δ {lab}"]
+    for ln in (ln for t in tables for ln in t.lines[1:]):
+        cells = [_group_label(ln)]
+        for _, m in HELDOUT:
+            cells += [_aggregate(ln.rows, f"train:heldout.after.{m}"),
+                      _change(ln.rows, f"train:heldout.delta.{m}")]  # fmt: skip
+        body.append(cells)
+    return _markdown_grid(head, body)
 
 
 # --------------------------------------------------------------------------- figures
@@ -963,7 +957,7 @@ def capability_png(tables: Sequence[Table]) -> bytes:
     """Per-capability bars (the paper's Fig. 5): one panel per table, a bar per line."""
     plt = _pyplot()
     groups = list(DEFAULT_GROUPS.items())
-    fig, axes = plt.subplots(1, len(tables), figsize=(6.6 * len(tables), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tables), figsize=(6.6 * len(tables), 4.4), squeeze=False)
     for ax, table in zip(axes.flat, tables, strict=False):
         width = 0.8 / len(table.lines)
         for i, line in enumerate(table.lines):
@@ -987,7 +981,7 @@ def capability_png(tables: Sequence[Table]) -> bytes:
         ax.set_title(table.title, fontsize=10)
         ax.set_ylabel("mean score (x100)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     fig.tight_layout()
     return _png(fig)
 
@@ -997,7 +991,7 @@ def radar_png(tables: Sequence[Table]) -> bytes:
     plt = _pyplot()
     cols = min(4, len(tables))
     nrows = math.ceil(len(tables) / cols)
-    fig = plt.figure(figsize=(3.6 * cols, 3.6 * nrows))
+    fig = plt.figure(figsize=(3.4 * cols, 3.4 * nrows + 0.5))
     for k, table in enumerate(tables):
         ax = fig.add_subplot(nrows, cols, k + 1, projection="polar")
         angles = np.linspace(0, 2 * np.pi, len(table.benches), endpoint=False)
@@ -1015,13 +1009,17 @@ def radar_png(tables: Sequence[Table]) -> bytes:
                 color=COLORS.get(line.strategy, "#607d8b"),
                 label=_line_label(line, False),
             )
-        ax.set_ylim(max(0, lo - 5), min(100, hi + 5))
+        bottom, top = max(0, lo - 5), min(100, hi + 5)
+        ax.set_ylim(bottom, top)
+        ax.set_yticks(
+            np.linspace(bottom, top, 4)[1:], [f"{v:.0f}" for v in np.linspace(bottom, top, 4)[1:]]
+        )
         ax.set_xticks(angles, [BENCH_LABEL.get(b, b) for b in table.benches], fontsize=7)
-        ax.tick_params(axis="y", labelsize=6)
-        ax.set_title(table.title, fontsize=8, pad=14)
-        if k == 0:
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(-0.35, 1.18))
-    fig.tight_layout()
+        ax.tick_params(axis="y", labelsize=6, colors="#777")
+        ax.set_title(table.title, fontsize=8, pad=16)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _png(fig)
 
 
@@ -1079,6 +1077,7 @@ FIGURES = [
     ),
 ]
 CURVES_DIR = "dvclive/train/plots/metrics"
+FIGURE_HEADINGS = {"kinship": "Kinship", "preferences": "Preference pairs", "select": "Selection"}
 
 
 # --------------------------------------------------------------------------- html
@@ -1090,12 +1089,13 @@ h2{font-size:1.2rem;margin:1.4rem 0 .3rem;border-bottom:1px solid #ddd}
 h3{font-size:1rem;margin:1rem 0 .2rem}p.cap{margin:.1rem 0 .3rem;color:#555;font-size:12px}
 table{border-collapse:collapse;margin:.2rem 0 .6rem;font-variant-numeric:tabular-nums}
 td,th{border:1px solid #d5d9e0;padding:3px 7px;text-align:right;vertical-align:top}
+td,th{white-space:nowrap}
 th{background:#f3f5f8;font-weight:600}
 th small,td small{display:block;font-weight:400;color:#777;font-size:11px}
-td:first-child,th:first-child{text-align:left;max-width:300px}
-tr.untrained td{background:#fafafa;font-style:italic;color:#555}
+td:first-child,th:first-child{text-align:left;white-space:normal;min-width:180px;max-width:330px}
+tr.untrained td{background:#f4f4f4;font-style:italic;color:#555}
 tr.ref td:first-child{font-weight:600}
-td.ge{background:#e6f4e6}td.best{font-weight:700}td.best b{text-decoration:underline}
+td.ge{background:#e3f2e3}td.best .v{font-weight:700}
 .mk{color:#1a7f37;padding-left:2px}.mk.dn{color:#c62828}
 details{margin:.1rem 0 .8rem;font-size:12px}summary{cursor:pointer;color:#345}
 .legend{background:#f6f8fa;border:1px solid #e1e4e8;padding:6px 10px;font-size:12px}
@@ -1118,9 +1118,8 @@ def _html_table(table: Table) -> list[str]:
     e = html.escape
     out = [f"<h3>{e(table.title)}</h3><p class='cap'>{e(_caption(table))}</p><table><tr><th></th>"]
     for c in cols:
-        out.append(
-            f"<th>{e(_col_label(c))}<small>{e(table.items.get(c, '') or 'sum')}</small></th>"
-        )
+        sub = f"sum of {len(TOTAL_BENCHMARKS)}" if c == TOTAL else table.items.get(c, "")
+        out.append(f"<th>{e(_col_label(c))}<small>{e(sub)}</small></th>")
     out.append("</tr>")
     for line in table.lines:
         cls = "untrained" if line.untrained else ("ref" if line is table.reference else "")
@@ -1146,7 +1145,7 @@ def _html_table(table: Table) -> list[str]:
             mark = _mark(line, col)
             mk = f"<span class='mk{' dn' if mark == '▼' else ''}'>{mark}</span>" if mark else ""
             out.append(
-                f"<td class='{klass}'{title}><b>{100 * est.value:.1f}</b>{mk}"
+                f"<td class='{klass}'{title}><span class='v'>{100 * est.value:.1f}</span>{mk}"
                 f"<small>{e(_spread(line, est, table.pooled))}</small></td>"
             )
         out.append("</tr>")
@@ -1212,7 +1211,7 @@ def html_page(
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
         f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        f"<p>{runs} runs in {configs} configurations; base models: {e(', '.join(bases))}.</p>",
+        f"<p>{runs} run(s) in {configs} configuration(s); base models: {e(', '.join(bases))}.</p>",
         f"<p class='legend'>{LEGEND}</p>",
     ]
     if pooled:
@@ -1238,40 +1237,54 @@ def html_page(
             "(95 % interval; ▲/▼ when it excludes 0).</p>",
             _md_to_html_table(held),
         ]
-    missing = list(missing)
-    parts.append("<h2>Figures</h2>")
-    if configs > 1:
-        show = pooled or tables
-        parts.append(
-            _img(
-                capability_png(show),
-                "Per-capability scores (the paper's Fig. 5): "
-                "mean of each capability's benchmarks, 95 % intervals",
-            )
-        )
-        parts.append(_img(radar_png(tables), "Per-model radar (the paper's Fig. 6)"))
-    else:
-        missing.insert(
-            0,
-            "per-capability bars (Fig. 5) and per-model radar (Fig. 6): one configuration "
-            "only; run more experiments (`dvc exp run -S kinship=...`)",
-        )
-    for fig in figures:
-        rel = fig.parts[fig.parts.index("plots") :] if "plots" in fig.parts else (fig.name,)
-        parts.append(_img(fig.read_bytes(), "/".join(rel), "half"))
-    curves = curves_png(curve_files) if curve_files else None
-    if curves:
-        parts.append(_img(curves, f"Training curves of the workspace's run ({CURVES_DIR})"))
-    elif curve_files:
-        missing.append(f"training curves: the dvclive TSVs in {CURVES_DIR} are empty")
-    if missing:
-        parts.append("<p>Not shown:</p><ul class='missing'>")
-        parts += [f"<li>{e(m)}</li>" for m in missing]
-        parts.append("</ul>")
+    parts += _figures_html(tables, pooled, figures, curve_files, list(missing))
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _figures_html(
+    tables: Sequence[Table],
+    pooled: Sequence[Table],
+    figures: Sequence[Path],
+    curve_files: Sequence[Path],
+    missing: list[str],
+) -> list[str]:
+    """The figures section: what is not shown (and why) first, then the figures."""
+    e, figs = html.escape, []
+    if sum(len(t.lines) - 1 for t in tables) > 1:
+        figs.append("<h3>Results by capability and by model</h3>")
+        cap = "Per-capability scores (the paper's Fig. 5): mean of its benchmarks, 95 % intervals"
+        figs.append(_img(capability_png(pooled or tables), cap))
+        figs.append(_img(radar_png(tables), "Per-model radar (the paper's Fig. 6)"))
+    else:
+        why = "one configuration only; run more (`dvc exp run -S kinship=...`)"
+        missing.insert(0, f"per-capability bars (Fig. 5) and per-model radar (Fig. 6): {why}")
+    heading = ""
+    for fig in figures:
+        rel = fig.parts[fig.parts.index("plots") :] if "plots" in fig.parts else (fig.name,)
+        if (now := FIGURE_HEADINGS.get(fig.parent.name, "Other figures")) != heading:
+            heading = now
+            figs.append(f"<h3>{e(heading)} (workspace)</h3>")
+        figs.append(_img(fig.read_bytes(), "/".join(rel), "half"))
+    curves = curves_png(curve_files) if curve_files else None
+    if curves:
+        figs.append("<h3>Training curves (workspace)</h3>")
+        figs.append(_img(curves, f"dvclive curves of the workspace's run ({CURVES_DIR})"))
+    elif curve_files:
+        missing.append(f"training curves: the dvclive TSVs in {CURVES_DIR} are empty")
+    out = ["<h2>Figures</h2>"]
+    if missing:
+        out += ["<p>Not shown:</p><ul class='missing'>", *(f"<li>{e(m)}</li>" for m in missing)]
+        out.append("</ul>")
+    return out + figs
+
+
+def _figure_order(path: Path) -> tuple[int, str]:
+    """Kinship heatmap, PCA, the all-benchmark dendrogram, then the rest by name."""
+    first = ["kinship_heatmap", "pca", "dendrogram_all"]
+    return (first.index(path.stem) if path.stem in first else len(first), path.name)
 
 
 def workspace_figures(repo: Path) -> tuple[list[Path], list[Path], list[str]]:
@@ -1279,11 +1292,8 @@ def workspace_figures(repo: Path) -> tuple[list[Path], list[Path], list[str]]:
     figures, missing = [], []
     for rel, caption, why in FIGURES:
         path = repo / rel
-        found = (
-            sorted(path.glob("*.png"))
-            if path.is_dir() or not path.suffix
-            else ([path] if path.is_file() else [])
-        )
+        found = sorted(path.glob("*.png"), key=_figure_order) if path.is_dir() else []
+        found += [path] if path.is_file() else []
         figures += found
         if not found:
             missing.append(f"{caption} ({rel}): {why}")
