@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("karma.evaluation:EVALUATE", "Evaluate a model with lm-eval (vs a baseline)."),
 }
 OTHER = {
-    "report": "Render the experiments' comparison as Markdown and self-contained HTML.",
+    "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",
     "params": "Print the default params.yaml (every setting with its help).",
 }
 
@@ -97,7 +97,7 @@ def params_command() -> None:
     click.echo(defaults_yaml(), nl=False)
 
 
-@cli.command("report", help=OTHER["report"])
+@cli.command("report", short_help=OTHER["report"])
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="The DVC project.")  # fmt: skip
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
@@ -111,11 +111,10 @@ def params_command() -> None:
               help="Instead: print a PR-ready table of metric changes since REV.")  # fmt: skip
 @click.option("--plots-template", type=click.Path(dir_okay=False, path_type=Path),
               default=None, metavar="FILE",
-              help="Instead: write an offline template for `dvc plots show --html-template`.")  # fmt: skip
+              help="Instead: write a template for an offline `dvc plots show`.")  # fmt: skip
 @click.option("--vega-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               default=None, help="With --plots-template: folder with vega, vega-lite and "
-              "vega-embed (*.min.js or `npm pack` tarballs); default: fetched once by npm.",
-              )  # fmt: skip
+              "vega-embed (*.min.js or `npm pack` tarballs); default: npm pack, once.")  # fmt: skip
 def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: int,
                    diff_rev: str | None, plots_template: Path | None,
                    vega_dir: Path | None) -> None:  # fmt: skip

@@ -354,6 +354,7 @@ class Line:
     diffs: dict[str, Estimate] = field(default_factory=dict)
     bold: set[str] = field(default_factory=set)
     at_or_above: set[str] = field(default_factory=set)
+    parts: dict[str, Line] = field(default_factory=dict)  # pooled: the line of each base
 
     @property
     def n(self) -> int:
@@ -379,7 +380,6 @@ class Table:
     lines: list[Line]
     reference: Line
     pooled: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def columns(self) -> list[str]:
@@ -515,9 +515,18 @@ def _delta(row: Row, bench: str) -> Estimate | None:
 def _compare(
     line: Line, ref: Line, bench: str, *, samples: SampleLoader, seed: int, n_boot: int
 ) -> Estimate | None:
-    """``line - ref`` for one benchmark: paired where per-sample results exist, else unpaired."""
+    """``line - ref`` for one benchmark: paired where per-sample results exist, else unpaired.
+
+    Pooled lines: the mean over the bases of each base's difference.
+    """
     if bench not in line.cells or bench not in ref.cells:
         return None
+    if line.parts:
+        both = [b for b in line.parts if b in ref.parts]
+        kw = {"samples": samples, "seed": seed, "n_boot": n_boot}
+        ds = [d for b in both if (d := _compare(line.parts[b], ref.parts[b], bench, **kw))]
+        how = f"mean over {len(ds)} bases of their differences"
+        return linear(ds, [1 / len(ds)] * len(ds), how) if ds else None
     deltas = [_delta(r, bench) for r in line.rows] if ref.untrained else []
     if deltas and line.n == 1 and deltas[0] is not None:
         return deltas[0]
@@ -583,7 +592,7 @@ def _decorate(table: Table) -> None:
         ):
             for ln in top:
                 ln.bold.add(col)
-        if table.pooled and col in ref.cells and not ref.untrained:
+        if table.pooled and col in ref.cells:
             for ln in trained:
                 if ln is not ref and shown(ln.cells[col]) >= shown(ref.cells[col]):  # type: ignore[operator]
                     ln.at_or_above.add(col)
@@ -687,75 +696,39 @@ def _pool(
     tables: Sequence[Table], compare: Callable[[Line, Line, str], Estimate | None]
 ) -> list[Table]:
     """The paper's Table 2: per (method, suite), each configuration averaged over the bases."""
-    out = []
     by: dict[tuple[str, str], list[Table]] = {}
     for t in tables:
         by.setdefault((t.method, t.suite), []).append(t)
+    out = []
     for (method, suite), group in by.items():
         if len(group) < 2:
             continue
         benches = [b for b in group[0].benches if all(b in t.benches for t in group)]
-        keys: list[tuple[Any, ...]] = []
+        keys: list[tuple[Any, ...]] = [()]
         for t in group:
             keys += [ln.key for ln in t.lines[1:] if ln.key not in keys]
-
-        def mean_line(
-            parts: list[Line], label: str, key: tuple[Any, ...], untrained: bool, benches=benches
-        ) -> Line:
+        lines = []
+        for key in keys:
+            parts = {t.bases[0]: ln for t in group for ln in t.lines if ln.key == key}
             cells = {}
             for col in [*benches, TOTAL]:
-                if all(col in p.cells for p in parts):
-                    cells[col] = linear(
-                        [p.cells[col] for p in parts], [1 / len(parts)] * len(parts)
-                    )
-            rows = [r for p in parts for r in p.rows]
-            return Line(label, key[0] if key else "", rows, cells, untrained=untrained, key=key)
-
-        untrained = mean_line([t.lines[0] for t in group], "untrained base", (), True)
-        lines, members = [untrained], {}
-        for key in keys:
-            parts = [ln for t in group for ln in t.lines[1:] if ln.key == key]
-            label = next(ln.label for ln in parts)
+                if all(col in p.cells for p in parts.values()):
+                    ests = [p.cells[col] for p in parts.values()]
+                    cells[col] = linear(ests, [1 / len(ests)] * len(ests))
+            first = next(iter(parts.values()))
+            label = first.label
             if len(parts) < len(group):
                 label += f" ({len(parts)} of {len(group)} bases)"
-            lines.append(mean_line(parts, label, key, False))
-            members[key] = parts
+            rows = [r for p in parts.values() for r in p.rows]
+            lines.append(
+                Line(label, first.strategy, rows, cells, first.untrained, key, parts=parts)
+            )
         baselines = [ln for ln in lines[1:] if ln.strategy == "rlaif"]
-        ref = baselines[0] if baselines else untrained
-        table = Table(
-            method,
-            suite,
-            group[0].protocol,
-            [t.bases[0] for t in group],
-            benches,
-            {b: group[0].items.get(b, "") for b in benches},
-            lines,
-            ref,
-            pooled=True,
-        )
-        for line in lines[1:]:
-            if line is ref:
-                continue
-            for bench in benches:
-                parts = []
-                for t in group:
-                    mine = next((ln for ln in t.lines[1:] if ln.key == line.key), None)
-                    theirs = (
-                        t.lines[0]
-                        if ref.untrained
-                        else next((ln for ln in t.lines[1:] if ln.key == ref.key), None)
-                    )
-                    if mine and theirs and (d := compare(mine, theirs, bench)) is not None:
-                        parts.append(d)
-                if parts:
-                    line.diffs[bench] = linear(
-                        parts,
-                        [1 / len(parts)] * len(parts),
-                        f"mean over {len(parts)} bases of paired differences",
-                    )
-            if all(b in line.diffs for b in TOTAL_BENCHMARKS):
-                ds = [line.diffs[b] for b in TOTAL_BENCHMARKS]
-                line.diffs[TOTAL] = linear(ds, [1.0] * 5, "sum of the benchmarks' differences")
+        items = {b: group[0].items.get(b, "") for b in benches}
+        bases = [t.bases[0] for t in group]
+        ref = baselines[0] if baselines else lines[0]
+        table = Table(method, suite, group[0].protocol, bases, benches, items, lines, ref, True)
+        _diffs(table, compare)
         _decorate(table)
         out.append(table)
     return out
