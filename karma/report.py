@@ -263,12 +263,10 @@ class Estimate:
 
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     """Exact two-sided McNemar test of paired 0/1 outcomes (binomial test on discordant pairs)."""
+    from scipy.stats import binomtest
+
     n10, n01 = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
-    n = n10 + n01
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(n10, n01) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
 
 
 def paired(a: np.ndarray, b: np.ndarray, *, seed: int, n_boot: int = 2000) -> dict[str, float]:
@@ -1345,7 +1343,8 @@ def vega_scripts(js_dir: Path | None = None) -> list[tuple[str, str]]:
     for pkg, version in VEGA_PACKAGES:
         js = _find_js(folder, pkg, version)
         if js is None:
-            raise KarmaError(f"no {pkg}.min.js (or {pkg}-{version}.tgz) in {folder}", file=folder)
+            why = f"no {pkg}.min.js nor {pkg}-{version}.tgz (`npm pack {pkg}@{version}`) here"
+            raise KarmaError(why, file=folder)
         out.append((f"{pkg}@{version}", js))
     return out
 

@@ -20,8 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from karma import report
-from karma.cli import cli
+from karma.cli import cli, main
 from karma.config import BENCHMARKS
+from karma.errors import KarmaError
 
 M = 50  # items per benchmark
 START = {"org/base-A": 20, "org/base-B": 30}  # trained runs: first START+offset items correct
@@ -215,9 +216,10 @@ def test_paired_interval_matches_reference_computations() -> None:
     assert got["score"] == pytest.approx(d.mean())
     assert (got["ci_low"], got["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half),
                                                             abs=0.006)  # fmt: skip
-    # 3. exact McNemar = binomial test on the discordant pairs
-    n10, n01 = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    assert got["p"] == pytest.approx(stats.binomtest(n10, n10 + n01, 0.5).pvalue)
+    # 3. exact McNemar, worked by hand: 5 vs 1 discordant pairs -> 2 * P(X <= 1 | n=6) = 14/64
+    a6, b6 = np.array([1, 1, 1, 1, 1, 0, 1, 0]), np.array([0, 0, 0, 0, 0, 1, 1, 0])
+    assert report.paired(a6, b6, seed=0, n_boot=100)["p"] == pytest.approx(14 / 64)
+    assert report.mcnemar_p(np.array([1, 1, 1, 0]), np.zeros(4)) == pytest.approx(0.25)
     # seeded: the same call gives the same interval
     assert report.paired(a, b, seed=3, n_boot=20000) == got
 
@@ -413,7 +415,7 @@ def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
     json.dumps(diff)  # serialisable for CI bots
 
 
-def test_dvc_plots_show_offline_template(tmp_path: Path) -> None:
+def test_dvc_plots_show_offline_template(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`dvc plots show --html-template` with the template: vega inline, no http(s) reference."""
     dvc, env = _dvc_project(tmp_path)
     js = tmp_path / "js"
@@ -437,7 +439,16 @@ def test_dvc_plots_show_offline_template(tmp_path: Path) -> None:
 
     empty = tmp_path / "none"
     empty.mkdir()
-    result = CliRunner().invoke(
-        cli, ["report", "--plots-template", str(out), "--vega-dir", str(empty)]
-    )
-    assert result.exit_code != 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--plots-template", str(out), "--vega-dir", str(empty)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"karma: error: {empty}: no vega.min.js nor vega-5.20.2.tgz (`npm pack vega@5.20.2`) here"
+    ]
+
+
+def test_no_scores_is_one_clear_error() -> None:
+    rows = [{"name": "x", "params": {}, "metrics": {"train:train_loss": 0.5}}]
+    with pytest.raises(KarmaError, match=r"no evaluation scores .*policy.<bench>.score"):
+        report.build_tables(rows)
