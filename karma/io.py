@@ -29,7 +29,7 @@ from karma.errors import KarmaError
 CACHE_ENV = "KARMA_CACHE_DIR"
 #: The file a directory output carries: it was written by karma (see karma.pipeline). Kept out
 #: of content digests here and out of DVC's directory hashes by ``.dvcignore``.
-MARKER = ".karma-output"
+MARKER = ".written-by-karma"
 #: ``atomic_file``'s temporaries: ``.<name>.<pid>.karma-tmp`` (a later write removes dead ones)
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.karma-tmp$")
 _LIMITS: contextvars.ContextVar[Any] = contextvars.ContextVar("karma_limits", default=None)

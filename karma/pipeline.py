@@ -336,7 +336,7 @@ def _exists(p: Path) -> bool:
 def check_destination(s: Staged) -> None:
     """A directory output may replace only what karma wrote there (or an empty directory).
 
-    Recognised: the marker ``.karma-output`` (listing the files karma wrote: a directory that
+    Recognised: the marker ``.written-by-karma`` (listing the files karma wrote: a directory that
     holds any other file is refused too), or an output that ``dvc.lock`` records (DVC replaces
     those itself on ``dvc repro``; its checkouts carry no marker since ``.dvcignore`` keeps the
     marker out of DVC's hashes).

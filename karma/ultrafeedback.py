@@ -138,7 +138,6 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
         p_instr.append(instr)
         p_source.append(None if src is None else str(src))
         size = len(instr.encode())
-        seen: dict[str, int] = {}
         for pos, comp in enumerate(comps):
             cloc = f"completions[{pos}]"
             if not isinstance(comp, dict):
@@ -166,16 +165,6 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
                     value=resp,
                     expected="a string",
                 )
-            key = model.strip().lower()
-            if key in seen:
-                raise KarmaError(
-                    f"model {model!r} repeats within one instruction (completions[{seen[key]}] "
-                    f"and [{pos}]; names are case-insensitive)",
-                    file=loc,
-                    field=f"{cloc}.model",
-                    expected="one completion per model and instruction",
-                )
-            seen[key] = pos
             size += len(resp.encode())
             if size > cap:
                 raise limit_error(loc, f"record of {size}+ bytes of text, more than",
@@ -361,21 +350,6 @@ def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
             value=r[key],
             expected="a model name and a response string",
         )
-    keyed = comps.select(
-        "row", "pos", "model", key=pl.col("model").str.strip_chars().str.to_lowercase()
-    )
-    repeated = keyed.filter(pl.len().over("row", "key") > 1)
-    if repeated.height:
-        first = repeated.row(0, named=True)
-        same = repeated.filter((pl.col("row") == first["row"]) & (pl.col("key") == first["key"]))
-        r = same.row(1, named=True)
-        raise KarmaError(
-            f"model {r['model']!r} repeats within one instruction (completions[{first['pos']}] "
-            f"and [{r['pos']}]; names are case-insensitive)",
-            file=f"{file}: record {r['row']}",
-            field=f"completions[{r['pos']}].model",
-            expected="one completion per model and instruction",
-        )
     for col, key in RATING_FIELDS.items():
         raw = f"_raw_{col}"
         if raw not in comps.columns:
@@ -438,7 +412,35 @@ def _read_hub(name: str, split: str) -> UltraFeedback:
 
 
 def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeedback:
-    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``)."""
+    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``).
+
+    Input is bounded by ``params.limits`` and a model may answer an instruction only once.
+    """
+    data = _read_source(source, split)
+    _no_repeated_model(data)
+    return data
+
+
+def _no_repeated_model(data: UltraFeedback) -> None:
+    """Refuse a record whose completions name one model twice (case-insensitive)."""
+    keyed = data.completions.select(
+        "row", "pos", "model", key=pl.col("model").str.strip_chars().str.to_lowercase()
+    )
+    repeated = keyed.filter(pl.len().over("row", "key") > 1)
+    if repeated.height:
+        first = repeated.row(0, named=True)
+        same = repeated.filter((pl.col("row") == first["row"]) & (pl.col("key") == first["key"]))
+        r = same.row(1, named=True)
+        raise KarmaError(
+            f"model {r['model']!r} repeats within one instruction (completions[{first['pos']}] "
+            f"and [{r['pos']}]; names are case-insensitive)",
+            file=f"{data.source}: record {r['row']}",
+            field=f"completions[{r['pos']}].model",
+            expected="one completion per model and instruction",
+        )
+
+
+def _read_source(source: str | Path, split: str) -> UltraFeedback:
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()

@@ -234,7 +234,7 @@ CASES = [
          f"bad: field '--out': {OUT_IS_INPUT} --scores"),
     Case("kinship-out-foreign-directory",
          ("kinship", "--scores", "scores.csv", "--out", "mine"),
-         f"mine: field '--out': {NOT_KARMA} (no .karma-output; holds notes.txt)", sub=True),
+         f"mine: field '--out': {NOT_KARMA} (no .written-by-karma; holds notes.txt)", sub=True),
     Case("kinship-out-karma-dir-with-a-user-file",
          ("kinship", "--scores", "scores.csv", "--out", "kin_extra"),
          "kin_extra: field '--out': output directory holds 1 file(s) that karma did not write "
@@ -280,7 +280,7 @@ CASES = [
     Case("prefs-jsonl-truncated", (*PR, "bad/trunc_c.jsonl"),
          "bad/trunc_c.jsonl: malformed JSON on line 6"),
     Case("prefs-model-repeats-in-one-instruction", (*PR, "bad/repeat.jsonl"),
-         "bad/repeat.jsonl: line 1: field 'completions[1].model': model"),
+         "bad/repeat.jsonl: record 0: field 'completions[1].model': model"),
     Case("prefs-line-limit", (*PR, "bad/longline.jsonl", "-S", "limits.max_line_bytes=1000"),
          "bad/longline.jsonl: line 1 is longer than limits.max_line_bytes = 1000"),
     Case("prefs-record-limit", (*PR, "demo.jsonl", "-S", "limits.max_record_bytes=100"),
