@@ -279,9 +279,9 @@ def _execute(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str
     done = False
     try:
         if main:
-            created = _os_errors(prepare, list(staged.values()))
+            prepare(list(staged.values()), created)
         tmp_paths = dataclasses.replace(paths, **{k: s.tmp for k, s in staged.items()})
-        metrics = _os_errors(stage.run, params, tmp_paths)
+        metrics = _os_errors(stage.run, params, tmp_paths, staged=staged.values())
         if main:
             _os_errors(commit, list(staged.values()), stage.name)
         done = True
@@ -296,14 +296,21 @@ def _execute(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str
     return metrics
 
 
-def _os_errors(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, an operating-system error (permissions, disk full) as one line."""
+def _os_errors(fn: Callable[..., Any], *args: Any, staged: Any = ()) -> Any:
+    """``fn(*args)``, an operating-system error (permissions, disk full) as one line.
+
+    The file named is the output's own path, not its temporary sibling.
+    """
     try:
         return fn(*args)
     except OSError as err:
         log.debug("operating-system error", exc_info=True)
         reason = err.strerror or short_reason(err)
-        raise KarmaError(f"cannot write or read: {reason}", file=err.filename) from None
+        name = None if err.filename is None else str(err.filename)
+        for s in staged:
+            if name is not None and name.startswith(str(s.tmp)):
+                name = str(s.final) + name[len(str(s.tmp)) :]
+        raise KarmaError(f"cannot write or read: {reason}", file=name) from None
 
 
 @dataclass(frozen=True)
@@ -400,15 +407,16 @@ def _dvc_tracked(path: Path) -> bool:
     return False
 
 
-def _mkdirs(path: Path) -> list[Path]:
-    """Create ``path`` and its missing parents; return those created, outermost first."""
+def _mkdirs(path: Path, created: list[Path]) -> None:
+    """Create ``path`` and its missing parents, outermost first, each appended to ``created``."""
     missing = []
     p = path
     while not p.exists():
         missing.append(p)
         p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
-    return list(reversed(missing))
+    for d in reversed(missing):
+        d.mkdir()
+        created.append(d)
 
 
 def recover(staged: list[Staged]) -> None:
@@ -438,12 +446,11 @@ def recover(staged: list[Staged]) -> None:
         _remove(s.tmp)
 
 
-def prepare(staged: list[Staged]) -> list[Path]:
-    """Make the empty temporary outputs (checked writable); return the directories created."""
-    created: list[Path] = []
+def prepare(staged: list[Staged], created: list[Path]) -> None:
+    """Make the empty temporary outputs (checked writable); ``created``: directories made."""
     for s in staged:
         try:
-            created += _mkdirs(s.final.parent)
+            _mkdirs(s.final.parent, created)
             _remove(s.tmp)
             if s.is_dir:
                 s.tmp.mkdir()
@@ -451,13 +458,9 @@ def prepare(staged: list[Staged]) -> list[Path]:
                 os.close(os.open(s.tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
                 s.tmp.unlink()
         except OSError as err:
-            for d in reversed(created):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
             reason = err.strerror or short_reason(err)
             raise KarmaError(f"cannot write the output here: {reason}", file=s.final,
                              field=s.label or None) from None  # fmt: skip
-    return created
 
 
 def commit(staged: list[Staged], name: str) -> None:

@@ -108,6 +108,7 @@ def build_workspace(ws: Path) -> None:
         "nonutf8.csv": b"model,ifeval\na,1\n\xff\xfe,2\n",
         "empty.csv": "",
         "dupmodel.tsv": "model\tifeval\na\t1\nA\t2\n",
+        "unterminated.tsv": 'model\tifeval\na\t1\n"b\t2\n',
         "inf.csv": "model,ifeval\na,1\nb,inf\n",
         "modelnum.json": '[{"model": 1, "ifeval": 2}, {"model": "b", "ifeval": 3}]',
         "trunc.json": '[{"model": "a", "ifeval": 2}, {"mod',
@@ -117,6 +118,7 @@ def build_workspace(ws: Path) -> None:
         "trunc_c.jsonl": "\n".join(demo[:5]) + "\n" + demo[5][: len(demo[5]) // 2] + "\n",
         "longline.jsonl": json.dumps({"instruction": "x" * 3000, "completions": []}) + "\n",
         "comp.json": "[" + ",".join(demo[:3]) + "]",
+        "trunc_c.json": "[" + ",".join(demo[:3])[:-40],
         "trunc.yaml": "select: {ratio: 0.5\nseed: 1\n",
         "unknown.yaml": "selekt: {ratio: 0.5}\n",
         "list.yaml": "- 1\n- 2\n",
@@ -188,6 +190,8 @@ CASES = [
          "bad/inf.csv: field 'ifeval': line 3 (model 'b'): non-numeric score"),
     Case("scores-tsv-duplicate-model", (*SC, "--reported", "bad/dupmodel.tsv"),
          "bad/dupmodel.tsv: field 'model': line 3: duplicate model 'a'"),
+    Case("scores-tsv-unterminated-quote", (*SC, "--reported", "bad/unterminated.tsv"),
+         "bad/unterminated.tsv: line 3: malformed TSV: unterminated quoted field"),
     Case("scores-json-model-not-text", (*SC, "--reported", "bad/modelnum.json"),
          "bad/modelnum.json: field 'model': record 1: model id is not text (got 1"),
     Case("scores-json-truncated", (*SC, "--reported", "bad/trunc.json"),
@@ -251,6 +255,10 @@ CASES = [
     Case("kinship-read-only-destination",
          ("kinship", "--scores", "scores.csv", "--out", f"{RO}/k"),
          f"{RO}/k: field '--out': cannot write the output here", sub=True),
+    Case("kinship-fails-after-staging-nested-out",
+         ("kinship", "--scores", "scores.csv", "--out", "new/a/b/k", "--plots", "new/p",
+          "--metrics", "new/m/k.json", "-S", "similarity.min_common=50"),
+         "no pair of models is kin"),
     Case("kinship-tau-range", (*KI, "scores.csv", "--tau", "2"),
          "--tau: out of range (got 2; expected -1 <= tau <= 1)"),
     Case("kinship-metric-choice", (*KI, "scores.csv", "--metric", "cosin"),
@@ -279,6 +287,8 @@ CASES = [
     # ---- preferences: completions in every format, limits, structure, paths, params
     Case("prefs-jsonl-truncated", (*PR, "bad/trunc_c.jsonl"),
          "bad/trunc_c.jsonl: malformed JSON on line 6"),
+    Case("prefs-json-truncated", (*PR, "bad/trunc_c.json"),
+         "bad/trunc_c.json: malformed JSON on line 1"),
     Case("prefs-model-repeats-in-one-instruction", (*PR, "bad/repeat.jsonl"),
          "bad/repeat.jsonl: record 0: field 'completions[1].model': model"),
     Case("prefs-line-limit", (*PR, "bad/longline.jsonl", "-S", "limits.max_line_bytes=1000"),
@@ -484,6 +494,59 @@ def test_only_the_main_process_touches_outputs(tmp_path: Path, monkeypatch: Any)
     execute(stage, Params(), paths)
     assert (tmp_path / "out/data.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out"]
+
+
+# --------------------------------------------------------------------------- what karma wrote
+
+
+def test_outputs_dvc_records_replace_without_a_marker(tmp_path: Path) -> None:
+    """A DVC checkout carries no marker (.dvcignore keeps it out of DVC's hashes): an output that
+    the project's dvc.lock records is replaced; a directory beside it is not."""
+    from karma.config import Params
+    from karma.errors import KarmaError
+    from karma.io import MARKER
+    from karma.pipeline import Stage, execute, input_path, output_path
+
+    @dataclass(frozen=True, kw_only=True)
+    class Paths:
+        src: Path = input_path("input")
+        out: Path = output_path("out dir", is_dir=True)
+
+    def run(params: Params, paths: Any) -> dict[str, Any]:
+        Path(paths.out, "data.txt").write_text("new")
+        return {}
+
+    stage = Stage(name="demo", settings=(), paths=Paths, run=run)
+    (tmp_path / "in.txt").write_text("x")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  demo:\n    cmd: x\n    outs:\n    - path: data/out\n"
+    )
+    for name in ("out", "other"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "data.txt").write_text("checked out")
+    execute(stage, Params(), Paths(src=tmp_path / "in.txt", out=tmp_path / "data/out"))
+    assert (tmp_path / "data/out/data.txt").read_text() == "new"
+    assert json.loads((tmp_path / "data/out" / MARKER).read_text())["files"] == ["data.txt"]
+    with pytest.raises(KarmaError, match=r"other: field 'out': output directory exists and was"):
+        execute(stage, Params(), Paths(src=tmp_path / "in.txt", out=tmp_path / "data/other"))
+    assert (tmp_path / "data/other/data.txt").read_text() == "checked out"
+
+
+def test_atomic_file_removes_the_temporaries_of_dead_writers(tmp_path: Path) -> None:
+    from karma.io import atomic_file
+
+    target = tmp_path / "entry.json"
+    dead = tmp_path / ".entry.json.999999999.karma-tmp"  # no such process
+    alive = tmp_path / f".entry.json.{os.getppid()}.karma-tmp"  # a live writer's
+    other = tmp_path / ".other.json.999999999.karma-tmp"  # another target's
+    for p in (dead, alive, other):
+        p.write_text("half")
+    with atomic_file(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, alive.name, other.name]
+    )
 
 
 # --------------------------------------------------------------------------- kill tests
