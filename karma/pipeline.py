@@ -288,7 +288,8 @@ def _execute(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str
     finally:
         if main and not done and not any(s.journal.exists() for s in staged.values()):
             for s in staged.values():  # nothing committed: drop the temporaries
-                _remove(s.tmp)
+                with contextlib.suppress(OSError):
+                    _remove(s.tmp)
             for d in reversed(created):
                 with contextlib.suppress(OSError):
                     d.rmdir()
