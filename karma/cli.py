@@ -153,14 +153,18 @@ def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: in
 
 
 def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) -> None:
-    """Run a click command with the error contract: one line on stderr, exit 1 (2: usage)."""
+    """Run a click command with the error contract: one line on stderr, exit 1 (2: usage).
+
+    An unexpected exception is a bug: one line too (its type and first line), with the
+    traceback under ``KARMA_DEBUG=1``.
+    """
     try:
         command.main(args=list(argv) if argv is not None else None, prog_name=prog,
                      standalone_mode=False)  # fmt: skip
     except KarmaError as err:
         click.echo(f"karma: error: {err}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("karma: aborted", err=True)
         sys.exit(130)
     except click.UsageError as err:
@@ -171,6 +175,14 @@ def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) 
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    except Exception as err:
+        if os.environ.get("KARMA_DEBUG"):
+            raise
+        from karma.io import short_reason
+
+        click.echo(f"karma: internal error: {type(err).__name__}: {short_reason(err)} "
+                   "(KARMA_DEBUG=1 shows the traceback)", err=True)  # fmt: skip
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
