@@ -123,11 +123,9 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
             file=p,
             expected="a parquet file of preference pairs",
         )
-    try:
-        frame = pl.read_parquet(p)
-    except Exception as err:  # polars raises several error types for bad files
-        msg = " ".join(str(err).split())[:200]
-        raise KarmaError(f"not a readable parquet file: {msg}", file=p) from None
+    from karma.io import check_record_bytes, read_parquet
+
+    frame = read_parquet(p, "parquet file")
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
     if missing:
         raise KarmaError(
@@ -138,6 +136,7 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
         )
     if frame.height == 0:
         raise KarmaError("dataset is empty: nothing to train on", file=p)
+    check_record_bytes(frame.select(PAIR_COLUMNS), p, "pair")
     for col in PAIR_COLUMNS:
         dtype = frame.schema[col]
         if not isinstance(dtype, pl.List):

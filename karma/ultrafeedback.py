@@ -28,6 +28,7 @@ from typing import Any
 import polars as pl
 
 from karma.errors import KarmaError
+from karma.io import check_record_bytes, check_size, limit_error, limits, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
     c_model: list[str] = []
     c_resp: list[str] = []
     ratings: dict[str, list[float | None]] = {k: [] for k in RATING_FIELDS}
+    cap = limits().max_record_bytes
     for row, (where, rec) in enumerate(records):
         loc = f"{file}: {where}"
         if not isinstance(rec, dict):
@@ -135,6 +137,7 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
         src = rec.get("source")
         p_instr.append(instr)
         p_source.append(None if src is None else str(src))
+        size = len(instr.encode())
         for pos, comp in enumerate(comps):
             cloc = f"completions[{pos}]"
             if not isinstance(comp, dict):
@@ -162,6 +165,10 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
                     value=resp,
                     expected="a string",
                 )
+            size += len(resp.encode())
+            if size > cap:
+                raise limit_error(loc, f"record of {size}+ bytes of text, more than",
+                                  "max_record_bytes")  # fmt: skip
             c_row.append(row)
             c_pos.append(pos)
             c_model.append(model)
@@ -184,19 +191,19 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise KarmaError(
-                    f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
-                ) from None
+    for lineno, line in text_lines(path):  # bounded by limits.max_line_bytes
+        if not line.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise KarmaError(
+                f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
+            ) from None
 
 
 def _read_json(path: Path) -> UltraFeedback:
+    check_size(path)  # parsed whole: limits.max_file_bytes
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise KarmaError("empty file", file=path, expected="a JSON list of UltraFeedback records")
@@ -289,6 +296,7 @@ def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
                 value=str(fields[key]),
                 expected="strings",
             )
+    check_record_bytes(df.select("instruction", "completions"), file)
     df = df.with_row_index("row")
     bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
     if bad.height:
@@ -404,7 +412,35 @@ def _read_hub(name: str, split: str) -> UltraFeedback:
 
 
 def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeedback:
-    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``)."""
+    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``).
+
+    Input is bounded by ``params.limits`` and a model may answer an instruction only once.
+    """
+    data = _read_source(source, split)
+    _no_repeated_model(data)
+    return data
+
+
+def _no_repeated_model(data: UltraFeedback) -> None:
+    """Refuse a record whose completions name one model twice (case-insensitive)."""
+    keyed = data.completions.select(
+        "row", "pos", "model", key=pl.col("model").str.strip_chars().str.to_lowercase()
+    )
+    repeated = keyed.filter(pl.len().over("row", "key") > 1)
+    if repeated.height:
+        first = repeated.row(0, named=True)
+        same = repeated.filter((pl.col("row") == first["row"]) & (pl.col("key") == first["key"]))
+        r = same.row(1, named=True)
+        raise KarmaError(
+            f"model {r['model']!r} repeats within one instruction (completions[{first['pos']}] "
+            f"and [{r['pos']}]; names are case-insensitive)",
+            file=f"{data.source}: record {r['row']}",
+            field=f"completions[{r['pos']}].model",
+            expected="one completion per model and instruction",
+        )
+
+
+def _read_source(source: str | Path, split: str) -> UltraFeedback:
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -421,6 +457,8 @@ def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeed
         )
     if path.exists():
         raise KarmaError("not a file", file=path, expected="a .jsonl/.json/.parquet file")
+    if path.is_symlink():
+        raise KarmaError("dataset is a dangling symlink", file=path, expected="an existing file")
     if _HUB_ID.match(str(source)) and not path.suffix:
         return _read_hub(str(source), split)
     raise KarmaError(
