@@ -366,7 +366,7 @@ CASES = [
           "--checkpoints", "new/ck"), f"model: field '--out': {OUT_IS_INPUT} --base"),
     # ---- evaluate and benchmark
     Case("evaluate-limit-range", (*EV, "--limit", "0"), "--limit: out of range"),
-    Case("evaluate-suite-choice", (*EV, "--suite", "embeded"), "did you mean 'embedded'?"),
+    Case("evaluate-suite-choice", (*EV, "--suite", "embeded"), "did you mean 'embedded'"),
     Case("evaluate-metrics-suffix", (*EV, "--metrics", "new/e.txt"),
          "new/e.txt: field '--metrics': wrong output suffix"),
     Case("evaluate-baseline-dangling", (*EV, "--baseline", "bad/dangling.json"),
