@@ -63,14 +63,15 @@ LM_EVAL_SEEDS = {
     "fewshot_random_seed": 1234,
 }
 #: Per-item results (``samples.parquet``): one row per benchmark item. ``item`` is unique within
-#: a benchmark (``<task>/<doc_id>``; a group benchmark such as mmlu_pro spans several tasks),
+#: a benchmark (``<task>/<task_doc_id>``; a group benchmark such as mmlu_pro spans several tasks;
+#: ``task_doc_id`` is lm-eval's doc_id, unique within a task only),
 #: ``score`` the item's value of the benchmark's metric (0/1 for accuracies), ``response`` the
 #: generated text and ``extracted`` what the metric's filter took from it (generation tasks).
 SAMPLE_SCHEMA = {
     "benchmark": "String",
     "item": "String",
     "task": "String",
-    "doc_id": "Int64",
+    "task_doc_id": "Int64",
     "score": "Float64",
     "target": "String",
     "response": "String",
@@ -639,7 +640,7 @@ def sample_frame(results: Mapping[str, Any], resolved: _Resolved) -> Any:
                         "benchmark": bench,
                         "item": f"{task}/{s['doc_id']}",
                         "task": task,
-                        "doc_id": int(s["doc_id"]),
+                        "task_doc_id": int(s["doc_id"]),
                         "score": float(value),
                         "target": str(s.get("target")),
                         "response": first if isinstance(first, str) else None,
@@ -654,7 +655,7 @@ def sample_frame(results: Mapping[str, Any], resolved: _Resolved) -> Any:
             log.warning("%s: metric %s has no per-item value (%d items)", bench, metric, skipped)
     schema = {"_order": pl.Int64, **_schema()}
     frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
-    return frame.sort("_order", "task", "doc_id").drop("_order")
+    return frame.sort("_order", "task", "task_doc_id").drop("_order")
 
 
 def metric_intervals(results: Mapping[str, Any], resolved: _Resolved) -> dict[str, dict[str, Any]]:
@@ -1043,7 +1044,7 @@ PAIRED = ("n_boot", "bootstrap_seed")
 #: evaluate_base: the evaluate settings without the paired bootstrap's (no baseline here), so
 #: changing them does not re-run the base model's evaluation.
 EVALUATE_BASE = Stage(
-    name="evaluate_base",
+    name="evaluate",  # the evaluate command without a baseline (its outputs say "evaluate")
     settings=tuple(f"evaluate.{k}" for k in EvaluateConfig.model_fields if k not in PAIRED),
     paths=EvaluateBasePaths,
     run=run_evaluate,

@@ -724,7 +724,7 @@ def test_kinship_metrics_record_each_rows_protocol(tmp_path: Path) -> None:
 def _frame(rows: dict[str, list[float]]) -> pl.DataFrame:
     """A per-item frame (SAMPLE_SCHEMA's key columns) from {benchmark: scores}."""
     data = [
-        {"benchmark": b, "item": f"t/{i}", "task": "t", "doc_id": i, "score": v}
+        {"benchmark": b, "item": f"t/{i}", "task": "t", "task_doc_id": i, "score": v}
         for b, scores in rows.items()
         for i, v in enumerate(scores)
     ]
@@ -895,7 +895,7 @@ def test_evaluate_cli_eval_json_against_a_baseline(
     for bench, spec in EMBEDDED.items():
         for who, own in (("base", base), ("policy", policy)):
             frame = samples[who].filter(pl.col("benchmark") == bench)
-            assert frame.height == 4 and frame["doc_id"].to_list() == [0, 1, 2, 3]
+            assert frame.height == 4 and frame["task_doc_id"].to_list() == [0, 1, 2, 3]
             est = stats.estimate(frame["score"].to_numpy())
             assert {k: got[f"{who}.{bench}.{k}"] for k in HEADLINE} == est
             assert got[f"{who}.{bench}.{spec.flat_metric}"] == pytest.approx(est["score"])

@@ -250,4 +250,4 @@ def test_tiny_model_runs_every_task_through_run_tasks(tiny_model_dir: Path) -> N
         assert out.metrics[name]["exact_match_custom-extract"] in (0.0, 0.5, 1.0)
         assert out.metrics[name]["score"] == out.metrics[name]["exact_match_custom-extract"]
         rows = out.samples.filter(out.samples["benchmark"] == name)
-        assert rows["doc_id"].to_list() == [0, 1] and rows["response"].null_count() == 0
+        assert rows["task_doc_id"].to_list() == [0, 1] and rows["response"].null_count() == 0
