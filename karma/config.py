@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from karma.errors import KarmaError, did_you_mean
 
@@ -94,14 +101,37 @@ class TaskSpec(Section):
         return metric if filt in ("", "none") else f"{metric}_{filt}"
 
 
-def _load_suites() -> dict[str, dict[str, TaskSpec]]:
+#: How the multiple-choice benchmarks are scored (IFEval always by its own checks):
+#: ``loglik``: the log-likelihood of each option (lm-eval's default tasks);
+#: ``paper``: the KARMA paper's prompting: the model writes its reasoning and the answer letter
+#: is extracted (MMLU-Pro style); ``custom``: a ``tasks`` map of the user's.
+Protocol = Literal["loglik", "paper", "custom"]
+
+
+class SuiteSpec(Section):
+    """One suite of ``karma/tasks/suites.yaml``: its protocol and its benchmark map."""
+
+    protocol: Protocol = Field(description="how multiple-choice benchmarks are scored")
+    max_gen_toks: int | None = Field(None, ge=1, description="cap on generated tokens")
+    tasks: dict[str, TaskSpec] = Field(min_length=1, description="{benchmark: {task, metric}}")
+
+
+def _load_suites() -> dict[str, SuiteSpec]:
     raw = yaml.safe_load((Path(__file__).parent / "tasks" / "suites.yaml").read_text())
-    return {name: {b: TaskSpec(**spec) for b, spec in m.items()} for name, m in raw.items()}
+    return {name: SuiteSpec.model_validate(spec) for name, spec in raw.items()}
 
 
-#: Benchmark maps by suite name (karma/tasks/suites.yaml): each benchmark's task and score key.
-SUITES: dict[str, dict[str, TaskSpec]] = _load_suites()
+#: Suites by name (karma/tasks/suites.yaml): protocol, each benchmark's task and score key.
+SUITES: dict[str, SuiteSpec] = _load_suites()
 Suite = Literal[tuple(SUITES)]  # type: ignore[valid-type]
+Backend = Literal["hf", "vllm"]
+#: lm-eval ``model_args`` karma sets from other settings.
+MODEL_ARGS_RESERVED = {
+    "pretrained": "the model path",
+    "dtype": "the dtype setting",
+    "batch_size": "the batch_size setting",
+    "device": "the device setting",
+}
 
 
 # --------------------------------------------------------------------------- sections
@@ -112,11 +142,23 @@ class RunConfig(Section):
 
     suite: Suite = setting(
         "embedded",
-        "benchmark map: embedded (the project's offline mini suites) | lm_eval (lm-eval's tasks)",
+        "benchmark map and protocol (karma/tasks/suites.yaml): embedded | embedded_paper "
+        "(offline mini suites: log-likelihood | the paper's generative protocol) | lm_eval | "
+        "paper (full tasks from the hub, for a GPU machine)",
     )
     tasks: dict[str, TaskSpec] = setting(
         {}, "run these benchmarks instead of the suite's: {benchmark: {task: ..., metric: ...}}"
     )
+    protocol: Protocol | None = setting(
+        None, "protocol of a `tasks` map (null: the suite's; custom for a `tasks` map)"
+    )
+    backend: Backend = setting(
+        "hf", "lm-eval model backend: hf (transformers) | vllm (GPU; vllm must be installed)"
+    )
+    model_args: dict[str, Any] = setting(
+        {}, "extra lm-eval model_args of the backend, e.g. vllm: {tensor_parallel_size: 2, "
+        "gpu_memory_utilization: 0.9, max_model_len: 4096, data_parallel_size: 1}"
+    )  # fmt: skip
     batch_size: int = setting(8, "sequences per forward pass", ge=1)
     device: str = setting("cpu", "torch device: cpu | cuda | cuda:N", min_length=1)
     dtype: Dtype | Literal["auto"] = setting("float32", "dtype the model is loaded in")
@@ -127,36 +169,83 @@ class RunConfig(Section):
     num_fewshot: int | None = setting(None, "few-shot examples (null: each task's default)", ge=0)
     limit: int | None = setting(None, "items per task (null: all)", ge=1)
     max_gen_toks: int | None = setting(
-        None, "cap on generated tokens (null: each task's own)", ge=1
+        None, "cap on generated tokens (null: the suite's cap, else each task's own length)", ge=1
     )
     bootstrap_iters: int = setting(0, "lm-eval's bootstrap iterations for stderr", ge=0)
+    num_processes: int = setting(
+        1, "data-parallel processes (hf backend; launched with python -m torch.distributed.run)",
+        ge=1, operational=True,
+    )  # fmt: skip
     cache: bool = setting(
         True, "reuse lm-eval responses cached by model content + settings", operational=True
     )
     samples_dir: str | None = setting(
-        None, "also write per-sample logs (JSONL per task) here", operational=True
+        None, "also write lm-eval's full per-sample logs (JSONL per task) here", operational=True
     )
     threads: int | None = setting(
         1, "torch CPU threads (null: torch's default; 1 avoids OpenMP stalls on a shared CPU)",
         ge=1, operational=True,
     )  # fmt: skip
 
+    @field_validator("model_args")
+    @classmethod
+    def _not_reserved_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in MODEL_ARGS_RESERVED:
+                raise ValueError(f"{key!r} is set by {MODEL_ARGS_RESERVED[key]}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.backend == "vllm" and self.num_processes > 1:
+            raise ValueError(
+                "num_processes must be 1 with backend vllm (vllm parallelises itself: "
+                "model_args.tensor_parallel_size / data_parallel_size)"
+            )
+        suite = SUITES[self.suite].protocol
+        if self.protocol is not None and not self.tasks and self.protocol != suite:
+            raise ValueError(
+                f"protocol {self.protocol!r} given without tasks: suite {self.suite!r} is "
+                f"protocol {suite!r} (set protocol only for a tasks map)"
+            )
+        return self
+
     def task_map(self) -> dict[str, TaskSpec]:
         """The benchmarks to run: ``tasks`` when given, else the suite's map."""
-        return dict(self.tasks) or dict(SUITES[self.suite])
+        return dict(self.tasks) or dict(SUITES[self.suite].tasks)
+
+    def gen_cap(self) -> int | None:
+        """The cap on generated tokens: ``max_gen_toks``, else the suite's (none for tasks)."""
+        if self.max_gen_toks is not None or self.tasks:
+            return self.max_gen_toks
+        return SUITES[self.suite].max_gen_toks
+
+    def protocol_name(self) -> str:
+        """The protocol of :meth:`task_map`: ``protocol``, else the suite's (custom for tasks)."""
+        if self.protocol is not None:
+            return self.protocol
+        return "custom" if self.tasks else SUITES[self.suite].protocol
 
 
 class BenchmarkConfig(RunConfig):
     """Stage ``benchmark@<name>``: lm-eval on one origin model (one instance per measured model)."""
 
+    suite: Suite = setting(
+        "embedded_paper",
+        "benchmark map and protocol (karma/tasks/suites.yaml): embedded_paper | paper (the "
+        "paper's generative protocol, as the reported table: offline mini suites | full tasks "
+        "from the hub) | embedded | lm_eval (log-likelihood)",
+    )
+
 
 class EvaluateConfig(RunConfig):
     """Stages ``evaluate_base`` and ``evaluate``: lm-eval on the base model and the policy."""
 
-    max_gen_toks: int | None = setting(
-        64,
-        "cap on generated tokens (null: each task's own; short keeps the CPU default fast)",
-        ge=1,
+    n_boot: int = setting(
+        10_000, "paired bootstrap resamples of each policy - base delta (95% interval)", ge=100
+    )
+    bootstrap_seed: int = setting(
+        0, "seed of the paired bootstrap (not the pipeline seed: see the README)", ge=0, lt=2**63
     )
 
 
@@ -177,6 +266,12 @@ class ScoresConfig(Section):
     )
     aliases: dict[str, Annotated[str, Field(min_length=1)]] = setting(
         {}, "{alias: canonical model id}, matched case-insensitively"
+    )
+    reported_protocol: Protocol = setting(
+        "paper", "protocol of the reported table (the KARMA paper's: prompting, answer extraction)"
+    )
+    mix_protocols: bool = setting(
+        False, "merge measured rows scored with another protocol than the reported table's"
     )
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +61,7 @@ from numba import njit, prange
 
 from karma.config import Params
 from karma.errors import KarmaError
-from karma.io import dumps_json, write_json
+from karma.io import dumps_json, read_json, write_json
 from karma.pipeline import Stage, input_path, output_path
 
 log = logging.getLogger(__name__)
@@ -715,10 +716,19 @@ def summary(result: KinshipResult, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def kinship_metrics(result: KinshipResult) -> dict[str, Any]:
-    """The flat metrics of ``metrics/kinship.json``."""
+def kinship_metrics(
+    result: KinshipResult, protocols: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The flat metrics of ``metrics/kinship.json``; with ``protocols`` (``{model: protocol}``,
+    the scores stage's) also ``meta.protocol.<model>`` and ``meta.protocols`` (the distinct
+    ones, comma-separated)."""
     st = result.stats
     mean = st["mean_kinship"]
+    meta: dict[str, Any] = {}
+    if protocols is not None:
+        names = result.models["model"].to_list()
+        meta = {f"meta.protocol.{m}": protocols.get(m, "unknown") for m in names}
+        meta["meta.protocols"] = ",".join(sorted(set(meta.values())))
     return {
         "n_models": st["n_models"],
         "n_benchmarks": st["n_benchmarks"],
@@ -727,6 +737,7 @@ def kinship_metrics(result: KinshipResult) -> dict[str, Any]:
         "kin_fraction": round(st["n_kin_pairs"] / max(st["n_pairs_defined"], 1), 6),
         "mean_kinship": None if mean is None else round(mean, 6),
         **{f"pair_{k}": " > ".join(result.pairs[k]) for k in PAIR_STRATEGIES},
+        **meta,
     }
 
 
@@ -738,6 +749,9 @@ class KinshipPaths:
     """Paths of the ``kinship`` stage."""
 
     scores: Path = input_path("benchmark table: CSV/TSV/Parquet/JSON, wide or long")
+    protocols: Path | None = input_path(
+        "the protocol of each row ({model: protocol}, the scores stage's)", required=False
+    )
     out: Path = output_path("models.parquet, kinship.parquet, pairs.json", is_dir=True)
     plots: Path | None = output_path(
         "figures: heatmap, PCA, dendrograms", is_dir=True, required=False
@@ -763,7 +777,8 @@ def run_kinship(params: Params, paths: KinshipPaths) -> dict[str, Any]:
         from karma.plots import kinship_figures
 
         kinship_figures(result, paths.plots, groups=cfg.groups, threshold=cfg.cluster_threshold)
-    metrics = kinship_metrics(result)
+    protocols = read_json(paths.protocols) if paths.protocols is not None else None
+    metrics = kinship_metrics(result, protocols)
     if paths.metrics is not None:
         write_json(paths.metrics, metrics)
     log.info("%s", summary(result, top=5))

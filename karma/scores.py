@@ -41,6 +41,7 @@ from karma.io import (
     read_parquet,
     short_reason,
     text_lines,
+    write_json,
 )
 from karma.pipeline import Stage, input_path, output_path
 
@@ -435,7 +436,7 @@ def merge_scores(
         model = alias_map.get(model, model)
         values = {}
         for key, value in row.items():
-            if key == "model":
+            if key == "model" or key.startswith("meta."):  # how it was measured, not a score
                 continue
             bench = canonical_id(key)
             if bench not in benches:
@@ -477,21 +478,74 @@ def write_scores(df: pl.DataFrame, path: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------- stage
 
 
+def check_protocols(
+    rows: Mapping[Path, Mapping[str, Any]], reported_protocol: str | None, *, mix: bool = False
+) -> None:
+    """Refuse a measured row (``{file: row}``) whose ``meta.protocol`` is not the reported
+    table's (``reported_protocol``; None: no reported table), unless ``mix``.
+
+    Min-max normalisation across protocols would compare log-likelihood accuracies with
+    prompted ones (the paper's table) as if they were the same measurement.
+    """
+    if reported_protocol is None or mix:
+        return
+    for path, row in rows.items():
+        protocol = row.get("meta.protocol", "unknown")
+        if protocol != reported_protocol:
+            raise KarmaError(
+                f"scored with protocol {protocol!r}, the reported table with "
+                f"{reported_protocol!r} (scores.reported_protocol): benchmark it with a "
+                f"{reported_protocol} suite (benchmark.suite) or set scores.mix_protocols: true",
+                file=path,
+                field="meta.protocol",
+            )
+
+
+def row_protocols(
+    reported: pl.DataFrame | None,
+    rows: Sequence[Mapping[str, Any]],
+    reported_protocol: str,
+    aliases: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """``{model: protocol}`` of the merged table's rows: measured rows' ``meta.protocol``
+    (``unknown`` if absent), reported rows ``reported_protocol``."""
+    alias_map = {canonical_id(k): canonical_id(v) for k, v in (aliases or {}).items()}
+    out = {
+        m: reported_protocol for m in (reported[MODEL].to_list() if reported is not None else [])
+    }
+    for row in rows:
+        model = canonical_id(row["model"])
+        out[alias_map.get(model, model)] = str(row.get("meta.protocol", "unknown"))
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScoresPaths:
     """Paths of the ``scores`` stage."""
 
     measured_dir: Path = input_path("rows of the benchmark stage: <name>.json each", is_dir=True)
     out: Path = output_path("the merged score table", ".csv", ".parquet", ".pq")
+    protocols: Path | None = output_path(
+        "the protocol of each row of the table: {model: protocol}", ".json", required=False
+    )
 
 
 def run_scores(params: Params, paths: ScoresPaths) -> dict[str, Any]:
     """Stage ``scores``: the reported table + the measured rows -> one canonical table."""
     cfg = params.scores
     reported = read_scores(cfg.reported, cfg.aliases) if cfg.reported else None
-    rows = [read_measured(Path(paths.measured_dir) / f"{name}.json") for name in cfg.measured]
+    files = [Path(paths.measured_dir) / f"{name}.json" for name in cfg.measured]
+    rows = [read_measured(f) for f in files]
+    check_protocols(
+        dict(zip(files, rows, strict=True)),
+        cfg.reported_protocol if cfg.reported else None,
+        mix=cfg.mix_protocols,
+    )
     table = merge_scores(reported, rows, scale=cfg.scale, aliases=cfg.aliases)
     write_scores(table, paths.out)
+    protocols = row_protocols(reported, rows, cfg.reported_protocol, cfg.aliases)
+    if paths.protocols is not None:
+        write_json(paths.protocols, protocols)
     return {"models": table.height, "benchmarks": table.width - 1, "measured": len(rows)}
 
 
@@ -502,5 +556,6 @@ STAGE = Stage(
     run=run_scores,
     inputs=("scores.reported",),
     help="Measured rows (lm-eval fractions times scores.scale) replace reported rows of the "
-    "same model; model ids are canonical (lower case, aliases applied).",
+    "same model; model ids are canonical (lower case, aliases applied). A measured row scored "
+    "with another protocol than the reported table's is refused (scores.mix_protocols).",
 )

@@ -167,7 +167,7 @@ PR = ("preferences", "--kinship-dir", "kin", "--out", "new/p", "--dataset")
 SE = ("select", "--pairs", "prefs/pairs.parquet", "--model", "model", "--out", "new/sel")
 TR = ("train", "--data", "prefs/pairs.parquet", "--base", "model", "--out", "new/pol",
       "--checkpoints", "new/ck")  # fmt: skip
-EV = ("evaluate", "--model", "model", "--out", "new/e.json")
+EV = ("evaluate", "--model", "model", "--out", "new/e")
 OUT_IS_INPUT = "output path is (or holds, or lies inside) the input"
 NOT_KARMA = "output directory exists and was not written by karma"
 
@@ -366,9 +366,9 @@ CASES = [
           "--checkpoints", "new/ck"), f"model: field '--out': {OUT_IS_INPUT} --base"),
     # ---- evaluate and benchmark
     Case("evaluate-limit-range", (*EV, "--limit", "0"), "--limit: out of range"),
-    Case("evaluate-suite-choice", (*EV, "--suite", "embeded"), "did you mean 'embedded'?"),
-    Case("evaluate-out-suffix", ("evaluate", "--model", "model", "--out", "new/e.txt"),
-         "new/e.txt: field '--out': wrong output suffix"),
+    Case("evaluate-suite-choice", (*EV, "--suite", "embeded"), "did you mean 'embedded'"),
+    Case("evaluate-metrics-suffix", (*EV, "--metrics", "new/e.txt"),
+         "new/e.txt: field '--metrics': wrong output suffix"),
     Case("evaluate-baseline-dangling", (*EV, "--baseline", "bad/dangling.json"),
          "bad/dangling.json: field '--baseline': input is a dangling symlink"),
     Case("evaluate-not-a-model-dir", EV, "model: field 'model': not a model directory"),
