@@ -304,7 +304,7 @@ def selection_metrics(scored: pl.DataFrame) -> dict[str, Any]:
 
 
 def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
-    """Read the preference parquet, checking the TRL columns are there."""
+    """Read the preference parquet (TRL or H4 layout) as TRL's, checking the columns."""
     p = Path(path)
     if not p.is_file():
         raise KarmaError(
@@ -314,6 +314,9 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
         pairs = pl.read_parquet(p)
     except Exception as err:
         raise KarmaError(f"not a readable parquet file: {err}", file=p) from None
+    from karma.preferences import to_trl
+
+    pairs = to_trl(pairs)  # either layout of the preferences stage (TRL's or H4's)
     for col in ("prompt", "chosen", "rejected"):
         if col not in pairs.columns:
             raise KarmaError(
@@ -329,7 +332,7 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
 class SelectPaths:
     """Paths of the ``select`` stage."""
 
-    pairs: Path = input_path("preference pairs (the preferences stage's pairs.parquet)")
+    pairs: Path = input_path("preference pairs (the preferences stage's train_prefs.parquet)")
     model: Path = input_path("model that scores implicit margins (the policy with --reference)",
                              is_dir=True)  # fmt: skip
     reference: Path | None = input_path(

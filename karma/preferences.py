@@ -3,8 +3,8 @@
 Inputs are plain: an :class:`~karma.ultrafeedback.UltraFeedback` dataset, ``S_pref`` per model
 and the kinship of model pairs (``model_a, model_b, kinship``). Rules, per instruction:
 
-* **candidates** (KARMA strategies): completions whose model has an S_pref (names matched
-  case-insensitively, after ``aliases``) and whose response is not blank.
+* **candidates** (KARMA strategies and ``random``): completions whose model has an S_pref
+  (names matched case-insensitively, after ``aliases``) and whose response is not blank.
   Fewer than two candidates: dropped as ``unknown_models`` when at least two non-blank
   responses exist (unknown models are the reason), else ``too_few_candidates``.
 * **eligible pairs**: candidate pairs of two *different* models with kinship >= tau
@@ -18,14 +18,20 @@ and the kinship of model pairs (``model_a, model_b, kinship``). Rules, per instr
 * chosen = the higher-S_pref response. Equal S_pref -> drop ``tie``; then identical response
   text -> drop ``identical_text``. No eligible pair -> drop ``no_eligible_pair``.
 * ``rlaif`` (as ``HuggingFaceH4/ultrafeedback_binarized``): candidates are non-blank responses
-  with a rating (``rating`` field; "N/A" is missing), any model. chosen = the highest rating
-  (ties -> first in the record); rejected = a seeded-random one of the remaining candidates
-  rated strictly lower; none lower (all tie) -> drop ``tie``; fewer than two rated -> drop
+  with a rating (``rating`` field; "N/A" is missing) whose model has an S_pref (``pool="scored"``,
+  the default: the same responses KARMA pairs from) or of any model (``pool="all"``). chosen =
+  the highest rating (ties -> first in the record); rejected = a seeded-random one of the
+  remaining candidates rated strictly lower; none lower (all tie) -> drop ``tie``; fewer than
+  two candidates -> drop ``unknown_models`` (scored pool, two rated responses of any model) or
   ``too_few_candidates``; identical text -> drop ``identical_text``.
 
-Randomness is counter-based (SplitMix64 of ``seed`` and the instruction's row), so a pair
-never depends on other instructions or on processing order. ``prompt_id`` is a stable 128-bit
-hash of the instruction (32 hex digits). Same inputs and params give a byte-identical Parquet.
+Randomness is counter-based (SplitMix64 of a per-strategy stream of ``seed`` and the
+instruction's row), so a pair never depends on other instructions or on processing order, and
+``random`` and ``rlaif`` draw independent numbers. ``prompt_id`` is a stable 128-bit hash of the
+instruction (32 hex digits; the sha256 of H4 in ``layout="h4"``). The train/test split is by
+prompt: a prompt goes to ``test_prefs`` when a seeded hash of its text falls below
+``test_fraction`` (so the same prompt is always on the same side, for every strategy). Same
+inputs and params give byte-identical Parquet files.
 
 >>> import polars as pl
 >>> from karma.ultrafeedback import from_records
@@ -34,13 +40,16 @@ hash of the instruction (32 hex digits). Same inputs and params give a byte-iden
 >>> s_pref = pl.DataFrame({"model": ["a", "b"], "s_pref": [0.2, 0.9]})
 >>> kin = pl.DataFrame({"model_a": ["a", "b"], "model_b": ["b", "a"], "kinship": [0.5, 0.5]})
 >>> res = make_pairs(data, s_pref, kin, strategy="score")
->>> res.pairs["chosen_model"].to_list(), res.counts["pairs"]
-(['b'], 1)
+>>> res.pairs["chosen_model"].to_list(), res.counts["pairs"], res.metrics["diag.changed_by_tau"]
+(['b'], 1, 0.0)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -60,9 +69,14 @@ from karma.ultrafeedback import UltraFeedback
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("score", "sim", "score_sim", "rlaif", "random")
+#: The KARMA strategies (the ones tau constrains).
+KARMA_STRATEGIES = ("score", "sim", "score_sim")
 #: Strategy codes of the kernel (index into :data:`STRATEGIES`).
 SCORE, SIM, SCORE_SIM, RLAIF, RANDOM = range(5)
 RATING_FIELDS = ("overall_score", "fine_grained_score")
+LAYOUTS = ("trl", "h4")
+POOLS = ("scored", "all")
+SPLITS = ("train_prefs", "test_prefs")
 #: Reason codes returned by the kernel (index into :data:`REASONS`; 0 = kept).
 REASONS = (
     "kept",
@@ -74,6 +88,10 @@ REASONS = (
 )
 KEPT, TOO_FEW, UNKNOWN, NO_ELIGIBLE, TIE, IDENTICAL = range(6)
 _MASK = (1 << 64) - 1
+#: Counter of the random stream of strategy ``k``: ``splitmix64(seed, _STREAM + k)``.
+_STREAM = 0x5EED_0000
+#: Counter of the train/test split's stream.
+_SPLIT_STREAM = 0x5EED_5EED
 
 
 def strategy_code(strategy: str) -> int:
@@ -97,6 +115,11 @@ def splitmix64(seed: int, row: int) -> int:
     return z ^ (z >> 31)
 
 
+def stream_seed(seed: int, strategy: str) -> int:
+    """The seed of ``strategy``'s own random stream (``random`` and ``rlaif`` are independent)."""
+    return splitmix64(seed, _STREAM + strategy_code(strategy))
+
+
 @njit(cache=True)
 def _splitmix64_nb(seed: np.uint64, row: np.uint64) -> np.uint64:
     z = seed * np.uint64(0xD1B54A32D192ED03) + row + np.uint64(0x9E3779B97F4A7C15)
@@ -116,7 +139,9 @@ def _pair_kernel(
     kin: np.ndarray,  # float64 (m, m), NaN = unknown
     strategy: int,
     tau: float,
-    seed: np.uint64,
+    stream: np.uint64,  # the strategy's random stream (stream_seed)
+    row0: int,  # global row of instruction 0 (the random numbers follow the global row)
+    pool_all: bool,  # rlaif: every rated response (else only those of scored models)
     out_chosen: np.ndarray,  # int64 (n,), flat completion index or -1
     out_rejected: np.ndarray,  # int64 (n,)
     out_reason: np.ndarray,  # int8 (n,)
@@ -130,27 +155,34 @@ def _pair_kernel(
         out_rejected[i] = -1
         if strategy == RLAIF:
             count = 0
+            nrated = 0
             best = -1
             best_r = 0.0
             for c in range(lo, hi):
-                if nonempty[c] and not np.isnan(rating[c]):
+                ok = nonempty[c] and not np.isnan(rating[c])
+                if ok:
+                    nrated += 1
+                    ok = pool_all or (model[c] >= 0 and not np.isnan(s_pref[model[c]]))
+                cand[c] = ok
+                if ok:
                     count += 1
                     if best < 0 or rating[c] > best_r:
                         best = c
                         best_r = rating[c]
             if count < 2:
-                out_reason[i] = TOO_FEW
+                out_reason[i] = UNKNOWN if nrated >= 2 else TOO_FEW
                 continue
             nlower = 0
             for c in range(lo, hi):
-                if nonempty[c] and not np.isnan(rating[c]) and rating[c] < best_r:
+                if cand[c] and rating[c] < best_r:
                     nlower += 1
             if nlower == 0:
                 out_reason[i] = TIE
                 continue
-            k = np.int64(_splitmix64_nb(seed, np.uint64(i)) % np.uint64(nlower))
+            r = _splitmix64_nb(stream, np.uint64(row0 + i))
+            k = np.int64(r % np.uint64(nlower))
             for c in range(lo, hi):
-                if nonempty[c] and not np.isnan(rating[c]) and rating[c] < best_r:
+                if cand[c] and rating[c] < best_r:
                     if k == 0:
                         out_chosen[i] = best
                         out_rejected[i] = c
@@ -175,7 +207,8 @@ def _pair_kernel(
         b = -1
         if strategy == RANDOM:  # any candidate pair
             npairs = ncand * (ncand - 1) // 2
-            k = np.int64(_splitmix64_nb(seed, np.uint64(i)) % np.uint64(npairs))
+            r = _splitmix64_nb(stream, np.uint64(row0 + i))
+            k = np.int64(r % np.uint64(npairs))
             for p in range(lo, hi):
                 if not cand[p]:
                     continue
@@ -280,11 +313,17 @@ def pair_arrays(
     strategy: str,
     tau: float = 0.1,
     seed: int = 0,
+    pool: str = "scored",
+    row0: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the pair search over CSR-like ``offsets``; returns (chosen, rejected, reason) per
     instruction (flat completion indices, -1 when dropped; reason codes index :data:`REASONS`).
-    ``identical_text`` is not decided here (see :func:`make_pairs`)."""
+    ``identical_text`` is not decided here (see :func:`search`). ``row0``: the global row of
+    the first instruction (random draws follow it, so batches give the same pairs)."""
     code = strategy_code(strategy)
+    if pool not in POOLS:
+        raise KarmaError("unknown pool", field="preferences.baseline_pool", value=pool,
+                         expected=" | ".join(POOLS))  # fmt: skip
     n = offsets.shape[0] - 1
     chosen = np.empty(n, dtype=np.int64)
     rejected = np.empty(n, dtype=np.int64)
@@ -298,7 +337,9 @@ def pair_arrays(
         np.ascontiguousarray(kin, dtype=np.float64),
         code,
         float(tau),
-        np.uint64(seed),
+        np.uint64(stream_seed(seed, strategy)),
+        int(row0),
+        pool == "all",
         chosen,
         rejected,
         reason,
@@ -317,6 +358,7 @@ def reference_pair(
     seed: int,
     row: int,
     rating: str = "overall_score",
+    pool: str = "scored",
 ) -> tuple[int, int, str]:
     """Plain-Python rules for one instruction: ``(chosen_pos, rejected_pos, reason)``.
 
@@ -328,23 +370,29 @@ def reference_pair(
         v = kinship.get((x, y), math.nan)
         return math.nan if v is None else v
 
+    def scored(i: int) -> bool:
+        v = s_pref.get(completions[i]["model"])
+        return v is not None and not math.isnan(v)
+
     idx = range(len(completions))
     nonempty = [bool(c["response"].strip()) for c in completions]
+    draw = splitmix64(stream_seed(seed, strategy), row)
     if strategy == "rlaif":
-        rated = [i for i in idx if nonempty[i] and completions[i].get(rating) is not None]
+        rated_any = [i for i in idx if nonempty[i] and completions[i].get(rating) is not None]
+        rated = [i for i in rated_any if pool == "all" or scored(i)]
         if len(rated) < 2:
-            return -1, -1, "too_few_candidates"
+            return -1, -1, "unknown_models" if len(rated_any) >= 2 else "too_few_candidates"
         best = max(rated, key=lambda i: (completions[i][rating], -i))
         top = completions[best][rating]
         lower = [i for i in rated if completions[i][rating] < top]
         if not lower:
             return -1, -1, "tie"
-        rej = lower[splitmix64(seed, row) % len(lower)]
+        rej = lower[draw % len(lower)]
         if completions[best]["response"] == completions[rej]["response"]:
             return -1, -1, "identical_text"
         return best, rej, "kept"
     sp = {i: s_pref.get(completions[i]["model"]) for i in idx}
-    cands = [i for i in idx if nonempty[i] and sp[i] is not None and not math.isnan(sp[i])]
+    cands = [i for i in idx if nonempty[i] and scored(i)]
     if len(cands) < 2:
         return -1, -1, "unknown_models" if sum(nonempty) >= 2 else "too_few_candidates"
     pairs = [(p, q) for k, p in enumerate(cands) for q in cands[k + 1 :]]
@@ -354,7 +402,7 @@ def reference_pair(
         return mp != mq and kin_of(mp, mq) >= tau  # NaN >= tau is False
 
     if strategy == "random":
-        a, b = pairs[splitmix64(seed, row) % len(pairs)]
+        a, b = pairs[draw % len(pairs)]
     else:
         elig = [(p, q) for p, q in pairs if eligible(p, q)]
         if not elig:
@@ -401,8 +449,9 @@ def reference_pair(
 # --------------------------------------------------------------------------- frames
 @dataclass(frozen=True)
 class PreferenceResult:
-    """``pairs``: the TRL frame (see :data:`OUTPUT_COLUMNS`); ``counts``: per-reason counts;
-    ``metrics``: the flat metrics dict written for DVC."""
+    """``pairs``: every pair as a TRL frame (see :data:`OUTPUT_COLUMNS`); ``test``: whether
+    each pair's prompt is in ``test_prefs``; ``counts``: per-reason counts; ``metrics``: the
+    flat metrics dict written for DVC (counts, agreement, diagnostics ``diag.*``, split)."""
 
     pairs: pl.DataFrame
     counts: dict[str, int]
@@ -410,10 +459,18 @@ class PreferenceResult:
     strategy: str
     tau: float
     seed: int
+    test: np.ndarray | None = None
+
+    def split(self, name: str) -> pl.DataFrame:
+        """The pairs of ``train_prefs`` or ``test_prefs``."""
+        test = np.zeros(self.pairs.height, bool) if self.test is None else self.test
+        return self.pairs.filter(pl.Series(test if name == "test_prefs" else ~test))
 
 
-#: Codec of the pairs file: fast to write and read, what ``datasets`` itself writes.
+#: Codec of the pairs files: fast to write and read, what ``datasets`` itself writes.
 PARQUET_COMPRESSION = "snappy"
+#: Rows per Parquet row group (fixed, so that the bytes do not depend on how data was batched).
+ROW_GROUP = 65_536
 OUTPUT_COLUMNS = (
     "prompt",
     "chosen",
@@ -428,6 +485,45 @@ OUTPUT_COLUMNS = (
     "rejected_rating",
     "source",
 )
+#: Our metadata columns (both layouts carry them after the layout's own columns).
+META_COLUMNS = OUTPUT_COLUMNS[4:]
+#: The columns of ``HuggingFaceH4/ultrafeedback_binarized``, in its order.
+H4_COLUMNS = (
+    "prompt",
+    "prompt_id",
+    "chosen",
+    "rejected",
+    "messages",
+    "score_chosen",
+    "score_rejected",
+)
+
+
+def _arrow_schema(layout: str) -> Any:
+    """The Arrow schema written for ``layout`` (string, not large_string: concatenates with
+    datasets written by ``datasets``, such as H4's)."""
+    import pyarrow as pa
+
+    text = pa.string()
+    meta = [
+        ("chosen_model", text),
+        ("rejected_model", text),
+        ("kinship", pa.float64()),
+        ("s_pref_chosen", pa.float64()),
+        ("s_pref_rejected", pa.float64()),
+        ("chosen_rating", pa.float64()),
+        ("rejected_rating", pa.float64()),
+        ("source", text),
+    ]
+    if layout == "h4":
+        conv = pa.list_(pa.struct([("content", text), ("role", text)]))
+        head = [("prompt", text), ("prompt_id", text), ("chosen", conv), ("rejected", conv),
+                ("messages", conv), ("score_chosen", pa.float64()),
+                ("score_rejected", pa.float64())]  # fmt: skip
+    else:
+        msgs = pa.list_(pa.struct([("role", text), ("content", text)]))
+        head = [("prompt", msgs), ("chosen", msgs), ("rejected", msgs), ("prompt_id", text)]
+    return pa.schema(head + meta)
 
 
 def _s_pref_table(s_pref: pl.DataFrame | Mapping[str, float]) -> tuple[list[str], np.ndarray]:
@@ -481,6 +577,7 @@ def _model_index(
     return models.replace_strict(raw, default=-1, return_dtype=pl.Int64).to_numpy()
 
 
+# --------------------------------------------------------------------------- hashing, split
 @njit(cache=True)
 def _hash128_kernel(data: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
     for i in range(offsets.shape[0] - 1):
@@ -519,12 +616,13 @@ _HEX_PAIRS = np.array(  # byte -> its two hex digits as one little-endian uint16
 )
 
 
-def prompt_ids(instructions: pl.Series) -> pl.Series:
-    """``prompt_id`` of each instruction: a stable 128-bit hash (32 hex digits) of its UTF-8
-    bytes, computed by a Numba kernel (sha256 in a Python loop is several times slower)."""
+def hash128(texts: pl.Series) -> np.ndarray:
+    """The 128-bit hash of each string as ``(n, 2)`` uint64 (Numba kernel; see prompt_id)."""
     import pyarrow as pa
 
-    arr = instructions.to_arrow(compat_level=pl.CompatLevel.oldest())
+    arr = texts.to_arrow(compat_level=pl.CompatLevel.oldest())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
     if arr.type != pa.large_string():
         arr = arr.cast(pa.large_string())
     n = len(arr)
@@ -534,6 +632,16 @@ def prompt_ids(instructions: pl.Series) -> pl.Series:
         offsets = np.frombuffer(off, dtype=np.int64)[arr.offset : arr.offset + n + 1]
         raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(1, np.uint8)
         _hash128_kernel(raw, np.ascontiguousarray(offsets), out)
+    return out
+
+
+def prompt_ids(instructions: pl.Series) -> pl.Series:
+    """``prompt_id`` of each instruction: a stable 128-bit hash (32 hex digits) of its UTF-8
+    bytes, computed by a Numba kernel (sha256 in a Python loop is several times slower)."""
+    import pyarrow as pa
+
+    out = hash128(instructions)
+    n = out.shape[0]
     big_endian = out.astype(">u8").view(np.uint8).reshape(n, 16)
     chars = _HEX_PAIRS[big_endian]  # (n, 16) uint16 = (n, 32) ASCII bytes
     offsets32 = np.arange(0, 32 * n + 1, 32, dtype=np.int64)
@@ -547,6 +655,316 @@ def prompt_ids(instructions: pl.Series) -> pl.Series:
     return out_series.alias("prompt_id")
 
 
+def sha256_ids(prompts: pl.Series) -> pl.Series:
+    """H4's ``prompt_id``: the sha256 hex digest of the prompt's UTF-8 bytes."""
+    ids = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in prompts.to_list()]
+    return pl.Series("prompt_id", ids, dtype=pl.String)
+
+
+@njit(cache=True)
+def _split_kernel(h: np.ndarray, stream: np.uint64, threshold: np.uint64, out: np.ndarray) -> None:
+    for i in range(h.shape[0]):
+        out[i] = _splitmix64_nb(stream, h[i]) < threshold
+
+
+def _threshold(fraction: float) -> int:
+    return min(int(fraction * 2.0**64), _MASK)
+
+
+def is_test(prompts: pl.Series, *, seed: int, fraction: float) -> np.ndarray:
+    """Whether each prompt belongs to ``test_prefs``: a seeded hash of its text below
+    ``fraction`` (the same prompt is always on the same side; no prompt is in both)."""
+    out = np.zeros(prompts.len(), dtype=np.bool_)
+    if fraction > 0 and prompts.len():
+        h = np.ascontiguousarray(hash128(prompts)[:, 0])
+        stream = np.uint64(splitmix64(seed, _SPLIT_STREAM))
+        _split_kernel(h, stream, np.uint64(_threshold(fraction)), out)
+    return out
+
+
+def is_test_reference(prompt: str, *, seed: int, fraction: float) -> bool:
+    """Plain-Python reference of :func:`is_test` for one prompt."""
+    h = int(prompt_id(prompt)[:16], 16)
+    return fraction > 0 and splitmix64(splitmix64(seed, _SPLIT_STREAM), h) < _threshold(fraction)
+
+
+# --------------------------------------------------------------------------- pair search
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset as the kernel's arrays: the pool (``names``, ``s_pref``, ``kin``) and one entry
+    per completion (``model`` index or -1, ``nonempty``, ``ratings`` per field, ``text_hash``)."""
+
+    data: UltraFeedback
+    names: list[str]
+    s_pref: np.ndarray
+    kin: np.ndarray
+    offsets: np.ndarray
+    model: np.ndarray
+    nonempty: np.ndarray
+    ratings: dict[str, np.ndarray]
+    text_hash: np.ndarray
+    row0: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.offsets.shape[0] - 1
+
+
+def prepare(
+    data: UltraFeedback,
+    s_pref: pl.DataFrame | Mapping[str, float],
+    kinship: pl.DataFrame,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    row0: int = 0,
+) -> Prepared:
+    """The kernel's arrays of ``data`` against a pool (S_pref per model, kinship pairs)."""
+    names, sp = _s_pref_table(s_pref)
+    kin = kinship_matrix(names, kinship)
+    comps = data.completions
+    n = data.prompts.height
+    rows = comps["row"].to_numpy().astype(np.int64) - int(data.prompts["row"][0] if n else 0)
+    counts_per_row = np.bincount(rows, minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts_per_row, out=offsets[1:])
+    nonempty = (comps["response"].str.strip_chars().str.len_bytes() > 0).to_numpy()
+    ratings = {f: comps[f].fill_null(np.nan).to_numpy().astype(np.float64) for f in RATING_FIELDS}
+    return Prepared(
+        data=data,
+        names=names,
+        s_pref=sp,
+        kin=kin,
+        offsets=offsets,
+        model=_model_index(comps["model"], names, aliases),
+        nonempty=np.ascontiguousarray(nonempty, dtype=np.bool_),
+        ratings=ratings,
+        text_hash=hash128(comps["response"]),
+        row0=row0,
+    )
+
+
+def search(
+    prep: Prepared,
+    strategy: str,
+    *,
+    tau: float,
+    seed: int,
+    rating: str = "overall_score",
+    pool: str = "scored",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pair_arrays` over a prepared dataset, identical texts dropped:
+    ``(chosen, rejected, reason)`` per instruction."""
+    chosen, rejected, reason = pair_arrays(
+        prep.offsets, prep.model, prep.nonempty, prep.ratings[rating], prep.s_pref, prep.kin,
+        strategy=strategy, tau=tau, seed=seed, pool=pool, row0=prep.row0,
+    )  # fmt: skip
+    kept = np.flatnonzero(reason == KEPT)
+    h = prep.text_hash
+    same = (h[chosen[kept]] == h[rejected[kept]]).all(axis=1)
+    if same.any():  # confirm on the text itself (a 128-bit collision is not an identical text)
+        cand = kept[same]
+        resp = prep.data.completions["response"]
+        equal = (resp.gather(chosen[cand]) == resp.gather(rejected[cand])).to_numpy()
+        drop = cand[equal]
+        reason[drop] = IDENTICAL
+        chosen[drop] = -1
+        rejected[drop] = -1
+    return chosen, rejected, reason
+
+
+@njit(cache=True)
+def _pool_kernel(
+    offsets: np.ndarray, model: np.ndarray, ok: np.ndarray, m: int, out: np.ndarray
+) -> None:
+    """``out[a, b]`` (a < b) += 1 for every pair of candidate completions of models a != b."""
+    for i in range(offsets.shape[0] - 1):
+        for p in range(offsets[i], offsets[i + 1]):
+            if not ok[p]:
+                continue
+            for q in range(p + 1, offsets[i + 1]):
+                if not ok[q] or model[p] == model[q]:
+                    continue
+                a = min(model[p], model[q])
+                b = max(model[p], model[q])
+                out[a, b] += 1
+
+
+def pool_counts(prep: Prepared) -> np.ndarray:
+    """How often each model pair (a < b) meets as two candidates of one instruction: the pool
+    every strategy chooses from (``(m, m)`` int64, upper triangle)."""
+    m = len(prep.names)
+    out = np.zeros((m, m), dtype=np.int64)
+    scored = prep.model >= 0
+    scored[scored] = ~np.isnan(prep.s_pref[prep.model[scored]])
+    _pool_kernel(prep.offsets, prep.model, prep.nonempty & scored, m, out)
+    return out
+
+
+def _weighted_ranks(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mid-ranks of ``v`` where value i stands for ``w[i]`` tied observations."""
+    uniq, inv = np.unique(v, return_inverse=True)
+    wsum = np.bincount(inv, weights=w, minlength=len(uniq))
+    below = np.cumsum(wsum) - wsum
+    return (below + (wsum + 1.0) / 2.0)[inv]
+
+
+def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float | None:
+    """Spearman's rho of the observations ``(x[i], y[i])`` repeated ``w[i]`` times (equal to
+    :func:`scipy.stats.spearmanr` on the expanded arrays); None when undefined."""
+    keep = w > 0
+    x, y, w = x[keep], y[keep], w[keep].astype(np.float64)
+    if len(x) < 2:
+        return None
+    rx, ry = _weighted_ranks(x, w), _weighted_ranks(y, w)
+    total = w.sum()
+    dx, dy = rx - (w * rx).sum() / total, ry - (w * ry).sum() / total
+    sxx, syy = (w * dx * dx).sum(), (w * dy * dy).sum()
+    if sxx <= 0 or syy <= 0:
+        return None
+    return float((w * dx * dy).sum() / math.sqrt(sxx * syy))
+
+
+def pool_stats(prep: Prepared, counts: np.ndarray | None = None) -> dict[str, Any]:
+    """Mean kinship and |S_pref gap| over every candidate pair of the data, and the Spearman
+    correlation between the two (pairs with undefined kinship are left out of both)."""
+    counts = pool_counts(prep) if counts is None else counts
+    ia, ib = np.nonzero(counts)
+    w = counts[ia, ib].astype(np.float64)
+    kin = prep.kin[ia, ib]
+    gap = np.abs(prep.s_pref[ia] - prep.s_pref[ib])
+    ok = ~np.isnan(kin)
+    total = float(w.sum())
+    return {
+        "candidate_pairs": int(total),
+        "mean_kinship": _round(float((w[ok] * kin[ok]).sum() / w[ok].sum())) if ok.any() else None,
+        "mean_abs_s_pref_gap": _round(float((w * gap).sum() / total)) if total else None,
+        "spearman_kinship_gap": _round(weighted_spearman(kin[ok], gap[ok], w[ok])),
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 6)
+
+
+def _used_stats(prep: Prepared, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
+    """Mean kinship and |S_pref gap| of the pairs used (model pairs with both defined)."""
+    kept = chosen >= 0
+    mc, mr = prep.model[chosen[kept]], prep.model[rejected[kept]]
+    known = (mc >= 0) & (mr >= 0)
+    mc, mr = mc[known], mr[known]
+    kin = prep.kin[mc, mr]
+    gap = np.abs(prep.s_pref[mc] - prep.s_pref[mr])
+    kin, gap = kin[~np.isnan(kin)], gap[~np.isnan(gap)]
+    return {
+        "mean_kinship": _round(float(kin.mean())) if len(kin) else None,
+        "mean_abs_s_pref_gap": _round(float(gap.mean())) if len(gap) else None,
+    }
+
+
+def diagnostics(
+    prep: Prepared,
+    strategy: str,
+    *,
+    tau: float,
+    seed: int,
+    rating: str = "overall_score",
+    pool: str = "scored",
+    found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    pool_summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What the kinship threshold did, as flat ``diag.*`` metrics.
+
+    ``changed_by_tau``: share of instructions whose outcome (pair or drop) differs from the
+    search without a threshold (tau = -inf: every candidate pair eligible); ``dropped_by_tau``:
+    share paired without the threshold but dropped with it; ``overlap.<s>``: share of this
+    strategy's pairs that strategy ``s`` also makes (same chosen and rejected response);
+    ``used.*`` vs ``pool.*``: mean kinship and |S_pref gap| of the pairs used vs of every
+    candidate pair, and the Spearman correlation of the two over the pool.
+    """
+    kw = {"seed": seed, "rating": rating, "pool": pool}
+    chosen, rejected, reason = found or search(prep, strategy, tau=tau, **kw)
+    c0, r0, reason0 = search(prep, strategy, tau=-math.inf, **kw)
+    n = max(prep.n, 1)
+    kept = reason == KEPT
+    changed = (chosen != c0) | (rejected != r0)
+    dropped = ~kept & (reason0 == KEPT)
+    out: dict[str, Any] = {
+        "diag.changed_by_tau": _round(changed.sum() / n),
+        "diag.changed_by_tau_n": int(changed.sum()),
+        "diag.dropped_by_tau": _round(dropped.sum() / n),
+        "diag.dropped_by_tau_n": int(dropped.sum()),
+    }
+    for other in STRATEGIES:
+        if other == strategy:
+            continue
+        co, ro, _ = search(prep, other, tau=tau, **kw)
+        same = kept & (co == chosen) & (ro == rejected)
+        out[f"diag.overlap.{other}"] = _round(same.sum() / kept.sum()) if kept.any() else None
+    for k, v in _used_stats(prep, chosen, rejected).items():
+        out[f"diag.used.{k}"] = v
+    for k, v in (pool_summary or pool_stats(prep)).items():
+        out[f"diag.pool.{k}"] = v
+    return out
+
+
+def pair_arrays_frame(
+    prep: Prepared, chosen: np.ndarray, rejected: np.ndarray, rating: str
+) -> pl.DataFrame:
+    """The TRL frame of the kept pairs (instruction order)."""
+    comps = prep.data.completions
+    kept = np.flatnonzero(chosen >= 0)
+    ci, ri = chosen[kept], rejected[kept]
+    sp_full = np.append(prep.s_pref, np.nan)  # index -1 -> NaN
+    m = len(prep.names)
+    kin_pad = np.full((m + 1, m + 1), np.nan)
+    kin_pad[:-1, :-1] = prep.kin
+    mc, mr = prep.model[ci], prep.model[ri]
+    prompt_text = prep.data.prompts["instruction"].gather(kept)
+
+    def msg(role: str, text: pl.Series) -> pl.Series:
+        return pl.select(
+            pl.concat_list(pl.struct(pl.lit(role).alias("role"), pl.lit(text).alias("content")))
+        ).to_series()
+
+    def nan_to_null(x: np.ndarray) -> pl.Series:
+        return pl.Series(x, dtype=pl.Float64).fill_nan(None)
+
+    return pl.DataFrame(
+        {
+            "prompt": msg("user", prompt_text),
+            "chosen": msg("assistant", comps["response"].gather(ci)),
+            "rejected": msg("assistant", comps["response"].gather(ri)),
+            "prompt_id": prompt_ids(prompt_text),
+            "chosen_model": comps["model"].gather(ci),
+            "rejected_model": comps["model"].gather(ri),
+            "kinship": nan_to_null(kin_pad[mc, mr]),
+            "s_pref_chosen": nan_to_null(sp_full[mc]),
+            "s_pref_rejected": nan_to_null(sp_full[mr]),
+            "chosen_rating": comps[rating].gather(ci),
+            "rejected_rating": comps[rating].gather(ri),
+            "source": prep.data.prompts["source"].gather(kept),
+        }
+    )
+
+
+def agreement(prep: Prepared, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
+    """Agreement of the pairs with each instance rating field (``rating.<field>.*``):
+    shares of rated pairs where the chosen response is rated higher / the same / lower."""
+    kept = chosen >= 0
+    out: dict[str, Any] = {}
+    for f in RATING_FIELDS:
+        r = prep.ratings[f]
+        diff = r[chosen[kept]] - r[rejected[kept]]
+        diff = diff[~np.isnan(diff)]
+        nr = len(diff)
+        out[f"rating.{f}.rated_pairs"] = nr
+        out[f"rating.{f}.agree"] = _round((diff > 0).sum() / nr) if nr else None
+        out[f"rating.{f}.tie"] = _round((diff == 0).sum() / nr) if nr else None
+        out[f"rating.{f}.disagree"] = _round((diff < 0).sum() / nr) if nr else None
+        out[f"rating.{f}.mean_gap"] = _round(float(diff.mean())) if nr else None
+    return out
+
+
 def make_pairs(
     data: UltraFeedback,
     s_pref: pl.DataFrame | Mapping[str, float],
@@ -557,70 +975,41 @@ def make_pairs(
     seed: int = 0,
     rating: str = "overall_score",
     aliases: Mapping[str, str] | None = None,
+    pool: str = "scored",
+    test_fraction: float = 0.0,
+    diagnose: bool = True,
 ) -> PreferenceResult:
-    """Pair every instruction of ``data`` by ``strategy``; returns the TRL frame and counts."""
-    names, sp = _s_pref_table(s_pref)
-    kin = kinship_matrix(names, kinship)
-    comps = data.completions
-    n = data.prompts.height
-    counts_per_row = np.bincount(comps["row"].to_numpy(), minlength=n)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts_per_row, out=offsets[1:])
-    model_idx = _model_index(comps["model"], names, aliases)
-    nonempty = (comps["response"].str.strip_chars().str.len_bytes() > 0).to_numpy()
-    ratings = comps[rating].fill_null(np.nan).to_numpy().astype(np.float64)
-    chosen, rejected, reason = pair_arrays(
-        offsets, model_idx, nonempty, ratings, sp, kin, strategy=strategy, tau=tau, seed=seed
-    )
-    kept = np.flatnonzero(reason == KEPT)
-    ci, ri = chosen[kept], rejected[kept]
-    chosen_text = comps["response"].gather(ci)
-    rejected_text = comps["response"].gather(ri)
-    identical = (chosen_text == rejected_text).fill_null(False).to_numpy()
-    if identical.any():
-        reason[kept[identical]] = IDENTICAL
-        keep = ~identical
-        kept, ci, ri = kept[keep], ci[keep], ri[keep]
-        chosen_text = chosen_text.filter(pl.Series(keep))
-        rejected_text = rejected_text.filter(pl.Series(keep))
-    sp_full = np.append(sp, np.nan)  # index -1 -> NaN
-    kin_pad = np.full((len(names) + 1, len(names) + 1), np.nan)
-    kin_pad[:-1, :-1] = kin
-    mc, mr = model_idx[ci], model_idx[ri]
-    prompt_text = data.prompts["instruction"].gather(kept)
-
-    def msg(role: str, text: pl.Series) -> pl.Series:
-        return pl.select(
-            pl.concat_list(pl.struct(pl.lit(role).alias("role"), pl.lit(text).alias("content")))
-        ).to_series()
-
-    def nan_to_null(x: np.ndarray) -> pl.Series:
-        return pl.Series(x, dtype=pl.Float64).fill_nan(None)
-
-    pairs = pl.DataFrame(
+    """Pair every instruction of ``data`` by ``strategy``; returns the TRL frame, the
+    train/test split, counts and metrics (with the :func:`diagnostics` when ``diagnose``)."""
+    strategy_code(strategy)
+    prep = prepare(data, s_pref, kinship, aliases=aliases)
+    found = search(prep, strategy, tau=tau, seed=seed, rating=rating, pool=pool)
+    chosen, rejected, reason = found
+    pairs = pair_arrays_frame(prep, chosen, rejected, rating)
+    test = is_test(pairs["prompt"].list.first().struct.field("content"), seed=seed,
+                   fraction=test_fraction)  # fmt: skip
+    codes = np.bincount(reason.astype(np.int64), minlength=len(REASONS))
+    n = prep.n
+    counts = {"instructions": n, "pairs": int(codes[KEPT])}
+    counts["completions"] = int(data.completions.height)
+    counts["completions_blank"] = int((~prep.nonempty).sum())
+    counts["completions_unknown_model"] = int((prep.model < 0).sum())
+    counts.update({f"drop_{r}": int(codes[i]) for i, r in enumerate(REASONS) if i != KEPT})
+    result = PreferenceResult(pairs, counts, {}, strategy, float(tau), seed, test)
+    metrics = pair_metrics(result)
+    metrics.update(agreement(prep, chosen, rejected))
+    metrics.update(
         {
-            "prompt": msg("user", prompt_text),
-            "chosen": msg("assistant", chosen_text),
-            "rejected": msg("assistant", rejected_text),
-            "prompt_id": prompt_ids(prompt_text),
-            "chosen_model": comps["model"].gather(ci),
-            "rejected_model": comps["model"].gather(ri),
-            "kinship": nan_to_null(kin_pad[mc, mr]),
-            "s_pref_chosen": nan_to_null(sp_full[mc]),
-            "s_pref_rejected": nan_to_null(sp_full[mr]),
-            "chosen_rating": comps[rating].gather(ci),
-            "rejected_rating": comps[rating].gather(ri),
-            "source": data.prompts["source"].gather(kept),
+            "split.train_pairs": int((~test).sum()),
+            "split.test_pairs": int(test.sum()),
+            "split.test_share": _round(test.sum() / max(len(test), 1)),
         }
     )
-    codes = np.bincount(reason.astype(np.int64), minlength=len(REASONS))
-    counts = {"instructions": n, "pairs": int(codes[KEPT])}
-    counts["completions"] = int(comps.height)
-    counts["completions_blank"] = int((~nonempty).sum())
-    counts["completions_unknown_model"] = int((model_idx < 0).sum())
-    counts.update({f"drop_{r}": int(codes[i]) for i, r in enumerate(REASONS) if i != KEPT})
-    result = PreferenceResult(pairs, counts, {}, strategy, float(tau), seed)
-    result = dataclasses.replace(result, metrics=pair_metrics(result))
+    if diagnose:
+        metrics.update(
+            diagnostics(prep, strategy, tau=tau, seed=seed, rating=rating, pool=pool, found=found)
+        )
+    result = dataclasses.replace(result, metrics=metrics)
     log.info("%s: %d of %d instructions paired", strategy, counts["pairs"], n)
     return result
 
@@ -655,9 +1044,204 @@ def pair_metrics(result: PreferenceResult) -> dict[str, Any]:
     return out
 
 
-def write_pairs(result: PreferenceResult, path: str | Path) -> None:
-    """Write the pairs Parquet (byte-identical for equal frames)."""
-    result.pairs.write_parquet(path, compression=PARQUET_COMPRESSION, statistics=False)
+# --------------------------------------------------------------------------- tau sweep
+def sweep_table(
+    prep: Prepared,
+    taus: Sequence[float],
+    *,
+    seed: int,
+    rating: str = "overall_score",
+    pool: str = "scored",
+) -> pl.DataFrame:
+    """The diagnostics of every KARMA strategy at every tau: one row per (tau, strategy)."""
+    from tqdm.auto import tqdm
+
+    kw = {"seed": seed, "rating": rating, "pool": pool}
+    base = {s: search(prep, s, tau=-math.inf, **kw) for s in KARMA_STRATEGIES}
+    summary = pool_stats(prep)
+    n = max(prep.n, 1)
+    rows = []
+    for tau in tqdm(list(taus), desc="tau sweep", unit="tau", disable=len(taus) < 50):
+        found = {s: search(prep, s, tau=tau, **kw) for s in KARMA_STRATEGIES}
+        for s, (c, r, reason) in found.items():
+            c0, r0, reason0 = base[s]
+            kept = reason == KEPT
+            row: dict[str, Any] = {
+                "tau": float(tau),
+                "strategy": s,
+                "pairs": int(kept.sum()),
+                "changed_by_tau": _round(((c != c0) | (r != r0)).sum() / n),
+                "dropped_by_tau": _round((~kept & (reason0 == KEPT)).sum() / n),
+            }
+            row.update(_used_stats(prep, c, r))
+            for o in KARMA_STRATEGIES:
+                co, ro, _ = found[o]
+                same = kept & (co == c) & (ro == r)
+                row[f"overlap_{o}"] = _round(same.sum() / kept.sum()) if kept.any() else None
+            row["pool_mean_kinship"] = summary["mean_kinship"]
+            row["pool_mean_abs_s_pref_gap"] = summary["mean_abs_s_pref_gap"]
+            row["pool_spearman_kinship_gap"] = summary["spearman_kinship_gap"]
+            rows.append(row)
+    schema = {"tau": pl.Float64, "strategy": pl.String, "pairs": pl.Int64}
+    schema.update({k: pl.Float64 for k in rows[0] if k not in schema})
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def all_draws(models: Sequence[str], k: int, extra: Sequence[str] = ()) -> UltraFeedback:
+    """Every ``k``-model draw of ``models`` + ``extra`` as one instruction each (the paper's
+    table: each of the C(17, 4) = 2,380 four-model draws of UltraFeedback's models), so that the
+    diagnostics describe the score table itself rather than a dataset."""
+    from karma.ultrafeedback import from_records
+
+    pool = sorted(dict.fromkeys([*models, *extra]))
+    if len(pool) < k:
+        raise KarmaError("fewer models than a draw", field="sweep.draws", value=k,
+                         expected=f"at most {len(pool)} (the models of the pool)")  # fmt: skip
+    records = (
+        (f"draw {i}", {"instruction": f"draw {i}: {', '.join(combo)}",
+                       "completions": [{"model": m, "response": m} for m in combo]})
+        for i, combo in enumerate(itertools.combinations(pool, k))
+    )  # fmt: skip
+    return from_records(records, file="draws")
+
+
+# --------------------------------------------------------------------------- layouts
+def _messages(*parts: tuple[str, pl.Expr]) -> pl.Expr:
+    """A list of ``{content, role}`` messages (H4's field order)."""
+    return pl.concat_list(
+        [pl.struct(text.alias("content"), pl.lit(role).alias("role")) for role, text in parts]
+    )
+
+
+def h4_frame(pairs: pl.DataFrame) -> pl.DataFrame:
+    """A TRL frame in ``HuggingFaceH4/ultrafeedback_binarized``'s layout: ``prompt`` (text),
+    ``prompt_id`` (sha256 of the prompt), ``chosen``/``rejected``/``messages`` (the full
+    user + assistant conversations; ``messages`` = chosen), ``score_chosen``/``score_rejected``
+    (the instance ratings), then our metadata columns."""
+    content = pl.col("prompt").list.first().struct.field("content")
+    answer = {k: pl.col(k).list.first().struct.field("content") for k in ("chosen", "rejected")}
+    prompt = pairs.select(content)["content"]
+    return pairs.select(
+        content.alias("prompt"),
+        pl.lit(sha256_ids(prompt)).alias("prompt_id"),
+        _messages(("user", content), ("assistant", answer["chosen"])).alias("chosen"),
+        _messages(("user", content), ("assistant", answer["rejected"])).alias("rejected"),
+        _messages(("user", content), ("assistant", answer["chosen"])).alias("messages"),
+        pl.col("chosen_rating").alias("score_chosen"),
+        pl.col("rejected_rating").alias("score_rejected"),
+        *META_COLUMNS,
+    )
+
+
+def to_trl(frame: pl.DataFrame) -> pl.DataFrame:
+    """Either layout -> TRL's conversational one: ``prompt`` (a list of messages) and
+    ``chosen``/``rejected`` (one assistant message each), then the other columns unchanged.
+
+    An H4-layout frame (``prompt`` as text, full conversations in ``chosen``/``rejected``)
+    becomes the prompt as one user message and the last message of each conversation; a TRL
+    frame is returned as it is (so is anything else: callers check the columns).
+    """
+    if "prompt" not in frame.columns or frame.schema["prompt"] != pl.String:
+        return frame
+    for col in ("chosen", "rejected"):
+        dtype = frame.schema.get(col)
+        if not isinstance(dtype, pl.List) or not isinstance(dtype.inner, pl.Struct):
+            return frame
+
+    def last(col: str) -> pl.Expr:
+        m = pl.col(col).list.last()
+        return pl.concat_list(pl.struct(m.struct.field("role"), m.struct.field("content"))).alias(
+            col
+        )
+
+    prompt = pl.concat_list(
+        pl.struct(pl.lit("user").alias("role"), pl.col("prompt").alias("content"))
+    ).alias("prompt")
+    rest = [c for c in frame.columns if c not in ("prompt", "chosen", "rejected")]
+    return frame.select(prompt, last("chosen"), last("rejected"), *rest)
+
+
+def layout_table(pairs: pl.DataFrame, layout: str) -> Any:
+    """The pairs as an Arrow table with the exact schema of ``layout`` (see _arrow_schema)."""
+    frame = h4_frame(pairs) if layout == "h4" else pairs.select(OUTPUT_COLUMNS)
+    table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+    return table.cast(_arrow_schema(layout))
+
+
+def write_table(table: Any, path: str | Path) -> None:
+    """Write an Arrow table as Parquet: fixed row groups and codec, no statistics, so that the
+    bytes depend only on the rows."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        table,
+        path,
+        row_group_size=ROW_GROUP,
+        compression=PARQUET_COMPRESSION,
+        write_statistics=False,
+    )
+
+
+def write_splits(result: PreferenceResult, out_dir: str | Path, layout: str = "trl") -> None:
+    """Write ``train_prefs.parquet`` and ``test_prefs.parquet`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        write_table(layout_table(result.split(name), layout), out / f"{name}.parquet")
+
+
+def write_pairs(result: PreferenceResult, path: str | Path, layout: str = "trl") -> None:
+    """Write every pair (no split) as one Parquet file."""
+    write_table(layout_table(result.pairs, layout), path)
+
+
+# --------------------------------------------------------------------------- card
+def _size(n: int) -> str:
+    for limit, label in ((1000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (10**6, "100K<n<1M")):  # fmt: skip
+        if n < limit:
+            return label
+    return "n>1M"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def diagnostics_text(result: PreferenceResult) -> str:
+    """The card's paragraph on what the kinship threshold did (from ``diag.*``)."""
+    m = result.metrics
+    if "diag.changed_by_tau" not in m:
+        return "(not computed)"
+    n = result.counts["instructions"]
+    lines = []
+    if result.strategy in KARMA_STRATEGIES:
+        ch, dr = m["diag.changed_by_tau_n"], m["diag.dropped_by_tau_n"]
+        verdict = (
+            f"**tau = {result.tau:g} changed no pair**: every instruction gets the pair it gets "
+            "without a threshold, so nothing here is due to kinship filtering."
+            if ch == 0
+            else f"tau = {result.tau:g} changed the outcome of {ch} of {n} instructions "
+            f"({_pct(m['diag.changed_by_tau'])}) against the search without a threshold, "
+            f"{dr} of them ({_pct(m['diag.dropped_by_tau'])}) dropped for want of a kin pair."
+        )
+        lines.append(verdict)
+    else:
+        lines.append(f"`{result.strategy}` ignores kinship: tau changes nothing.")
+    overlap = ", ".join(
+        f"`{s}` {_pct(m.get(f'diag.overlap.{s}'))}" for s in STRATEGIES if s != result.strategy
+    )
+    lines += [
+        "",
+        f"- same pair as the other strategies (share of these pairs): {overlap}",
+        f"- mean kinship: pairs used {m['diag.used.mean_kinship']}, every candidate pair "
+        f"{m['diag.pool.mean_kinship']} ({m['diag.pool.candidate_pairs']} candidate pairs)",
+        f"- mean \\|S_pref gap\\|: pairs used {m['diag.used.mean_abs_s_pref_gap']}, every "
+        f"candidate pair {m['diag.pool.mean_abs_s_pref_gap']}",
+        "- Spearman correlation of kinship and \\|S_pref gap\\| over the candidate pairs: "
+        f"{m['diag.pool.spearman_kinship_gap']}",
+    ]
+    return "\n".join(lines)
 
 
 def dataset_card(
@@ -665,22 +1249,13 @@ def dataset_card(
     *,
     dataset: str,
     params: Mapping[str, Any],
-    data_file: str = "pairs.parquet",
+    layout: str = "trl",
+    license: str = "other",
+    source: str | None = None,
 ) -> str:
     """The dataset card (``README.md`` with the hub's YAML header)."""
     c = result.counts
     m = result.metrics
-    size = (
-        "n<1K"
-        if c["pairs"] < 1000
-        else "1K<n<10K"
-        if c["pairs"] < 10_000
-        else "10K<n<100K"
-        if c["pairs"] < 100_000
-        else "100K<n<1M"
-        if c["pairs"] < 10**6
-        else "n>1M"
-    )
     drops = "\n".join(
         f"| {k.removeprefix('drop_')} | {v} |"
         for k, v in sorted(c.items())
@@ -694,16 +1269,41 @@ def dataset_card(
         else "a seeded-random pair of responses ordered by S_pref (ablation, kinship ignored)"
         if result.strategy == "random"
         else f"KARMA kinship-aware pairing (strategy `{result.strategy}`): responses are paired "
-        f"only between kin models (kinship >= {result.tau}); the response of the model with "
+        f"only between kin models (kinship >= {result.tau:g}); the response of the model with "
         "the higher normalised benchmark score S_pref is chosen"
     )
+    rating = params.get("preferences.rating", "overall_score")
+    agree = "\n".join(
+        f"- `{f}`: agree {m.get(f'rating.{f}.agree')}, tie {m.get(f'rating.{f}.tie')}, "
+        f"disagree {m.get(f'rating.{f}.disagree')} (over {m.get(f'rating.{f}.rated_pairs')} "
+        "rated pairs)"
+        for f in RATING_FIELDS
+    )
+    if layout == "h4":
+        fmt = (
+            "the layout of `HuggingFaceH4/ultrafeedback_binarized` (same columns, order and "
+            "Arrow types: `prompt` text, `prompt_id` = sha256 of the prompt, `chosen` / "
+            "`rejected` / `messages` = user + assistant conversations, `score_chosen` / "
+            f"`score_rejected` = the `{rating}` ratings), so it concatenates with H4 "
+            "(`datasets.concatenate_datasets`) and joins with it on `prompt_id`"
+        )
+        cols = "`prompt`, `prompt_id`, `chosen`, `rejected`, `messages`, `score_chosen`, "
+        cols += "`score_rejected` (as H4); then "
+    else:
+        fmt = (
+            "TRL's conversational format (`prompt` = list of messages, `chosen` / `rejected` = "
+            "one assistant message each), ready for `trl.DPOTrainer`"
+        )
+        cols = "`prompt`, `chosen`, `rejected` (messages); `prompt_id` (128-bit hash of the "
+        cols += "instruction); "
+    made_from = f"`{dataset}`" + (f" ({source})" if source else "")
     return f"""---
 language:
 - en
-license: other
+license: {license}
 pretty_name: KARMA preference pairs ({result.strategy})
 size_categories:
-- {size}
+- {_size(c["pairs"])}
 task_categories:
 - text-generation
 tags:
@@ -714,17 +1314,26 @@ tags:
 configs:
 - config_name: default
   data_files:
-  - split: train
-    path: {data_file}
+  - split: train_prefs
+    path: train_prefs.parquet
+  - split: test_prefs
+    path: test_prefs.parquet
 ---
 
 # KARMA preference pairs: `{result.strategy}`
 
-Preference data in TRL's conversational format (`prompt` = list of messages, `chosen` /
-`rejected` = one assistant message each), ready for `trl.DPOTrainer`.
+Preference data in {fmt}.
 
-Made from `{dataset}` by {how}. One pair at most per instruction; same inputs and params
-give a byte-identical file.
+Made from {made_from} by {how}. One pair at most per instruction; same inputs and params
+give byte-identical files. License: `{license}` (that of the source data).
+
+Splits by prompt (no prompt in both): `train_prefs` {m.get("split.train_pairs")} pairs,
+`test_prefs` {m.get("split.test_pairs")} pairs (a prompt is in `test_prefs` when a hash of it,
+seeded by `seed`, falls below `preferences.test_fraction`).
+
+## What the kinship threshold did
+
+{diagnostics_text(result)}
 
 ## Params
 
@@ -738,8 +1347,11 @@ give a byte-identical file.
 - pairs kept: {c["pairs"]}
 - mean kinship: {m.get("mean_kinship")}
 - mean S_pref gap: {m.get("mean_s_pref_gap")}
-- agreement with instance ratings: {m.get("rating_agree")} (ties {m.get("rating_tie")},
-  over {m.get("rated_pairs")} rated pairs)
+
+Agreement of chosen vs rejected with the instance ratings (UltraFeedback's `overall_score` has
+documented problems; `fine_grained_score` is the mean of the four aspect ratings):
+
+{agree}
 
 | dropped because | instructions |
 |---|---|
@@ -747,10 +1359,9 @@ give a byte-identical file.
 
 ## Columns
 
-`prompt`, `chosen`, `rejected` (messages); `prompt_id` (128-bit hash of the instruction);
-`chosen_model`, `rejected_model`; `kinship` of the two models; `s_pref_chosen`,
-`s_pref_rejected`; `chosen_rating`, `rejected_rating` (the instance rating, null when absent);
-`source`.
+{cols}`chosen_model`, `rejected_model`; `kinship` of the two models; `s_pref_chosen`,
+`s_pref_rejected`; `chosen_rating`, `rejected_rating` (the `{rating}` instance rating, null
+when absent); `source`.
 
 Built by `karma preferences` / the DVC stage `preferences` (KARMA, arXiv 2502.18744).
 """
@@ -764,13 +1375,16 @@ def summary(result: PreferenceResult) -> str:
         for k, v in sorted(result.counts.items())
         if k.startswith("drop_") and v
     )
-    return (
+    text = (
         f"strategy {result.strategy} (tau {result.tau:g}, seed {result.seed}): "
         f"{m['pairs']} pairs from {m['instructions']} instructions"
         f" (dropped: {drops or 'none'}); mean kinship {m['mean_kinship']}, "
         f"mean S_pref gap {m['mean_s_pref_gap']}, rating agreement {m['rating_agree']} "
         f"(ties {m['rating_tie']}, {m['rated_pairs']} rated pairs)"
     )
+    if "diag.changed_by_tau" in m:
+        text += f"; tau changed {m['diag.changed_by_tau_n']} of {m['instructions']} pairs"
+    return text
 
 
 def load_kinship_dir(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -793,22 +1407,33 @@ class PreferencesPaths:
     """Paths of the ``preferences`` stage (the completions are ``preferences.dataset``)."""
 
     kinship_dir: Path = input_path("the kinship stage's output directory", is_dir=True)
-    out: Path = output_path("pairs.parquet + README.md (dataset card)", is_dir=True)
+    out: Path = output_path(
+        "train_prefs.parquet, test_prefs.parquet + README.md (dataset card)", is_dir=True
+    )
     metrics: Path | None = output_path("flat metrics", ".json", required=False)
     plot: Path | None = output_path("model-pair heatmap", ".png", required=False)
 
 
-def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
-    """Stage ``preferences``: read the completions, pair them, write pairs, card and metrics."""
-    from karma.io import write_json
-    from karma.plots import pair_usage_heatmap
+def _read_completions(params: Params) -> tuple[UltraFeedback, dict[str, Any]]:
+    """The completions of ``preferences.dataset`` and what is known of their source."""
+    from karma.fetch import source_info
     from karma.ultrafeedback import read_ultrafeedback
 
     cfg = params.preferences
-    models, kinship = load_kinship_dir(paths.kinship_dir)
     data = read_ultrafeedback(cfg.dataset, split=cfg.split)
     log.info("read %d instructions, %d completions from %s", len(data), data.completions.height,
              cfg.dataset)  # fmt: skip
+    return data, source_info(cfg.dataset)
+
+
+def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
+    """Stage ``preferences``: read the completions, pair them, write splits, card, metrics."""
+    from karma.io import write_json
+    from karma.plots import pair_usage_heatmap
+
+    cfg = params.preferences
+    models, kinship = load_kinship_dir(paths.kinship_dir)
+    data, info = _read_completions(params)
     result = make_pairs(
         data,
         models.select("model", "s_pref"),
@@ -818,6 +1443,8 @@ def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
         seed=params.seed,
         rating=cfg.rating,
         aliases=cfg.aliases,
+        pool=cfg.baseline_pool,
+        test_fraction=cfg.test_fraction,
     )
     if result.pairs.height == 0:
         c = result.counts
@@ -829,19 +1456,31 @@ def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
             value=params.kinship,
             expected=f"a strategy and tau ({params.similarity.tau}) that pair some responses",
         )
+    metrics = {
+        **result.metrics,
+        "meta.seed": params.seed,
+        "meta.kinship": params.kinship,
+        "meta.test_fraction": cfg.test_fraction,
+        "meta.layout": cfg.layout,
+    }
+    result = dataclasses.replace(result, metrics=metrics)
     card_params = {
         "kinship": params.kinship,
         "seed": params.seed,
         "similarity.tau": params.similarity.tau,
         "preferences.rating": cfg.rating,
         "preferences.dataset": cfg.dataset,
+        "preferences.baseline_pool": cfg.baseline_pool,
+        "preferences.layout": cfg.layout,
+        "preferences.test_fraction": cfg.test_fraction,
     }
     out = Path(paths.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_pairs(result, out / "pairs.parquet")
-    (out / "README.md").write_text(dataset_card(result, dataset=cfg.dataset, params=card_params))
+    write_splits(result, out, cfg.layout)
+    card = dataset_card(result, dataset=cfg.dataset, params=card_params, layout=cfg.layout,
+                        license=info["license"], source=info.get("described"))  # fmt: skip
+    (out / "README.md").write_text(card)
     if paths.metrics is not None:
-        write_json(paths.metrics, result.metrics)
+        write_json(paths.metrics, metrics)
     if paths.plot is not None:
         pair_usage_heatmap(
             result.pairs["chosen_model"].to_list(),
@@ -851,7 +1490,7 @@ def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
             title=f"Model pairs used by '{params.kinship}'",
         )
     log.info("%s", summary(result))
-    return result.metrics
+    return metrics
 
 
 STAGE = Stage(
@@ -862,5 +1501,75 @@ STAGE = Stage(
     inputs=("preferences.dataset",),
     help="Per instruction, pair two responses of kin models (kinship >= tau) and choose the one "
     "whose model has the higher S_pref (KARMA), or binarise by rating (rlaif), or pair at "
-    "random; TRL conversational format with metadata columns.",
+    "random; train_prefs/test_prefs split by prompt, in TRL's conversational layout or H4's, "
+    "with metadata columns and what the kinship threshold did (diag.* metrics, the card).",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepPaths:
+    """Paths of the ``tau_sweep`` stage."""
+
+    kinship_dir: Path = input_path("the kinship stage's output directory", is_dir=True)
+    out: Path = output_path("the table: one row per (tau, strategy)", ".csv", ".parquet")
+    plot: Path | None = output_path("the figures against tau", ".png", required=False)
+
+
+def run_sweep(params: Params, paths: SweepPaths) -> dict[str, Any]:
+    """Stage ``tau_sweep``: the diagnostics of the KARMA strategies over ``sweep.taus``."""
+    from karma.plots import tau_sweep_plot
+
+    cfg, sw = params.preferences, params.sweep
+    models, kinship = load_kinship_dir(paths.kinship_dir)
+    s_pref = models.select("model", "s_pref")
+    if sw.draws is not None:
+        scored = models.filter(pl.col("s_pref").is_not_null())["model"].to_list()
+        data = all_draws(scored, sw.draws, sw.extra_models)
+        what = f"every {sw.draws}-model draw of {len(scored) + len(sw.extra_models)} models"
+    else:
+        data, _ = _read_completions(params)
+        what = cfg.dataset
+    prep = prepare(data, s_pref, kinship, aliases=cfg.aliases)
+    taus = sorted({*sw.taus, params.similarity.tau})
+    table = sweep_table(prep, taus, seed=params.seed, rating=cfg.rating, pool=cfg.baseline_pool)
+    out = Path(paths.out)
+    if out.suffix == ".csv":
+        table.write_csv(out, float_precision=6)
+    else:
+        write_table(table.to_arrow(compat_level=pl.CompatLevel.oldest()), out)
+    if paths.plot is not None:
+        tau_sweep_plot(table, paths.plot, title=f"Kinship threshold sweep over {what}",
+                       tau=params.similarity.tau)  # fmt: skip
+    at = table.filter(pl.col("tau") == params.similarity.tau)
+    metrics: dict[str, Any] = {"instructions": prep.n, "taus": len(taus)}
+    for row in at.iter_rows(named=True):
+        metrics[f"{row['strategy']}.changed_by_tau"] = row["changed_by_tau"]
+    for s in KARMA_STRATEGIES:  # the smallest tau that changes any pair
+        binds = table.filter((pl.col("strategy") == s) & (pl.col("changed_by_tau") > 0))
+        metrics[f"{s}.binds_from_tau"] = (
+            float(binds["tau"].min()) if binds.height else None  # type: ignore[arg-type]
+        )
+    log.info("tau sweep over %s: %s", what, json.dumps(metrics))
+    return metrics
+
+
+SWEEP = Stage(
+    name="tau_sweep",
+    settings=(
+        "seed",
+        "similarity.tau",
+        "preferences.dataset",
+        "preferences.split",
+        "preferences.rating",
+        "preferences.aliases",
+        "preferences.baseline_pool",
+        "sweep",
+    ),
+    paths=SweepPaths,
+    run=run_sweep,
+    inputs=("preferences.dataset",),
+    help="Sweep the kinship threshold: for each tau of sweep.taus and each KARMA strategy, the "
+    "share of instructions whose pair differs from the no-threshold pair, the share dropped, "
+    "the overlap between strategies and the mean kinship / |S_pref gap| of the pairs used vs the "
+    "pool; over the completions, or (sweep.draws) over every K-model draw of the score table.",
 )

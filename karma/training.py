@@ -108,7 +108,8 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_pairs(path: str | Path, method: str = "dpo") -> Any:
-    """Read preference pairs into a ``datasets.Dataset`` in TRL's conversational format.
+    """Read preference pairs (TRL or H4 layout) into a ``datasets.Dataset`` in TRL's
+    conversational format.
 
     DPO gets ``prompt`` / ``chosen`` / ``rejected``; SFT gets ``prompt`` / ``completion`` (the
     chosen answer). Metadata columns are dropped.
@@ -128,6 +129,9 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
     except Exception as err:  # polars raises several error types for bad files
         msg = " ".join(str(err).split())[:200]
         raise KarmaError(f"not a readable parquet file: {msg}", file=p) from None
+    from karma.preferences import to_trl
+
+    frame = to_trl(frame)  # either layout of the preferences stage (TRL's or H4's)
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
     if missing:
         raise KarmaError(

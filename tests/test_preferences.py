@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pydantic
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -201,7 +202,12 @@ def test_hand_made_rlaif() -> None:
         _rec("r4", ("x", "t", 9), ("y", "t", 2)),  # identical text
     ]
     data = from_records([(f"line {i}", r) for i, r in enumerate(recs)], file="hand")
-    res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3)
+    # the models x..w have no S_pref: the default (scored) pool has nothing to pair
+    scored = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3)
+    assert scored.counts["pairs"] == 0
+    assert scored.counts["drop_unknown_models"] == 4  # r0, r1, r3, r4: two rated responses
+    assert scored.counts["drop_too_few_candidates"] == 1  # r2: one rated response
+    res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3, pool="all")
     rows = {r["prompt"][0]["content"]: r for r in res.pairs.iter_rows(named=True)}
     assert set(rows) == {"r0", "r3"}
     assert rows["r0"]["chosen"][0]["content"] == "b"
@@ -216,10 +222,51 @@ def test_hand_made_rlaif() -> None:
     many = _rec("r", ("a", "A", 9), ("b", "B", 1), ("c", "C", 2), ("d", "D", 3))
     d2 = from_records([("line 1", many)], file="m")
     picks = {
-        P.make_pairs(d2, {}, _kin_frame(), strategy="rlaif", seed=s).pairs["rejected_model"][0]
+        P.make_pairs(d2, {}, _kin_frame(), strategy="rlaif", seed=s, pool="all").pairs[
+            "rejected_model"
+        ][0]
         for s in range(40)
     }
     assert picks == {"b", "c", "d"}
+
+
+def test_rlaif_baseline_uses_the_scored_pool() -> None:
+    """The default baseline draws from the responses KARMA pairs from: the unscored model's
+    response is never chosen nor rejected, even when it is rated highest."""
+    recs = [
+        _rec("u0", ("zz", "z", 10), ("A", "a", 9), ("C", "c", 2), ("D", "d", 5)),
+        _rec("u1", ("zz", "z", 1), ("A", "a", 9)),  # one scored rated response + unscored
+    ]
+    data = from_records([(f"line {i}", r) for i, r in enumerate(recs)], file="hand")
+    seen = set()
+    for seed in range(20):
+        res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed)
+        assert res.counts["pairs"] == 1 and res.counts["drop_unknown_models"] == 1
+        row = res.pairs.row(0, named=True)
+        assert row["chosen_model"] == "A" and row["rejected_model"] in {"C", "D"}
+        seen.add(row["rejected_model"])
+        every = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed,
+                             pool="all")  # fmt: skip
+        assert every.pairs["chosen_model"].to_list() == ["zz", "A"]
+    assert seen == {"C", "D"}
+
+
+def test_random_and_rlaif_draw_independent_numbers() -> None:
+    """Each strategy has its own stream: the draws of random and rlaif for the same rows are
+    not the same numbers (they were, before streams)."""
+    assert len({P.stream_seed(0, s) for s in P.STRATEGIES}) == len(P.STRATEGIES)
+    rows = range(200)
+    a = [P.splitmix64(P.stream_seed(7, "random"), r) % 6 for r in rows]
+    b = [P.splitmix64(P.stream_seed(7, "rlaif"), r) % 6 for r in rows]
+    assert sum(x == y for x, y in zip(a, b, strict=True)) < 60  # ~1/6 agree by chance
+    # and the kernel follows the stream (one instruction, six candidate pairs)
+    offsets = np.array([0, 4], dtype=np.int64)
+    args = (offsets, np.arange(4), np.ones(4, bool), np.array([9.0, 1.0, 2.0, 3.0]),
+            np.array([0.9, 0.7, 0.5, 0.3]), np.full((4, 4), 0.5))  # fmt: skip
+    for seed in range(10):
+        c, r, _ = P.pair_arrays(*args, strategy="random", seed=seed)
+        pairs = [(p, q) for p in range(4) for q in range(p + 1, 4)]
+        assert (c[0], r[0]) == pairs[P.splitmix64(P.stream_seed(seed, "random"), 0) % 6]
 
 
 # --------------------------------------------------------------------------- kernel vs reference
@@ -248,9 +295,12 @@ def _pools(draw: st.DrawFn) -> tuple:
     pool=_pools(),
     strategy=st.sampled_from(P.STRATEGIES),
     seed=st.integers(0, 2**40),
-    tau=st.sampled_from([0.1, 0.3, -1.0]),
+    tau=st.sampled_from([0.1, 0.3, -1.0, -math.inf]),
+    which=st.sampled_from(P.POOLS),
 )
-def test_kernel_matches_reference(pool: tuple, strategy: str, seed: int, tau: float) -> None:
+def test_kernel_matches_reference(
+    pool: tuple, strategy: str, seed: int, tau: float, which: str
+) -> None:
     sp, kin, recs = pool
     records = [
         {
@@ -265,14 +315,15 @@ def test_kernel_matches_reference(pool: tuple, strategy: str, seed: int, tau: fl
         schema=["model_a", "model_b", "kinship"],
         orient="row",
     )
-    res = P.make_pairs(data, _sp_frame(sp), kin_frame, strategy=strategy, tau=tau, seed=seed)
+    res = P.make_pairs(data, _sp_frame(sp), kin_frame, strategy=strategy, tau=tau, seed=seed,
+                       pool=which)  # fmt: skip
     sp_ref = {k: v for k, v in sp.items() if not math.isnan(v)}
     got = {r["prompt"][0]["content"]: r for r in res.pairs.iter_rows(named=True)}
     reasons = {r: 0 for r in P.REASONS}
     for i, rec in enumerate(records):
         comps = rec["completions"]
         a, b, why = P.reference_pair(
-            comps, sp_ref, kin, strategy=strategy, tau=tau, seed=seed, row=i
+            comps, sp_ref, kin, strategy=strategy, tau=tau, seed=seed, row=i, pool=which
         )
         reasons[why] += 1
         row = got.get(f"q{i}")
@@ -302,7 +353,7 @@ def test_splitmix_kernel_matches_python() -> None:
             strategy="rlaif",
             seed=seed,
         )
-        assert r[0] == 1 + P.splitmix64(seed, 0) % 2
+        assert r[0] == 1 + P.splitmix64(P.stream_seed(seed, "rlaif"), 0) % 2
 
 
 # --------------------------------------------------------------------------- outputs
@@ -406,7 +457,9 @@ def test_demo_all_strategies(demo: Demo) -> None:
         assert [m["role"] for m in ex["rejected"]] == ["assistant"]
         assert list(res.pairs.columns) == list(P.OUTPUT_COLUMNS)
         assert res.pairs["prompt_id"].n_unique() == res.pairs.height
-        assert "ultralm-65b" not in set(res.pairs["chosen_model"]) or strategy == "rlaif"
+        # the same pool for every strategy: no unscored model (ultralm-65b) in any pair
+        used = set(res.pairs["chosen_model"]) | set(res.pairs["rejected_model"])
+        assert used <= set(demo.models["model"]), (strategy, used - set(demo.models["model"]))
         if strategy != "rlaif":
             assert (res.pairs["s_pref_chosen"] > res.pairs["s_pref_rejected"]).all()
         if strategy in ("score", "sim", "score_sim"):
@@ -415,7 +468,15 @@ def test_demo_all_strategies(demo: Demo) -> None:
     assert results["sim"].metrics["mean_kinship"] > results["score"].metrics["mean_kinship"]
     assert results["sim"].metrics["mean_kinship"] > results["random"].metrics["mean_kinship"]
     assert results["rlaif"].metrics["rating_agree"] == 1.0
+    assert results["rlaif"].metrics["rating.overall_score.agree"] == 1.0
+    assert results["rlaif"].metrics["rating.fine_grained_score.agree"] < 1.0  # the other field
     assert not results["sim"].pairs.equals(results["score"].pairs)
+    # rlaif over every rated response (as H4 did) does pick the unscored model's responses
+    every = _demo_pairs(demo, "rlaif", seed=0, pool="all")
+    n_unscored = (every.pairs["chosen_model"] == "ultralm-65b").sum() + (
+        every.pairs["rejected_model"] == "ultralm-65b"
+    ).sum()
+    assert n_unscored > 20
 
 
 def _files(root: Path) -> list[str]:
@@ -426,6 +487,8 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
     """The library run and the staged run (:func:`karma.pipeline.execute`, as the CLI and DVC
     run it) write the same bytes, and the same metrics as :func:`make_pairs`."""
     params = Params(kinship="score_sim", preferences=PreferencesConfig(dataset=str(DEMO)))
+    meta = {"meta.seed": 0, "meta.kinship": "score_sim", "meta.test_fraction": 0.2,
+            "meta.layout": "trl"}  # fmt: skip
     runs = []
     for k, runner in enumerate((P.run_preferences, partial(execute, P.STAGE))):
         d = tmp_path / f"run{k}"
@@ -437,28 +500,34 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
             plot=d / "p.png",
         )
         runs.append(runner(params, paths))
-    assert runs[0] == runs[1] == _demo_pairs(demo, "score_sim", tau=0.1, seed=0).metrics
-    expected = ["m.json", "p.png", "prefs/README.md", "prefs/pairs.parquet"]
+    expected_metrics = _demo_pairs(demo, "score_sim", tau=0.1, seed=0, test_fraction=0.2).metrics
+    assert runs[0] == runs[1] == {**expected_metrics, **meta}
+    expected = [
+        "m.json",
+        "p.png",
+        "prefs/README.md",
+        "prefs/test_prefs.parquet",
+        "prefs/train_prefs.parquet",
+    ]
     assert _files(tmp_path / "run0") == _files(tmp_path / "run1") == expected
     for name in expected:
         a, b = ((tmp_path / f"run{k}" / name).read_bytes() for k in range(2))
         assert a == b, name
     run = tmp_path / "run1"
     card = (run / "prefs" / "README.md").read_text()
-    assert card.startswith("---\n") and "path: pairs.parquet" in card
+    assert card.startswith("---\n") and "path: train_prefs.parquet" in card
+    assert "license: apache-2.0" in card  # the embedded demo set: this project's license
     assert "- `kinship`: `score_sim`" in card and f"- `preferences.dataset`: `{DEMO}`" in card
     metrics = json.loads((run / "m.json").read_text())
     assert metrics == runs[1] and metrics["strategy"] == "score_sim"
     assert (run / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import datasets
 
-    ds = datasets.load_dataset(
-        "parquet",
-        data_files=str(run / "prefs" / "pairs.parquet"),
-        split="train",
-        cache_dir=str(tmp_path / "hf"),
-    )
-    assert len(ds) == metrics["pairs"]
+    files = {s: str(run / "prefs" / f"{s}.parquet") for s in P.SPLITS}
+    ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "hf"))
+    assert len(ds["train_prefs"]) + len(ds["test_prefs"]) == metrics["pairs"]
+    assert len(ds["test_prefs"]) == metrics["split.test_pairs"] > 0
+    ds = ds["train_prefs"]
     ex = ds[0]
     assert ex["prompt"][0]["role"] == "user" and isinstance(ex["chosen"][0]["content"], str)
     assert set(P.OUTPUT_COLUMNS) == set(ds.column_names)
@@ -516,7 +585,7 @@ def test_reads_real_layout_all_strategies(tmp_path: Path, demo: Demo) -> None:
     for strategy in P.STRATEGIES:
         res = P.make_pairs(data, demo.models, demo.kinship, strategy=strategy)
         assert res.counts["pairs"] == 6, strategy
-        assert "ultralm-65b" not in set(res.pairs["rejected_model"]) or strategy == "rlaif"
+        assert "ultralm-65b" not in set(res.pairs["rejected_model"]), strategy
         assert res.pairs["source"].to_list() == ["flan_v2_niv2"] * 6
 
 
@@ -541,7 +610,7 @@ def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None
     paths = P.PreferencesPaths(
         kinship_dir=kin_dir, out=tmp_path / "prefs", metrics=tmp_path / "m.json"
     )
-    prefs = PreferencesConfig(dataset=str(data))
+    prefs = PreferencesConfig(dataset=str(data), test_fraction=0.0)
     before = _files(tmp_path)
     with pytest.raises(KarmaError, match=r"no preference pair.*no_eligible_pair 1") as err:
         execute(P.STAGE, Params(kinship="score", preferences=prefs), paths)
@@ -550,14 +619,20 @@ def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None
     loose = Params(kinship="score", similarity=SimilarityConfig(tau=0.0), preferences=prefs)
     ok = execute(P.STAGE, loose, paths)
     assert ok["pairs"] == 1 and json.loads(paths.metrics.read_text()) == ok
-    assert pl.read_parquet(paths.out / "pairs.parquet")["chosen_model"].to_list() == ["a"]
+    train = pl.read_parquet(paths.out / "train_prefs.parquet")
+    assert train["chosen_model"].to_list() == ["a"]
+    assert pl.read_parquet(paths.out / "test_prefs.parquet").height == 0
 
 
 # --------------------------------------------------------------------------- settings
 def test_stage_settings_and_defaults(tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml")
     assert params.preferences == PreferencesConfig()  # the committed file holds the defaults
-    assert len(read_ultrafeedback(REPO / params.preferences.dataset)) == 480
+    # the default completions: the fetch stage's output, made from the embedded demo set
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert params.preferences.dataset == dvc["vars"][0]["path"]["completions"]
+    assert "${path.completions}" in dvc["stages"]["fetch"]["outs"]
+    assert len(read_ultrafeedback(REPO / params.fetch.dataset)) == 480
     assert params.kinship in P.STRATEGIES
     # the config's choices are the library's
     assert typing.get_args(config.Strategy) == P.STRATEGIES
@@ -570,8 +645,13 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
         "preferences.split",
         "preferences.rating",
         "preferences.aliases",
+        "preferences.baseline_pool",
+        "preferences.layout",
+        "preferences.test_fraction",
     ]
     assert P.STAGE.inputs == ("preferences.dataset",)
+    assert typing.get_args(config.Layout) == P.LAYOUTS
+    assert typing.get_args(config.BaselinePool) == P.POOLS
     with pytest.raises(pydantic.ValidationError):
         PreferencesConfig(rating="stars")
     bad = tmp_path / "params.yaml"
@@ -670,10 +750,13 @@ def test_cli_writes_what_make_pairs_makes(
     argv += ["--params", str(params), "--kinship", "sim", "--metrics", str(metrics)]
     code, stdout, err = _cli([*argv, "--plot", str(plot)], capsys)
     assert code == 0, err
-    expected = _demo_pairs(demo, "sim", tau=0.1, seed=3)  # --kinship over the file's rlaif
-    assert json.loads(stdout) == json.loads(metrics.read_text()) == expected.metrics
+    expected = _demo_pairs(demo, "sim", tau=0.1, seed=3, test_fraction=0.2)  # --kinship wins
+    meta = {"meta.seed": 3, "meta.kinship": "sim", "meta.test_fraction": 0.2,
+            "meta.layout": "trl"}  # fmt: skip
+    assert json.loads(stdout) == json.loads(metrics.read_text()) == {**expected.metrics, **meta}
     assert expected.metrics["strategy"] == "sim" and expected.metrics["instructions"] == 480
-    assert pl.read_parquet(out / "pairs.parquet").equals(expected.pairs)
+    for split in P.SPLITS:
+        assert pl.read_parquet(out / f"{split}.parquet").equals(expected.split(split)), split
     assert "- `seed`: `3`" in (out / "README.md").read_text()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _files(tmp_path) == [
@@ -681,7 +764,8 @@ def test_cli_writes_what_make_pairs_makes(
         "params.yaml",
         "plots/pairs.png",
         "prefs/README.md",
-        "prefs/pairs.parquet",
+        "prefs/test_prefs.parquet",
+        "prefs/train_prefs.parquet",
     ]
 
 
