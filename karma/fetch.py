@@ -120,16 +120,16 @@ def _load(dataset: str, revision: str | None, split: str) -> tuple[UltraFeedback
     """Read through ``datasets.load_dataset``: (records, license of its card or None)."""
     import datasets
 
-    log.info("loading %s (revision %s, split %s) with datasets", dataset, revision, split)
+    log.debug("loading %s (revision %s, split %s) with datasets", dataset, revision, split)
     try:
         ds = datasets.load_dataset(dataset, revision=revision, split=split)
     except Exception as err:
         reason = " ".join(str(err).split())[:160] or type(err).__name__
         raise KarmaError(
-            f"cannot fetch the dataset ({type(err).__name__}: {reason})",
+            f"cannot fetch the dataset: {type(err).__name__}: {reason}",
             file=dataset,
-            expected="network access to the hub (offline? HF_HUB_OFFLINE / HF_DATASETS_OFFLINE "
-            "are set, or there is no network), an existing id, revision and split",
+            expected="the hub reachable (offline? no network, or HF_HUB_OFFLINE set) and the "
+            "id, revision and split to exist",
         ) from None
     keep = [c for c in ("source", "instruction", "completions") if c in ds.column_names]
     frame = pl.from_arrow(ds.select_columns(keep).data.table)

@@ -497,7 +497,7 @@ def tau_sweep_plot(
         for s in strategies:
             rows = table.filter(table["strategy"] == s)
             color, style = _PAIR_STYLE.get(s, ("black", "-"))
-            ax.plot(rows["tau"].to_numpy(), rows[col].to_numpy(dtype=np.float64), color=color,
+            ax.plot(rows["tau"].to_numpy(), rows[col].cast(float).to_numpy(), color=color,
                     ls=style, lw=1.8, label=s, marker=".", ms=4)  # fmt: skip
         if pool_col is not None and table.height:
             ax.axhline(float(table[pool_col][0]), color="black", ls="--", lw=1,

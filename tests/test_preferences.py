@@ -853,3 +853,379 @@ def test_output_suffix_that_does_not_match_is_refused(
     line = _one_error_line(err)
     assert f"field '{flag}': wrong output suffix" in line and f"expected {expected})" in line
     assert _files(tmp_path) == [] and not out.exists()
+
+
+# --------------------------------------------------------------------------- diagnostics
+def _reference_outcomes(
+    data: UltraFeedback, demo: Demo, strategy: str, tau: float
+) -> list[tuple[int, int, str]]:
+    """reference_pair for every instruction (flat completion indices, as the kernel's)."""
+    sp = {m: v for m, v in demo.models.select("model", "s_pref").iter_rows() if v is not None}
+    kin = {(a, b): v for a, b, v in demo.kinship.iter_rows()}
+    comps = data.completions
+    out = []
+    start = 0
+    for row, group in enumerate(comps.partition_by("row", maintain_order=True)):
+        recs = [
+            {"model": m, "response": r, "overall_score": s}
+            for m, r, s in group.select("model", "response", "overall_score").iter_rows()
+        ]
+        a, b, why = P.reference_pair(recs, sp, kin, strategy=strategy, tau=tau, seed=0, row=row)
+        out.append((start + a if a >= 0 else -1, start + b if b >= 0 else -1, why))
+        start += group.height
+    return out
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.9, 0.97])
+def test_diagnostics_match_the_reference(demo: Demo, tau: float) -> None:
+    """changed_by_tau, dropped_by_tau and the overlaps, counted from the plain-Python rules at
+    tau and at tau = -inf (every candidate pair eligible)."""
+    data = demo.data
+    ref = {s: _reference_outcomes(data, demo, s, tau) for s in P.STRATEGIES}
+    for strategy in P.KARMA_STRATEGIES:
+        m = _demo_pairs(demo, strategy, tau=tau, seed=0).metrics
+        mine, free = ref[strategy], _reference_outcomes(data, demo, strategy, -math.inf)
+        changed = sum(a[:2] != b[:2] for a, b in zip(mine, free, strict=True))
+        dropped = sum(a[2] != "kept" and b[2] == "kept" for a, b in zip(mine, free, strict=True))
+        assert m["diag.changed_by_tau_n"] == changed, (strategy, tau)
+        assert m["diag.dropped_by_tau_n"] == dropped, (strategy, tau)
+        assert m["diag.changed_by_tau"] == round(changed / 480, 6)
+        kept = [o for o in mine if o[2] == "kept"]
+        for other in P.STRATEGIES:
+            if other != strategy:
+                same = sum(o == p for o, p in zip(mine, ref[other], strict=True) if o[2] == "kept")
+                assert m[f"diag.overlap.{other}"] == round(same / len(kept), 6), other
+    if tau == 0.1:  # the demo set's kin fraction is 99%: tau 0.1 changes nothing
+        assert _demo_pairs(demo, "score").metrics["diag.changed_by_tau_n"] == 0
+    else:
+        assert _demo_pairs(demo, "score", tau=tau).metrics["diag.changed_by_tau_n"] > 0
+
+
+def test_pool_statistics_match_a_plain_loop(demo: Demo) -> None:
+    from scipy import stats
+
+    prep = P.prepare(demo.data, demo.models.select("model", "s_pref"), demo.kinship)
+    sp = dict(demo.models.select("model", "s_pref").iter_rows())
+    kin = {(a, b): v for a, b, v in demo.kinship.iter_rows()}
+    kins, gaps = [], []
+    for group in demo.data.completions.partition_by("row", maintain_order=True):
+        cands = [
+            m
+            for m, r in group.select("model", "response").iter_rows()
+            if r.strip() and sp.get(m) is not None
+        ]
+        for i, a in enumerate(cands):
+            for b in cands[i + 1 :]:
+                if a != b:
+                    kins.append(kin[(a, b)])
+                    gaps.append(abs(sp[a] - sp[b]))
+    assert int(P.pool_counts(prep).sum()) == len(kins)
+    got = P.pool_stats(prep)
+    assert got["candidate_pairs"] == len(kins)
+    assert got["mean_kinship"] == pytest.approx(np.mean(kins), abs=1e-6)
+    assert got["mean_abs_s_pref_gap"] == pytest.approx(np.mean(gaps), abs=1e-6)
+    rho = stats.spearmanr(kins, gaps).statistic
+    assert got["spearman_kinship_gap"] == pytest.approx(rho, abs=1e-6)
+    assert rho < -0.3  # kin models are close in S_pref: the two measures are not independent
+    m = _demo_pairs(demo, "sim").metrics
+    assert m["diag.used.mean_kinship"] > m["diag.pool.mean_kinship"]  # sim picks the kin
+    assert m["diag.used.mean_abs_s_pref_gap"] < m["diag.pool.mean_abs_s_pref_gap"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    x=st.lists(st.sampled_from([0.1, 0.2, 0.2, 0.5, 0.9]), min_size=3, max_size=12),
+    data=st.data(),
+)
+def test_weighted_spearman_is_spearman_of_the_expanded_sample(x: list[float], data: Any) -> None:
+    from scipy import stats
+
+    n = len(x)
+    y = data.draw(st.lists(st.sampled_from([0.0, 0.3, 0.3, 0.7]), min_size=n, max_size=n))
+    w = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    xs = np.repeat(x, w)
+    ys = np.repeat(y, w)
+    got = P.weighted_spearman(np.array(x), np.array(y), np.array(w))
+    if len(xs) < 2 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        assert got is None
+    else:
+        assert got == pytest.approx(stats.spearmanr(xs, ys).statistic, abs=1e-9)
+
+
+#: The paper's table: the chosen pair of every 4-of-17 draw (16 scored models + ultralm-65b),
+#: with tau vs without (tau = -inf). (strategy, tau) -> (changed, dropped) of 2,380 draws.
+PAPER_TABLE = {
+    ("score", 0.1): (0, 0),
+    ("sim", 0.1): (0, 0),
+    ("score_sim", 0.1): (0, 0),
+    ("score", 0.95): (1423, 708),
+    ("sim", 0.95): (708, 708),
+    ("score_sim", 0.95): (1159, 708),
+}
+
+
+def test_on_the_papers_table_tau_0_1_changes_no_pair(demo: Demo) -> None:
+    draws = P.all_draws(demo.models["model"].to_list(), 4, ["ultralm-65b"])
+    assert len(draws) == math.comb(17, 4) == 2380
+    for (strategy, tau), (changed, dropped) in PAPER_TABLE.items():
+        res = P.make_pairs(draws, demo.models, demo.kinship, strategy=strategy, tau=tau)
+        m = res.metrics
+        assert (m["diag.changed_by_tau_n"], m["diag.dropped_by_tau_n"]) == (changed, dropped)
+        assert res.counts["pairs"] == 2380 - dropped
+        card = P.dataset_card(res, dataset="draws", params={})
+        if changed == 0:
+            assert f"tau = {tau:g} changed no pair" in card
+        else:
+            assert f"tau = {tau:g} changed the outcome of {changed} of 2380" in card
+
+
+# --------------------------------------------------------------------------- split
+@settings(max_examples=30, deadline=None)
+@given(
+    texts=st.lists(st.text(max_size=30), min_size=1, max_size=30),
+    seed=st.integers(0, 2**40),
+    fraction=st.sampled_from([0.0, 0.2, 0.5, 0.9]),
+)
+def test_split_kernel_matches_reference(texts: list[str], seed: int, fraction: float) -> None:
+    got = P.is_test(pl.Series(texts, dtype=pl.String), seed=seed, fraction=fraction)
+    want = [P.is_test_reference(t, seed=seed, fraction=fraction) for t in texts]
+    assert got.tolist() == want
+
+
+def test_split_is_by_prompt_seeded_and_shared_by_strategies(demo: Demo, tmp_path: Path) -> None:
+    texts = pl.Series([f"prompt {i}" for i in range(20_000)])
+    share = P.is_test(texts, seed=0, fraction=0.2).mean()
+    assert 0.19 < share < 0.21
+    assert not (
+        P.is_test(texts, seed=0, fraction=0.2) == P.is_test(texts, seed=1, fraction=0.2)
+    ).all()
+    # the same prompt is always on the same side: duplicates, and every strategy
+    dup = pl.Series(["same"] * 5 + ["other"] * 5)
+    assert len(set(P.is_test(dup, seed=3, fraction=0.5)[:5])) == 1
+    sides: dict[str, bool] = {}
+    for strategy in P.STRATEGIES:
+        res = _demo_pairs(demo, strategy, test_fraction=0.2)
+        train, test = (set(res.split(s)["prompt_id"]) for s in P.SPLITS)
+        assert not train & test and len(train) + len(test) == res.pairs.height
+        assert abs(len(test) / res.pairs.height - 0.2) < 0.05
+        for pid in test | train:
+            assert sides.setdefault(pid, pid in test) == (pid in test)
+
+
+# --------------------------------------------------------------------------- H4 layout
+def _stage(demo: Demo, tmp_path: Path, layout: str, **prefs: Any) -> Path:
+    params = Params(
+        kinship="score", preferences=PreferencesConfig(dataset=str(DEMO), layout=layout, **prefs)
+    )
+    out = tmp_path / f"prefs-{layout}"
+    execute(P.STAGE, params, P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out))
+    return out
+
+
+def test_h4_layout_is_h4s_schema_and_ids(demo: Demo, tmp_path: Path) -> None:
+    import hashlib
+
+    import datasets
+    import pyarrow.parquet as pq
+
+    from tests.fixtures import h4_features
+
+    out = _stage(demo, tmp_path, "h4")
+    table = pq.read_table(out / "train_prefs.parquet")
+    assert tuple(table.column_names) == P.H4_COLUMNS + P.META_COLUMNS
+    features = datasets.Features.from_arrow_schema(table.schema)
+    assert datasets.Features({k: features[k] for k in P.H4_COLUMNS}) == h4_features()
+    assert "large_string" not in str(table.schema)
+    rows = table.to_pylist()
+    res = _demo_pairs(demo, "score", test_fraction=0.2)
+    trl = res.split("train_prefs").to_dicts()
+    assert len(rows) == len(trl) > 250
+    for h4, t in zip(rows, trl, strict=True):
+        prompt = t["prompt"][0]["content"]
+        assert h4["prompt"] == prompt
+        assert h4["prompt_id"] == hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+        assert h4["chosen"] == [
+            {"content": prompt, "role": "user"},
+            {"content": t["chosen"][0]["content"], "role": "assistant"},
+        ]
+        assert h4["rejected"][1]["content"] == t["rejected"][0]["content"]
+        assert h4["messages"] == h4["chosen"]
+        assert (h4["score_chosen"], h4["score_rejected"]) == (
+            t["chosen_rating"],
+            t["rejected_rating"],
+        )
+        assert h4["chosen_model"] == t["chosen_model"] and h4["kinship"] == t["kinship"]
+    card = (out / "README.md").read_text()
+    assert "layout of `HuggingFaceH4/ultrafeedback_binarized`" in card
+    # the split does not depend on the layout
+    trl_out = _stage(demo, tmp_path, "trl")
+    n_test = pl.read_parquet(trl_out / "test_prefs.parquet").height
+    assert pq.read_table(out / "test_prefs.parquet").num_rows == n_test
+
+
+def test_h4_layout_concatenates_with_h4(demo: Demo, tmp_path: Path) -> None:
+    import datasets
+
+    from tests.fixtures import h4_dataset, h4_features
+
+    out = _stage(demo, tmp_path, "h4")
+    ours = datasets.load_dataset(
+        "parquet",
+        data_files={s: str(out / f"{s}.parquet") for s in P.SPLITS},
+        cache_dir=str(tmp_path / "hf"),
+    )
+    h4 = h4_dataset(4)
+    for split in P.SPLITS:
+        both = datasets.concatenate_datasets([h4, ours[split]])
+        assert len(both) == 4 + len(ours[split])
+        assert both[0]["chosen_model"] is None and both[-1]["chosen_model"] is not None
+        only_h4 = ours[split].select_columns(list(P.H4_COLUMNS))
+        assert only_h4.features == h4_features()
+        assert len(datasets.concatenate_datasets([only_h4, h4])) == len(only_h4) + 4
+    # the check can fail: the same rows as polars writes them (large_string) do not align
+    frame = pl.read_parquet(out / "train_prefs.parquet").select(P.H4_COLUMNS)
+    frame.write_parquet(tmp_path / "polars.parquet")
+    loose = datasets.load_dataset(
+        "parquet",
+        data_files=str(tmp_path / "polars.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf2"),
+    )
+    with pytest.raises(ValueError, match="can't be aligned"):
+        datasets.concatenate_datasets([h4, loose])
+
+
+def test_to_trl_reads_either_layout(demo: Demo, tmp_path: Path) -> None:
+    from karma.potential import read_pairs
+    from karma.training import load_pairs
+
+    trl_file = _stage(demo, tmp_path, "trl") / "train_prefs.parquet"
+    h4_file = _stage(demo, tmp_path, "h4") / "train_prefs.parquet"
+    trl, h4 = pl.read_parquet(trl_file), pl.read_parquet(h4_file)
+    assert P.to_trl(trl).equals(trl)  # a TRL frame is left as it is
+    back = P.to_trl(h4)
+    assert back.columns[:3] == ["prompt", "chosen", "rejected"]
+    assert back.select("prompt", "chosen", "rejected").equals(
+        trl.select("prompt", "chosen", "rejected")
+    )
+    assert back.select(P.META_COLUMNS).equals(trl.select(P.META_COLUMNS))
+    assert {"prompt_id", "messages", "score_chosen", "score_rejected"} <= set(back.columns)
+    # the select stage's and the train stage's readers take either file
+    assert (
+        read_pairs(h4_file)
+        .select(P.OUTPUT_COLUMNS[:3])
+        .equals(read_pairs(trl_file).select(P.OUTPUT_COLUMNS[:3]))
+    )
+    for method in ("dpo", "sft"):
+        assert load_pairs(h4_file, method).to_list() == load_pairs(trl_file, method).to_list()
+
+
+def test_h4_layout_trains_in_dpo_trainer(demo: Demo, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Our H4-layout file trains in TRL's DPOTrainer the way H4's own data does.
+
+    TRL 1.16's DPOTrainer takes ``prompt`` as given when the column exists, so H4's layout
+    (prompt as text, full conversations) goes through TRL's own ``maybe_extract_prompt`` first:
+    the same call for the H4 fixture and for our file, nothing of ours in between.
+    """
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.data_utils import maybe_extract_prompt
+
+    from tests.fixtures import h4_dataset
+
+    out = _stage(demo, tmp_path, "h4")
+    ours = datasets.load_dataset(
+        "parquet",
+        data_files=str(out / "train_prefs.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    ours = ours.select(range(8))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name, ds in (("h4 fixture", h4_dataset(8)), ("ours", ours)):
+        ds = ds.map(maybe_extract_prompt)
+        assert ds[0]["prompt"] == [{"content": ds[0]["messages"][0]["content"], "role": "user"}]
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        before = [p.detach().clone() for p in model.parameters()]
+        args = DPOConfig(
+            output_dir=str(tmp_path / name),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            max_length=96,
+            report_to="none",
+            logging_steps=1,
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+        )
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert losses and all(math.isfinite(v) for v in losses), name
+        changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+        assert any(changed), name
+
+
+# --------------------------------------------------------------------------- tau sweep
+def test_tau_sweep_command(demo: Demo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    taus = [0.1, 0.9, 0.97]
+    argv = [
+        "tau-sweep",
+        "--kinship-dir",
+        str(demo.kinship_dir),
+        "--dataset",
+        str(DEMO),
+        "-S",
+        f"sweep.taus={taus}",
+    ]
+    runs = []
+    for k in range(2):
+        out, plot = tmp_path / f"s{k}.csv", tmp_path / f"s{k}.png"
+        code, stdout, err = _cli([*argv, "--out", str(out), "--plot", str(plot)], capsys)
+        assert code == 0, err
+        runs.append((out.read_bytes(), plot.read_bytes(), json.loads(stdout)))
+    assert runs[0] == runs[1]  # byte-identical
+    table = pl.read_csv(tmp_path / "s0.csv")
+    assert table.height == len(taus) * 3
+    assert set(table["strategy"]) == set(P.KARMA_STRATEGIES)
+    for row in table.iter_rows(named=True):
+        m = _demo_pairs(demo, row["strategy"], tau=row["tau"]).metrics
+        assert row["pairs"] == m["pairs"]
+        assert row["changed_by_tau"] == pytest.approx(m["diag.changed_by_tau"], abs=1e-6)
+        assert row["dropped_by_tau"] == pytest.approx(m["diag.dropped_by_tau"], abs=1e-6)
+        assert row["mean_kinship"] == pytest.approx(m["diag.used.mean_kinship"], abs=1e-6)
+        for o in P.KARMA_STRATEGIES:
+            want = 1.0 if o == row["strategy"] else m[f"diag.overlap.{o}"]
+            assert row[f"overlap_{o}"] == pytest.approx(want, abs=1e-6)
+    assert runs[0][2]["score.changed_by_tau"] == 0.0
+    assert runs[0][2]["score.binds_from_tau"] == 0.9
+    assert runs[0][1][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tau_sweep_over_the_papers_draws(demo: Demo, tmp_path: Path, capsys: Any) -> None:
+    argv = [
+        "tau-sweep",
+        "--kinship-dir",
+        str(demo.kinship_dir),
+        "--out",
+        str(tmp_path / "t.csv"),
+        "--draws",
+        "4",
+        "-S",
+        "sweep.extra_models=[ultralm-65b]",
+        "-S",
+        "sweep.taus=[0.1, 0.5, 0.95]",
+    ]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["instructions"] == 2380
+    t = pl.read_csv(tmp_path / "t.csv")
+    for (strategy, tau), (changed, _) in PAPER_TABLE.items():
+        row = t.filter((pl.col("strategy") == strategy) & (pl.col("tau") == tau)).row(0, named=True)
+        assert row["changed_by_tau"] == round(changed / 2380, 6)
+    code, _, err = _cli([*argv[:-2], "--draws", "1"], capsys)
+    assert code == 1 and "--draws: out of range" in _one_error_line(err)
