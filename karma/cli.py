@@ -25,7 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "kinship": ("karma.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
     "fetch": ("karma.fetch:STAGE", "Fetch completions (hub id, dir or file) into a Parquet."),
     "preferences": ("karma.preferences:STAGE", "Pair responses by kinship (or the baselines)."),
-    "tau-sweep": ("karma.preferences:SWEEP", "What the kinship threshold does, over a tau grid."),
+    "tau-sweep": ("karma.sweep:STAGE", "What the kinship threshold does, over a tau grid."),
     "base-model": ("karma.base_model:STAGE", "Build the base model directory."),
     "select": ("karma.potential:STAGE", "Select preference pairs by alignment potential (MAP)."),
     "train": ("karma.training:STAGE", "Train a policy with TRL (DPO or SFT)."),

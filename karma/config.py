@@ -256,6 +256,10 @@ class PreferencesConfig(Section):
     test_fraction: float = setting(
         0.2, "share of prompts in test_prefs (seeded hash of the prompt)", ge=0, lt=1
     )
+    batch_records: int = setting(
+        100_000, "records read and paired at a time (bounds memory; the outputs are the same)",
+        ge=1, operational=True,
+    )  # fmt: skip
 
 
 class SweepConfig(Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -519,26 +519,27 @@ def tau_sweep_plot(
 
 
 def pair_usage_heatmap(
-    chosen: Sequence[str],
-    rejected: Sequence[str],
+    pairs: Mapping[tuple[str, str], int],
     path: str | os.PathLike[str],
     *,
     order: Sequence[str] | None = None,
     title: str = "Model pairs used",
 ) -> Path:
-    """Heatmap of how often each (chosen model, rejected model) pair was used (preferences).
+    """Heatmap of how often each (chosen model, rejected model) pair was used (preferences):
+    ``pairs`` maps the pair to its count.
 
     ``order``: model order of both axes (e.g. by S_pref); models not in it are appended sorted.
     """
     plt = _pyplot()
-    seen = sorted(set(chosen) | set(rejected))
+    seen = sorted({m for pair in pairs for m in pair})
     names = list(dict.fromkeys(order or []))  # every ordered model, so strategies compare
     names += [m for m in seen if m not in set(names)]
     index = {m: i for i, m in enumerate(names)}
     n = max(len(names), 1)
     counts = np.zeros((n, n), dtype=np.int64)
-    for c, r in zip(chosen, rejected, strict=True):
-        counts[index[c], index[r]] += 1
+    for (c, r), k in pairs.items():
+        counts[index[c], index[r]] += k
+    total = int(counts.sum())
     size = min(4.0 + 0.38 * n, 30.0)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     shown = np.ma.masked_where(counts == 0, counts)
@@ -562,7 +563,7 @@ def pair_usage_heatmap(
     ax.set_ylabel("chosen model")
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label("pairs")
-    ax.set_title(f"{title} ({len(chosen)} pairs)")
+    ax.set_title(f"{title} ({total} pairs)")
     return save_figure(fig, path)
 
 

@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -460,6 +458,8 @@ class PreferenceResult:
     tau: float
     seed: int
     test: np.ndarray | None = None
+    #: how often each (chosen_model, rejected_model) pair was used, names as written
+    model_pairs: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
     def split(self, name: str) -> pl.DataFrame:
         """The pairs of ``train_prefs`` or ``test_prefs``."""
@@ -690,14 +690,32 @@ def is_test_reference(prompt: str, *, seed: int, fraction: float) -> bool:
 
 # --------------------------------------------------------------------------- pair search
 @dataclass(frozen=True)
-class Prepared:
-    """A dataset as the kernel's arrays: the pool (``names``, ``s_pref``, ``kin``) and one entry
-    per completion (``model`` index or -1, ``nonempty``, ``ratings`` per field, ``text_hash``)."""
+class Pool:
+    """The origin models as the kernel sees them: ``names`` (sorted), their ``s_pref`` (NaN when
+    undefined) and the ``kin`` matrix over them."""
 
-    data: UltraFeedback
     names: list[str]
     s_pref: np.ndarray
     kin: np.ndarray
+
+    @classmethod
+    def of(cls, s_pref: pl.DataFrame | Mapping[str, float], kinship: pl.DataFrame) -> Pool:
+        names, sp = _s_pref_table(s_pref)
+        return cls(names, sp, kinship_matrix(names, kinship))
+
+    @property
+    def m(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch of instructions as the kernel's arrays against a :class:`Pool`: one entry per
+    completion (``model`` index or -1, ``nonempty``, ``ratings`` per field, ``text_hash``);
+    ``row0`` is the global row of the batch's first instruction."""
+
+    data: UltraFeedback
+    pool: Pool
     offsets: np.ndarray
     model: np.ndarray
     nonempty: np.ndarray
@@ -709,21 +727,37 @@ class Prepared:
     def n(self) -> int:
         return self.offsets.shape[0] - 1
 
+    @property
+    def names(self) -> list[str]:
+        return self.pool.names
+
+    @property
+    def s_pref(self) -> np.ndarray:
+        return self.pool.s_pref
+
+    @property
+    def kin(self) -> np.ndarray:
+        return self.pool.kin
+
 
 def prepare(
     data: UltraFeedback,
-    s_pref: pl.DataFrame | Mapping[str, float],
-    kinship: pl.DataFrame,
+    s_pref: pl.DataFrame | Mapping[str, float] | Pool,
+    kinship: pl.DataFrame | None = None,
     *,
     aliases: Mapping[str, str] | None = None,
-    row0: int = 0,
 ) -> Prepared:
-    """The kernel's arrays of ``data`` against a pool (S_pref per model, kinship pairs)."""
-    names, sp = _s_pref_table(s_pref)
-    kin = kinship_matrix(names, kinship)
+    """The kernel's arrays of ``data`` against a pool (a :class:`Pool`, or S_pref per model and
+    the kinship pairs)."""
+    if isinstance(s_pref, Pool):
+        pool = s_pref
+    else:
+        assert kinship is not None, "kinship pairs are needed with S_pref"
+        pool = Pool.of(s_pref, kinship)
     comps = data.completions
     n = data.prompts.height
-    rows = comps["row"].to_numpy().astype(np.int64) - int(data.prompts["row"][0] if n else 0)
+    row0 = int(data.prompts["row"][0]) if n else 0
+    rows = comps["row"].to_numpy().astype(np.int64) - row0
     counts_per_row = np.bincount(rows, minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts_per_row, out=offsets[1:])
@@ -731,11 +765,9 @@ def prepare(
     ratings = {f: comps[f].fill_null(np.nan).to_numpy().astype(np.float64) for f in RATING_FIELDS}
     return Prepared(
         data=data,
-        names=names,
-        s_pref=sp,
-        kin=kin,
+        pool=pool,
         offsets=offsets,
-        model=_model_index(comps["model"], names, aliases),
+        model=_model_index(comps["model"], pool.names, aliases),
         nonempty=np.ascontiguousarray(nonempty, dtype=np.bool_),
         ratings=ratings,
         text_hash=hash128(comps["response"]),
@@ -752,7 +784,7 @@ def search(
     rating: str = "overall_score",
     pool: str = "scored",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`pair_arrays` over a prepared dataset, identical texts dropped:
+    """:func:`pair_arrays` over a prepared batch, identical texts dropped:
     ``(chosen, rejected, reason)`` per instruction."""
     chosen, rejected, reason = pair_arrays(
         prep.offsets, prep.model, prep.nonempty, prep.ratings[rating], prep.s_pref, prep.kin,
@@ -792,7 +824,7 @@ def _pool_kernel(
 def pool_counts(prep: Prepared) -> np.ndarray:
     """How often each model pair (a < b) meets as two candidates of one instruction: the pool
     every strategy chooses from (``(m, m)`` int64, upper triangle)."""
-    m = len(prep.names)
+    m = prep.pool.m
     out = np.zeros((m, m), dtype=np.int64)
     scored = prep.model >= 0
     scored[scored] = ~np.isnan(prep.s_pref[prep.model[scored]])
@@ -824,14 +856,18 @@ def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float | No
     return float((w * dx * dy).sum() / math.sqrt(sxx * syy))
 
 
-def pool_stats(prep: Prepared, counts: np.ndarray | None = None) -> dict[str, Any]:
-    """Mean kinship and |S_pref gap| over every candidate pair of the data, and the Spearman
-    correlation between the two (pairs with undefined kinship are left out of both)."""
-    counts = pool_counts(prep) if counts is None else counts
+def _round(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 6)
+
+
+def pool_stats(pool: Pool, counts: np.ndarray) -> dict[str, Any]:
+    """Mean kinship and |S_pref gap| over every candidate pair (``counts`` from
+    :func:`pool_counts`) and the Spearman correlation between the two (pairs with undefined
+    kinship are left out of both)."""
     ia, ib = np.nonzero(counts)
     w = counts[ia, ib].astype(np.float64)
-    kin = prep.kin[ia, ib]
-    gap = np.abs(prep.s_pref[ia] - prep.s_pref[ib])
+    kin = pool.kin[ia, ib]
+    gap = np.abs(pool.s_pref[ia] - pool.s_pref[ib])
     ok = ~np.isnan(kin)
     total = float(w.sum())
     return {
@@ -842,68 +878,29 @@ def pool_stats(prep: Prepared, counts: np.ndarray | None = None) -> dict[str, An
     }
 
 
-def _round(v: float | None) -> float | None:
-    return None if v is None or not math.isfinite(v) else round(float(v), 6)
-
-
-def _used_stats(prep: Prepared, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
-    """Mean kinship and |S_pref gap| of the pairs used (model pairs with both defined)."""
+def pair_model_counts(prep: Prepared, chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+    """``(m+1, m+1)`` counts of (chosen model, rejected model) over the kept pairs (index m:
+    a model without a score-table entry)."""
+    m = prep.pool.m
     kept = chosen >= 0
     mc, mr = prep.model[chosen[kept]], prep.model[rejected[kept]]
-    known = (mc >= 0) & (mr >= 0)
-    mc, mr = mc[known], mr[known]
-    kin = prep.kin[mc, mr]
-    gap = np.abs(prep.s_pref[mc] - prep.s_pref[mr])
-    kin, gap = kin[~np.isnan(kin)], gap[~np.isnan(gap)]
-    return {
-        "mean_kinship": _round(float(kin.mean())) if len(kin) else None,
-        "mean_abs_s_pref_gap": _round(float(gap.mean())) if len(gap) else None,
-    }
+    mc, mr = np.where(mc < 0, m, mc), np.where(mr < 0, m, mr)
+    return np.bincount(mc * (m + 1) + mr, minlength=(m + 1) ** 2).reshape(m + 1, m + 1)
 
 
-def diagnostics(
-    prep: Prepared,
-    strategy: str,
-    *,
-    tau: float,
-    seed: int,
-    rating: str = "overall_score",
-    pool: str = "scored",
-    found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    pool_summary: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """What the kinship threshold did, as flat ``diag.*`` metrics.
-
-    ``changed_by_tau``: share of instructions whose outcome (pair or drop) differs from the
-    search without a threshold (tau = -inf: every candidate pair eligible); ``dropped_by_tau``:
-    share paired without the threshold but dropped with it; ``overlap.<s>``: share of this
-    strategy's pairs that strategy ``s`` also makes (same chosen and rejected response);
-    ``used.*`` vs ``pool.*``: mean kinship and |S_pref gap| of the pairs used vs of every
-    candidate pair, and the Spearman correlation of the two over the pool.
-    """
-    kw = {"seed": seed, "rating": rating, "pool": pool}
-    chosen, rejected, reason = found or search(prep, strategy, tau=tau, **kw)
-    c0, r0, reason0 = search(prep, strategy, tau=-math.inf, **kw)
-    n = max(prep.n, 1)
-    kept = reason == KEPT
-    changed = (chosen != c0) | (rejected != r0)
-    dropped = ~kept & (reason0 == KEPT)
-    out: dict[str, Any] = {
-        "diag.changed_by_tau": _round(changed.sum() / n),
-        "diag.changed_by_tau_n": int(changed.sum()),
-        "diag.dropped_by_tau": _round(dropped.sum() / n),
-        "diag.dropped_by_tau_n": int(dropped.sum()),
-    }
-    for other in STRATEGIES:
-        if other == strategy:
-            continue
-        co, ro, _ = search(prep, other, tau=tau, **kw)
-        same = kept & (co == chosen) & (ro == rejected)
-        out[f"diag.overlap.{other}"] = _round(same.sum() / kept.sum()) if kept.any() else None
-    for k, v in _used_stats(prep, chosen, rejected).items():
-        out[f"diag.used.{k}"] = v
-    for k, v in (pool_summary or pool_stats(prep)).items():
-        out[f"diag.pool.{k}"] = v
+def used_stats(pool: Pool, counts: np.ndarray) -> dict[str, Any]:
+    """Mean kinship, mean S_pref gap (chosen - rejected) and mean |gap| of the pairs in
+    ``counts`` (:func:`pair_model_counts`), over the pairs where each is defined."""
+    m = pool.m
+    c = counts[:m, :m].astype(np.float64)
+    sp = pool.s_pref
+    gap = sp[:, None] - sp[None, :]
+    out: dict[str, Any] = {}
+    for key, values in (("mean_kinship", pool.kin), ("mean_s_pref_gap", gap),
+                        ("mean_abs_s_pref_gap", np.abs(gap))):  # fmt: skip
+        ok = ~np.isnan(values) & (c > 0)
+        n = c[ok].sum()
+        out[key] = _round(float((c[ok] * values[ok]).sum() / n)) if n else None
     return out
 
 
@@ -915,7 +912,7 @@ def pair_arrays_frame(
     kept = np.flatnonzero(chosen >= 0)
     ci, ri = chosen[kept], rejected[kept]
     sp_full = np.append(prep.s_pref, np.nan)  # index -1 -> NaN
-    m = len(prep.names)
+    m = prep.pool.m
     kin_pad = np.full((m + 1, m + 1), np.nan)
     kin_pad[:-1, :-1] = prep.kin
     mc, mr = prep.model[ci], prep.model[ri]
@@ -943,26 +940,168 @@ def pair_arrays_frame(
             "chosen_rating": comps[rating].gather(ci),
             "rejected_rating": comps[rating].gather(ri),
             "source": prep.data.prompts["source"].gather(kept),
-        }
+        },
+        schema=_FRAME_SCHEMA,
     )
 
 
-def agreement(prep: Prepared, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
-    """Agreement of the pairs with each instance rating field (``rating.<field>.*``):
-    shares of rated pairs where the chosen response is rated higher / the same / lower."""
-    kept = chosen >= 0
-    out: dict[str, Any] = {}
-    for f in RATING_FIELDS:
-        r = prep.ratings[f]
-        diff = r[chosen[kept]] - r[rejected[kept]]
-        diff = diff[~np.isnan(diff)]
-        nr = len(diff)
-        out[f"rating.{f}.rated_pairs"] = nr
-        out[f"rating.{f}.agree"] = _round((diff > 0).sum() / nr) if nr else None
-        out[f"rating.{f}.tie"] = _round((diff == 0).sum() / nr) if nr else None
-        out[f"rating.{f}.disagree"] = _round((diff < 0).sum() / nr) if nr else None
-        out[f"rating.{f}.mean_gap"] = _round(float(diff.mean())) if nr else None
-    return out
+_MSG = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+_FRAME_SCHEMA = {
+    "prompt": _MSG,
+    "chosen": _MSG,
+    "rejected": _MSG,
+    "prompt_id": pl.String,
+    "chosen_model": pl.String,
+    "rejected_model": pl.String,
+    "kinship": pl.Float64,
+    "s_pref_chosen": pl.Float64,
+    "s_pref_rejected": pl.Float64,
+    "chosen_rating": pl.Float64,
+    "rejected_rating": pl.Float64,
+    "source": pl.String,
+}
+
+
+class PairStream:
+    """Pair instructions batch by batch (:meth:`add`) and keep only exact, order-independent
+    tallies (integer counts per model pair, per reason, per rating difference), so that the
+    metrics of :meth:`result` are the same bytes however the data was batched, and memory does
+    not grow with the number of instructions.
+
+    ``diagnose``: also run the searches the diagnostics need (the strategy at tau = -inf and
+    every other strategy at tau) and tally the pool (see :func:`diagnostics_of`).
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        strategy: str = "score",
+        tau: float = 0.1,
+        seed: int = 0,
+        rating: str = "overall_score",
+        aliases: Mapping[str, str] | None = None,
+        baseline_pool: str = "scored",
+        test_fraction: float = 0.2,
+        diagnose: bool = True,
+    ) -> None:
+        strategy_code(strategy)
+        self.pool, self.strategy, self.tau, self.seed = pool, strategy, float(tau), seed
+        self.rating, self.aliases, self.baseline_pool = rating, aliases, baseline_pool
+        self.test_fraction, self.diagnose = test_fraction, diagnose
+        m1 = pool.m + 1
+        self.reasons = np.zeros(len(REASONS), dtype=np.int64)
+        self.counts = {"completions": 0, "completions_blank": 0, "completions_unknown_model": 0}
+        self.used = np.zeros((m1, m1), dtype=np.int64)
+        self.names: dict[tuple[str, str], int] = {}  # (chosen_model, rejected_model) as written
+        self.diffs: dict[str, dict[float, int]] = {f: {} for f in RATING_FIELDS}
+        self.test = 0
+        self.pool_counts = np.zeros((pool.m, pool.m), dtype=np.int64)
+        self.changed = self.dropped = 0
+        self.same = {s: 0 for s in STRATEGIES if s != strategy}
+
+    def add(self, data: UltraFeedback) -> tuple[pl.DataFrame, np.ndarray]:
+        """Pair one batch; returns its TRL frame and whether each pair is in ``test_prefs``."""
+        prep = prepare(data, self.pool, aliases=self.aliases)
+        kw = {"seed": self.seed, "rating": self.rating, "pool": self.baseline_pool}
+        chosen, rejected, reason = search(prep, self.strategy, tau=self.tau, **kw)
+        pairs = pair_arrays_frame(prep, chosen, rejected, self.rating)
+        test = is_test(pairs["prompt"].list.first().struct.field("content"), seed=self.seed,
+                       fraction=self.test_fraction)  # fmt: skip
+        self.reasons += np.bincount(reason.astype(np.int64), minlength=len(REASONS))
+        self.counts["completions"] += data.completions.height
+        self.counts["completions_blank"] += int((~prep.nonempty).sum())
+        self.counts["completions_unknown_model"] += int((prep.model < 0).sum())
+        self.used += pair_model_counts(prep, chosen, rejected)
+        for row in pairs.group_by("chosen_model", "rejected_model").len().iter_rows():
+            self.names[row[:2]] = self.names.get(row[:2], 0) + row[2]
+        kept = chosen >= 0
+        for f in RATING_FIELDS:
+            d = prep.ratings[f][chosen[kept]] - prep.ratings[f][rejected[kept]]
+            values, n = np.unique(d[~np.isnan(d)], return_counts=True)
+            tally = self.diffs[f]
+            for v, k in zip(values.tolist(), n.tolist(), strict=True):
+                tally[v] = tally.get(v, 0) + k
+        self.test += int(test.sum())
+        if self.diagnose:
+            self.pool_counts += pool_counts(prep)
+            c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
+            self.changed += int(((chosen != c0) | (rejected != r0)).sum())
+            self.dropped += int((~kept & (reason0 == KEPT)).sum())
+            for other in self.same:
+                co, ro, _ = search(prep, other, tau=self.tau, **kw)
+                self.same[other] += int((kept & (co == chosen) & (ro == rejected)).sum())
+        return pairs, test
+
+    def metrics(self) -> dict[str, Any]:
+        """Counts, pair statistics, agreement with both rating fields, split and ``diag.*``."""
+        n = int(self.reasons.sum())
+        pairs = int(self.reasons[KEPT])
+        out: dict[str, Any] = {"instructions": n, "pairs": pairs, **self.counts}
+        out.update({f"drop_{r}": int(self.reasons[i]) for i, r in enumerate(REASONS) if i != KEPT})
+        used = used_stats(self.pool, self.used)
+        out.update({"strategy": self.strategy, "keep_rate": _round(pairs / max(n, 1)),
+                    "mean_kinship": used["mean_kinship"],
+                    "mean_s_pref_gap": used["mean_s_pref_gap"]})  # fmt: skip
+        agree = {}
+        for f in RATING_FIELDS:
+            tally = sorted(self.diffs[f].items())
+            nr = sum(k for _, k in tally)
+            up = sum(k for v, k in tally if v > 0)
+            tie = sum(k for v, k in tally if v == 0)
+            agree[f] = {
+                "rated_pairs": nr,
+                "agree": _round(up / nr) if nr else None,
+                "tie": _round(tie / nr) if nr else None,
+                "disagree": _round((nr - up - tie) / nr) if nr else None,
+                "mean_gap": _round(math.fsum(v * k for v, k in tally) / nr) if nr else None,
+            }
+        a = agree[self.rating]
+        out.update({"rated_pairs": a["rated_pairs"], "rating_agree": a["agree"],
+                    "rating_tie": a["tie"], "rating_disagree": a["disagree"],
+                    "mean_rating_gap": a["mean_gap"],
+                    "distinct_model_pairs": len(self.names)})  # fmt: skip
+        for f, values in agree.items():
+            out.update({f"rating.{f}.{k}": v for k, v in values.items()})
+        out.update({"split.train_pairs": pairs - self.test, "split.test_pairs": self.test,
+                    "split.test_share": _round(self.test / max(pairs, 1))})  # fmt: skip
+        if self.diagnose:
+            out.update(self.diagnostics(n, pairs, used))
+        return out
+
+    def diagnostics(self, n: int, pairs: int, used: dict[str, Any]) -> dict[str, Any]:
+        """What the kinship threshold did, as flat ``diag.*`` metrics.
+
+        ``changed_by_tau``: share of instructions whose outcome (pair or drop) differs from the
+        search without a threshold (tau = -inf: every candidate pair eligible);
+        ``dropped_by_tau``: share paired without the threshold but dropped with it;
+        ``overlap.<s>``: share of this strategy's pairs that strategy ``s`` also makes (same
+        chosen and rejected response); ``used.*`` vs ``pool.*``: mean kinship and |S_pref gap| of
+        the pairs used vs of every candidate pair, and the Spearman correlation of the two over
+        the pool.
+        """
+        out: dict[str, Any] = {
+            "diag.changed_by_tau": _round(self.changed / max(n, 1)),
+            "diag.changed_by_tau_n": self.changed,
+            "diag.dropped_by_tau": _round(self.dropped / max(n, 1)),
+            "diag.dropped_by_tau_n": self.dropped,
+        }
+        for other, same in self.same.items():
+            out[f"diag.overlap.{other}"] = _round(same / pairs) if pairs else None
+        out["diag.used.mean_kinship"] = used["mean_kinship"]
+        out["diag.used.mean_abs_s_pref_gap"] = used["mean_abs_s_pref_gap"]
+        for k, v in pool_stats(self.pool, self.pool_counts).items():
+            out[f"diag.pool.{k}"] = v
+        return out
+
+    def result(self, pairs: pl.DataFrame | None = None, test: np.ndarray | None = None) -> Any:
+        """The :class:`PreferenceResult` (``pairs``/``test``: the collected frames, if kept)."""
+        metrics = self.metrics()
+        counts = {k: metrics[k] for k in ("instructions", "pairs", *self.counts)}
+        counts.update({f"drop_{r}": metrics[f"drop_{r}"] for r in REASONS[1:]})
+        frame = pl.DataFrame(schema=_FRAME_SCHEMA) if pairs is None else pairs
+        return PreferenceResult(frame, counts, metrics, self.strategy, self.tau, self.seed, test,
+                                self.names)  # fmt: skip
 
 
 def make_pairs(
@@ -976,133 +1115,18 @@ def make_pairs(
     rating: str = "overall_score",
     aliases: Mapping[str, str] | None = None,
     pool: str = "scored",
-    test_fraction: float = 0.0,
+    test_fraction: float = 0.2,
     diagnose: bool = True,
 ) -> PreferenceResult:
-    """Pair every instruction of ``data`` by ``strategy``; returns the TRL frame, the
-    train/test split, counts and metrics (with the :func:`diagnostics` when ``diagnose``)."""
-    strategy_code(strategy)
-    prep = prepare(data, s_pref, kinship, aliases=aliases)
-    found = search(prep, strategy, tau=tau, seed=seed, rating=rating, pool=pool)
-    chosen, rejected, reason = found
-    pairs = pair_arrays_frame(prep, chosen, rejected, rating)
-    test = is_test(pairs["prompt"].list.first().struct.field("content"), seed=seed,
-                   fraction=test_fraction)  # fmt: skip
-    codes = np.bincount(reason.astype(np.int64), minlength=len(REASONS))
-    n = prep.n
-    counts = {"instructions": n, "pairs": int(codes[KEPT])}
-    counts["completions"] = int(data.completions.height)
-    counts["completions_blank"] = int((~prep.nonempty).sum())
-    counts["completions_unknown_model"] = int((prep.model < 0).sum())
-    counts.update({f"drop_{r}": int(codes[i]) for i, r in enumerate(REASONS) if i != KEPT})
-    result = PreferenceResult(pairs, counts, {}, strategy, float(tau), seed, test)
-    metrics = pair_metrics(result)
-    metrics.update(agreement(prep, chosen, rejected))
-    metrics.update(
-        {
-            "split.train_pairs": int((~test).sum()),
-            "split.test_pairs": int(test.sum()),
-            "split.test_share": _round(test.sum() / max(len(test), 1)),
-        }
-    )
-    if diagnose:
-        metrics.update(
-            diagnostics(prep, strategy, tau=tau, seed=seed, rating=rating, pool=pool, found=found)
-        )
-    result = dataclasses.replace(result, metrics=metrics)
-    log.info("%s: %d of %d instructions paired", strategy, counts["pairs"], n)
-    return result
-
-
-def _mean(s: pl.Series) -> float | None:
-    s = s.drop_nulls()
-    return None if s.len() == 0 else round(float(s.mean()), 6)  # type: ignore[arg-type]
-
-
-def pair_metrics(result: PreferenceResult) -> dict[str, Any]:
-    """Flat metrics: counts, mean kinship, mean S_pref gap, agreement with instance ratings."""
-    p = result.pairs
-    diff = (p["chosen_rating"] - p["rejected_rating"]).drop_nulls()  # both rated
-    nr = diff.len()
-    out: dict[str, Any] = dict(result.counts)
-    out.update(
-        {
-            "strategy": result.strategy,
-            "keep_rate": round(result.counts["pairs"] / max(result.counts["instructions"], 1), 6),
-            "mean_kinship": _mean(p["kinship"]),
-            "mean_s_pref_gap": _mean(p["s_pref_chosen"] - p["s_pref_rejected"]),
-            "rated_pairs": nr,
-            "rating_agree": round(int((diff > 0).sum()) / nr, 6) if nr else None,
-            "rating_tie": round(int((diff == 0).sum()) / nr, 6) if nr else None,
-            "rating_disagree": round(int((diff < 0).sum()) / nr, 6) if nr else None,
-            "mean_rating_gap": _mean(diff),
-            "distinct_model_pairs": p.select(
-                pl.struct("chosen_model", "rejected_model").n_unique()
-            ).item(),
-        }
-    )
-    return out
-
-
-# --------------------------------------------------------------------------- tau sweep
-def sweep_table(
-    prep: Prepared,
-    taus: Sequence[float],
-    *,
-    seed: int,
-    rating: str = "overall_score",
-    pool: str = "scored",
-) -> pl.DataFrame:
-    """The diagnostics of every KARMA strategy at every tau: one row per (tau, strategy)."""
-    from tqdm.auto import tqdm
-
-    kw = {"seed": seed, "rating": rating, "pool": pool}
-    base = {s: search(prep, s, tau=-math.inf, **kw) for s in KARMA_STRATEGIES}
-    summary = pool_stats(prep)
-    n = max(prep.n, 1)
-    rows = []
-    for tau in tqdm(list(taus), desc="tau sweep", unit="tau", disable=len(taus) < 50):
-        found = {s: search(prep, s, tau=tau, **kw) for s in KARMA_STRATEGIES}
-        for s, (c, r, reason) in found.items():
-            c0, r0, reason0 = base[s]
-            kept = reason == KEPT
-            row: dict[str, Any] = {
-                "tau": float(tau),
-                "strategy": s,
-                "pairs": int(kept.sum()),
-                "changed_by_tau": _round(((c != c0) | (r != r0)).sum() / n),
-                "dropped_by_tau": _round((~kept & (reason0 == KEPT)).sum() / n),
-            }
-            row.update(_used_stats(prep, c, r))
-            for o in KARMA_STRATEGIES:
-                co, ro, _ = found[o]
-                same = kept & (co == c) & (ro == r)
-                row[f"overlap_{o}"] = _round(same.sum() / kept.sum()) if kept.any() else None
-            row["pool_mean_kinship"] = summary["mean_kinship"]
-            row["pool_mean_abs_s_pref_gap"] = summary["mean_abs_s_pref_gap"]
-            row["pool_spearman_kinship_gap"] = summary["spearman_kinship_gap"]
-            rows.append(row)
-    schema = {"tau": pl.Float64, "strategy": pl.String, "pairs": pl.Int64}
-    schema.update({k: pl.Float64 for k in rows[0] if k not in schema})
-    return pl.DataFrame(rows, schema=schema, orient="row")
-
-
-def all_draws(models: Sequence[str], k: int, extra: Sequence[str] = ()) -> UltraFeedback:
-    """Every ``k``-model draw of ``models`` + ``extra`` as one instruction each (the paper's
-    table: each of the C(17, 4) = 2,380 four-model draws of UltraFeedback's models), so that the
-    diagnostics describe the score table itself rather than a dataset."""
-    from karma.ultrafeedback import from_records
-
-    pool = sorted(dict.fromkeys([*models, *extra]))
-    if len(pool) < k:
-        raise KarmaError("fewer models than a draw", field="sweep.draws", value=k,
-                         expected=f"at most {len(pool)} (the models of the pool)")  # fmt: skip
-    records = (
-        (f"draw {i}", {"instruction": f"draw {i}: {', '.join(combo)}",
-                       "completions": [{"model": m, "response": m} for m in combo]})
-        for i, combo in enumerate(itertools.combinations(pool, k))
+    """Pair every instruction of ``data`` by ``strategy`` (in memory: one batch of
+    :class:`PairStream`); returns the TRL frame, the train/test split, counts and metrics."""
+    stream = PairStream(
+        Pool.of(s_pref, kinship), strategy=strategy, tau=tau, seed=seed, rating=rating,
+        aliases=aliases, baseline_pool=pool, test_fraction=test_fraction, diagnose=diagnose,
     )  # fmt: skip
-    return from_records(records, file="draws")
+    pairs, test = stream.add(data)
+    log.info("%s: %d of %d instructions paired", strategy, pairs.height, len(data))
+    return stream.result(pairs, test)
 
 
 # --------------------------------------------------------------------------- layouts
@@ -1168,26 +1192,77 @@ def layout_table(pairs: pl.DataFrame, layout: str) -> Any:
     return table.cast(_arrow_schema(layout))
 
 
-def write_table(table: Any, path: str | Path) -> None:
-    """Write an Arrow table as Parquet: fixed row groups and codec, no statistics, so that the
-    bytes depend only on the rows."""
-    import pyarrow.parquet as pq
+class RowGroupWriter:
+    """A Parquet file written table by table in row groups of exactly :data:`ROW_GROUP` rows
+    (the last one shorter), each from one contiguous array: the bytes depend only on the rows,
+    not on how they were batched (the streaming and the in-memory path write the same file)."""
 
-    pq.write_table(
-        table,
-        path,
-        row_group_size=ROW_GROUP,
-        compression=PARQUET_COMPRESSION,
-        write_statistics=False,
-    )
+    def __init__(self, path: str | Path, schema: Any) -> None:
+        import pyarrow.parquet as pq
+
+        self.schema = schema
+        self.writer = pq.ParquetWriter(
+            str(path), schema, compression=PARQUET_COMPRESSION, write_statistics=False
+        )
+        self.pending: list[Any] = []
+        self.rows = 0
+
+    def write(self, table: Any) -> None:
+        if table.num_rows:
+            self.pending.append(table.cast(self.schema))
+            self.rows += table.num_rows
+        while self.rows >= ROW_GROUP:
+            self._flush(ROW_GROUP)
+
+    def _flush(self, n: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.pending)
+        self.writer.write_table(table.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP)
+        rest = table.slice(n)
+        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.rows:
+            self._flush(self.rows)
+        self.writer.close()
+
+
+def write_table(table: Any, path: str | Path) -> None:
+    """Write an Arrow table as Parquet (:class:`RowGroupWriter`: fixed row groups, snappy,
+    no statistics)."""
+    writer = RowGroupWriter(path, table.schema)
+    writer.write(table)
+    writer.close()
+
+
+class SplitWriter:
+    """``train_prefs.parquet`` and ``test_prefs.parquet`` in ``layout``, written batch by batch."""
+
+    def __init__(self, out_dir: str | Path, layout: str = "trl") -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.layout = layout
+        schema = _arrow_schema(layout)
+        self.files = {s: RowGroupWriter(out / f"{s}.parquet", schema) for s in SPLITS}
+
+    def write(self, pairs: pl.DataFrame, test: np.ndarray) -> None:
+        for name, mask in (("train_prefs", ~test), ("test_prefs", test)):
+            part = pairs.filter(pl.Series(mask, dtype=pl.Boolean))
+            if part.height:
+                self.files[name].write(layout_table(part, self.layout))
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
 def write_splits(result: PreferenceResult, out_dir: str | Path, layout: str = "trl") -> None:
     """Write ``train_prefs.parquet`` and ``test_prefs.parquet`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in SPLITS:
-        write_table(layout_table(result.split(name), layout), out / f"{name}.parquet")
+    writer = SplitWriter(out_dir, layout)
+    test = np.zeros(result.pairs.height, bool) if result.test is None else result.test
+    writer.write(result.pairs, test)
+    writer.close()
 
 
 def write_pairs(result: PreferenceResult, path: str | Path, layout: str = "trl") -> None:
@@ -1415,7 +1490,8 @@ class PreferencesPaths:
 
 
 def _read_completions(params: Params) -> tuple[UltraFeedback, dict[str, Any]]:
-    """The completions of ``preferences.dataset`` and what is known of their source."""
+    """The completions of ``preferences.dataset`` (in memory) and what is known of their
+    source."""
     from karma.fetch import source_info
     from karma.ultrafeedback import read_ultrafeedback
 
@@ -1427,26 +1503,38 @@ def _read_completions(params: Params) -> tuple[UltraFeedback, dict[str, Any]]:
 
 
 def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
-    """Stage ``preferences``: read the completions, pair them, write splits, card, metrics."""
+    """Stage ``preferences``: stream the completions batch by batch, pair them, write the splits
+    as they come, then the card and the metrics (memory does not grow with the data)."""
+    from tqdm.auto import tqdm
+
+    from karma.fetch import source_info
     from karma.io import write_json
     from karma.plots import pair_usage_heatmap
+    from karma.ultrafeedback import count_records, iter_ultrafeedback
 
     cfg = params.preferences
     models, kinship = load_kinship_dir(paths.kinship_dir)
-    data, info = _read_completions(params)
-    result = make_pairs(
-        data,
-        models.select("model", "s_pref"),
-        kinship,
+    stream = PairStream(
+        Pool.of(models.select("model", "s_pref"), kinship),
         strategy=params.kinship,
         tau=params.similarity.tau,
         seed=params.seed,
         rating=cfg.rating,
         aliases=cfg.aliases,
-        pool=cfg.baseline_pool,
+        baseline_pool=cfg.baseline_pool,
         test_fraction=cfg.test_fraction,
     )
-    if result.pairs.height == 0:
+    out = Path(paths.out)
+    writer = SplitWriter(out, cfg.layout)
+    total = count_records(cfg.dataset)
+    bar = tqdm(total=total, desc="preferences", unit="instr", disable=not total or total < 10**6)
+    for batch in iter_ultrafeedback(cfg.dataset, split=cfg.split, batch_records=cfg.batch_records):
+        writer.write(*stream.add(batch))
+        bar.update(len(batch))
+    bar.close()
+    writer.close()
+    result = stream.result()
+    if result.counts["pairs"] == 0:
         c = result.counts
         drops = ", ".join(f"{r} {c[f'drop_{r}']}" for r in REASONS[1:] if c[f"drop_{r}"])
         raise KarmaError(
@@ -1474,8 +1562,7 @@ def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
         "preferences.layout": cfg.layout,
         "preferences.test_fraction": cfg.test_fraction,
     }
-    out = Path(paths.out)
-    write_splits(result, out, cfg.layout)
+    info = source_info(cfg.dataset)
     card = dataset_card(result, dataset=cfg.dataset, params=card_params, layout=cfg.layout,
                         license=info["license"], source=info.get("described"))  # fmt: skip
     (out / "README.md").write_text(card)
@@ -1483,8 +1570,7 @@ def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
         write_json(paths.metrics, metrics)
     if paths.plot is not None:
         pair_usage_heatmap(
-            result.pairs["chosen_model"].to_list(),
-            result.pairs["rejected_model"].to_list(),
+            result.model_pairs,
             paths.plot,
             order=models["model"].to_list(),
             title=f"Model pairs used by '{params.kinship}'",
@@ -1503,73 +1589,4 @@ STAGE = Stage(
     "whose model has the higher S_pref (KARMA), or binarise by rating (rlaif), or pair at "
     "random; train_prefs/test_prefs split by prompt, in TRL's conversational layout or H4's, "
     "with metadata columns and what the kinship threshold did (diag.* metrics, the card).",
-)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SweepPaths:
-    """Paths of the ``tau_sweep`` stage."""
-
-    kinship_dir: Path = input_path("the kinship stage's output directory", is_dir=True)
-    out: Path = output_path("the table: one row per (tau, strategy)", ".csv", ".parquet")
-    plot: Path | None = output_path("the figures against tau", ".png", required=False)
-
-
-def run_sweep(params: Params, paths: SweepPaths) -> dict[str, Any]:
-    """Stage ``tau_sweep``: the diagnostics of the KARMA strategies over ``sweep.taus``."""
-    from karma.plots import tau_sweep_plot
-
-    cfg, sw = params.preferences, params.sweep
-    models, kinship = load_kinship_dir(paths.kinship_dir)
-    s_pref = models.select("model", "s_pref")
-    if sw.draws is not None:
-        scored = models.filter(pl.col("s_pref").is_not_null())["model"].to_list()
-        data = all_draws(scored, sw.draws, sw.extra_models)
-        what = f"every {sw.draws}-model draw of {len(scored) + len(sw.extra_models)} models"
-    else:
-        data, _ = _read_completions(params)
-        what = cfg.dataset
-    prep = prepare(data, s_pref, kinship, aliases=cfg.aliases)
-    taus = sorted({*sw.taus, params.similarity.tau})
-    table = sweep_table(prep, taus, seed=params.seed, rating=cfg.rating, pool=cfg.baseline_pool)
-    out = Path(paths.out)
-    if out.suffix == ".csv":
-        table.write_csv(out, float_precision=6)
-    else:
-        write_table(table.to_arrow(compat_level=pl.CompatLevel.oldest()), out)
-    if paths.plot is not None:
-        tau_sweep_plot(table, paths.plot, title=f"Kinship threshold sweep over {what}",
-                       tau=params.similarity.tau)  # fmt: skip
-    at = table.filter(pl.col("tau") == params.similarity.tau)
-    metrics: dict[str, Any] = {"instructions": prep.n, "taus": len(taus)}
-    for row in at.iter_rows(named=True):
-        metrics[f"{row['strategy']}.changed_by_tau"] = row["changed_by_tau"]
-    for s in KARMA_STRATEGIES:  # the smallest tau that changes any pair
-        binds = table.filter((pl.col("strategy") == s) & (pl.col("changed_by_tau") > 0))
-        metrics[f"{s}.binds_from_tau"] = (
-            float(binds["tau"].min()) if binds.height else None  # type: ignore[arg-type]
-        )
-    log.info("tau sweep over %s: %s", what, json.dumps(metrics))
-    return metrics
-
-
-SWEEP = Stage(
-    name="tau_sweep",
-    settings=(
-        "seed",
-        "similarity.tau",
-        "preferences.dataset",
-        "preferences.split",
-        "preferences.rating",
-        "preferences.aliases",
-        "preferences.baseline_pool",
-        "sweep",
-    ),
-    paths=SweepPaths,
-    run=run_sweep,
-    inputs=("preferences.dataset",),
-    help="Sweep the kinship threshold: for each tau of sweep.taus and each KARMA strategy, the "
-    "share of instructions whose pair differs from the no-threshold pair, the share dropped, "
-    "the overlap between strategies and the mean kinship / |S_pref gap| of the pairs used vs the "
-    "pool; over the completions, or (sweep.draws) over every K-model draw of the score table.",
 )

@@ -3,4 +3,4 @@
 from karma.pipeline import stage_main
 
 if __name__ == "__main__":
-    stage_main("karma.preferences:SWEEP")
+    stage_main("karma.sweep:STAGE")

@@ -29,6 +29,7 @@ from karma.errors import KarmaError
 from karma.kinship import compute_kinship, write_kinship
 from karma.pipeline import execute
 from karma.scores import read_scores
+from karma.sweep import all_draws
 from karma.ultrafeedback import UltraFeedback, from_records, read_ultrafeedback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -648,7 +649,9 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
         "preferences.baseline_pool",
         "preferences.layout",
         "preferences.test_fraction",
+        "preferences.batch_records",
     ]
+    assert "preferences.batch_records" not in P.STAGE.tracked_keys()  # operational
     assert P.STAGE.inputs == ("preferences.dataset",)
     assert typing.get_args(config.Layout) == P.LAYOUTS
     assert typing.get_args(config.BaselinePool) == P.POOLS
@@ -920,7 +923,7 @@ def test_pool_statistics_match_a_plain_loop(demo: Demo) -> None:
                     kins.append(kin[(a, b)])
                     gaps.append(abs(sp[a] - sp[b]))
     assert int(P.pool_counts(prep).sum()) == len(kins)
-    got = P.pool_stats(prep)
+    got = P.pool_stats(prep.pool, P.pool_counts(prep))
     assert got["candidate_pairs"] == len(kins)
     assert got["mean_kinship"] == pytest.approx(np.mean(kins), abs=1e-6)
     assert got["mean_abs_s_pref_gap"] == pytest.approx(np.mean(gaps), abs=1e-6)
@@ -965,7 +968,7 @@ PAPER_TABLE = {
 
 
 def test_on_the_papers_table_tau_0_1_changes_no_pair(demo: Demo) -> None:
-    draws = P.all_draws(demo.models["model"].to_list(), 4, ["ultralm-65b"])
+    draws = all_draws(demo.models["model"].to_list(), 4, ["ultralm-65b"])
     assert len(draws) == math.comb(17, 4) == 2380
     for (strategy, tau), (changed, dropped) in PAPER_TABLE.items():
         res = P.make_pairs(draws, demo.models, demo.kinship, strategy=strategy, tau=tau)
@@ -1229,3 +1232,77 @@ def test_tau_sweep_over_the_papers_draws(demo: Demo, tmp_path: Path, capsys: Any
         assert row["changed_by_tau"] == round(changed / 2380, 6)
     code, _, err = _cli([*argv[:-2], "--draws", "1"], capsys)
     assert code == 1 and "--draws: out of range" in _one_error_line(err)
+
+
+# --------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize(("strategy", "layout"), [("score", "trl"), ("rlaif", "h4")])
+def test_streamed_stage_writes_the_in_memory_bytes(
+    demo: Demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, layout: str
+) -> None:
+    """Batches of any size (records streamed from Parquet) give the files, card and metrics of
+    the in-memory path, byte for byte; small row groups exercise the writer's carry-over."""
+    from tests.fixtures import synthetic_records
+
+    monkeypatch.setattr(P, "ROW_GROUP", 97)
+    data = tmp_path / "uf.parquet"
+    synthetic_records(1200, data, seed=2)
+    ref = P.make_pairs(read_ultrafeedback(data), demo.models, demo.kinship, strategy=strategy)
+    P.write_splits(ref, tmp_path / "memory", layout)
+    want = {s: (tmp_path / "memory" / f"{s}.parquet").read_bytes() for s in P.SPLITS}
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "memory" / "train_prefs.parquet").num_row_groups > 3
+    runs = []
+    for batch in (7, 256, 100_000):
+        cfg = PreferencesConfig(dataset=str(data), layout=layout, batch_records=batch)
+        out = tmp_path / f"b{batch}"
+        metrics = execute(
+            P.STAGE,
+            Params(kinship=strategy, preferences=cfg),
+            P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out),
+        )
+        assert {s: (out / f"{s}.parquet").read_bytes() for s in P.SPLITS} == want, batch
+        runs.append((metrics, (out / "README.md").read_text()))
+    assert runs[0] == runs[1] == runs[2]
+    meta = {k: v for k, v in runs[0][0].items() if k.startswith("meta.")}
+    assert {**ref.metrics, **meta} == runs[0][0]
+
+
+def test_streamed_json_lines_and_errors_name_the_global_record(demo: Demo, tmp_path: Path) -> None:
+    from karma.ultrafeedback import iter_ultrafeedback
+
+    whole = read_ultrafeedback(DEMO)
+    parts = list(iter_ultrafeedback(DEMO, batch_records=50))
+    assert [len(p) for p in parts] == [50] * 9 + [30]
+    assert pl.concat([p.prompts for p in parts]).equals(whole.prompts)
+    assert pl.concat([p.completions for p in parts]).equals(whole.completions)
+    cfg = PreferencesConfig(dataset=str(DEMO), batch_records=50)
+    out = tmp_path / "jsonl"
+    m = execute(
+        P.STAGE, Params(preferences=cfg), P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out)
+    )
+    ref = _demo_pairs(demo, "score")
+    assert (
+        m["pairs"] == ref.metrics["pairs"]
+        and m["diag.overlap.sim"] == ref.metrics["diag.overlap.sim"]
+    )
+    assert pl.read_parquet(out / "train_prefs.parquet").equals(ref.split("train_prefs"))
+    # a bad record late in the file is named by its place in the whole file
+    lines = DEMO.read_text().splitlines()
+    bad = json.loads(lines[129])
+    bad["completions"][1]["overall_score"] = "great"
+    lines[129] = json.dumps(bad)
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        KarmaError, match=r"bad.jsonl: line 130: field 'completions\[1\].overall_score'"
+    ):
+        list(iter_ultrafeedback(tmp_path / "bad.jsonl", batch_records=50))
+    from tests.fixtures import real_record
+
+    records = [real_record(i) for i in range(300)]
+    records[234]["completions"][2]["model"] = " "
+    pl.DataFrame(records).write_parquet(tmp_path / "bad.parquet", row_group_size=64)
+    with pytest.raises(
+        KarmaError, match=r"bad.parquet: record 234: field 'completions\[2\].model'"
+    ):
+        list(iter_ultrafeedback(tmp_path / "bad.parquet", batch_records=100))
