@@ -635,12 +635,13 @@ def hash128(texts: pl.Series) -> np.ndarray:
     return out
 
 
-def prompt_ids(instructions: pl.Series) -> pl.Series:
+def prompt_ids(instructions: pl.Series, hashes: np.ndarray | None = None) -> pl.Series:
     """``prompt_id`` of each instruction: a stable 128-bit hash (32 hex digits) of its UTF-8
-    bytes, computed by a Numba kernel (sha256 in a Python loop is several times slower)."""
+    bytes, computed by a Numba kernel (sha256 in a Python loop is several times slower);
+    ``hashes``: their :func:`hash128`, when already computed."""
     import pyarrow as pa
 
-    out = hash128(instructions)
+    out = hash128(instructions) if hashes is None else hashes
     n = out.shape[0]
     big_endian = out.astype(">u8").view(np.uint8).reshape(n, 16)
     chars = _HEX_PAIRS[big_endian]  # (n, 16) uint16 = (n, 32) ASCII bytes
@@ -671,12 +672,15 @@ def _threshold(fraction: float) -> int:
     return min(int(fraction * 2.0**64), _MASK)
 
 
-def is_test(prompts: pl.Series, *, seed: int, fraction: float) -> np.ndarray:
+def is_test(
+    prompts: pl.Series, *, seed: int, fraction: float, hashes: np.ndarray | None = None
+) -> np.ndarray:
     """Whether each prompt belongs to ``test_prefs``: a seeded hash of its text below
-    ``fraction`` (the same prompt is always on the same side; no prompt is in both)."""
+    ``fraction`` (the same prompt is always on the same side; no prompt is in both);
+    ``hashes``: their :func:`hash128`, when already computed."""
     out = np.zeros(prompts.len(), dtype=np.bool_)
     if fraction > 0 and prompts.len():
-        h = np.ascontiguousarray(hash128(prompts)[:, 0])
+        h = np.ascontiguousarray((hash128(prompts) if hashes is None else hashes)[:, 0])
         stream = np.uint64(splitmix64(seed, _SPLIT_STREAM))
         _split_kernel(h, stream, np.uint64(_threshold(fraction)), out)
     return out
@@ -711,7 +715,8 @@ class Pool:
 @dataclass(frozen=True)
 class Prepared:
     """A batch of instructions as the kernel's arrays against a :class:`Pool`: one entry per
-    completion (``model`` index or -1, ``nonempty``, ``ratings`` per field, ``text_hash``);
+    completion (``model`` index or -1, ``nonempty``, ``ratings`` per field, a 64-bit
+    ``text_hash`` of the response);
     ``row0`` is the global row of the batch's first instruction."""
 
     data: UltraFeedback
@@ -770,7 +775,8 @@ def prepare(
         model=_model_index(comps["model"], pool.names, aliases),
         nonempty=np.ascontiguousarray(nonempty, dtype=np.bool_),
         ratings=ratings,
-        text_hash=hash128(comps["response"]),
+        # a fast 64-bit hash (polars'); equal hashes are confirmed on the text (search)
+        text_hash=comps["response"].hash(seed=0).to_numpy(),
         row0=row0,
     )
 
@@ -792,8 +798,8 @@ def search(
     )  # fmt: skip
     kept = np.flatnonzero(reason == KEPT)
     h = prep.text_hash
-    same = (h[chosen[kept]] == h[rejected[kept]]).all(axis=1)
-    if same.any():  # confirm on the text itself (a 128-bit collision is not an identical text)
+    same = h[chosen[kept]] == h[rejected[kept]]
+    if same.any():  # confirm on the text itself (a hash collision is not an identical text)
         cand = kept[same]
         resp = prep.data.completions["response"]
         equal = (resp.gather(chosen[cand]) == resp.gather(rejected[cand])).to_numpy()
@@ -904,10 +910,35 @@ def used_stats(pool: Pool, counts: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def pair_arrays_frame(
-    prep: Prepared, chosen: np.ndarray, rejected: np.ndarray, rating: str
-) -> pl.DataFrame:
-    """The TRL frame of the kept pairs (instruction order)."""
+def _text(series: pl.Series) -> Any:
+    """A polars string Series as an Arrow ``string`` array."""
+    import pyarrow as pa
+
+    arr = series.to_arrow(compat_level=pl.CompatLevel.oldest())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.cast(pa.string())
+
+
+def _float(values: np.ndarray) -> Any:
+    """Float64 values as an Arrow array, NaN as null."""
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.float64(), mask=np.isnan(values))
+
+
+def flat_pairs(
+    prep: Prepared,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    rating: str,
+    prompt_hash: np.ndarray | None = None,
+) -> Any:
+    """The kept pairs (instruction order) as a flat Arrow table: ``prompt``, ``chosen``,
+    ``rejected`` (texts), ``prompt_id`` and the metadata columns; :func:`layout_of` gives the
+    written layouts. ``prompt_hash``: the :func:`hash128` of the kept prompts, if computed."""
+    import pyarrow as pa
+
     comps = prep.data.completions
     kept = np.flatnonzero(chosen >= 0)
     ci, ri = chosen[kept], rejected[kept]
@@ -917,32 +948,82 @@ def pair_arrays_frame(
     kin_pad[:-1, :-1] = prep.kin
     mc, mr = prep.model[ci], prep.model[ri]
     prompt_text = prep.data.prompts["instruction"].gather(kept)
+    columns = {
+        "prompt": _text(prompt_text),
+        "chosen": _text(comps["response"].gather(ci)),
+        "rejected": _text(comps["response"].gather(ri)),
+        "prompt_id": _text(prompt_ids(prompt_text, prompt_hash)),
+        "chosen_model": _text(comps["model"].gather(ci)),
+        "rejected_model": _text(comps["model"].gather(ri)),
+        "kinship": _float(kin_pad[mc, mr]),
+        "s_pref_chosen": _float(sp_full[mc]),
+        "s_pref_rejected": _float(sp_full[mr]),
+        "chosen_rating": _float(prep.ratings[rating][ci]),
+        "rejected_rating": _float(prep.ratings[rating][ri]),
+        "source": _text(prep.data.prompts["source"].gather(kept)),
+    }
+    return pa.table(columns)
 
-    def msg(role: str, text: pl.Series) -> pl.Series:
-        return pl.select(
-            pl.concat_list(pl.struct(pl.lit(role).alias("role"), pl.lit(text).alias("content")))
-        ).to_series()
 
-    def nan_to_null(x: np.ndarray) -> pl.Series:
-        return pl.Series(x, dtype=pl.Float64).fill_nan(None)
+def _conversation(parts: Sequence[tuple[str, Any]], order: tuple[str, str]) -> Any:
+    """A list array of conversations: row i = the messages ``(role, texts[i])`` of ``parts``,
+    struct fields in ``order``."""
+    import pyarrow as pa
 
-    return pl.DataFrame(
-        {
-            "prompt": msg("user", prompt_text),
-            "chosen": msg("assistant", comps["response"].gather(ci)),
-            "rejected": msg("assistant", comps["response"].gather(ri)),
-            "prompt_id": prompt_ids(prompt_text),
-            "chosen_model": comps["model"].gather(ci),
-            "rejected_model": comps["model"].gather(ri),
-            "kinship": nan_to_null(kin_pad[mc, mr]),
-            "s_pref_chosen": nan_to_null(sp_full[mc]),
-            "s_pref_rejected": nan_to_null(sp_full[mr]),
-            "chosen_rating": comps[rating].gather(ci),
-            "rejected_rating": comps[rating].gather(ri),
-            "source": prep.data.prompts["source"].gather(kept),
-        },
-        schema=_FRAME_SCHEMA,
-    )
+    n, k = len(parts[0][1]), len(parts)
+    roles = [pa.repeat(pa.scalar(role, pa.string()), n) for role, _ in parts]
+    texts = [text for _, text in parts]
+    if k == 1:
+        fields = {"role": roles[0], "content": texts[0]}
+    else:  # interleave: message j of row i sits at k * i + j
+        idx = (np.arange(n)[:, None] + n * np.arange(k)[None, :]).reshape(-1)
+        fields = {"role": pa.concat_arrays(roles).take(idx),
+                  "content": pa.concat_arrays(texts).take(idx)}  # fmt: skip
+    struct = pa.StructArray.from_arrays([fields[f] for f in order], names=list(order))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, k * n + 1, k, dtype=np.int32)), struct)
+
+
+def layout_of(flat: Any, layout: str) -> Any:
+    """A flat pairs table (:func:`flat_pairs`) in ``layout``, with its exact Arrow schema:
+    ``trl`` (messages) or ``h4`` (``HuggingFaceH4/ultrafeedback_binarized``'s columns: the
+    prompt text, ``prompt_id`` = sha256 of the prompt, the user + assistant conversations,
+    ``messages`` = chosen, ``score_*`` = the instance ratings), then the metadata columns."""
+    import pyarrow as pa
+
+    col = {name: flat.column(name).combine_chunks() for name in flat.column_names}
+    meta = [col[c] for c in META_COLUMNS]
+    if layout == "h4":
+        ids = _text(sha256_ids(pl.from_arrow(col["prompt"])))  # type: ignore[arg-type]
+        chosen = _conversation([("user", col["prompt"]), ("assistant", col["chosen"])],
+                               ("content", "role"))  # fmt: skip
+        rejected = _conversation([("user", col["prompt"]), ("assistant", col["rejected"])],
+                                 ("content", "role"))  # fmt: skip
+        arrays = [col["prompt"], ids, chosen, rejected, chosen, col["chosen_rating"],
+                  col["rejected_rating"], *meta]  # fmt: skip
+    else:
+        order = ("role", "content")
+        arrays = [_conversation([("user", col["prompt"])], order),
+                  _conversation([("assistant", col["chosen"])], order),
+                  _conversation([("assistant", col["rejected"])], order),
+                  col["prompt_id"], *meta]  # fmt: skip
+    return pa.Table.from_arrays(arrays, schema=_arrow_schema(layout))
+
+
+def flat_from_trl(frame: pl.DataFrame) -> Any:
+    """A TRL pairs frame (``PreferenceResult.pairs``) as the flat table of :func:`flat_pairs`."""
+    import pyarrow as pa
+
+    def text(col: str) -> pl.Series:
+        return frame[col].list.first().struct.field("content")
+
+    columns = {c: _text(text(c)) for c in ("prompt", "chosen", "rejected")}
+    columns["prompt_id"] = _text(frame["prompt_id"])
+    for c in META_COLUMNS:
+        s = frame[c]
+        columns[c] = _text(s) if s.dtype == pl.String else _float(
+            s.cast(pl.Float64).fill_null(np.nan).to_numpy()
+        )  # fmt: skip
+    return pa.table(columns)
 
 
 _MSG = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
@@ -960,6 +1041,13 @@ _FRAME_SCHEMA = {
     "rejected_rating": pl.Float64,
     "source": pl.String,
 }
+
+
+def trl_frame(flat: Any) -> pl.DataFrame:
+    """A flat pairs table as the TRL polars frame of :attr:`PreferenceResult.pairs`."""
+    frame = pl.from_arrow(layout_of(flat, "trl"))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.cast(_FRAME_SCHEMA)  # type: ignore[arg-type]
 
 
 class PairStream:
@@ -1000,20 +1088,24 @@ class PairStream:
         self.changed = self.dropped = 0
         self.same = {s: 0 for s in STRATEGIES if s != strategy}
 
-    def add(self, data: UltraFeedback) -> tuple[pl.DataFrame, np.ndarray]:
-        """Pair one batch; returns its TRL frame and whether each pair is in ``test_prefs``."""
+    def add(self, data: UltraFeedback) -> tuple[Any, np.ndarray]:
+        """Pair one batch; returns its flat pairs table (:func:`flat_pairs`) and whether each
+        pair is in ``test_prefs``."""
         prep = prepare(data, self.pool, aliases=self.aliases)
         kw = {"seed": self.seed, "rating": self.rating, "pool": self.baseline_pool}
         chosen, rejected, reason = search(prep, self.strategy, tau=self.tau, **kw)
-        pairs = pair_arrays_frame(prep, chosen, rejected, self.rating)
-        test = is_test(pairs["prompt"].list.first().struct.field("content"), seed=self.seed,
-                       fraction=self.test_fraction)  # fmt: skip
+        prompts = prep.data.prompts["instruction"].gather(np.flatnonzero(chosen >= 0))
+        h = hash128(prompts)
+        pairs = flat_pairs(prep, chosen, rejected, self.rating, h)
+        test = is_test(prompts, seed=self.seed, fraction=self.test_fraction, hashes=h)
         self.reasons += np.bincount(reason.astype(np.int64), minlength=len(REASONS))
         self.counts["completions"] += data.completions.height
         self.counts["completions_blank"] += int((~prep.nonempty).sum())
         self.counts["completions_unknown_model"] += int((prep.model < 0).sum())
         self.used += pair_model_counts(prep, chosen, rejected)
-        for row in pairs.group_by("chosen_model", "rejected_model").len().iter_rows():
+        names = pl.from_arrow(pairs.select(["chosen_model", "rejected_model"]))
+        assert isinstance(names, pl.DataFrame)
+        for row in names.group_by("chosen_model", "rejected_model").len().iter_rows():
             self.names[row[:2]] = self.names.get(row[:2], 0) + row[2]
         kept = chosen >= 0
         for f in RATING_FIELDS:
@@ -1124,37 +1216,18 @@ def make_pairs(
         Pool.of(s_pref, kinship), strategy=strategy, tau=tau, seed=seed, rating=rating,
         aliases=aliases, baseline_pool=pool, test_fraction=test_fraction, diagnose=diagnose,
     )  # fmt: skip
-    pairs, test = stream.add(data)
-    log.info("%s: %d of %d instructions paired", strategy, pairs.height, len(data))
-    return stream.result(pairs, test)
+    flat, test = stream.add(data)
+    log.info("%s: %d of %d instructions paired", strategy, flat.num_rows, len(data))
+    return stream.result(trl_frame(flat), test)
 
 
 # --------------------------------------------------------------------------- layouts
-def _messages(*parts: tuple[str, pl.Expr]) -> pl.Expr:
-    """A list of ``{content, role}`` messages (H4's field order)."""
-    return pl.concat_list(
-        [pl.struct(text.alias("content"), pl.lit(role).alias("role")) for role, text in parts]
-    )
-
-
 def h4_frame(pairs: pl.DataFrame) -> pl.DataFrame:
-    """A TRL frame in ``HuggingFaceH4/ultrafeedback_binarized``'s layout: ``prompt`` (text),
-    ``prompt_id`` (sha256 of the prompt), ``chosen``/``rejected``/``messages`` (the full
-    user + assistant conversations; ``messages`` = chosen), ``score_chosen``/``score_rejected``
-    (the instance ratings), then our metadata columns."""
-    content = pl.col("prompt").list.first().struct.field("content")
-    answer = {k: pl.col(k).list.first().struct.field("content") for k in ("chosen", "rejected")}
-    prompt = pairs.select(content)["content"]
-    return pairs.select(
-        content.alias("prompt"),
-        pl.lit(sha256_ids(prompt)).alias("prompt_id"),
-        _messages(("user", content), ("assistant", answer["chosen"])).alias("chosen"),
-        _messages(("user", content), ("assistant", answer["rejected"])).alias("rejected"),
-        _messages(("user", content), ("assistant", answer["chosen"])).alias("messages"),
-        pl.col("chosen_rating").alias("score_chosen"),
-        pl.col("rejected_rating").alias("score_rejected"),
-        *META_COLUMNS,
-    )
+    """A TRL pairs frame in ``HuggingFaceH4/ultrafeedback_binarized``'s layout (see
+    :func:`layout_of`)."""
+    frame = pl.from_arrow(layout_table(pairs, "h4"))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 def to_trl(frame: pl.DataFrame) -> pl.DataFrame:
@@ -1186,10 +1259,8 @@ def to_trl(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def layout_table(pairs: pl.DataFrame, layout: str) -> Any:
-    """The pairs as an Arrow table with the exact schema of ``layout`` (see _arrow_schema)."""
-    frame = h4_frame(pairs) if layout == "h4" else pairs.select(OUTPUT_COLUMNS)
-    table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
-    return table.cast(_arrow_schema(layout))
+    """A TRL pairs frame as an Arrow table with the exact schema of ``layout``."""
+    return layout_of(flat_from_trl(pairs), layout)
 
 
 class RowGroupWriter:
@@ -1217,7 +1288,7 @@ class RowGroupWriter:
     def _flush(self, n: int) -> None:
         import pyarrow as pa
 
-        table = pa.concat_tables(self.pending)
+        table = pa.concat_tables(self.pending) if len(self.pending) > 1 else self.pending[0]
         self.writer.write_table(table.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP)
         rest = table.slice(n)
         self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
@@ -1239,29 +1310,50 @@ def write_table(table: Any, path: str | Path) -> None:
 class SplitWriter:
     """``train_prefs.parquet`` and ``test_prefs.parquet`` in ``layout``, written batch by batch."""
 
-    def __init__(self, out_dir: str | Path, layout: str = "trl") -> None:
+    def __init__(self, out_dir: str | Path, layout: str = "trl", *, background: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.layout = layout
         schema = _arrow_schema(layout)
         self.files = {s: RowGroupWriter(out / f"{s}.parquet", schema) for s in SPLITS}
+        # one background thread converts and writes (pyarrow releases the GIL), one batch at a
+        # time, in order: the caller pairs the next batch meanwhile
+        self.pool = ThreadPoolExecutor(max_workers=1) if background else None
+        self.pending: Any = None
 
-    def write(self, pairs: pl.DataFrame, test: np.ndarray) -> None:
+    def _write(self, flat: Any, test: np.ndarray) -> None:
         for name, mask in (("train_prefs", ~test), ("test_prefs", test)):
-            part = pairs.filter(pl.Series(mask, dtype=pl.Boolean))
-            if part.height:
-                self.files[name].write(layout_table(part, self.layout))
+            part = flat.filter(mask)
+            if part.num_rows:
+                self.files[name].write(layout_of(part, self.layout))
+
+    def write(self, flat: Any, test: np.ndarray) -> None:
+        """Write a flat pairs table (:func:`flat_pairs`), each pair to its split."""
+        if self.pool is None:
+            self._write(flat, test)
+            return
+        if self.pending is not None:
+            self.pending.result()  # at most one batch in flight; its errors surface here
+        self.pending = self.pool.submit(self._write, flat, test)
 
     def close(self) -> None:
-        for f in self.files.values():
-            f.close()
+        try:
+            if self.pending is not None:
+                self.pending.result()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            for f in self.files.values():
+                f.close()
 
 
 def write_splits(result: PreferenceResult, out_dir: str | Path, layout: str = "trl") -> None:
     """Write ``train_prefs.parquet`` and ``test_prefs.parquet`` into ``out_dir``."""
     writer = SplitWriter(out_dir, layout)
     test = np.zeros(result.pairs.height, bool) if result.test is None else result.test
-    writer.write(result.pairs, test)
+    writer.write(flat_from_trl(result.pairs), test)
     writer.close()
 
 
@@ -1527,12 +1619,16 @@ def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
     out = Path(paths.out)
     writer = SplitWriter(out, cfg.layout)
     total = count_records(cfg.dataset)
-    bar = tqdm(total=total, desc="preferences", unit="instr", disable=not total or total < 10**6)
-    for batch in iter_ultrafeedback(cfg.dataset, split=cfg.split, batch_records=cfg.batch_records):
-        writer.write(*stream.add(batch))
-        bar.update(len(batch))
-    bar.close()
-    writer.close()
+    bar = tqdm(total=total, desc="preferences", unit="instr", mininterval=10,
+               disable=not total or total < 10**6)  # fmt: skip
+    try:
+        batches = iter_ultrafeedback(cfg.dataset, split=cfg.split, batch_records=cfg.batch_records)
+        for batch in batches:
+            writer.write(*stream.add(batch))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        writer.close()
     result = stream.result()
     if result.counts["pairs"] == 0:
         c = result.counts

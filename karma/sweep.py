@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from karma.config import Params
@@ -27,8 +28,8 @@ from karma.pipeline import Stage, input_path, output_path
 from karma.preferences import (
     KARMA_STRATEGIES,
     KEPT,
+    Pool,
     Prepared,
-    _read_completions,
     _round,
     load_kinship_dir,
     pair_model_counts,
@@ -44,6 +45,66 @@ from karma.ultrafeedback import UltraFeedback
 log = logging.getLogger(__name__)
 
 
+class SweepTally:
+    """Integer tallies of the sweep, added batch by batch (the table does not depend on the
+    batching, and memory does not grow with the data)."""
+
+    def __init__(self, pool: Pool, taus: Sequence[float]) -> None:
+        self.pool, self.taus = pool, list(taus)
+        m1 = pool.m + 1
+        self.n = 0
+        self.pool_counts = np.zeros((pool.m, pool.m), dtype=np.int64)
+        keys = [(t, s) for t in self.taus for s in KARMA_STRATEGIES]
+        self.ints = {k: {"pairs": 0, "changed": 0, "dropped": 0} for k in keys}
+        self.same = {(t, s, o): 0 for t, s in keys for o in KARMA_STRATEGIES}
+        self.used = {k: np.zeros((m1, m1), dtype=np.int64) for k in keys}
+
+    def add(self, prep: Prepared, *, seed: int, rating: str, pool: str) -> None:
+        kw = {"seed": seed, "rating": rating, "pool": pool}
+        self.n += prep.n
+        self.pool_counts += pool_counts(prep)
+        base = {s: search(prep, s, tau=-math.inf, **kw) for s in KARMA_STRATEGIES}
+        for tau in self.taus:
+            found = {s: search(prep, s, tau=tau, **kw) for s in KARMA_STRATEGIES}
+            for s, (c, r, reason) in found.items():
+                c0, r0, reason0 = base[s]
+                kept = reason == KEPT
+                t = self.ints[(tau, s)]
+                t["pairs"] += int(kept.sum())
+                t["changed"] += int(((c != c0) | (r != r0)).sum())
+                t["dropped"] += int((~kept & (reason0 == KEPT)).sum())
+                self.used[(tau, s)] += pair_model_counts(prep, c, r)
+                for o, (co, ro, _) in found.items():
+                    self.same[(tau, s, o)] += int((kept & (co == c) & (ro == r)).sum())
+
+    def table(self) -> pl.DataFrame:
+        """One row per (tau, strategy)."""
+        summary = pool_stats(self.pool, self.pool_counts)
+        n = max(self.n, 1)
+        rows = []
+        for (tau, s), t in self.ints.items():
+            used = used_stats(self.pool, self.used[(tau, s)])
+            row: dict[str, Any] = {
+                "tau": float(tau),
+                "strategy": s,
+                "pairs": t["pairs"],
+                "changed_by_tau": _round(t["changed"] / n),
+                "dropped_by_tau": _round(t["dropped"] / n),
+                "mean_kinship": used["mean_kinship"],
+                "mean_abs_s_pref_gap": used["mean_abs_s_pref_gap"],
+            }
+            for o in KARMA_STRATEGIES:
+                same = self.same[(tau, s, o)]
+                row[f"overlap_{o}"] = _round(same / t["pairs"]) if t["pairs"] else None
+            row["pool_mean_kinship"] = summary["mean_kinship"]
+            row["pool_mean_abs_s_pref_gap"] = summary["mean_abs_s_pref_gap"]
+            row["pool_spearman_kinship_gap"] = summary["spearman_kinship_gap"]
+            rows.append(row)
+        schema = {"tau": pl.Float64, "strategy": pl.String, "pairs": pl.Int64}
+        schema.update({k: pl.Float64 for k in rows[0] if k not in schema})
+        return pl.DataFrame(rows, schema=schema, orient="row")
+
+
 def sweep_table(
     prep: Prepared,
     taus: Sequence[float],
@@ -52,40 +113,10 @@ def sweep_table(
     rating: str = "overall_score",
     pool: str = "scored",
 ) -> pl.DataFrame:
-    """The diagnostics of every KARMA strategy at every tau: one row per (tau, strategy)."""
-    from tqdm.auto import tqdm
-
-    kw = {"seed": seed, "rating": rating, "pool": pool}
-    base = {s: search(prep, s, tau=-math.inf, **kw) for s in KARMA_STRATEGIES}
-    summary = pool_stats(prep.pool, pool_counts(prep))
-    n = max(prep.n, 1)
-    rows = []
-    for tau in tqdm(list(taus), desc="tau sweep", unit="tau", disable=len(taus) < 50):
-        found = {s: search(prep, s, tau=tau, **kw) for s in KARMA_STRATEGIES}
-        for s, (c, r, reason) in found.items():
-            c0, r0, reason0 = base[s]
-            kept = reason == KEPT
-            row: dict[str, Any] = {
-                "tau": float(tau),
-                "strategy": s,
-                "pairs": int(kept.sum()),
-                "changed_by_tau": _round(((c != c0) | (r != r0)).sum() / n),
-                "dropped_by_tau": _round((~kept & (reason0 == KEPT)).sum() / n),
-            }
-            used = used_stats(prep.pool, pair_model_counts(prep, c, r))
-            row["mean_kinship"] = used["mean_kinship"]
-            row["mean_abs_s_pref_gap"] = used["mean_abs_s_pref_gap"]
-            for o in KARMA_STRATEGIES:
-                co, ro, _ = found[o]
-                same = kept & (co == c) & (ro == r)
-                row[f"overlap_{o}"] = _round(same.sum() / kept.sum()) if kept.any() else None
-            row["pool_mean_kinship"] = summary["mean_kinship"]
-            row["pool_mean_abs_s_pref_gap"] = summary["mean_abs_s_pref_gap"]
-            row["pool_spearman_kinship_gap"] = summary["spearman_kinship_gap"]
-            rows.append(row)
-    schema = {"tau": pl.Float64, "strategy": pl.String, "pairs": pl.Int64}
-    schema.update({k: pl.Float64 for k in rows[0] if k not in schema})
-    return pl.DataFrame(rows, schema=schema, orient="row")
+    """The diagnostics of every KARMA strategy at every tau (in memory: one batch)."""
+    tally = SweepTally(prep.pool, taus)
+    tally.add(prep, seed=seed, rating=rating, pool=pool)
+    return tally.table()
 
 
 def all_draws(models: Sequence[str], k: int, extra: Sequence[str] = ()) -> UltraFeedback:
@@ -120,21 +151,34 @@ class SweepPaths:
 
 def run_sweep(params: Params, paths: SweepPaths) -> dict[str, Any]:
     """Stage ``tau_sweep``: the diagnostics of the KARMA strategies over ``sweep.taus``."""
+    from tqdm.auto import tqdm
+
+    from karma.fetch import source_info
     from karma.plots import tau_sweep_plot
+    from karma.ultrafeedback import count_records, iter_ultrafeedback
 
     cfg, sw = params.preferences, params.sweep
     models, kinship = load_kinship_dir(paths.kinship_dir)
-    s_pref = models.select("model", "s_pref")
+    pool = Pool.of(models.select("model", "s_pref"), kinship)
     if sw.draws is not None:
         scored = models.filter(pl.col("s_pref").is_not_null())["model"].to_list()
-        data = all_draws(scored, sw.draws, sw.extra_models)
+        batches: Any = [all_draws(scored, sw.draws, sw.extra_models)]
         what = f"every {sw.draws}-model draw of {len(scored) + len(sw.extra_models)} models"
+        total = None
     else:
-        data, _ = _read_completions(params)
-        what = cfg.dataset
-    prep = prepare(data, s_pref, kinship, aliases=cfg.aliases)
+        batches = iter_ultrafeedback(cfg.dataset, split=cfg.split, batch_records=cfg.batch_records)
+        what = source_info(cfg.dataset)["dataset"]
+        total = count_records(cfg.dataset)
     taus = sorted({*sw.taus, params.similarity.tau})
-    table = sweep_table(prep, taus, seed=params.seed, rating=cfg.rating, pool=cfg.baseline_pool)
+    tally = SweepTally(pool, taus)
+    bar = tqdm(total=total, desc="tau sweep", unit="instr", mininterval=10,
+               disable=not total or total < 10**6)  # fmt: skip
+    for data in batches:
+        prep = prepare(data, pool, aliases=cfg.aliases)
+        tally.add(prep, seed=params.seed, rating=cfg.rating, pool=cfg.baseline_pool)
+        bar.update(prep.n)
+    bar.close()
+    table = tally.table()
     out = Path(paths.out)
     if out.suffix == ".csv":
         table.write_csv(out, float_precision=6)
@@ -144,7 +188,7 @@ def run_sweep(params: Params, paths: SweepPaths) -> dict[str, Any]:
         tau_sweep_plot(table, paths.plot, title=f"Kinship threshold sweep over {what}",
                        tau=params.similarity.tau)  # fmt: skip
     at = table.filter(pl.col("tau") == params.similarity.tau)
-    metrics: dict[str, Any] = {"instructions": prep.n, "taus": len(taus)}
+    metrics: dict[str, Any] = {"instructions": tally.n, "taus": len(taus)}
     for row in at.iter_rows(named=True):
         metrics[f"{row['strategy']}.changed_by_tau"] = row["changed_by_tau"]
     for s in KARMA_STRATEGIES:  # the smallest tau that changes any pair

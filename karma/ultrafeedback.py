@@ -424,6 +424,45 @@ def count_records(source: str | Path) -> int | None:
         return None
 
 
+def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """The items of ``items``, produced ``depth`` ahead in a background thread (so that reading
+    and decoding, which release the GIL, overlap the caller's work); order and errors are
+    those of ``items``."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            q.put((False, err))
+
+    thread = threading.Thread(target=produce, name="karma-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 def iter_ultrafeedback(
     source: str | Path, *, split: str = "train", batch_records: int = 100_000
 ) -> Iterator[UltraFeedback]:
@@ -436,8 +475,8 @@ def iter_ultrafeedback(
     if path.is_file() and path.stat().st_size and suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(path)
+        try:  # pre_buffer would keep every row group read so far (memory grows with the file)
+            pf = pq.ParquetFile(path, pre_buffer=False)
         except Exception as err:
             raise KarmaError(
                 f"cannot read Parquet: {' '.join(str(err).split())[:200]}", file=path
@@ -447,12 +486,16 @@ def iter_ultrafeedback(
         if pf.metadata.num_rows == 0 or "completions" not in names:
             yield _read_parquet(path)  # the in-memory reader names what is wrong
             return
-        row0 = 0
-        for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
-            frame = pl.from_arrow(batch)
-            assert isinstance(frame, pl.DataFrame)
-            yield from_frame(frame, file=path, row0=row0)
-            row0 += batch.num_rows
+
+        def batches() -> Iterator[UltraFeedback]:
+            row0 = 0
+            for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
+                frame = pl.from_arrow(batch)
+                assert isinstance(frame, pl.DataFrame)
+                yield from_frame(frame, file=path, row0=row0)
+                row0 += batch.num_rows
+
+        yield from prefetch(batches())
     elif path.is_file() and path.stat().st_size and suffix in (".jsonl", ".ndjson"):
         row0 = 0
         chunk: list[tuple[str, Any]] = []
