@@ -1306,3 +1306,22 @@ def test_streamed_json_lines_and_errors_name_the_global_record(demo: Demo, tmp_p
         KarmaError, match=r"bad.parquet: record 234: field 'completions\[2\].model'"
     ):
         list(iter_ultrafeedback(tmp_path / "bad.parquet", batch_records=100))
+
+
+def test_streaming_reader_does_not_keep_what_it_read(tmp_path: Path) -> None:
+    """Arrow memory while batches are read stays far below the file's size (pyarrow's default
+    pre-buffering holds the row groups it has read, so memory grew with the file)."""
+    import pyarrow as pa
+
+    from karma.ultrafeedback import iter_ultrafeedback
+    from tests.fixtures import synthetic_records
+
+    path = tmp_path / "uf.parquet"
+    synthetic_records(30_000, path, seed=1)
+    pl.read_parquet(path).write_parquet(path, row_group_size=500)  # many row groups
+    seen = []
+    for batch in iter_ultrafeedback(path, batch_records=500):
+        assert len(batch) == 500
+        seen.append(pa.total_allocated_bytes())
+    assert len(seen) == 60
+    assert max(seen) < 0.5 * path.stat().st_size, (max(seen), path.stat().st_size)
