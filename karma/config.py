@@ -390,6 +390,33 @@ class TrainConfig(Section):
         return value
 
 
+class LimitsConfig(Section):
+    """Input limits of every reader: bad or hostile input fails fast, in one line.
+
+    Operational: a run within the limits writes the same outputs whatever they are.
+    """
+
+    max_columns: int = setting(
+        1000, "columns of a score table (model + benchmarks)", ge=2, operational=True
+    )
+    max_line_bytes: int = setting(
+        16 * 2**20, "longest line of a text file (CSV, TSV, JSONL, task data)", ge=64,
+        operational=True,
+    )  # fmt: skip
+    max_record_bytes: int = setting(
+        16 * 2**20, "text of one record: a completions record (instruction + responses), a "
+        "preference pair, a CSV field", ge=64, operational=True,
+    )  # fmt: skip
+    max_file_bytes: int = setting(
+        256 * 2**20, "a file parsed whole (.json); larger data: use .jsonl or .parquet", ge=64,
+        operational=True,
+    )  # fmt: skip
+    max_yaml_bytes: int = setting(
+        2**20, "a YAML file: params, training recipes, lm-eval task configs", ge=64,
+        operational=True,
+    )  # fmt: skip
+
+
 class Params(Section):
     """The whole ``params.yaml``: two top-level keys and one section per stage."""
 
@@ -408,6 +435,7 @@ class Params(Section):
     select: SelectConfig = setting(SelectConfig, "stage select")
     train: TrainConfig = setting(TrainConfig, "stage train")
     evaluate: EvaluateConfig = setting(EvaluateConfig, "stages evaluate_base and evaluate")
+    limits: LimitsConfig = setting(LimitsConfig, "input limits of every stage (operational)")
 
 
 #: Keys of the earlier layout and where they live now (named in the error for an old file).
@@ -541,11 +569,27 @@ def _error(exc: ValidationError, source: Any) -> KarmaError:
 # --------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; one-line errors for a missing file or bad YAML."""
+def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """A YAML mapping from ``path``; one-line errors for a missing, oversized or bad file.
+
+    ``max_bytes``: the size cap (default ``limits.max_yaml_bytes`` of the running stage).
+    """
+    from karma.io import limits
+
     p = Path(path)
+    if p.is_dir():
+        raise KarmaError("is a directory", file=p, expected="a YAML file")
     if not p.is_file():
-        raise KarmaError("params file not found", file=p, expected="an existing YAML file")
+        what = "a dangling symlink" if p.is_symlink() else "not found"
+        raise KarmaError(f"params file {what}", file=p, expected="an existing YAML file")
+    cap = max_bytes if max_bytes is not None else limits().max_yaml_bytes
+    size = p.stat().st_size
+    if size > cap:
+        raise KarmaError(
+            f"YAML file of {size} bytes, more than limits.max_yaml_bytes = {cap} (raise it "
+            "with -S limits.max_yaml_bytes=N or in params.yaml)",
+            file=p,
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -587,7 +631,9 @@ def build_params(
     """
     # without a file, start from the defaults themselves, so that ``-S train.trl.max_steps=3``
     # changes one key of the default ``train.trl`` mapping instead of replacing the mapping
-    data = read_yaml(file) if file is not None else Params().model_dump()
+    cap = next((v for k, v, _ in overrides if k == "limits.max_yaml_bytes"), None)
+    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+    data = read_yaml(file, max_bytes=cap) if file is not None else Params().model_dump()
     for key, value, _ in overrides:
         set_key(data, key, value)
 

@@ -154,8 +154,9 @@ def embedded_tasks() -> dict[str, Path]:
 
 
 def _data_file_lines(path: Path) -> int:
-    with path.open("rb") as fh:
-        return sum(1 for line in fh if line.strip())
+    from karma.io import text_lines
+
+    return sum(1 for _, line in text_lines(path) if line.strip())  # limits.max_line_bytes
 
 
 def load_task_config(path: str | Path) -> dict[str, Any]:
@@ -166,9 +167,12 @@ def load_task_config(path: str | Path) -> dict[str, Any]:
     """
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    from karma.io import check_size
+
     path = Path(path).resolve()
     if not path.is_file():
         raise KarmaError("task file not found", file=path)
+    check_size(path, "max_yaml_bytes", "task file")
     text = path.read_text()
     if "lm_eval.tasks.ifeval" in text:
         _prepare_ifeval()

@@ -1556,13 +1556,15 @@ def summary(result: PreferenceResult) -> str:
 
 def load_kinship_dir(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(models, kinship)`` frames from the kinship stage's output directory."""
+    from karma.io import read_parquet
+
     d = Path(path)
     frames = []
     for name in ("models.parquet", "kinship.parquet"):
         f = d / name
         if not f.is_file():
             raise KarmaError("missing kinship output (run the kinship stage first)", file=f)
-        frames.append(pl.read_parquet(f))
+        frames.append(read_parquet(f, "kinship output"))
     return frames[0], frames[1]
 
 

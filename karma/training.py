@@ -124,14 +124,10 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
             file=p,
             expected="a parquet file of preference pairs",
         )
-    try:
-        frame = pl.read_parquet(p)
-    except Exception as err:  # polars raises several error types for bad files
-        msg = " ".join(str(err).split())[:200]
-        raise KarmaError(f"not a readable parquet file: {msg}", file=p) from None
+    from karma.io import check_record_bytes, read_parquet
     from karma.preferences import to_trl
 
-    frame = to_trl(frame)  # either layout of the preferences stage (TRL's or H4's)
+    frame = to_trl(read_parquet(p, "parquet file"))  # either layout (TRL's or H4's)
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
     if missing:
         raise KarmaError(
@@ -142,6 +138,7 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
         )
     if frame.height == 0:
         raise KarmaError("dataset is empty: nothing to train on", file=p)
+    check_record_bytes(frame.select(PAIR_COLUMNS), p, "pair")
     for col in PAIR_COLUMNS:
         dtype = frame.schema[col]
         if not isinstance(dtype, pl.List):

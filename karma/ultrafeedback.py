@@ -28,6 +28,7 @@ from typing import Any
 import polars as pl
 
 from karma.errors import KarmaError
+from karma.io import check_record_bytes, check_size, limit_error, limits, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def from_records(
     c_model: list[str] = []
     c_resp: list[str] = []
     ratings: dict[str, list[float | None]] = {k: [] for k in RATING_FIELDS}
+    cap = limits().max_record_bytes
     for row, (where, rec) in enumerate(records, start=row0):
         loc = f"{file}: {where}"
         if not isinstance(rec, dict):
@@ -138,6 +140,7 @@ def from_records(
         src = rec.get("source")
         p_instr.append(instr)
         p_source.append(None if src is None else str(src))
+        size = len(instr.encode())
         for pos, comp in enumerate(comps):
             cloc = f"completions[{pos}]"
             if not isinstance(comp, dict):
@@ -165,6 +168,10 @@ def from_records(
                     value=resp,
                     expected="a string",
                 )
+            size += len(resp.encode())
+            if size > cap:
+                raise limit_error(loc, f"record of {size}+ bytes of text, more than",
+                                  "max_record_bytes")  # fmt: skip
             c_row.append(row)
             c_pos.append(pos)
             c_model.append(model)
@@ -187,19 +194,19 @@ def from_records(
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise KarmaError(
-                    f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
-                ) from None
+    for lineno, line in text_lines(path):  # bounded by limits.max_line_bytes
+        if not line.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise KarmaError(
+                f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
+            ) from None
 
 
 def _read_json(path: Path) -> UltraFeedback:
+    check_size(path)  # parsed whole: limits.max_file_bytes
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise KarmaError("empty file", file=path, expected="a JSON list of UltraFeedback records")
@@ -293,6 +300,13 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
                 value=str(fields[key]),
                 expected="strings",
             )
+    try:
+        check_record_bytes(df.select("instruction", "completions"), file)
+    except KarmaError as err:  # a batch of a larger file: name the record by its global row
+        if not row0:
+            raise
+        shift = lambda m: f"record {int(m.group(1)) + row0}"  # noqa: E731
+        raise KarmaError(re.sub(r"\brecord (\d+)", shift, str(err), count=1)) from None
     df = df.with_row_index("row", offset=row0)
     bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
     if bad.height:
@@ -428,6 +442,7 @@ def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     """The items of ``items``, produced ``depth`` ahead in a background thread (so that reading
     and decoding, which release the GIL, overlap the caller's work); order and errors are
     those of ``items``."""
+    import contextvars
     import queue
     import threading
 
@@ -449,7 +464,9 @@ def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
         except BaseException as err:  # handed to the consumer, raised there
             q.put((False, err))
 
-    thread = threading.Thread(target=produce, name="karma-prefetch", daemon=True)
+    context = contextvars.copy_context()  # the stage's limits (karma.io.use_limits) apply there
+    thread = threading.Thread(target=context.run, args=(produce,), name="karma-prefetch",
+                              daemon=True)  # fmt: skip
     thread.start()
     try:
         while True:
@@ -469,7 +486,14 @@ def iter_ultrafeedback(
     """:func:`read_ultrafeedback` in batches of ``batch_records`` records, with global row
     numbers: Parquet by record batches (only :data:`COLUMNS`), JSON lines by lines; other
     sources (a .json file, a hub id) in one batch. Concatenated, the batches are what
-    :func:`read_ultrafeedback` returns."""
+    :func:`read_ultrafeedback` returns, and they are checked as it checks (``limits``, one
+    completion per model and instruction)."""
+    for batch in _batches(source, split, batch_records):
+        _no_repeated_model(batch)
+        yield batch
+
+
+def _batches(source: str | Path, split: str, batch_records: int) -> Iterator[UltraFeedback]:
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file() and path.stat().st_size and suffix in (".parquet", ".pq"):
@@ -507,11 +531,39 @@ def iter_ultrafeedback(
         if chunk or row0 == 0:
             yield from_records(chunk, file=path, row0=row0)
     else:
-        yield read_ultrafeedback(source, split=split)
+        yield _read_source(source, split)
 
 
 def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeedback:
-    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``)."""
+    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``).
+
+    Input is bounded by ``params.limits`` and a model may answer an instruction only once.
+    """
+    data = _read_source(source, split)
+    _no_repeated_model(data)
+    return data
+
+
+def _no_repeated_model(data: UltraFeedback) -> None:
+    """Refuse a record whose completions name one model twice (case-insensitive)."""
+    keyed = data.completions.select(
+        "row", "pos", "model", key=pl.col("model").str.strip_chars().str.to_lowercase()
+    )
+    repeated = keyed.filter(pl.len().over("row", "key") > 1)
+    if repeated.height:
+        first = repeated.row(0, named=True)
+        same = repeated.filter((pl.col("row") == first["row"]) & (pl.col("key") == first["key"]))
+        r = same.row(1, named=True)
+        raise KarmaError(
+            f"model {r['model']!r} repeats within one instruction (completions[{first['pos']}] "
+            f"and [{r['pos']}]; names are case-insensitive)",
+            file=f"{data.source}: record {r['row']}",
+            field=f"completions[{r['pos']}].model",
+            expected="one completion per model and instruction",
+        )
+
+
+def _read_source(source: str | Path, split: str) -> UltraFeedback:
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -528,6 +580,8 @@ def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeed
         )
     if path.exists():
         raise KarmaError("not a file", file=path, expected="a .jsonl/.json/.parquet file")
+    if path.is_symlink():
+        raise KarmaError("dataset is a dangling symlink", file=path, expected="an existing file")
     if _HUB_ID.match(str(source)) and not path.suffix:
         return _read_hub(str(source), split)
     raise KarmaError(
