@@ -50,6 +50,12 @@ PARAMS_FILE = "params.yaml"
 Strategy = Literal["score", "sim", "score_sim", "rlaif", "random"]
 Similarity = Literal["cosine", "pearson", "euclidean"]
 Rating = Literal["overall_score", "fine_grained_score"]
+Layout = Literal["trl", "h4"]
+BaselinePool = Literal["scored", "all"]
+ClusterDistance = Literal["rms", "euclidean", "cityblock", "cosine", "correlation"]
+ClusterLinkage = Literal["average", "complete", "single", "weighted", "ward", "centroid", "median"]
+#: The default tau grid of the sweep: -1 to 1 in steps of 0.05.
+TAU_GRID = [round(-1 + 0.05 * i, 2) for i in range(41)]
 Dtype = Literal["float32", "bfloat16", "float16"]
 SelectMethod = Literal["none", "map", "explicit", "implicit", "random"]
 ExplicitMargin = Literal["s_pref_gap", "rating_gap"]
@@ -286,19 +292,45 @@ class SimilarityConfig(Section):
     )
     top_k: int = setting(50, "kin kept per model above dense_max_models", ge=1)
     cluster_threshold: float = setting(
-        0.4, "dendrograms: clusters joined below this RMS distance get a colour", gt=0
+        0.4, "dendrograms: clusters joined below this distance get a colour", gt=0
+    )
+    cluster_distance: ClusterDistance = setting(
+        "rms", "dendrogram distance of normalised score vectors (common benchmarks only): "
+        "rms | euclidean | cityblock | cosine (1 - cos) | correlation (1 - r)"
+    )  # fmt: skip
+    cluster_linkage: ClusterLinkage = setting(
+        "average", "dendrogram linkage (scipy.cluster.hierarchy.linkage method)"
+    )
+    pca_quadrant: Literal[1, 2, 3, 4] = setting(
+        2, "PCA signs put the highest-S_pref model in this quadrant (the paper's Fig. 4: 2)"
     )
     groups: dict[str, Annotated[list[str], Field(min_length=1)]] = setting(
         DEFAULT_GROUPS, "capability groups of benchmarks: one dendrogram each"
     )
 
 
+class FetchConfig(Section):
+    """Stage ``fetch``: the completions as a local Parquet that DVC tracks."""
+
+    dataset: str = setting(
+        "data/demo/ultrafeedback_demo.jsonl",
+        "UltraFeedback-schema source: a hub id (openbmb/UltraFeedback), a local dataset "
+        "directory (read by datasets.load_dataset) or a .jsonl/.json/.parquet file",
+        min_length=1,
+    )
+    revision: str | None = setting(
+        None, "hub revision: a commit sha pins the data (required for a hub id)"
+    )
+    split: str = setting("train", "split to fetch", min_length=1)
+
+
 class PreferencesConfig(Section):
     """Stage ``preferences`` (also reads ``kinship``, ``seed`` and ``similarity.tau``)."""
 
     dataset: str = setting(
-        "data/demo/ultrafeedback_demo.jsonl",
-        "UltraFeedback-schema completions: a local .jsonl/.json/.parquet file or a hub id",
+        "data/completions.parquet",
+        "UltraFeedback-schema completions: the fetch stage's output, another local "
+        ".jsonl/.json/.parquet file, or a hub id",
         min_length=1,
     )
     split: str = setting("train", "split of a hub dataset", min_length=1)
@@ -307,6 +339,36 @@ class PreferencesConfig(Section):
     )
     aliases: dict[str, Annotated[str, Field(min_length=1)]] = setting(
         {}, "{completion model name: score-table model id}, case-insensitive"
+    )
+    baseline_pool: BaselinePool = setting(
+        "scored", "responses rlaif may pair: scored (models with an S_pref, KARMA's pool; "
+        "random always uses it) | all (every rated response, as H4 did)"
+    )  # fmt: skip
+    layout: Layout = setting(
+        "trl", "trl (prompt/chosen/rejected as messages) | h4 (HuggingFaceH4/"
+        "ultrafeedback_binarized's columns and Arrow types, + our metadata)"
+    )  # fmt: skip
+    test_fraction: float = setting(
+        0.2, "share of prompts in test_prefs (seeded hash of the prompt)", ge=0, lt=1
+    )
+    batch_records: int = setting(
+        100_000, "records read and paired at a time (bounds memory; the outputs are the same)",
+        ge=1, operational=True,
+    )  # fmt: skip
+
+
+class SweepConfig(Section):
+    """Stage ``tau_sweep``: the pairing diagnostics over a grid of tau (also reads ``seed``)."""
+
+    taus: Annotated[list[Annotated[float, Field(ge=-1, le=1)]], Field(min_length=1)] = setting(
+        TAU_GRID, "the tau grid (each -1 <= tau <= 1)"
+    )
+    draws: int | None = setting(
+        None, "null: sweep preferences.dataset; K: every K-model draw of the scored models "
+        "(+ extra_models) instead, one instruction each (the paper's table: 4)", ge=2
+    )  # fmt: skip
+    extra_models: list[Annotated[str, Field(min_length=1)]] = setting(
+        [], "unscored models added to the draws (the paper's pool: [ultralm-65b])"
     )
 
 
@@ -461,7 +523,9 @@ class Params(Section):
     benchmark: BenchmarkConfig = setting(BenchmarkConfig, "stage benchmark@<name>")
     scores: ScoresConfig = setting(ScoresConfig, "stage scores")
     similarity: SimilarityConfig = setting(SimilarityConfig, "stage kinship")
+    fetch: FetchConfig = setting(FetchConfig, "stage fetch")
     preferences: PreferencesConfig = setting(PreferencesConfig, "stage preferences")
+    sweep: SweepConfig = setting(SweepConfig, "stage tau_sweep")
     base_model: BaseModelConfig = setting(BaseModelConfig, "stage base_model")
     select: SelectConfig = setting(SelectConfig, "stage select")
     train: TrainConfig = setting(TrainConfig, "stage train")

@@ -304,7 +304,7 @@ def selection_metrics(scored: pl.DataFrame) -> dict[str, Any]:
 
 
 def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
-    """Read the preference parquet, checking the TRL columns are there."""
+    """Read the preference parquet (TRL or H4 layout) as TRL's, checking the columns."""
     from karma.io import check_record_bytes, read_parquet
 
     p = Path(path)
@@ -312,7 +312,9 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
         raise KarmaError(
             "preference pairs not found", file=p, expected="the preferences stage's output"
         )
-    pairs = read_parquet(p, "parquet file")
+    from karma.preferences import to_trl
+
+    pairs = to_trl(read_parquet(p, "parquet file"))  # either layout (TRL's or H4's)
     for col in ("prompt", "chosen", "rejected"):
         if col not in pairs.columns:
             raise KarmaError(
@@ -329,7 +331,7 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
 class SelectPaths:
     """Paths of the ``select`` stage."""
 
-    pairs: Path = input_path("preference pairs (the preferences stage's pairs.parquet)")
+    pairs: Path = input_path("preference pairs (the preferences stage's train_prefs.parquet)")
     model: Path = input_path("model that scores implicit margins (the policy with --reference)",
                              is_dir=True)  # fmt: skip
     reference: Path | None = input_path(

@@ -108,7 +108,8 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_pairs(path: str | Path, method: str = "dpo") -> Any:
-    """Read preference pairs into a ``datasets.Dataset`` in TRL's conversational format.
+    """Read preference pairs (TRL or H4 layout) into a ``datasets.Dataset`` in TRL's
+    conversational format.
 
     DPO gets ``prompt`` / ``chosen`` / ``rejected``; SFT gets ``prompt`` / ``completion`` (the
     chosen answer). Metadata columns are dropped.
@@ -124,8 +125,9 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
             expected="a parquet file of preference pairs",
         )
     from karma.io import check_record_bytes, read_parquet
+    from karma.preferences import to_trl
 
-    frame = read_parquet(p, "parquet file")
+    frame = to_trl(read_parquet(p, "parquet file"))  # either layout (TRL's or H4's)
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
     if missing:
         raise KarmaError(

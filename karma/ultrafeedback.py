@@ -97,8 +97,11 @@ def parse_rating(value: Any, *, file: object, field: str) -> float | None:
     )
 
 
-def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFeedback:
-    """Validate and flatten ``(where, record)`` items (``where`` e.g. "line 3")."""
+def from_records(
+    records: Iterable[tuple[str, Any]], *, file: object, row0: int = 0
+) -> UltraFeedback:
+    """Validate and flatten ``(where, record)`` items (``where`` e.g. "line 3"); ``row0``: the
+    row number of the first record (a batch of a larger file)."""
     p_instr: list[str] = []
     p_source: list[str | None] = []
     c_row: list[int] = []
@@ -107,7 +110,7 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
     c_resp: list[str] = []
     ratings: dict[str, list[float | None]] = {k: [] for k in RATING_FIELDS}
     cap = limits().max_record_bytes
-    for row, (where, rec) in enumerate(records):
+    for row, (where, rec) in enumerate(records, start=row0):
         loc = f"{file}: {where}"
         if not isinstance(rec, dict):
             raise KarmaError(
@@ -180,7 +183,7 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
             "no records (empty file)", file=file, expected="at least one UltraFeedback record"
         )
     prompts = pl.DataFrame(
-        {"row": range(len(p_instr)), "instruction": p_instr, "source": p_source},
+        {"row": range(row0, row0 + len(p_instr)), "instruction": p_instr, "source": p_source},
         schema=PROMPT_SCHEMA,
     )
     completions = pl.DataFrame(
@@ -248,8 +251,9 @@ def _rating_expr(frame_dtype: pl.DataType, key: str) -> pl.Expr:
     )
 
 
-def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
-    """Validate and flatten a frame with the UltraFeedback columns (vectorised)."""
+def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedback:
+    """Validate and flatten a frame with the UltraFeedback columns (vectorised); ``row0``: the
+    row number of its first record (a batch of a larger file)."""
     for col in ("instruction", "completions"):
         if col not in df.columns:
             raise KarmaError(
@@ -296,8 +300,14 @@ def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
                 value=str(fields[key]),
                 expected="strings",
             )
-    check_record_bytes(df.select("instruction", "completions"), file)
-    df = df.with_row_index("row")
+    try:
+        check_record_bytes(df.select("instruction", "completions"), file)
+    except KarmaError as err:  # a batch of a larger file: name the record by its global row
+        if not row0:
+            raise
+        shift = lambda m: f"record {int(m.group(1)) + row0}"  # noqa: E731
+        raise KarmaError(re.sub(r"\brecord (\d+)", shift, str(err), count=1)) from None
+    df = df.with_row_index("row", offset=row0)
     bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
     if bad.height:
         r = bad.row(0, named=True)
@@ -409,6 +419,119 @@ def _read_hub(name: str, split: str) -> UltraFeedback:
     df = pl.from_arrow(ds.data.table)
     assert isinstance(df, pl.DataFrame)
     return from_frame(df, file=name)
+
+
+#: Columns read from a Parquet file (others, such as annotations, are never loaded).
+COLUMNS = ("source", "instruction", "completions")
+
+
+def count_records(source: str | Path) -> int | None:
+    """The number of records of a local Parquet file (from its footer), else None."""
+    path = Path(source)
+    if not (path.is_file() and path.suffix.lower() in (".parquet", ".pq")):
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception:  # the reader reports a broken file
+        return None
+
+
+def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """The items of ``items``, produced ``depth`` ahead in a background thread (so that reading
+    and decoding, which release the GIL, overlap the caller's work); order and errors are
+    those of ``items``."""
+    import contextvars
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            q.put((False, err))
+
+    context = contextvars.copy_context()  # the stage's limits (karma.io.use_limits) apply there
+    thread = threading.Thread(target=context.run, args=(produce,), name="karma-prefetch",
+                              daemon=True)  # fmt: skip
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def iter_ultrafeedback(
+    source: str | Path, *, split: str = "train", batch_records: int = 100_000
+) -> Iterator[UltraFeedback]:
+    """:func:`read_ultrafeedback` in batches of ``batch_records`` records, with global row
+    numbers: Parquet by record batches (only :data:`COLUMNS`), JSON lines by lines; other
+    sources (a .json file, a hub id) in one batch. Concatenated, the batches are what
+    :func:`read_ultrafeedback` returns, and they are checked as it checks (``limits``, one
+    completion per model and instruction)."""
+    for batch in _batches(source, split, batch_records):
+        _no_repeated_model(batch)
+        yield batch
+
+
+def _batches(source: str | Path, split: str, batch_records: int) -> Iterator[UltraFeedback]:
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_file() and path.stat().st_size and suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:  # pre_buffer would keep every row group read so far (memory grows with the file)
+            pf = pq.ParquetFile(path, pre_buffer=False)
+        except Exception as err:
+            raise KarmaError(
+                f"cannot read Parquet: {' '.join(str(err).split())[:200]}", file=path
+            ) from None
+        names = pf.schema_arrow.names
+        columns = [c for c in COLUMNS if c in names]
+        if pf.metadata.num_rows == 0 or "completions" not in names:
+            yield _read_parquet(path)  # the in-memory reader names what is wrong
+            return
+
+        def batches() -> Iterator[UltraFeedback]:
+            row0 = 0
+            for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
+                frame = pl.from_arrow(batch)
+                assert isinstance(frame, pl.DataFrame)
+                yield from_frame(frame, file=path, row0=row0)
+                row0 += batch.num_rows
+
+        yield from prefetch(batches())
+    elif path.is_file() and path.stat().st_size and suffix in (".jsonl", ".ndjson"):
+        row0 = 0
+        chunk: list[tuple[str, Any]] = []
+        for item in _iter_jsonl(path):
+            chunk.append(item)
+            if len(chunk) == batch_records:
+                yield from_records(chunk, file=path, row0=row0)
+                row0, chunk = row0 + len(chunk), []
+        if chunk or row0 == 0:
+            yield from_records(chunk, file=path, row0=row0)
+    else:
+        yield _read_source(source, split)
 
 
 def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeedback:

@@ -139,7 +139,7 @@ def build_workspace(ws: Path) -> None:
     os.symlink("nowhere.json", bad / "dangling.json")
     os.symlink("nowhere.jsonl", bad / "dangling.jsonl")
     (bad / "pdir").mkdir()
-    good = (ws / "prefs/pairs.parquet").read_bytes()
+    good = (ws / "prefs/train_prefs.parquet").read_bytes()
     (bad / "trunc_pairs.parquet").write_bytes(good[: len(good) // 2])
     synthetic_pairs(4).drop("chosen").write_parquet(bad / "nochosen.parquet")
     (bad / "trunc.parquet").write_bytes(b"PAR1" + good[4:200])
@@ -164,8 +164,10 @@ class Case:
 SC = ("scores", "--measured-dir", "measured", "--out", "new/s.csv")
 KI = ("kinship", "--out", "new/k", "--scores")
 PR = ("preferences", "--kinship-dir", "kin", "--out", "new/p", "--dataset")
-SE = ("select", "--pairs", "prefs/pairs.parquet", "--model", "model", "--out", "new/sel")
-TR = ("train", "--data", "prefs/pairs.parquet", "--base", "model", "--out", "new/pol",
+FE = ("fetch", "--out", "new/c.parquet", "--dataset")
+SW = ("tau-sweep", "--kinship-dir", "kin", "--out", "new/t.csv")
+SE = ("select", "--pairs", "prefs/train_prefs.parquet", "--model", "model", "--out", "new/sel")
+TR = ("train", "--data", "prefs/train_prefs.parquet", "--base", "model", "--out", "new/pol",
       "--checkpoints", "new/ck")  # fmt: skip
 EV = ("evaluate", "--model", "model", "--out", "new/e")
 OUT_IS_INPUT = "output path is (or holds, or lies inside) the input"
@@ -320,6 +322,27 @@ CASES = [
     Case("prefs-seed-range", (*PR, "demo.jsonl", "--seed", "-1"), "--seed: out of range"),
     Case("prefs-plot-suffix", (*PR, "demo.jsonl", "--plot", "new/p.jpg"),
          "new/p.jpg: field '--plot': wrong output suffix"),
+    # ---- fetch: the source (file, directory, hub id), the output
+    Case("fetch-jsonl-truncated", (*FE, "bad/trunc_c.jsonl"),
+         "bad/trunc_c.jsonl: malformed JSON on line 6"),
+    Case("fetch-parquet-truncated", (*FE, "bad/trunc.parquet"), "bad/trunc.parquet: cannot read"),
+    Case("fetch-dataset-missing", (*FE, "bad/none.jsonl"), "bad/none.jsonl: field "
+         "'fetch.dataset': dataset not found"),
+    Case("fetch-hub-id-without-revision", (*FE, "openbmb/UltraFeedback"),
+         "field 'fetch.revision': a hub dataset needs a pinned revision"),
+    Case("fetch-out-suffix", ("fetch", "--out", "new/c.jsonl", "--dataset", "demo.jsonl"),
+         "new/c.jsonl: field '--out': wrong output suffix"),
+    Case("fetch-out-is-the-dataset", ("fetch", "--out", "demo.jsonl", "--dataset",
+                                      "demo.jsonl"), OUT_IS_INPUT),
+    # ---- tau-sweep: the completions, the grid, the output
+    Case("sweep-jsonl-truncated", (*SW, "--dataset", "bad/trunc_c.jsonl"),
+         "bad/trunc_c.jsonl: malformed JSON on line 6"),
+    Case("sweep-tau-range", (*SW, "--dataset", "demo.jsonl", "-S", "sweep.taus=[0.1, 2]"),
+         "-S sweep.taus: out of range"),
+    Case("sweep-draws-range", (*SW, "--dataset", "demo.jsonl", "--draws", "1"),
+         "--draws: out of range"),
+    Case("sweep-out-suffix", ("tau-sweep", "--kinship-dir", "kin", "--out", "new/t.txt",
+                              "--dataset", "demo.jsonl"), "new/t.txt: field '--out': wrong"),
     # ---- base-model
     Case("base-out-foreign-directory", ("base-model", "--out", "mine"),
          f"mine: field '--out': {NOT_KARMA}"),
@@ -341,14 +364,14 @@ CASES = [
     Case("select-pairs-are-jsonl", ("select", "--pairs", "demo.jsonl", "--model", "model",
                                     "--out", "new/sel"), "demo.jsonl: not a readable parquet"),
     Case("select-record-limit", (*SE, "-S", "limits.max_record_bytes=64"),
-         "prefs/pairs.parquet: pair 0 holds", sub=True),
+         "prefs/train_prefs.parquet: pair 0 holds", sub=True),
     Case("select-ratio-range", (*SE, "--ratio", "0"), "--ratio: out of range"),
     Case("select-method-choice", (*SE, "--method", "mapp"), "did you mean 'map'?"),
     Case("select-beta-infinite", (*SE, "--beta", ".inf"), "--beta: a finite number"),
-    Case("select-model-is-a-file", ("select", "--pairs", "prefs/pairs.parquet", "--model",
+    Case("select-model-is-a-file", ("select", "--pairs", "prefs/train_prefs.parquet", "--model",
                                     "notes.txt", "--out", "new/sel"),
          "notes.txt: field '--model': input is not a directory"),
-    Case("select-out-inside-model", ("select", "--pairs", "prefs/pairs.parquet", "--model",
+    Case("select-out-inside-model", ("select", "--pairs", "prefs/train_prefs.parquet", "--model",
                                      "model", "--out", "model/sel"),
          f"model/sel: field '--out': {OUT_IS_INPUT} --model"),
     # ---- train
@@ -359,10 +382,10 @@ CASES = [
     Case("train-recipe-missing", (*TR, "--recipe", "bad/none.yaml"),
          "--recipe: recipe file not found"),
     Case("train-checkpoints-are-the-out",
-         ("train", "--data", "prefs/pairs.parquet", "--base", "model", "--out", "new/pol",
+         ("train", "--data", "prefs/train_prefs.parquet", "--base", "model", "--out", "new/pol",
           "--checkpoints", "new/pol"), "new/pol: field '--checkpoints': output path is"),
     Case("train-out-is-the-base",
-         ("train", "--data", "prefs/pairs.parquet", "--base", "model", "--out", "model",
+         ("train", "--data", "prefs/train_prefs.parquet", "--base", "model", "--out", "model",
           "--checkpoints", "new/ck"), f"model: field '--out': {OUT_IS_INPUT} --base"),
     # ---- evaluate and benchmark
     Case("evaluate-limit-range", (*EV, "--limit", "0"), "--limit: out of range"),
@@ -558,8 +581,8 @@ COMMIT_OUTPUTS = OUTPUTS[:2]
 LEFTOVER = (".karma-tmp", ".karma-old", ".karma-journal")
 #: Where a run over the large input is killed: as soon as this path exists (``.`` at once; the
 #: staged output: reading and pairing; its pairs: writing; the card; the metrics; the plot).
-PHASES = (".", ".prefs.karma-tmp", ".prefs.karma-tmp/pairs.parquet", ".prefs.karma-tmp/README.md",
-          ".pm.karma-tmp.json", ".pp.karma-tmp.png")  # fmt: skip
+PHASES = (".", ".prefs.karma-tmp", ".prefs.karma-tmp/train_prefs.parquet",
+          ".prefs.karma-tmp/README.md", ".pm.karma-tmp.json", ".pp.karma-tmp.png")  # fmt: skip
 
 
 def _prefs(dataset: str, seed: int, *, plot: bool = True) -> list[str]:
