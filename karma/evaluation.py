@@ -546,8 +546,8 @@ def run_tasks(
     """
     import polars as pl
 
+    model = resolve_model(model, local_only=local_only, where="model")  # cheap checks first
     resolved = resolve_tasks(specs, where=where)
-    model = resolve_model(model, local_only=local_only, where="model")
     _prepare_ifeval()
     _warn_truncation(resolved.load, cfg.max_gen_toks)
 

@@ -597,6 +597,13 @@ def compute_kinship(
         progress.update(1)
     progress.close()
 
+    if first_row is None and n_defined == 0:
+        raise KarmaError(
+            "no pair of models shares enough benchmarks: every kinship is undefined",
+            field="similarity.min_common",
+            value=min_common,
+            expected=f"at most {len(benches)} (the benchmarks left after normalisation)",
+        )
     if first_row is None:
         raise KarmaError(
             "no pair of models is kin (kinship >= tau)",

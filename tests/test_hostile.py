@@ -87,6 +87,8 @@ def build_workspace(ws: Path) -> None:
     for d in ("measured", "model", "mine", "bad/adir.csv", "bad/cdir.jsonl", "bad/jdir.json"):
         (ws / d).mkdir(parents=True, exist_ok=True)
     (ws / "mine/notes.txt").write_text("the user's own notes\n")
+    (ws / "fakemodel").mkdir(exist_ok=True)  # looks like a model dir: the task file fails first
+    (ws / "fakemodel/config.json").write_text("{}\n")
     (ws / "notes.txt").write_text("a file of the user\n")
     # earlier outputs (karma's): a kinship dir + metrics, preference pairs + metrics
     _ok(["kinship", "--scores", "scores.csv", "--out", "kin", "--metrics", "km.json"], ws)
@@ -260,7 +262,7 @@ CASES = [
     Case("kinship-fails-after-staging-nested-out",
          ("kinship", "--scores", "scores.csv", "--out", "new/a/b/k", "--plots", "new/p",
           "--metrics", "new/m/k.json", "-S", "similarity.min_common=50"),
-         "no pair of models is kin"),
+         "-S similarity.min_common: no pair of models shares enough benchmarks"),
     Case("kinship-tau-range", (*KI, "scores.csv", "--tau", "2"),
          "--tau: out of range (got 2; expected -1 <= tau <= 1)"),
     Case("kinship-metric-choice", (*KI, "scores.csv", "--metric", "cosin"),
@@ -396,7 +398,8 @@ CASES = [
          "bad/dangling.json: field '--baseline': input is a dangling symlink"),
     Case("evaluate-not-a-model-dir", EV, "model: field 'model': not a model directory"),
     Case("evaluate-task-file-truncated",
-         (*EV, "-S", "evaluate.tasks={mine: {task: bad/task_trunc.yaml, metric: acc}}"),
+         ("evaluate", "--model", "fakemodel", "--out", "new/e",
+          "-S", "evaluate.tasks={mine: {task: bad/task_trunc.yaml, metric: acc}}"),
          "bad/task_trunc.yaml: cannot load task"),
     Case("benchmark-model-missing", ("benchmark", "--model", "./nope", "--out", "new/r.json"),
          "nope: field 'model': model directory not found"),
