@@ -36,6 +36,7 @@ import numpy as np
 
 from karma.config import BENCHMARKS, DEFAULT_GROUPS, is_operational, iter_fields
 from karma.errors import KarmaError
+from karma.stats import mcnemar_exact
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ SUITE_NOTE = {
     "of the pipeline, not comparable with the paper's numbers",
     "lm_eval": "lm-eval's full tasks",
     "paper": "the paper's protocol (generative prompting, answer extraction)",
+    "embedded_paper": "the paper's protocol on the offline mini suites (40-49 items per "
+    "benchmark): a smoke test",
 }
 #: Per-sample results the evaluate stages keep in the DVC cache (one row per item).
 SAMPLE_FILES = {
@@ -261,16 +264,10 @@ class Estimate:
         return -1 if self.hi is not None and self.hi < 0 else 0
 
 
-def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact two-sided McNemar test of paired 0/1 outcomes (binomial test on discordant pairs)."""
-    from scipy.stats import binomtest
-
-    n10, n01 = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
-    return 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
-
-
 def paired(a: np.ndarray, b: np.ndarray, *, seed: int, n_boot: int = 2000) -> dict[str, float]:
     """mean(a) - mean(b) with a seeded paired bootstrap 95 % interval over items.
+
+    :func:`karma.stats.paired` for one run per side, extended to seed replicates:
 
     ``a``/``b`` are scores per item, or per (replicate, item) for several seeds: items are
     resampled jointly on both sides (paired), replicates independently on each side.
@@ -303,7 +300,7 @@ def paired(a: np.ndarray, b: np.ndarray, *, seed: int, n_boot: int = 2000) -> di
     }
     binary = np.isin(a2, (0.0, 1.0)).all() and np.isin(b2, (0.0, 1.0)).all()
     if a2.shape[0] == b2.shape[0] == 1 and binary:
-        out["p"] = mcnemar_p(a2[0], b2[0])
+        out["p"] = mcnemar_exact(a2[0], b2[0])
     return out
 
 
