@@ -368,7 +368,7 @@ def check_destination(s: Staged) -> None:
             file=final,
             field=s.label or None,
         )
-    if _dvc_tracked(final):
+    if _dvc_owned(final):
         return
     shown = ", ".join(top[:3]) + (", ..." if len(top) > 3 else "")
     raise KarmaError(
@@ -391,8 +391,12 @@ def _read_marker(path: Path) -> set[str] | None:
         return None
 
 
-def _dvc_tracked(path: Path) -> bool:
-    """Whether the nearest ``dvc.lock`` above ``path`` records it as a stage output."""
+def _dvc_owned(path: Path) -> bool:
+    """Whether the nearest ``dvc.lock`` records ``path``, or every file in it, as stage outputs.
+
+    The second case is a log directory such as ``dvclive/train`` whose ``plots/metrics`` the lock
+    records (``cache: false`` plots, committed to git without a marker).
+    """
     target = path.resolve()
     for root in target.parents:
         lock = root / "dvc.lock"
@@ -401,10 +405,18 @@ def _dvc_tracked(path: Path) -> bool:
         try:
             data = yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             stages = data.get("stages") or {}
-            outs = [o for spec in stages.values() for o in (spec.get("outs") or [])]
-            return any((root / str(o["path"])).resolve() == target for o in outs)
+            outs = {
+                (root / str(o["path"])).resolve()
+                for spec in stages.values()
+                for o in (spec.get("outs") or [])
+            }
         except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
             return False
+        if target in outs:
+            return True
+        inside = [o for o in outs if target in o.parents]
+        files = [p for p in target.rglob("*") if not p.is_dir()]
+        return bool(inside) and all(any(o == f or o in f.parents for o in inside) for f in files)
     return False
 
 

@@ -558,6 +558,39 @@ def test_outputs_dvc_records_replace_without_a_marker(tmp_path: Path) -> None:
     assert (tmp_path / "data/other/data.txt").read_text() == "checked out"
 
 
+def test_outputs_whose_every_file_dvc_records_replace_without_a_marker(tmp_path: Path) -> None:
+    """A log directory (dvclive/train) whose plots the lock records, committed to git without a
+    marker, is replaced; one that also holds a file the lock does not record is refused."""
+    from karma.config import Params
+    from karma.errors import KarmaError
+    from karma.pipeline import Stage, execute, input_path, output_path
+
+    @dataclass(frozen=True, kw_only=True)
+    class Paths:
+        src: Path = input_path("input")
+        out: Path = output_path("live dir", is_dir=True)
+
+    def run(params: Params, paths: Any) -> dict[str, Any]:
+        Path(paths.out, "plots").mkdir(parents=True, exist_ok=True)
+        Path(paths.out, "plots", "loss.tsv").write_text("new")
+        return {}
+
+    stage = Stage(name="demo", settings=(), paths=Paths, run=run)
+    (tmp_path / "in.txt").write_text("x")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  demo:\n    cmd: x\n    outs:\n    - path: live/plots\n"
+    )
+    (tmp_path / "live/plots").mkdir(parents=True)
+    (tmp_path / "live/plots/loss.tsv").write_text("committed")
+    execute(stage, Params(), Paths(src=tmp_path / "in.txt", out=tmp_path / "live"))
+    assert (tmp_path / "live/plots/loss.tsv").read_text() == "new"
+    (tmp_path / "live/.written-by-karma").unlink()
+    (tmp_path / "live/notes.txt").write_text("mine")
+    with pytest.raises(KarmaError, match=r"live: field 'out': output directory exists and was"):
+        execute(stage, Params(), Paths(src=tmp_path / "in.txt", out=tmp_path / "live"))
+    assert (tmp_path / "live/notes.txt").read_text() == "mine"
+
+
 def test_atomic_file_removes_the_temporaries_of_dead_writers(tmp_path: Path) -> None:
     from karma.io import atomic_file
 
