@@ -285,7 +285,7 @@ class TrainConfig(Section):
         None, "a YAML file whose global_batch_size / trl / dpo / sft / lora / dtype override these"
     )
     global_batch_size: int | None = setting(
-        8,
+        4,
         "pairs per optimizer step over all processes; gradient accumulation is derived: "
         "global / (trl.per_device_train_batch_size x processes). null: keep "
         "trl.gradient_accumulation_steps (the global batch then grows with num_processes)",
@@ -293,7 +293,7 @@ class TrainConfig(Section):
     )
     trl: dict[str, Any] = setting(
         {
-            "max_steps": 8,
+            "max_steps": 4,
             "per_device_train_batch_size": 2,
             "learning_rate": 2.0e-5,
             "lr_scheduler_type": "constant",

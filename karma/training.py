@@ -420,9 +420,9 @@ def launcher_prefix(params: Params, paths: TrainPaths | None = None) -> list[str
     validated first, so a bad setting is one error line rather than one per process.
 
     >>> from karma.config import TrainConfig
-    >>> launcher_prefix(Params(train=TrainConfig(launcher="torchrun", num_processes=2)))[1:]
-    ['-m', 'torch.distributed.run', '--standalone', '--nnodes', '1', '--nproc_per_node', '2', \
-'--max_restarts', '0']
+    >>> cfg = TrainConfig(launcher="torchrun", num_processes=2)
+    >>> " ".join(launcher_prefix(Params(train=cfg))[1:])
+    '-m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 --max_restarts 0'
     """
     cfg = params.train
     if cfg.accelerate_config is not None and cfg.launcher != "accelerate":
@@ -997,11 +997,11 @@ def run_train(
         return prepare_run_dir(paths.checkpoints, fp, world)
 
     run_dir, resume = ranks.on_main(prepare)
-    if resume is not None:
+    if resume is not None and ranks.main:
         log.info("resuming from checkpoint %s", resume)
-    else:
+    elif ranks.main:
         log.info("no checkpoint for this configuration (%s): training from scratch", run_dir.name)
-    if not plan.derived and world > 1:
+    if not plan.derived and world > 1 and ranks.main:
         log.warning("global batch %d = %d processes x %d x accumulation %d (set "
                     "train.global_batch_size to keep it fixed)", plan.global_batch, world,
                     plan.per_device, plan.accumulation)  # fmt: skip
