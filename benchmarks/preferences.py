@@ -1,4 +1,5 @@
-"""Benchmark: the ``preferences`` stage vs a plain per-record Python loop with the same rules.
+"""Benchmark: the ``preferences`` stage vs a plain per-record Python loop with the same rules
+(``--vs loop``), and the streaming stage vs the read + write floor (``--vs floor``).
 
 Generates UltraFeedback-shaped Parquet (N instructions x 4 completions from the 16 origin models
 plus an unknown one; ~150-character responses; a few blank responses, "N/A" ratings and
@@ -14,6 +15,18 @@ loop is timed on the first 100k records and extrapolated linearly.
 
     python -m benchmarks.preferences                 # 64k and 1M
     python -m benchmarks.preferences --sizes 64000   # quicker
+
+``--vs floor`` (issue 13: bounded memory) runs the stage as the pipeline does
+(:func:`karma.pipeline.execute` on the Parquet: records streamed in batches of
+``preferences.batch_records``, both splits written as they come, diagnostics included) and, in
+the same run, the floor: reading the same input with the same library (pyarrow record batches
+of the same columns) and writing an output of the same size (the stage's two files, read back
+and written again with the same writer). It reports time, peak memory (VmHWM of each child
+process) and the ratio stage / floor; at the smallest size it also checks that the streamed
+files are byte-identical to the in-memory path (make_pairs + write_splits) with other batch
+sizes. The input is generated in chunks (so that 10M instructions fit while being written).
+
+    python -m benchmarks.preferences --vs floor --sizes 100000,1000000,10000000
 """
 
 from __future__ import annotations
@@ -136,9 +149,113 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def make_data(n: int, path: Path, chunk: int = 250_000) -> None:
+    """``n`` synthetic UltraFeedback records written chunk by chunk (memory ~ one chunk)."""
+    import pyarrow.parquet as pq
+
+    writer = None
+    with tempfile.TemporaryDirectory(prefix="karma-gen-") as tmp:
+        for i, start in enumerate(range(0, n, chunk)):
+            part = Path(tmp) / "part.parquet"
+            synthetic_records(min(chunk, n - start), part, seed=i)
+            frame = pl.read_parquet(part).with_columns(
+                pl.format(
+                    "Instruction {}: explain the topic in a few sentences.",
+                    pl.int_range(start, start + pl.len()),
+                ).alias("instruction")
+            )
+            table = frame.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), table.schema, compression="snappy")
+            writer.write_table(table, row_group_size=50_000)
+    assert writer is not None
+    writer.close()
+
+
+def run_streaming(data: Path, out: Path, strategy: str) -> dict:
+    """The stage as the pipeline runs it (streaming), timed end to end."""
+    from karma.config import Params, PreferencesConfig
+    from karma.kinship import STAGE as KINSHIP
+    from karma.kinship import KinshipPaths
+    from karma.pipeline import execute
+    from karma.preferences import STAGE, PreferencesPaths
+
+    kin = out.with_name("kinship")
+    execute(KINSHIP, Params(), KinshipPaths(scores=SCORES, out=kin))
+    # load the Numba kernels from their cache outside the timing (a real run pays this once)
+    warm = out.with_name("warm.parquet")
+    make_data(100, warm)
+    warm_params = Params(kinship=strategy, preferences=PreferencesConfig(dataset=str(warm)))
+    execute(STAGE, warm_params, PreferencesPaths(kinship_dir=kin, out=out.with_name("warm")))
+    params = Params(kinship=strategy, preferences=PreferencesConfig(dataset=str(data)))
+    t0 = time.perf_counter()
+    metrics = execute(STAGE, params, PreferencesPaths(kinship_dir=kin, out=out))
+    seconds = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in out.glob("*.parquet"))
+    return {"seconds": seconds, "pairs": metrics["pairs"], "out_bytes": size,
+            "records": metrics["instructions"]}  # fmt: skip
+
+
+def run_floor(data: Path, out: Path) -> dict:
+    """Read the input as the stage does (pyarrow record batches, same columns) and write an
+    output of the same size with the same writer (the stage's files, read back batch by batch
+    and written again)."""
+    import pyarrow.parquet as pq
+
+    from karma.preferences import RowGroupWriter
+    from karma.ultrafeedback import COLUMNS
+
+    t0 = time.perf_counter()
+    pf = pq.ParquetFile(data, pre_buffer=False)  # as the stage reads (bounded memory)
+    rows = 0
+    for batch in pf.iter_batches(batch_size=100_000, columns=list(COLUMNS)):
+        rows += batch.num_rows
+    t1 = time.perf_counter()
+    for name in ("train_prefs", "test_prefs"):
+        src = pq.ParquetFile(out / f"{name}.parquet", pre_buffer=False)
+        writer = RowGroupWriter(out.with_name(f"floor_{name}.parquet"), src.schema_arrow)
+        for batch in src.iter_batches(batch_size=65_536):
+            import pyarrow as pa
+
+            writer.write(pa.Table.from_batches([batch]))
+        writer.close()
+    t2 = time.perf_counter()
+    return {"seconds": t2 - t0, "read": t1 - t0, "write": t2 - t1, "records": rows}
+
+
+def check_identical(data: Path, tmp: Path, strategy: str) -> bool:
+    """Streamed files (two batch sizes) == the in-memory path, byte for byte."""
+    from karma.config import Params, PreferencesConfig
+    from karma.kinship import STAGE as KINSHIP
+    from karma.kinship import KinshipPaths
+    from karma.pipeline import execute
+    from karma.preferences import STAGE, PreferencesPaths, make_pairs, write_splits
+    from karma.ultrafeedback import read_ultrafeedback
+
+    kin = tmp / "kin-check"
+    execute(KINSHIP, Params(), KinshipPaths(scores=SCORES, out=kin))
+    files = []
+    for b in (997, 100_000):
+        cfg = PreferencesConfig(dataset=str(data), batch_records=b)
+        out = tmp / f"stream-{b}"
+        execute(STAGE, Params(kinship=strategy, preferences=cfg),
+                PreferencesPaths(kinship_dir=kin, out=out))  # fmt: skip
+        files.append({f.name: f.read_bytes() for f in out.glob("*.parquet")})
+    models, kinship = _kinship()
+    res = make_pairs(read_ultrafeedback(data), models.select("model", "s_pref"), kinship,
+                     strategy=strategy, test_fraction=0.2)  # fmt: skip
+    write_splits(res, tmp / "memory")
+    files.append({f.name: f.read_bytes() for f in (tmp / "memory").glob("*.parquet")})
+    return files[0] == files[1] == files[2] and len(files[0]) == 2
+
+
 def _child(args: argparse.Namespace) -> None:
     if args.child == "stage":
         out = run_stage(Path(args.data), Path(args.out), args.strategy, args.repeat)
+    elif args.child == "stream":
+        out = run_streaming(Path(args.data), Path(args.out), args.strategy)
+    elif args.child == "floor":
+        out = run_floor(Path(args.data), Path(args.out))
     else:
         out = run_loop(Path(args.data), Path(args.out), args.strategy, args.limit)
     out["max_rss_gib"] = _peak_rss_gib()
@@ -181,7 +298,9 @@ def main() -> None:
         default=100_000,
         help="above this many records the loop is timed on a prefix and scaled",
     )
-    ap.add_argument("--child", choices=["stage", "loop"])
+    ap.add_argument("--vs", choices=["loop", "floor"], default="loop")
+    ap.add_argument("--inputs", help="--vs floor: keep the generated inputs here (and reuse them)")
+    ap.add_argument("--child", choices=["stage", "loop", "stream", "floor"])
     ap.add_argument("--data")
     ap.add_argument("--out")
     ap.add_argument("--limit", type=int)
@@ -189,6 +308,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         _child(args)
+        return
+    if args.vs == "floor":
+        floor_main(args)
         return
     with tempfile.TemporaryDirectory(prefix="karma-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -241,6 +363,41 @@ def main() -> None:
                     else ""
                 )
             )
+
+
+def floor_main(args: argparse.Namespace) -> None:
+    """The streaming stage vs the read + write floor, per size."""
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes != "64000,1000000" else [
+        100_000, 1_000_000, 10_000_000]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="karma-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        for k, n in enumerate(sizes):
+            data = (Path(args.inputs) if args.inputs else tmp) / f"uf_{n}.parquet"
+            t = time.perf_counter()
+            if not data.exists():
+                make_data(n, data)
+            print(f"\n== {n:,} instructions x 4 completions ({data.stat().st_size / 2**20:,.0f} "
+                  f"MiB Parquet, made in {time.perf_counter() - t:.0f} s), "
+                  f"strategy {args.strategy}", flush=True)  # fmt: skip
+            if k == 0:
+                same = check_identical(data, tmp, args.strategy)
+                print(f"streamed (batches of 997 and 100k) == in-memory, byte for byte: {same}")
+            out = tmp / "prefs"
+            st = _spawn("stream", data, out, args.strategy)
+            fl = _spawn("floor", data, out, args.strategy)
+            print(
+                f"stage: {st['seconds']:.1f} s, {st['pairs']:,} pairs "
+                f"({st['out_bytes'] / 2**20:,.0f} MiB out), peak RSS {st['max_rss_gib']:.2f} GiB"
+            )
+            print(
+                f"floor: {fl['seconds']:.1f} s (read {fl['read']:.1f}, write {fl['write']:.1f})"
+                f", peak RSS {fl['max_rss_gib']:.2f} GiB"
+            )
+            ok = "met" if st["max_rss_gib"] < 2 else "MISSED"
+            print(f"stage / floor: {st['seconds'] / fl['seconds']:.2f}x (goal <= 1.5x); "
+                  f"peak memory goal < 2 GiB: {ok}", flush=True)  # fmt: skip
+            for f in [*tmp.glob("floor_*"), *([] if args.inputs else [data])]:
+                f.unlink()
 
 
 if __name__ == "__main__":

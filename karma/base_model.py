@@ -141,15 +141,22 @@ def load_source(cfg: BaseModelConfig) -> tuple[Any, Any, str]:
         spec = EMBEDDED[name]
         return model, tok, f"{spec.package}=={spec.version}:{spec.member}"
     local = Path(src)
-    if not local.exists() and (src.count("/") != 1 or src.startswith(("/", "."))):
+    check_source(src)
+    model, tok = load_causal_lm(src, dtype=cfg.dtype, revision=cfg.revision, chat_template=False)
+    return model, tok, src + (f"@{cfg.revision}" if cfg.revision and not local.exists() else "")
+
+
+def check_source(src: str) -> None:
+    """A local source must exist and a hub id look like one (before torch is imported)."""
+    if src.startswith(EMBEDDED_PREFIX) or Path(src).exists():
+        return
+    if src.count("/") != 1 or src.startswith(("/", ".")):
         raise KarmaError(
             "neither an existing directory nor a hub id",
             field="base_model.source",
             value=src,
             expected="embedded:<name>, org/name or a local directory",
         )
-    model, tok = load_causal_lm(src, dtype=cfg.dtype, revision=cfg.revision, chat_template=False)
-    return model, tok, src + (f"@{cfg.revision}" if cfg.revision and not local.exists() else "")
 
 
 def generate_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24) -> str:
@@ -198,6 +205,7 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any
 
     Returns a small summary (source, parameter count, check answer).
     """
+    check_source(cfg.source)
     import torch
 
     torch.manual_seed(0)

@@ -23,14 +23,16 @@ STAGES: dict[str, tuple[str, str]] = {
     "benchmark": ("karma.evaluation:BENCHMARK", "Benchmark one model with lm-eval: a score row."),
     "scores": ("karma.scores:STAGE", "Merge reported and measured scores into one table."),
     "kinship": ("karma.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
+    "fetch": ("karma.fetch:STAGE", "Fetch completions (hub id, dir or file) into a Parquet."),
     "preferences": ("karma.preferences:STAGE", "Pair responses by kinship (or the baselines)."),
+    "tau-sweep": ("karma.sweep:STAGE", "What the kinship threshold does, over a tau grid."),
     "base-model": ("karma.base_model:STAGE", "Build the base model directory."),
     "select": ("karma.potential:STAGE", "Select preference pairs by alignment potential (MAP)."),
     "train": ("karma.training:STAGE", "Train a policy with TRL (DPO or SFT)."),
     "evaluate": ("karma.evaluation:EVALUATE", "Evaluate a model with lm-eval (vs a baseline)."),
 }
 OTHER = {
-    "report": "Render the experiments' comparison as Markdown and self-contained HTML.",
+    "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",
     "params": "Print the default params.yaml (every setting with its help).",
 }
 
@@ -97,29 +99,54 @@ def params_command() -> None:
     click.echo(defaults_yaml(), nl=False)
 
 
-@cli.command("report", help=OTHER["report"])
+@cli.command("report", short_help=OTHER["report"])
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="The DVC project.")  # fmt: skip
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
               show_default=True, help="Writes report.md and report.html here.")  # fmt: skip
 @click.option("--workspace", is_flag=True, help="Include the uncommitted workspace as a row.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the paired bootstrap intervals.")  # fmt: skip
+@click.option("--n-boot", type=click.IntRange(100), default=2000, show_default=True,
+              help="Bootstrap resamples per comparison.")  # fmt: skip
 @click.option("--diff", "diff_rev", metavar="REV", default=None,
               help="Instead: print a PR-ready table of metric changes since REV.")  # fmt: skip
-def report_command(repo: Path, out: Path, workspace: bool, diff_rev: str | None) -> None:
-    """Render the paper's comparison (baseline vs kinship variants, per benchmark, per method).
+@click.option("--plots-template", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="Instead: write a template for an offline `dvc plots show`.")  # fmt: skip
+@click.option("--vega-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              default=None, help="With --plots-template: folder with vega, vega-lite and "
+              "vega-embed (*.min.js or `npm pack` tarballs); default: npm pack, once.")  # fmt: skip
+def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: int,
+                   diff_rev: str | None, plots_template: Path | None,
+                   vega_dir: Path | None) -> None:  # fmt: skip
+    """Render the paper's tables: per base model x method, pooled over bases (Table 2), the
+    untrained base and the RLAIF baseline in view, intervals and significance on every cell.
 
     \b
-    Reads every experiment of `dvc exp show` (run `dvc exp run -S kinship=sim` etc. first),
-    embeds the workspace's figures (plots/**/*.png) and training curves (dvclive TSVs), and
-    writes OUT/report.md and OUT/report.html (no external assets: opens offline).
+    Reads every experiment of `dvc exp show` (run `dvc exp run -S kinship=sim` etc. first) and
+    their per-sample results (DVC cache) for paired intervals; runs that differ only in `seed`
+    are replicates (mean ± sd). Embeds Fig. 5/6-style figures, the kinship figures and the
+    training curves, says which are missing and why, and writes OUT/report.md and
+    OUT/report.html (one file, no external assets: opens offline).
     `--diff main` prints the change of every metric since `main`, ready to paste into a PR.
+    `--plots-template FILE` writes a template with vega inlined: `dvc plots show
+    --html-template FILE` then needs no CDN.
     """
     from karma import report
 
     if diff_rev:
         click.echo(report.diff_markdown(report.metrics_diff(diff_rev, repo), diff_rev), nl=False)
         return
-    md, page, n = report.render(repo, workspace=workspace)
+    if plots_template:
+        from karma.io import atomic_file
+
+        text = report.plots_template(vega_dir)
+        with atomic_file(plots_template) as tmp:
+            Path(tmp).write_text(text, encoding="utf8")
+        click.echo(f"wrote {plots_template}: dvc plots show --html-template {plots_template}")
+        return
+    md, page, n = report.render(repo, workspace=workspace, seed=seed, n_boot=n_boot)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(page)
@@ -128,14 +155,18 @@ def report_command(repo: Path, out: Path, workspace: bool, diff_rev: str | None)
 
 
 def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) -> None:
-    """Run a click command with the error contract: one line on stderr, exit 1 (2: usage)."""
+    """Run a click command with the error contract: one line on stderr, exit 1 (2: usage).
+
+    An unexpected exception is a bug: one line too (its type and first line), with the
+    traceback under ``KARMA_DEBUG=1``.
+    """
     try:
         command.main(args=list(argv) if argv is not None else None, prog_name=prog,
                      standalone_mode=False)  # fmt: skip
     except KarmaError as err:
         click.echo(f"karma: error: {err}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("karma: aborted", err=True)
         sys.exit(130)
     except click.UsageError as err:
@@ -146,6 +177,14 @@ def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) 
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    except Exception as err:
+        if os.environ.get("KARMA_DEBUG"):
+            raise
+        from karma.io import short_reason
+
+        click.echo(f"karma: internal error: {type(err).__name__}: {short_reason(err)} "
+                   "(KARMA_DEBUG=1 shows the traceback)", err=True)  # fmt: skip
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from karma.errors import KarmaError, did_you_mean
 
@@ -43,6 +50,12 @@ PARAMS_FILE = "params.yaml"
 Strategy = Literal["score", "sim", "score_sim", "rlaif", "random"]
 Similarity = Literal["cosine", "pearson", "euclidean"]
 Rating = Literal["overall_score", "fine_grained_score"]
+Layout = Literal["trl", "h4"]
+BaselinePool = Literal["scored", "all"]
+ClusterDistance = Literal["rms", "euclidean", "cityblock", "cosine", "correlation"]
+ClusterLinkage = Literal["average", "complete", "single", "weighted", "ward", "centroid", "median"]
+#: The default tau grid of the sweep: -1 to 1 in steps of 0.05.
+TAU_GRID = [round(-1 + 0.05 * i, 2) for i in range(41)]
 Dtype = Literal["float32", "bfloat16", "float16"]
 SelectMethod = Literal["none", "map", "explicit", "implicit", "random"]
 ExplicitMargin = Literal["s_pref_gap", "rating_gap"]
@@ -94,14 +107,37 @@ class TaskSpec(Section):
         return metric if filt in ("", "none") else f"{metric}_{filt}"
 
 
-def _load_suites() -> dict[str, dict[str, TaskSpec]]:
+#: How the multiple-choice benchmarks are scored (IFEval always by its own checks):
+#: ``loglik``: the log-likelihood of each option (lm-eval's default tasks);
+#: ``paper``: the KARMA paper's prompting: the model writes its reasoning and the answer letter
+#: is extracted (MMLU-Pro style); ``custom``: a ``tasks`` map of the user's.
+Protocol = Literal["loglik", "paper", "custom"]
+
+
+class SuiteSpec(Section):
+    """One suite of ``karma/tasks/suites.yaml``: its protocol and its benchmark map."""
+
+    protocol: Protocol = Field(description="how multiple-choice benchmarks are scored")
+    max_gen_toks: int | None = Field(None, ge=1, description="cap on generated tokens")
+    tasks: dict[str, TaskSpec] = Field(min_length=1, description="{benchmark: {task, metric}}")
+
+
+def _load_suites() -> dict[str, SuiteSpec]:
     raw = yaml.safe_load((Path(__file__).parent / "tasks" / "suites.yaml").read_text())
-    return {name: {b: TaskSpec(**spec) for b, spec in m.items()} for name, m in raw.items()}
+    return {name: SuiteSpec.model_validate(spec) for name, spec in raw.items()}
 
 
-#: Benchmark maps by suite name (karma/tasks/suites.yaml): each benchmark's task and score key.
-SUITES: dict[str, dict[str, TaskSpec]] = _load_suites()
+#: Suites by name (karma/tasks/suites.yaml): protocol, each benchmark's task and score key.
+SUITES: dict[str, SuiteSpec] = _load_suites()
 Suite = Literal[tuple(SUITES)]  # type: ignore[valid-type]
+Backend = Literal["hf", "vllm"]
+#: lm-eval ``model_args`` karma sets from other settings.
+MODEL_ARGS_RESERVED = {
+    "pretrained": "the model path",
+    "dtype": "the dtype setting",
+    "batch_size": "the batch_size setting",
+    "device": "the device setting",
+}
 
 
 # --------------------------------------------------------------------------- sections
@@ -112,11 +148,23 @@ class RunConfig(Section):
 
     suite: Suite = setting(
         "embedded",
-        "benchmark map: embedded (the project's offline mini suites) | lm_eval (lm-eval's tasks)",
+        "benchmark map and protocol (karma/tasks/suites.yaml): embedded | embedded_paper "
+        "(offline mini suites: log-likelihood | the paper's generative protocol) | lm_eval | "
+        "paper (full tasks from the hub, for a GPU machine)",
     )
     tasks: dict[str, TaskSpec] = setting(
         {}, "run these benchmarks instead of the suite's: {benchmark: {task: ..., metric: ...}}"
     )
+    protocol: Protocol | None = setting(
+        None, "protocol of a `tasks` map (null: the suite's; custom for a `tasks` map)"
+    )
+    backend: Backend = setting(
+        "hf", "lm-eval model backend: hf (transformers) | vllm (GPU; vllm must be installed)"
+    )
+    model_args: dict[str, Any] = setting(
+        {}, "extra lm-eval model_args of the backend, e.g. vllm: {tensor_parallel_size: 2, "
+        "gpu_memory_utilization: 0.9, max_model_len: 4096, data_parallel_size: 1}"
+    )  # fmt: skip
     batch_size: int = setting(8, "sequences per forward pass", ge=1)
     device: str = setting("cpu", "torch device: cpu | cuda | cuda:N", min_length=1)
     dtype: Dtype | Literal["auto"] = setting("float32", "dtype the model is loaded in")
@@ -127,36 +175,83 @@ class RunConfig(Section):
     num_fewshot: int | None = setting(None, "few-shot examples (null: each task's default)", ge=0)
     limit: int | None = setting(None, "items per task (null: all)", ge=1)
     max_gen_toks: int | None = setting(
-        None, "cap on generated tokens (null: each task's own)", ge=1
+        None, "cap on generated tokens (null: the suite's cap, else each task's own length)", ge=1
     )
     bootstrap_iters: int = setting(0, "lm-eval's bootstrap iterations for stderr", ge=0)
+    num_processes: int = setting(
+        1, "data-parallel processes (hf backend; launched with python -m torch.distributed.run)",
+        ge=1, operational=True,
+    )  # fmt: skip
     cache: bool = setting(
         True, "reuse lm-eval responses cached by model content + settings", operational=True
     )
     samples_dir: str | None = setting(
-        None, "also write per-sample logs (JSONL per task) here", operational=True
+        None, "also write lm-eval's full per-sample logs (JSONL per task) here", operational=True
     )
     threads: int | None = setting(
         1, "torch CPU threads (null: torch's default; 1 avoids OpenMP stalls on a shared CPU)",
         ge=1, operational=True,
     )  # fmt: skip
 
+    @field_validator("model_args")
+    @classmethod
+    def _not_reserved_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in MODEL_ARGS_RESERVED:
+                raise ValueError(f"{key!r} is set by {MODEL_ARGS_RESERVED[key]}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.backend == "vllm" and self.num_processes > 1:
+            raise ValueError(
+                "num_processes must be 1 with backend vllm (vllm parallelises itself: "
+                "model_args.tensor_parallel_size / data_parallel_size)"
+            )
+        suite = SUITES[self.suite].protocol
+        if self.protocol is not None and not self.tasks and self.protocol != suite:
+            raise ValueError(
+                f"protocol {self.protocol!r} given without tasks: suite {self.suite!r} is "
+                f"protocol {suite!r} (set protocol only for a tasks map)"
+            )
+        return self
+
     def task_map(self) -> dict[str, TaskSpec]:
         """The benchmarks to run: ``tasks`` when given, else the suite's map."""
-        return dict(self.tasks) or dict(SUITES[self.suite])
+        return dict(self.tasks) or dict(SUITES[self.suite].tasks)
+
+    def gen_cap(self) -> int | None:
+        """The cap on generated tokens: ``max_gen_toks``, else the suite's (none for tasks)."""
+        if self.max_gen_toks is not None or self.tasks:
+            return self.max_gen_toks
+        return SUITES[self.suite].max_gen_toks
+
+    def protocol_name(self) -> str:
+        """The protocol of :meth:`task_map`: ``protocol``, else the suite's (custom for tasks)."""
+        if self.protocol is not None:
+            return self.protocol
+        return "custom" if self.tasks else SUITES[self.suite].protocol
 
 
 class BenchmarkConfig(RunConfig):
     """Stage ``benchmark@<name>``: lm-eval on one origin model (one instance per measured model)."""
 
+    suite: Suite = setting(
+        "embedded_paper",
+        "benchmark map and protocol (karma/tasks/suites.yaml): embedded_paper | paper (the "
+        "paper's generative protocol, as the reported table: offline mini suites | full tasks "
+        "from the hub) | embedded | lm_eval (log-likelihood)",
+    )
+
 
 class EvaluateConfig(RunConfig):
     """Stages ``evaluate_base`` and ``evaluate``: lm-eval on the base model and the policy."""
 
-    max_gen_toks: int | None = setting(
-        64,
-        "cap on generated tokens (null: each task's own; short keeps the CPU default fast)",
-        ge=1,
+    n_boot: int = setting(
+        10_000, "paired bootstrap resamples of each policy - base delta (95% interval)", ge=100
+    )
+    bootstrap_seed: int = setting(
+        0, "seed of the paired bootstrap (not the pipeline seed: see the README)", ge=0, lt=2**63
     )
 
 
@@ -178,6 +273,12 @@ class ScoresConfig(Section):
     aliases: dict[str, Annotated[str, Field(min_length=1)]] = setting(
         {}, "{alias: canonical model id}, matched case-insensitively"
     )
+    reported_protocol: Protocol = setting(
+        "paper", "protocol of the reported table (the KARMA paper's: prompting, answer extraction)"
+    )
+    mix_protocols: bool = setting(
+        False, "merge measured rows scored with another protocol than the reported table's"
+    )
 
 
 class SimilarityConfig(Section):
@@ -191,19 +292,45 @@ class SimilarityConfig(Section):
     )
     top_k: int = setting(50, "kin kept per model above dense_max_models", ge=1)
     cluster_threshold: float = setting(
-        0.4, "dendrograms: clusters joined below this RMS distance get a colour", gt=0
+        0.4, "dendrograms: clusters joined below this distance get a colour", gt=0
+    )
+    cluster_distance: ClusterDistance = setting(
+        "rms", "dendrogram distance of normalised score vectors (common benchmarks only): "
+        "rms | euclidean | cityblock | cosine (1 - cos) | correlation (1 - r)"
+    )  # fmt: skip
+    cluster_linkage: ClusterLinkage = setting(
+        "average", "dendrogram linkage (scipy.cluster.hierarchy.linkage method)"
+    )
+    pca_quadrant: Literal[1, 2, 3, 4] = setting(
+        2, "PCA signs put the highest-S_pref model in this quadrant (the paper's Fig. 4: 2)"
     )
     groups: dict[str, Annotated[list[str], Field(min_length=1)]] = setting(
         DEFAULT_GROUPS, "capability groups of benchmarks: one dendrogram each"
     )
 
 
+class FetchConfig(Section):
+    """Stage ``fetch``: the completions as a local Parquet that DVC tracks."""
+
+    dataset: str = setting(
+        "data/demo/ultrafeedback_demo.jsonl",
+        "UltraFeedback-schema source: a hub id (openbmb/UltraFeedback), a local dataset "
+        "directory (read by datasets.load_dataset) or a .jsonl/.json/.parquet file",
+        min_length=1,
+    )
+    revision: str | None = setting(
+        None, "hub revision: a commit sha pins the data (required for a hub id)"
+    )
+    split: str = setting("train", "split to fetch", min_length=1)
+
+
 class PreferencesConfig(Section):
     """Stage ``preferences`` (also reads ``kinship``, ``seed`` and ``similarity.tau``)."""
 
     dataset: str = setting(
-        "data/demo/ultrafeedback_demo.jsonl",
-        "UltraFeedback-schema completions: a local .jsonl/.json/.parquet file or a hub id",
+        "data/completions.parquet",
+        "UltraFeedback-schema completions: the fetch stage's output, another local "
+        ".jsonl/.json/.parquet file, or a hub id",
         min_length=1,
     )
     split: str = setting("train", "split of a hub dataset", min_length=1)
@@ -212,6 +339,36 @@ class PreferencesConfig(Section):
     )
     aliases: dict[str, Annotated[str, Field(min_length=1)]] = setting(
         {}, "{completion model name: score-table model id}, case-insensitive"
+    )
+    baseline_pool: BaselinePool = setting(
+        "scored", "responses rlaif may pair: scored (models with an S_pref, KARMA's pool; "
+        "random always uses it) | all (every rated response, as H4 did)"
+    )  # fmt: skip
+    layout: Layout = setting(
+        "trl", "trl (prompt/chosen/rejected as messages) | h4 (HuggingFaceH4/"
+        "ultrafeedback_binarized's columns and Arrow types, + our metadata)"
+    )  # fmt: skip
+    test_fraction: float = setting(
+        0.2, "share of prompts in test_prefs (seeded hash of the prompt)", ge=0, lt=1
+    )
+    batch_records: int = setting(
+        100_000, "records read and paired at a time (bounds memory; the outputs are the same)",
+        ge=1, operational=True,
+    )  # fmt: skip
+
+
+class SweepConfig(Section):
+    """Stage ``tau_sweep``: the pairing diagnostics over a grid of tau (also reads ``seed``)."""
+
+    taus: Annotated[list[Annotated[float, Field(ge=-1, le=1)]], Field(min_length=1)] = setting(
+        TAU_GRID, "the tau grid (each -1 <= tau <= 1)"
+    )
+    draws: int | None = setting(
+        None, "null: sweep preferences.dataset; K: every K-model draw of the scored models "
+        "(+ extra_models) instead, one instruction each (the paper's table: 4)", ge=2
+    )  # fmt: skip
+    extra_models: list[Annotated[str, Field(min_length=1)]] = setting(
+        [], "unscored models added to the draws (the paper's pool: [ultralm-65b])"
     )
 
 
@@ -344,6 +501,33 @@ class TrainConfig(Section):
         return value
 
 
+class LimitsConfig(Section):
+    """Input limits of every reader: bad or hostile input fails fast, in one line.
+
+    Operational: a run within the limits writes the same outputs whatever they are.
+    """
+
+    max_columns: int = setting(
+        1000, "columns of a score table (model + benchmarks)", ge=2, operational=True
+    )
+    max_line_bytes: int = setting(
+        16 * 2**20, "longest line of a text file (CSV, TSV, JSONL, task data)", ge=64,
+        operational=True,
+    )  # fmt: skip
+    max_record_bytes: int = setting(
+        16 * 2**20, "text of one record: a completions record (instruction + responses), a "
+        "preference pair, a CSV field", ge=64, operational=True,
+    )  # fmt: skip
+    max_file_bytes: int = setting(
+        256 * 2**20, "a file parsed whole (.json); larger data: use .jsonl or .parquet", ge=64,
+        operational=True,
+    )  # fmt: skip
+    max_yaml_bytes: int = setting(
+        2**20, "a YAML file: params, training recipes, lm-eval task configs", ge=64,
+        operational=True,
+    )  # fmt: skip
+
+
 class Params(Section):
     """The whole ``params.yaml``: two top-level keys and one section per stage."""
 
@@ -355,11 +539,14 @@ class Params(Section):
     benchmark: BenchmarkConfig = setting(BenchmarkConfig, "stage benchmark@<name>")
     scores: ScoresConfig = setting(ScoresConfig, "stage scores")
     similarity: SimilarityConfig = setting(SimilarityConfig, "stage kinship")
+    fetch: FetchConfig = setting(FetchConfig, "stage fetch")
     preferences: PreferencesConfig = setting(PreferencesConfig, "stage preferences")
+    sweep: SweepConfig = setting(SweepConfig, "stage tau_sweep")
     base_model: BaseModelConfig = setting(BaseModelConfig, "stage base_model")
     select: SelectConfig = setting(SelectConfig, "stage select")
     train: TrainConfig = setting(TrainConfig, "stage train")
     evaluate: EvaluateConfig = setting(EvaluateConfig, "stages evaluate_base and evaluate")
+    limits: LimitsConfig = setting(LimitsConfig, "input limits of every stage (operational)")
 
 
 #: Keys of the earlier layout and where they live now (named in the error for an old file).
@@ -493,11 +680,27 @@ def _error(exc: ValidationError, source: Any) -> KarmaError:
 # --------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; one-line errors for a missing file or bad YAML."""
+def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """A YAML mapping from ``path``; one-line errors for a missing, oversized or bad file.
+
+    ``max_bytes``: the size cap (default ``limits.max_yaml_bytes`` of the running stage).
+    """
+    from karma.io import limits
+
     p = Path(path)
+    if p.is_dir():
+        raise KarmaError("is a directory", file=p, expected="a YAML file")
     if not p.is_file():
-        raise KarmaError("params file not found", file=p, expected="an existing YAML file")
+        what = "a dangling symlink" if p.is_symlink() else "not found"
+        raise KarmaError(f"params file {what}", file=p, expected="an existing YAML file")
+    cap = max_bytes if max_bytes is not None else limits().max_yaml_bytes
+    size = p.stat().st_size
+    if size > cap:
+        raise KarmaError(
+            f"YAML file of {size} bytes, more than limits.max_yaml_bytes = {cap} (raise it "
+            "with -S limits.max_yaml_bytes=N or in params.yaml)",
+            file=p,
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -539,7 +742,9 @@ def build_params(
     """
     # without a file, start from the defaults themselves, so that ``-S train.trl.max_steps=3``
     # changes one key of the default ``train.trl`` mapping instead of replacing the mapping
-    data = read_yaml(file) if file is not None else Params().model_dump()
+    cap = next((v for k, v, _ in overrides if k == "limits.max_yaml_bytes"), None)
+    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+    data = read_yaml(file, max_bytes=cap) if file is not None else Params().model_dump()
     for key, value, _ in overrides:
         set_key(data, key, value)
 

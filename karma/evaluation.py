@@ -1,30 +1,40 @@
 """Benchmarking and evaluation through lm-eval's Python API.
 
-A *benchmark map* names each benchmark family (``ifeval``, ``mmlu_stem``, ...) and says which
-lm-eval task runs it and which metric key is its score. The maps (``suite``) are in
-``karma/tasks/suites.yaml``: ``embedded`` (the project's mini suites in ``karma/tasks/embedded``,
-offline, minutes on a CPU) and ``lm_eval`` (lm-eval's real tasks, for a GPU machine with hub
-access). A task may also be a path to your own lm-eval task YAML; relative ``data_files`` in it
-resolve against the YAML's directory, so runs work from any working directory.
+A *suite* (``karma/tasks/suites.yaml``) names a *protocol* and, for each benchmark family
+(``ifeval``, ``mmlu_stem``, ...), the lm-eval task that runs it and the metric key that is its
+score: ``embedded`` / ``embedded_paper`` (the project's offline mini suites, scored by
+log-likelihood / by the paper's generative protocol) and ``lm_eval`` / ``paper`` (the full
+tasks from the hub, for a GPU machine). A task may also be a path to your own lm-eval task
+YAML; relative ``data_files`` in it resolve against the YAML's directory, so runs work from any
+working directory.
 
 >>> from karma.config import BenchmarkConfig
 >>> row = benchmark_model("models/base", BenchmarkConfig(limit=10))  # doctest: +SKIP
 >>> row  # doctest: +SKIP
-{'arc_challenge': 0.3, 'arc_easy': 0.5, 'hellaswag': 0.4, 'ifeval': 0.2, ...}
+{'model': 'models/base', 'ifeval': 0.2, ..., 'meta.protocol': 'paper', 'meta.suite': ...}
 
 Result keys of lm-eval look like ``acc,none`` (metric, filter); they are flattened to ``acc``
 (filter ``none``) or ``exact_match_custom-extract`` (another filter) before they are written.
+Every run also keeps its per-item scores (:data:`SAMPLE_SCHEMA`, one row per item and
+benchmark), from which each benchmark's ``score``, 95% interval and standard error are computed
+and, against a baseline, the paired comparison (:func:`karma.stats.paired`).
+
+lm-eval is seeded as its command line does (:data:`LM_EVAL_SEEDS`); karma's IFEval tasks score
+each item from its own seed (:mod:`karma.ifeval`), so they score as ``lm_eval run`` does on the
+same task YAML, in any process count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +42,47 @@ from typing import Any
 
 import yaml
 
-from karma.config import Params, RunConfig, TaskSpec
+from karma.config import EvaluateConfig, Params, RunConfig, TaskSpec
 from karma.errors import KarmaError, did_you_mean
 from karma.io import cache_root, read_json, tree_digest, write_json
 from karma.pipeline import Stage, argument, input_path, output_path
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks" / "embedded"
+TASKS_ROOT = Path(__file__).resolve().parent / "tasks"
+TASKS_DIR = TASKS_ROOT / "embedded"
+PAPER_DIR = TASKS_ROOT / "paper"
 EMBEDDED_PREFIX = "karma_"
+#: The seeds of lm-eval's command line (``--seed 0,1234,1234,1234``: Python's random, numpy,
+#: torch, few-shot sampling). Fixed, not the pipeline seed: replicates (``-S seed=0,1,2``) vary
+#: training, and the base model's evaluation is not re-run for each seed.
+LM_EVAL_SEEDS = {
+    "random_seed": 0,
+    "numpy_random_seed": 1234,
+    "torch_random_seed": 1234,
+    "fewshot_random_seed": 1234,
+}
+#: Per-item results (``samples.parquet``): one row per benchmark item. ``item`` is unique within
+#: a benchmark (``<task>/<task_doc_id>``; a group benchmark such as mmlu_pro spans several tasks;
+#: ``task_doc_id`` is lm-eval's doc_id, unique within a task only),
+#: ``score`` the item's value of the benchmark's metric (0/1 for accuracies), ``response`` the
+#: generated text and ``extracted`` what the metric's filter took from it (generation tasks).
+SAMPLE_SCHEMA = {
+    "benchmark": "String",
+    "item": "String",
+    "task": "String",
+    "task_doc_id": "Int64",
+    "score": "Float64",
+    "target": "String",
+    "response": "String",
+    "extracted": "String",
+}
+#: The keys every benchmark's headline metric gets: ``<bench>.<key>``.
+HEADLINE_KEYS = ("score", "ci_low", "ci_high", "stderr", "n")
+#: Every metric's interval keys: ``<bench>.<metric>_stderr`` / ``_ci_low`` / ``_ci_high``.
+INTERVAL_SUFFIXES = ("_stderr", "_ci_low", "_ci_high")
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.parquet"
 
 
 # ---------------------------------------------------------------- metrics
@@ -69,16 +111,30 @@ def flatten_metrics(task_result: Mapping[str, Any]) -> dict[str, float]:
 
 
 def compare_metrics(
-    base: Mapping[str, float], policy: Mapping[str, float], *, digits: int = 6
-) -> dict[str, float]:
-    """Flat ``base.*``, ``policy.*`` and ``delta.*`` (policy - base; not for stderr) keys."""
-    out: dict[str, float] = {}
+    base: Mapping[str, Any], policy: Mapping[str, Any], *, digits: int = 6
+) -> dict[str, Any]:
+    """Flat ``base.*``, ``policy.*`` and ``delta.*`` (policy - base) keys.
+
+    No plain difference for standard errors and interval bounds, for the headline keys
+    (``<bench>.score``, ``ci_low``, ...: their deltas are paired comparisons,
+    :func:`compare_runs`), for ``meta.*`` keys (not compared) and for missing values (null).
+    """
+    out: dict[str, Any] = {}
+
+    def rounded(value: Any) -> Any:
+        return round(value, digits) if isinstance(value, float) else value
+
     for key, value in base.items():
-        out[f"base.{key}"] = round(value, digits)
+        if not key.startswith("meta."):
+            out[f"base.{key}"] = rounded(value)
     for key, value in policy.items():
-        out[f"policy.{key}"] = round(value, digits)
-        if key in base and not key.endswith("_stderr"):
-            out[f"delta.{key}"] = round(value - base[key], digits)
+        if key.startswith("meta."):
+            continue
+        out[f"policy.{key}"] = rounded(value)
+        plain = not key.endswith(INTERVAL_SUFFIXES) and key.rsplit(".", 1)[-1] not in HEADLINE_KEYS
+        other = base.get(key)
+        if plain and isinstance(value, (int, float)) and isinstance(other, (int, float)):
+            out[f"delta.{key}"] = round(value - other, digits)
     return dict(sorted(out.items()))
 
 
@@ -145,17 +201,18 @@ _TagLoader.add_constructor("!function", lambda loader, node: loader.construct_sc
 
 
 def embedded_tasks() -> dict[str, Path]:
-    """Embedded task name -> YAML file."""
+    """Embedded task name -> YAML file (every task under ``karma/tasks/*/``)."""
     out = {}
-    for path in sorted(TASKS_DIR.glob("*.yaml")):
+    for path in sorted(TASKS_ROOT.glob("*/**/*.yaml")):
         cfg = yaml.load(path.read_text(), Loader=_TagLoader)
         out[str(cfg["task"])] = path
     return out
 
 
 def _data_file_lines(path: Path) -> int:
-    with path.open("rb") as fh:
-        return sum(1 for line in fh if line.strip())
+    from karma.io import text_lines
+
+    return sum(1 for _, line in text_lines(path) if line.strip())  # limits.max_line_bytes
 
 
 def load_task_config(path: str | Path) -> dict[str, Any]:
@@ -166,11 +223,14 @@ def load_task_config(path: str | Path) -> dict[str, Any]:
     """
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    from karma.io import check_size
+
     path = Path(path).resolve()
     if not path.is_file():
         raise KarmaError("task file not found", file=path)
+    check_size(path, "max_yaml_bytes", "task file")
     text = path.read_text()
-    if "lm_eval.tasks.ifeval" in text:
+    if "lm_eval.tasks.ifeval" in text or "karma.ifeval" in text:
         _prepare_ifeval()
     try:
         cfg = load_yaml(path, resolve_func=True)
@@ -281,6 +341,28 @@ def resolve_tasks(specs: Mapping[str, TaskSpec], *, where: str = "tasks") -> _Re
     )
 
 
+def _own_length(cfg: Mapping[str, Any]) -> int | None:
+    value = (cfg.get("generation_kwargs") or {}).get("max_gen_toks")
+    return int(value) if isinstance(value, int) else None
+
+
+def _warn_truncation(load: list[Any], cap: int | None) -> None:
+    """Log the local generation tasks whose own length the user's ``cap`` cuts (a suite's own
+    cap is deliberate); for chain-of-thought tasks the answer may be cut off."""
+    if cap is None:
+        return
+    for cfg in load:
+        own = _own_length(cfg) if isinstance(cfg, Mapping) else None
+        if own is not None and own > cap:
+            log.warning(
+                "max_gen_toks=%d cuts %s (it generates up to %d tokens): a chain of thought may "
+                "end before its answer; max_gen_toks: null uses the task's own length",
+                cap,
+                cfg["task"],
+                own,
+            )
+
+
 def _check_registered(registered: Mapping[str, str], embedded: list[str], where: str) -> None:
     """Names not in lm-eval's registry raise with the closest known names."""
     from lm_eval.tasks import TaskManager
@@ -355,14 +437,65 @@ def model_fingerprint(model: str, *extra: object) -> str:
     return hashlib.sha256(json.dumps([content, *map(str, extra)]).encode()).hexdigest()[:16]
 
 
-def _load_lm(model: str, cfg: RunConfig) -> Any:
+def _is_main() -> bool:
+    """Rank 0 (or no distributed launch): the process that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _load_lm(model: str, cfg: RunConfig, *, section: str = "evaluate") -> Any:
+    """The lm-eval model of ``cfg.backend``; data-parallel when launched with N processes."""
+    if cfg.backend == "vllm":
+        return _load_vllm(model, cfg, field=f"{section}.backend")
     from lm_eval.models.huggingface import HFLM
 
+    accelerator = _cpu_accelerator()
     try:
-        return HFLM(pretrained=model, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
-    except (OSError, ValueError) as err:
+        lm = HFLM(
+            pretrained=model,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            **cfg.model_args,
+        )
+    except (OSError, ValueError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KarmaError(f"cannot load model: {first}", file=model) from None
+    if accelerator is not None and lm.world_size == 1:
+        # HFLM splits the work over processes only when torch sees more than one GPU; on CPU
+        # (gloo) it would run every item in every process. Rank and world size from the
+        # MULTI_CPU accelerator make lm-eval shard the requests and gather on rank 0.
+        lm.accelerator = accelerator
+        lm._device = accelerator.device
+        lm._rank = accelerator.process_index
+        lm._world_size = accelerator.num_processes
+    return lm
+
+
+def _cpu_accelerator() -> Any:
+    """Under ``torch.distributed.run`` without CUDA: an accelerate MULTI_CPU state (gloo)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+        return None
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    return accelerator if accelerator.num_processes > 1 else None
+
+
+def _load_vllm(model: str, cfg: RunConfig, *, field: str = "backend") -> Any:
+    """lm-eval's ``vllm`` model: ``pretrained``, ``dtype``, ``batch_size`` + ``model_args``."""
+    if importlib.util.find_spec("vllm") is None:
+        raise KarmaError(
+            "backend vllm needs the vllm package (pip install vllm, on a CUDA machine)",
+            field=field,
+            value="vllm",
+            expected="hf, or vllm installed",
+        )
+    from lm_eval.api.registry import get_model
+
+    args = {"pretrained": model, "dtype": cfg.dtype, "batch_size": cfg.batch_size}
+    return get_model("vllm")(**args, **cfg.model_args)
 
 
 @contextlib.contextmanager
@@ -383,6 +516,19 @@ def _request_cache(path: Path | None) -> Iterator[None]:
 # ---------------------------------------------------------------- running
 
 
+@dataclass
+class Measurement:
+    """One model's run: ``metrics`` ``{benchmark: {flat metric: value}}`` (lm-eval's, plus the
+    headline keys :data:`HEADLINE_KEYS`) and ``samples`` (:data:`SAMPLE_SCHEMA`)."""
+
+    metrics: dict[str, dict[str, Any]]
+    samples: Any  # polars.DataFrame
+
+    def flat(self) -> dict[str, Any]:
+        """``{"<benchmark>.<metric>": value}``, sorted."""
+        return {f"{b}.{k}": v for b in sorted(self.metrics) for k, v in self.metrics[b].items()}
+
+
 def run_tasks(
     model: str,
     specs: Mapping[str, TaskSpec],
@@ -390,15 +536,20 @@ def run_tasks(
     *,
     local_only: bool = False,
     where: str = "tasks",
-) -> dict[str, dict[str, float]]:
-    """Run the benchmarks on ``model``; return ``{benchmark: {flat metric: value}}``.
+) -> Measurement:
+    """Run the benchmarks on ``model``: every lm-eval metric, per-item scores, headline keys.
 
-    One ``lm_eval.simple_evaluate`` call over all tasks. Responses are cached per model content
-    (``cfg.cache``, in ``cache_root('lm_eval')``); per-sample logs go to ``cfg.samples_dir``.
+    One ``lm_eval.simple_evaluate`` call per chat-template group, seeded as lm-eval's command
+    line (:data:`LM_EVAL_SEEDS`). Responses are cached per model content (``cfg.cache``, in
+    ``cache_root('lm_eval')``); lm-eval's full per-sample logs go to ``cfg.samples_dir``. Under
+    a distributed launch only rank 0 gets results; the others return an empty measurement.
     """
+    import polars as pl
+
+    model = resolve_model(model, local_only=local_only, where="model")  # cheap checks first
     resolved = resolve_tasks(specs, where=where)
-    model = resolve_model(model, local_only=local_only, where="model")
     _prepare_ifeval()
+    _warn_truncation(resolved.load, cfg.max_gen_toks)
 
     from lm_eval.tasks import TaskManager
 
@@ -408,7 +559,9 @@ def run_tasks(
         cfg.apply_chat_template,
         cfg.num_fewshot,
         cfg.limit,
-        cfg.max_gen_toks,
+        cfg.gen_cap(),
+        *([cfg.backend] if cfg.backend != "hf" else []),  # hf: the keys of earlier caches
+        *([json.dumps(cfg.model_args, sort_keys=True)] if cfg.model_args else []),
     )
     fp = model_fingerprint(model, *settings)
     use_cache = request_dir = None
@@ -417,13 +570,16 @@ def run_tasks(
         use_cache = str(root / "responses" / fp)
         request_dir = root / "requests" / f"{fp}-{resolved.fingerprint}"
     manager = None if resolved.needs_registry else TaskManager(include_defaults=False)
+    section = where.split(".", 1)[0]
     with _torch_threads(cfg.threads):
-        results = _simple_evaluate(model, resolved, cfg, manager, use_cache, request_dir)
+        results = _simple_evaluate(
+            model, resolved, cfg, manager, use_cache, request_dir, section=section
+        )
     if results is None:  # only on non-zero ranks in distributed runs
-        return {}
+        return Measurement({}, pl.DataFrame(schema=_schema()))
     if cfg.samples_dir is not None:
         _write_samples(Path(cfg.samples_dir), results.get("samples") or {})
-    out: dict[str, dict[str, float]] = {}
+    metrics: dict[str, dict[str, Any]] = {}
     for bench, spec in specs.items():
         task = resolved.names[bench]
         task_result = results["results"].get(task)
@@ -436,7 +592,119 @@ def run_tasks(
                 value=spec.metric,
                 expected=", ".join(have) or "none",
             )
-        out[bench] = flatten_metrics(task_result)
+        metrics[bench] = flatten_metrics(task_result)
+    samples = sample_frame(results, resolved)
+    intervals = metric_intervals(results, resolved)
+    for bench, spec in specs.items():
+        metrics[bench].update(intervals.get(bench, {}))
+        metrics[bench].update(_headline(samples, bench, metrics[bench].get(spec.flat_metric)))
+    return Measurement(metrics, samples)
+
+
+def _schema() -> dict[str, Any]:
+    import polars as pl
+
+    return {name: getattr(pl, kind) for name, kind in SAMPLE_SCHEMA.items()}
+
+
+def _leaves(name: str, groups: Mapping[str, list[str]]) -> list[str]:
+    """The tasks under a group (recursively), or ``[name]`` for a task."""
+    subs = groups.get(name) or []
+    return [leaf for sub in subs for leaf in _leaves(sub, groups)] if subs else [name]
+
+
+def sample_frame(results: Mapping[str, Any], resolved: _Resolved) -> Any:
+    """Per-item scores of each benchmark's metric from lm-eval's logged samples, sorted by
+    benchmark (suite order), task and doc id (:data:`SAMPLE_SCHEMA`)."""
+    import polars as pl
+
+    samples = results.get("samples") or {}
+    groups = results.get("group_subtasks") or {}
+    rows: list[dict[str, Any]] = []
+    for order, (bench, spec) in enumerate(resolved.specs.items()):
+        metric, _, filt = spec.result_key.partition(",")
+        skipped = 0
+        for task in _leaves(resolved.names[bench], groups):
+            for s in samples.get(task) or []:
+                if str(s.get("filter", "none")) != filt:
+                    continue
+                value = s.get(metric)
+                if not isinstance(value, (bool, int, float)):
+                    skipped += 1
+                    continue
+                resps, filtered = s.get("resps") or [[]], s.get("filtered_resps") or []
+                first = resps[0][0] if resps and resps[0] else None
+                rows.append(
+                    {
+                        "_order": order,
+                        "benchmark": bench,
+                        "item": f"{task}/{s['doc_id']}",
+                        "task": task,
+                        "task_doc_id": int(s["doc_id"]),
+                        "score": float(value),
+                        "target": str(s.get("target")),
+                        "response": first if isinstance(first, str) else None,
+                        "extracted": (
+                            filtered[0]
+                            if filt != "none" and filtered and isinstance(filtered[0], str)
+                            else None
+                        ),
+                    }
+                )
+        if skipped:
+            log.warning("%s: metric %s has no per-item value (%d items)", bench, metric, skipped)
+    schema = {"_order": pl.Int64, **_schema()}
+    frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
+    return frame.sort("_order", "task", "task_doc_id").drop("_order")
+
+
+def metric_intervals(results: Mapping[str, Any], resolved: _Resolved) -> dict[str, dict[str, Any]]:
+    """``<metric>_stderr``, ``<metric>_ci_low``, ``<metric>_ci_high`` (95%) of every metric of
+    every benchmark, from lm-eval's per-item values (instruction-level IFEval metrics: over
+    the instructions, as lm-eval aggregates them). Flat metric names (``acc``,
+    ``exact_match_custom-extract``)."""
+    from karma.stats import mean_ci
+
+    samples = results.get("samples") or {}
+    groups = results.get("group_subtasks") or {}
+    out: dict[str, dict[str, Any]] = {}
+    for bench in resolved.specs:
+        values: dict[str, list[float]] = {}
+        for task in _leaves(resolved.names[bench], groups):
+            for s in samples.get(task) or []:
+                for metric in s.get("metrics") or []:
+                    value = s.get(metric)
+                    items = value if isinstance(value, list) else [value]
+                    if all(isinstance(v, (bool, int, float)) for v in items):
+                        key = flat_key(f"{metric},{s.get('filter', 'none')}")
+                        values.setdefault(key, []).extend(float(v) for v in items)
+        row: dict[str, Any] = {}
+        for key, vals in sorted(values.items()):
+            if not vals:
+                continue
+            est = mean_ci(vals)
+            for name, v in (("stderr", est.se), ("ci_low", est.ci_low), ("ci_high", est.ci_high)):
+                row[f"{key}_{name}"] = round(v, 6) if math.isfinite(v) else None
+        out[bench] = row
+    return out
+
+
+def _headline(samples: Any, bench: str, reported: float | None) -> dict[str, Any]:
+    """``score``, 95% interval, standard error and n of a benchmark from its per-item scores."""
+    from karma.stats import estimate
+
+    scores = samples.filter(samples["benchmark"] == bench)["score"].to_numpy()
+    if scores.size == 0:
+        return {}
+    out = estimate(scores)
+    if reported is not None and out["score"] is not None and abs(out["score"] - reported) > 1e-6:
+        log.warning(
+            "%s: mean of the per-item scores %.6f differs from lm-eval's %.6f (a weighted "
+            "aggregate?)",
+            bench,
+            out["score"],
+            reported,
+        )
     return out
 
 
@@ -460,11 +728,14 @@ def _simple_evaluate(
     manager: Any,
     use_cache: str | None,
     request_dir: Path | None,
+    *,
+    section: str = "evaluate",
 ) -> dict[str, Any] | None:
     import lm_eval
 
-    lm = _load_lm(model, cfg)
-    gen_kwargs = {"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None
+    lm = _load_lm(model, cfg, section=section)
+    cap = cfg.gen_cap()
+    gen_kwargs = {"max_gen_toks": cap} if cap else None
     log.info("evaluating %s on %s", model, ", ".join(resolved.names.values()))
     merged: dict[str, Any] | None = None
     for tasks, chat in _chat_groups(resolved.load, cfg.apply_chat_template):
@@ -478,17 +749,19 @@ def _simple_evaluate(
                 use_cache=use_cache,
                 cache_requests=request_dir is not None,
                 bootstrap_iters=cfg.bootstrap_iters,
-                log_samples=cfg.samples_dir is not None,
+                log_samples=True,
                 apply_chat_template=chat,
                 gen_kwargs=gen_kwargs,
+                **LM_EVAL_SEEDS,
             )
-        if results is None:
-            return None
+        if results is None:  # a non-zero rank: it takes part in every group's run
+            continue
         if merged is None:
             merged = results
         else:
             merged["results"].update(results["results"])
             merged.setdefault("samples", {}).update(results.get("samples") or {})
+            merged.setdefault("group_subtasks", {}).update(results.get("group_subtasks") or {})
     return merged
 
 
@@ -521,23 +794,112 @@ def _where(section: str, cfg: RunConfig) -> str:
     return f"{section}.tasks" if cfg.tasks else f"{section}.suite={cfg.suite}"
 
 
+def measure(model: str, cfg: RunConfig, *, section: str, local_only: bool = False) -> Measurement:
+    """Run ``cfg``'s benchmark map on ``model`` (errors name ``section``'s settings)."""
+    return run_tasks(model, cfg.task_map(), cfg, local_only=local_only, where=_where(section, cfg))
+
+
 def benchmark_model(model: str, cfg: RunConfig, *, name: str | None = None) -> dict[str, Any]:
-    """One flat score row: ``{"model": name, benchmark: score, ...}`` (lm-eval's fractions)."""
-    specs = cfg.task_map()
-    results = run_tasks(model, specs, cfg, where=_where("benchmark", cfg))
-    row: dict[str, Any] = {"model": name or model}
-    for bench, spec in specs.items():
-        row[bench] = results[bench][spec.flat_metric]
-    return row
+    """One flat score row: ``{"model": name, benchmark: score, ..., "meta.protocol": ...}``
+    (lm-eval's fractions; ``meta.*`` keys say how they were measured)."""
+    return _row(measure(model, cfg, section="benchmark"), cfg, name or model)
 
 
-def evaluate_model(model: str, cfg: RunConfig) -> dict[str, float]:
-    """Every flat metric of every benchmark, keyed ``<benchmark>.<metric>`` (``arc_easy.acc``).
+def _row(result: Measurement, cfg: RunConfig, name: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name}
+    for bench, spec in cfg.task_map().items():
+        row[bench] = result.metrics[bench][spec.flat_metric]
+    return {**row, **_run_meta(cfg, result)}
+
+
+def evaluate_model(model: str, cfg: RunConfig) -> dict[str, Any]:
+    """Every flat metric of every benchmark, keyed ``<benchmark>.<metric>`` (``arc_easy.acc``),
+    plus each benchmark's ``score``, ``ci_low``, ``ci_high``, ``stderr`` and ``n``.
 
     ``model`` must be a local model directory.
     """
-    results = run_tasks(model, cfg.task_map(), cfg, local_only=True, where=_where("evaluate", cfg))
-    return {f"{bench}.{k}": v for bench in sorted(results) for k, v in results[bench].items()}
+    return measure(model, cfg, section="evaluate", local_only=True).flat()
+
+
+# ---------------------------------------------------------------- metadata and comparison
+
+
+def _run_meta(cfg: RunConfig, result: Measurement) -> dict[str, Any]:
+    """``meta.suite``, ``meta.protocol`` and ``meta.items.<bench>`` of a run."""
+    meta: dict[str, Any] = {
+        "meta.suite": "custom" if cfg.tasks else cfg.suite,
+        "meta.protocol": cfg.protocol_name(),
+    }
+    for bench in cfg.task_map():
+        n = result.metrics.get(bench, {}).get("n")
+        if n is not None:
+            meta[f"meta.items.{bench}"] = n
+    return meta
+
+
+def model_meta(model: str | Path) -> dict[str, Any]:
+    """``meta.base_model`` (and for a policy ``meta.seed``, ``meta.train_method``) from the
+    provenance (``karma.json``) of a model directory; nothing for a directory without one."""
+    from karma.lm import PROVENANCE, provenance
+
+    if not (Path(model) / PROVENANCE).is_file():
+        return {}
+    prov = provenance(model)
+    meta: dict[str, Any] = {}
+    if prov.get("source") is not None:
+        meta["meta.base_model"] = str(prov["source"])
+    for key, name in (("seed", "meta.seed"), ("method", "meta.train_method")):
+        if prov.get(key) is not None:
+            meta[name] = prov[key]
+    return meta
+
+
+def compare_runs(
+    base: Mapping[str, Any],
+    policy: Mapping[str, Any],
+    base_samples: Any,
+    policy_samples: Any,
+    *,
+    seed: int,
+    n_boot: int,
+    where: object = "baseline",
+) -> dict[str, Any]:
+    """``base.*``, ``policy.*`` and ``delta.*`` keys (:func:`compare_metrics`), and for each
+    benchmark in both the paired comparison of the per-item scores (:func:`karma.stats.paired`):
+    ``delta.<bench>.score``, ``ci_low``, ``ci_high``, ``p``, ``significant``, ``n``, ``wins``,
+    ``losses``. Items are matched by ``(benchmark, item)``; both runs must hold the same items.
+    """
+    from karma.stats import paired
+
+    for key in ("meta.suite", "meta.protocol"):
+        if key in base and key in policy and base[key] != policy[key]:
+            raise KarmaError(
+                "the baseline was evaluated with another suite or protocol",
+                file=where,
+                field=key,
+                value=base[key],
+                expected=str(policy[key]),
+            )
+    out = compare_metrics(base, policy)
+    a = policy_samples.select("benchmark", "item", "score")
+    b = base_samples.select("benchmark", "item", "score")
+    joined = a.join(b, on=["benchmark", "item"], how="inner", suffix="_base")
+    benches = [x for x in dict.fromkeys(a["benchmark"].to_list()) if x in set(b["benchmark"])]
+    for bench in benches:
+        pairs = joined.filter(joined["benchmark"] == bench)
+        n_a = a.filter(a["benchmark"] == bench).height
+        n_b = b.filter(b["benchmark"] == bench).height
+        if not pairs.height == n_a == n_b:
+            raise KarmaError(
+                f"per-item results of {bench!r} differ from the baseline's ({n_a} items, "
+                f"baseline {n_b}, {pairs.height} shared): evaluate both with the same settings",
+                file=where,
+            )
+        delta = paired(
+            pairs["score"].to_numpy(), pairs["score_base"].to_numpy(), seed=seed, n_boot=n_boot
+        )
+        out.update({f"delta.{bench}.{k}": v for k, v in delta.items()})
+    return dict(sorted(out.items()))
 
 
 # ---------------------------------------------------------------- stages
@@ -550,36 +912,111 @@ class BenchmarkPaths:
     model: str = argument("hub id or local model directory")
     name: str | None = argument("model name in the row (default: MODEL)", required=False)
     out: Path | None = output_path("write the row here", ".json", required=False)
+    samples: Path | None = output_path(
+        "write the per-item scores here (one row per item)", ".parquet", required=False
+    )
+
+
+def _write_frame(frame: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(path, statistics=False)
 
 
 def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
-    """Stage ``benchmark@<name>``: one origin model's flat score row."""
-    row = benchmark_model(paths.model, params.benchmark, name=paths.name)
+    """Stage ``benchmark@<name>``: one origin model's flat score row (+ per-item scores)."""
+    cfg = params.benchmark
+    result = measure(paths.model, cfg, section="benchmark")
+    if not _is_main():
+        return {}
+    row = _row(result, cfg, paths.name or paths.model)
     if paths.out is not None:
         write_json(paths.out, row)
+    if paths.samples is not None:
+        _write_frame(result.samples, paths.samples)
     return row
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluatePaths:
-    """Paths of the ``evaluate_base`` and ``evaluate`` stages."""
+class EvaluateBasePaths:
+    """Paths of the ``evaluate_base`` stage."""
 
     model: Path = input_path("model directory", is_dir=True)
-    baseline: Path | None = input_path(
-        "metrics of the base model (evaluate_base's output): adds base.*, policy.*, delta.*",
+    out: Path | None = output_path(
+        f"directory: {METRICS_FILE} (flat metrics) + {SAMPLES_FILE} (per-item scores)",
+        is_dir=True,
         required=False,
     )
-    out: Path | None = output_path("write the flat metrics here", ".json", required=False)
+    metrics: Path | None = output_path(
+        "also write the flat metrics here (with --baseline: the comparison)", ".json",
+        required=False,
+    )  # fmt: skip
 
 
-def run_evaluate(params: Params, paths: EvaluatePaths) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class EvaluatePaths(EvaluateBasePaths):
+    """Paths of the ``evaluate`` stage (``evaluate_base``'s plus the baseline)."""
+
+    baseline: Path | None = input_path(
+        f"the base model's --out directory ({METRICS_FILE} + {SAMPLES_FILE}): adds base.*, "
+        "policy.* and delta.* keys, each delta with its paired interval and test",
+        is_dir=True,
+        required=False,
+    )
+
+
+def run_evaluate(params: Params, paths: EvaluatePaths | EvaluateBasePaths) -> dict[str, Any]:
     """Stages ``evaluate_base`` / ``evaluate``: flat metrics, compared with a baseline if given."""
-    metrics: dict[str, Any] = evaluate_model(str(paths.model), params.evaluate)
-    if paths.baseline is not None:
-        metrics = compare_metrics(read_json(paths.baseline), metrics)
+    import polars as pl
+
+    cfg = params.evaluate
+    result = measure(str(paths.model), cfg, section="evaluate", local_only=True)
+    if not _is_main():
+        return {}
+    own = {**result.flat(), **_run_meta(cfg, result), **model_meta(paths.model)}
     if paths.out is not None:
-        write_json(paths.out, metrics)
+        paths.out.mkdir(parents=True, exist_ok=True)
+        write_json(paths.out / METRICS_FILE, own)
+        _write_frame(result.samples, paths.out / SAMPLES_FILE)
+    metrics = own
+    baseline = getattr(paths, "baseline", None)
+    if baseline is not None:
+        base_file, samples_file = Path(baseline) / METRICS_FILE, Path(baseline) / SAMPLES_FILE
+        for f in (base_file, samples_file):
+            if not f.is_file():
+                raise KarmaError("baseline file not found (run evaluate_base)", file=f)
+        base = read_json(base_file)
+        meta = {k: v for k, v in own.items() if k.startswith("meta.")}
+        if "meta.base_model" not in meta and "meta.base_model" in base:
+            meta["meta.base_model"] = base["meta.base_model"]  # a policy without karma.json
+        compared = compare_runs(
+            base,
+            own,
+            pl.read_parquet(samples_file),
+            result.samples,
+            seed=cfg.bootstrap_seed,
+            n_boot=cfg.n_boot,
+            where=base_file,
+        )
+        metrics = {**compared, **meta}
+    if paths.metrics is not None:
+        write_json(paths.metrics, metrics)
     return metrics
+
+
+def launcher_prefix(section: str) -> Any:
+    """The launcher of a stage whose settings are ``section``: with ``num_processes`` > 1, the
+    same command re-runs under ``python -m torch.distributed.run`` (one node, N processes)."""
+
+    def prefix(params: Params, paths: Any = None) -> list[str] | None:
+        n = getattr(params, section).num_processes
+        if n <= 1:
+            return None
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(n), "--max_restarts", "0",
+        ]  # fmt: skip
+
+    return prefix
 
 
 BENCHMARK = Stage(
@@ -588,13 +1025,29 @@ BENCHMARK = Stage(
     paths=BenchmarkPaths,
     run=run_benchmark,
     help="Runs the suite's six benchmarks through lm-eval's Python API and writes one row of "
-    "lm-eval fractions (the scores stage scales and merges the rows).",
+    "lm-eval fractions with the suite's protocol (the scores stage scales and merges the rows, "
+    "refusing a protocol other than the reported table's), and the per-item scores.",
+    launcher=launcher_prefix("benchmark"),
 )
 EVALUATE = Stage(
     name="evaluate",
     settings=("evaluate",),
     paths=EvaluatePaths,
     run=run_evaluate,
-    help="Every metric of every benchmark as flat keys (arc_easy.acc_norm, ...); with "
-    "--baseline also base.*, policy.* and delta.* keys for dvc metrics diff.",
+    help="Every metric of every benchmark as flat keys (arc_easy.acc_norm, ...), each "
+    "benchmark's score with its 95% interval and standard error, and meta.* keys; with "
+    "--baseline also base.*, policy.* and delta.* keys (paired bootstrap interval, exact test) "
+    "for dvc metrics diff.",
+    launcher=launcher_prefix("evaluate"),
+)
+PAIRED = ("n_boot", "bootstrap_seed")
+#: evaluate_base: the evaluate settings without the paired bootstrap's (no baseline here), so
+#: changing them does not re-run the base model's evaluation.
+EVALUATE_BASE = Stage(
+    name="evaluate",  # the evaluate command without a baseline (its outputs say "evaluate")
+    settings=tuple(f"evaluate.{k}" for k in EvaluateConfig.model_fields if k not in PAIRED),
+    paths=EvaluateBasePaths,
+    run=run_evaluate,
+    help=EVALUATE.help,
+    launcher=launcher_prefix("evaluate"),
 )

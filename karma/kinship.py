@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +61,7 @@ from numba import njit, prange
 
 from karma.config import Params
 from karma.errors import KarmaError
-from karma.io import dumps_json, write_json
+from karma.io import dumps_json, read_json, write_json
 from karma.pipeline import Stage, input_path, output_path
 
 log = logging.getLogger(__name__)
@@ -596,6 +597,13 @@ def compute_kinship(
         progress.update(1)
     progress.close()
 
+    if first_row is None and n_defined == 0:
+        raise KarmaError(
+            "no pair of models shares enough benchmarks: every kinship is undefined",
+            field="similarity.min_common",
+            value=min_common,
+            expected=f"at most {len(benches)} (the benchmarks left after normalisation)",
+        )
     if first_row is None:
         raise KarmaError(
             "no pair of models is kin (kinship >= tau)",
@@ -715,10 +723,19 @@ def summary(result: KinshipResult, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def kinship_metrics(result: KinshipResult) -> dict[str, Any]:
-    """The flat metrics of ``metrics/kinship.json``."""
+def kinship_metrics(
+    result: KinshipResult, protocols: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The flat metrics of ``metrics/kinship.json``; with ``protocols`` (``{model: protocol}``,
+    the scores stage's) also ``meta.protocol.<model>`` and ``meta.protocols`` (the distinct
+    ones, comma-separated)."""
     st = result.stats
     mean = st["mean_kinship"]
+    meta: dict[str, Any] = {}
+    if protocols is not None:
+        names = result.models["model"].to_list()
+        meta = {f"meta.protocol.{m}": protocols.get(m, "unknown") for m in names}
+        meta["meta.protocols"] = ",".join(sorted(set(meta.values())))
     return {
         "n_models": st["n_models"],
         "n_benchmarks": st["n_benchmarks"],
@@ -727,6 +744,84 @@ def kinship_metrics(result: KinshipResult) -> dict[str, Any]:
         "kin_fraction": round(st["n_kin_pairs"] / max(st["n_pairs_defined"], 1), 6),
         "mean_kinship": None if mean is None else round(mean, 6),
         **{f"pair_{k}": " > ".join(result.pairs[k]) for k in PAIR_STRATEGIES},
+        **meta,
+    }
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def leave_one_out(scores: pl.DataFrame, result: KinshipResult, **settings: Any) -> dict[str, Any]:
+    """How the pool depends on each benchmark: for every benchmark, ``compute_kinship`` without
+    it (same ``settings``), the S_pref ranking, its Spearman correlation with the full ranking,
+    the models whose rank moved, and the global kin pairs that changed.
+
+    A benchmark whose removal leaves no kin pair (or no usable benchmark) is reported with its
+    ``error``.
+    """
+    from scipy import stats
+
+    full_rank = {m: i + 1 for i, m in enumerate(result.names)}
+    full_sp = dict(result.models.select("model", "s_pref").iter_rows())
+    out: dict[str, Any] = {}
+    for bench in result.benchmarks + result.dropped:
+        try:
+            sub = compute_kinship(scores.drop(bench), **settings)
+        except KarmaError as err:
+            out[bench] = {"error": str(err)}
+            continue
+        rank = {m: i + 1 for i, m in enumerate(sub.names)}
+        sp = dict(sub.models.select("model", "s_pref").iter_rows())
+        common = [m for m in result.names if full_sp[m] is not None and sp.get(m) is not None]
+        rho = (
+            float(stats.spearmanr([full_sp[m] for m in common], [sp[m] for m in common])[0])
+            if len(common) > 2
+            else math.nan
+        )
+        moved = {m: rank[m] - full_rank[m] for m in result.names if rank[m] != full_rank[m]}
+        out[bench] = {
+            "ranking": sub.names,
+            "rank_spearman": None if math.isnan(rho) else round(rho, 6),
+            "rank_changes": moved,
+            "max_rank_shift": max((abs(v) for v in moved.values()), default=0),
+            "pairs": sub.pairs,
+            "pairs_changed": [k for k in PAIR_STRATEGIES if sub.pairs[k] != result.pairs[k]],
+        }
+    return out
+
+
+def sensitivity_metrics(loo: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``loo.*`` metrics of :func:`leave_one_out`."""
+    out: dict[str, Any] = {}
+    changing = 0
+    for bench, entry in loo.items():
+        if "error" in entry:
+            out[f"loo.{bench}.pairs_changed"] = None
+            continue
+        out[f"loo.{bench}.rank_spearman"] = entry["rank_spearman"]
+        out[f"loo.{bench}.max_rank_shift"] = entry["max_rank_shift"]
+        out[f"loo.{bench}.pairs_changed"] = len(entry["pairs_changed"])
+        changing += bool(entry["pairs_changed"])
+    rhos = [e["rank_spearman"] for e in loo.values() if e.get("rank_spearman") is not None]
+    out["loo.min_rank_spearman"] = min(rhos) if rhos else None
+    out["loo.benchmarks_changing_pairs"] = changing
+    return out
+
+
+def cluster_report(result: KinshipResult, cfg: Any) -> dict[str, Any]:
+    """The dendrograms' clusters (all benchmarks, then each capability group)."""
+    from karma.plots import clusters, group_columns
+
+    x = result.models.select(result.benchmarks).to_numpy().astype(np.float64)
+    return {
+        group: clusters(
+            x[:, cols],
+            result.names,
+            distance=cfg.cluster_distance,
+            linkage=cfg.cluster_linkage,
+            threshold=cfg.cluster_threshold,
+        )
+        for group, cols in group_columns(result, cfg.groups).items()
     }
 
 
@@ -738,7 +833,13 @@ class KinshipPaths:
     """Paths of the ``kinship`` stage."""
 
     scores: Path = input_path("benchmark table: CSV/TSV/Parquet/JSON, wide or long")
-    out: Path = output_path("models.parquet, kinship.parquet, pairs.json", is_dir=True)
+    protocols: Path | None = input_path(
+        "the protocol of each row ({model: protocol}, the scores stage's)", required=False
+    )
+    out: Path = output_path(
+        "models.parquet, kinship.parquet, pairs.json, sensitivity.json, clusters.json",
+        is_dir=True,
+    )
     plots: Path | None = output_path(
         "figures: heatmap, PCA, dendrograms", is_dir=True, required=False
     )
@@ -750,20 +851,34 @@ def run_kinship(params: Params, paths: KinshipPaths) -> dict[str, Any]:
     from karma.scores import read_scores
 
     cfg = params.similarity
-    result = compute_kinship(
-        read_scores(paths.scores),
-        similarity=cfg.metric,
-        tau=cfg.tau,
-        min_common=cfg.min_common,
-        dense_max_models=cfg.dense_max_models,
-        top_k=cfg.top_k,
-    )
+    scores = read_scores(paths.scores)
+    settings = {
+        "similarity": cfg.metric,
+        "tau": cfg.tau,
+        "min_common": cfg.min_common,
+        "dense_max_models": cfg.dense_max_models,
+        "top_k": cfg.top_k,
+    }
+    result = compute_kinship(scores, **settings)
     write_kinship(result, paths.out)
+    loo = leave_one_out(scores, result, **settings)
+    (Path(paths.out) / "sensitivity.json").write_text(dumps_json(loo))
+    groups = cluster_report(result, cfg) if result.matrix is not None else {}
+    (Path(paths.out) / "clusters.json").write_text(dumps_json(groups))
     if paths.plots is not None:
         from karma.plots import kinship_figures
 
-        kinship_figures(result, paths.plots, groups=cfg.groups, threshold=cfg.cluster_threshold)
-    metrics = kinship_metrics(result)
+        kinship_figures(
+            result, paths.plots, groups=cfg.groups, threshold=cfg.cluster_threshold,
+            distance=cfg.cluster_distance, linkage=cfg.cluster_linkage,
+            quadrant=cfg.pca_quadrant,
+        )  # fmt: skip
+    protocols = read_json(paths.protocols) if paths.protocols is not None else None
+    metrics = kinship_metrics(result, protocols)
+    metrics.update(sensitivity_metrics(loo))
+    for group, info in groups.items():
+        metrics[f"clusters.{group}.n"] = info["n_clusters"]
+        metrics[f"clusters.{group}.cophenetic"] = info["cophenetic"]
     if paths.metrics is not None:
         write_json(paths.metrics, metrics)
     log.info("%s", summary(result, top=5))

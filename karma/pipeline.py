@@ -9,9 +9,13 @@ A :class:`Stage` names the params it reads, its paths (inputs, outputs, persiste
   one generated option per setting and ``-S key=value``;
 
 and both go through :func:`execute`, so the two cannot behave differently. :func:`execute`
-checks the paths (an output may not be an input, nor lie inside one; file outputs have the
-suffix of what is written), runs the stage into temporary siblings of its outputs and only
-then moves them into place, so a failed or killed run never leaves a half-written result.
+checks the paths (an output may not be an input, nor lie inside one, nor overlap another
+output; file outputs have the suffix of what is written; a directory output replaces only an
+empty directory or one karma wrote: :func:`check_destination`), runs the stage into temporary
+siblings of its outputs and then commits them all together through a journal
+(:func:`commit`), so a failed or killed run never leaves a half-written or half-committed
+result and never removes a file it did not write. The next run of a killed one finishes its
+commit and removes its temporaries (:func:`recover`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from karma.config import (
     with_source,
 )
 from karma.errors import KarmaError
+from karma.io import MARKER, atomic_file, clean_stale, short_reason, use_limits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ LAUNCHED_ENV = "KARMA_LAUNCHED"
 ROLE_NAMES = {"in": "input", "arg": "input", "out": "output", "state": "persisted state"}
 TMP_SUFFIX = ".karma-tmp"
 OLD_SUFFIX = ".karma-old"
+JOURNAL_SUFFIX = ".karma-journal"
 
 
 # --------------------------------------------------------------------------- paths
@@ -153,7 +159,7 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def check_paths(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str]) -> None:
-    """Inputs exist; an output is neither an input nor inside one (or holding one); suffixes."""
+    """Inputs exist; outputs are apart from every input and from each other; kinds, suffixes."""
     values = {f.name: getattr(paths, f.name) for f in path_fields(stage.paths)}
     roles = {f.name: f.metadata for f in path_fields(stage.paths)}
     inputs = []
@@ -171,17 +177,22 @@ def check_paths(stage: Stage, params: Params, paths: Any, flag: Callable[[str], 
             continue
         if meta["role"] == "in":
             p = Path(value)
+            if p.is_symlink() and not p.exists():
+                raise KarmaError("input is a dangling symlink", file=p, field=flag(name),
+                                 value=os.readlink(p), expected="an existing target")  # fmt: skip
             if not p.exists():
                 raise KarmaError("input not found", file=p, field=flag(name))
             if meta["is_dir"] != p.is_dir():
                 kind = "a directory" if meta["is_dir"] else "a file"
                 raise KarmaError(f"input is not {kind}", file=p, field=flag(name))
             inputs.append((name, p.resolve()))
+    outputs: list[tuple[str, Path]] = []
     for name, value in values.items():
         meta = roles[name]
         if value is None or meta["role"] not in ("out", "state"):
             continue
-        out = Path(value).resolve()
+        p = Path(value)
+        out = p.resolve()
         for in_name, src in inputs:
             if _inside(out, src) or _inside(src, out):
                 raise KarmaError(
@@ -190,17 +201,34 @@ def check_paths(stage: Stage, params: Params, paths: Any, flag: Callable[[str], 
                     field=flag(name),
                     expected="an output path apart from every input",
                 )
+        for other, dst in outputs:
+            if _inside(out, dst) or _inside(dst, out):
+                raise KarmaError(
+                    f"output path is (or holds, or lies inside) the output {flag(other)}",
+                    file=value,
+                    field=flag(name),
+                    expected="outputs apart from each other",
+                )
+        outputs.append((name, out))
         suffixes = meta["suffixes"]
-        if suffixes and Path(value).suffix.lower() not in suffixes:
+        if suffixes and p.suffix.lower() not in suffixes:
             raise KarmaError(
                 "wrong output suffix",
                 file=value,
                 field=flag(name),
-                value=Path(value).suffix or "(none)",
+                value=p.suffix or "(none)",
                 expected=" or ".join(suffixes),
             )
-        if not meta["is_dir"] and Path(value).is_dir():
-            raise KarmaError("output is a directory", file=value, field=flag(name))
+        if p.is_symlink() and (not p.exists() or meta["is_dir"]):
+            what = "a dangling symlink" if not p.exists() else "a symlink to a directory"
+            raise KarmaError(f"output is {what}", file=value, field=flag(name),
+                             value=os.readlink(p), expected="a real path")  # fmt: skip
+        if not meta["is_dir"] and p.is_dir():
+            raise KarmaError("output is a directory", file=value, field=flag(name),
+                             expected="a file path")  # fmt: skip
+        if meta["is_dir"] and p.exists() and not p.is_dir():
+            raise KarmaError("output is a file", file=value, field=flag(name),
+                             expected="a directory path")  # fmt: skip
 
 
 def _required(cls: type) -> set[str]:
@@ -236,6 +264,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def die_with_launcher() -> None:
+    """In a process torchrun started (Linux): die with the launcher. torchrun starts each worker
+    in a session of its own, so a killed launcher would leave its workers running."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    _die_with_parent()
+    if os.getppid() == 1:  # the launcher is already gone
+        os._exit(1)
+
+
 def run_launched(cmd: list[str], env: dict[str, str]) -> int:
     """Run the launcher command; it dies with this process, and SIGTERM is passed on to it."""
     linux = sys.platform.startswith("linux")
@@ -258,16 +296,33 @@ def run_launched(cmd: list[str], env: dict[str, str]) -> int:
 
 
 def execute(stage: Stage, params: Params, paths: Any, *, flag: Callable[[str], str] = str) -> Any:
-    """Check the paths, run the stage into temporary outputs, then move them into place.
+    """Check the paths, run the stage into temporary outputs, then commit them together.
 
     Returns the stage's metrics. Under a launcher (``train.launcher``), the same command is
-    re-run under it instead, its exit status is checked and None is returned (the launched
-    main process reports the metrics). Launched processes (``RANK`` > 0 is not the main one)
-    all run the stage into the same temporary outputs; only the main process prepares and
-    commits them (the stage synchronises its processes in between).
+    re-run under it instead (after the checks), its exit status is checked and None is returned
+    (the launched main process reports the metrics). Launched processes all run the stage into
+    the same temporary outputs; only the main process (``RANK`` 0) prepares and commits them
+    (the stage synchronises its processes in between). Every reader applies ``params.limits``.
     """
+    with use_limits(params.limits):
+        return _execute(stage, params, paths, flag)
+
+
+def _execute(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str]) -> Any:
+    if os.environ.get(LAUNCHED_ENV):
+        die_with_launcher()
+    check_paths(stage, params, paths, flag)
+    staged: dict[str, Staged] = {}
+    for f in path_fields(stage.paths):
+        value = getattr(paths, f.name)
+        if f.metadata["role"] == "out" and value is not None:
+            staged[f.name] = Staged(Path(value), bool(f.metadata["is_dir"]), flag(f.name))
+    main = _is_main_process()
+    if main:
+        _os_errors(recover, list(staged.values()))
+        for s in staged.values():
+            _os_errors(check_destination, s)
     if stage.launcher is not None and not os.environ.get(LAUNCHED_ENV):
-        check_paths(stage, params, paths, flag)
         prefix = stage.launcher(params, paths)
         if prefix:
             cmd = [*prefix, *relaunch_argv()]
@@ -276,27 +331,43 @@ def execute(stage: Stage, params: Params, paths: Any, *, flag: Callable[[str], s
             if rc != 0:
                 raise KarmaError(f"launched command exited with code {rc}", value=cmd[0])
             return None
-    check_paths(stage, params, paths, flag)
-    staged: dict[str, Staged] = {}
-    for f in path_fields(stage.paths):
-        value = getattr(paths, f.name)
-        if f.metadata["role"] == "out" and value is not None:
-            staged[f.name] = Staged(Path(value), bool(f.metadata["is_dir"]))
-    main = _is_main_process()
-    if main:
-        for s in staged.values():
-            s.prepare()
+    created: list[Path] = []
+    done = False
     try:
-        metrics = stage.run(
-            params, dataclasses.replace(paths, **{k: s.tmp for k, s in staged.items()})
-        )
         if main:
-            commit(list(staged.values()), stage.name)
+            prepare(list(staged.values()), created)
+        tmp_paths = dataclasses.replace(paths, **{k: s.tmp for k, s in staged.items()})
+        metrics = _os_errors(stage.run, params, tmp_paths, staged=staged.values())
+        if main:
+            _os_errors(commit, list(staged.values()), stage.name)
+        done = True
     finally:
-        if main:
-            for s in staged.values():
-                _remove(s.tmp)
+        if main and not done and not any(s.journal.exists() for s in staged.values()):
+            for s in staged.values():  # nothing committed: drop the temporaries
+                with contextlib.suppress(OSError):
+                    _remove(s.tmp)
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        # a commit that failed half-way (journal written) is rolled forward by the next run
     return metrics
+
+
+def _os_errors(fn: Callable[..., Any], *args: Any, staged: Any = ()) -> Any:
+    """``fn(*args)``, an operating-system error (permissions, disk full) as one line.
+
+    The file named is the output's own path, not its temporary sibling.
+    """
+    try:
+        return fn(*args)
+    except OSError as err:
+        log.debug("operating-system error", exc_info=True)
+        reason = err.strerror or short_reason(err)
+        name = None if err.filename is None else str(err.filename)
+        for s in staged:
+            if name is not None and name.startswith(str(s.tmp)):
+                name = str(s.final) + name[len(str(s.tmp)) :]
+        raise KarmaError(f"cannot write or read: {reason}", file=name) from None
 
 
 @dataclass(frozen=True)
@@ -305,6 +376,7 @@ class Staged:
 
     final: Path
     is_dir: bool
+    label: str = ""  # the flag that named it, for errors
 
     @property
     def tmp(self) -> Path:
@@ -315,29 +387,183 @@ class Staged:
     def old(self) -> Path:
         return self.final.with_name(f".{self.final.stem}{OLD_SUFFIX}{self.final.suffix}")
 
-    def prepare(self) -> None:
-        """Remove what a killed run left behind, then make the empty temporary output."""
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        _remove(self.tmp)
-        if self.old.exists() and not self.final.exists():  # killed between two renames
-            self.old.rename(self.final)
-        _remove(self.old)
-        if self.is_dir:
-            self.tmp.mkdir()
+    @property
+    def journal(self) -> Path:
+        """Commit journal: while it exists, a commit is under way (the next run finishes it)."""
+        return self.final.with_name(f".{self.final.name}{JOURNAL_SUFFIX}")
+
+
+def _exists(p: Path) -> bool:
+    return p.exists() or p.is_symlink()
+
+
+def check_destination(s: Staged) -> None:
+    """A directory output may replace only what karma wrote there (or an empty directory).
+
+    Recognised: the marker ``.written-by-karma`` (listing the files karma wrote: a directory that
+    holds any other file is refused too), or an output that ``dvc.lock`` records (DVC replaces
+    those itself on ``dvc repro``; its checkouts carry no marker since ``.dvcignore`` keeps the
+    marker out of DVC's hashes).
+    """
+    final = s.final
+    if not s.is_dir or not final.is_dir():
+        return
+    with os.scandir(final) as it:
+        top = sorted(e.name for e in it)
+    if not top:
+        return
+    written = _read_marker(final / MARKER) if MARKER in top else None
+    if written is not None:
+        extra = sorted(set(_files(final)) - written - {MARKER})
+        if not extra:
+            return
+        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+        raise KarmaError(
+            f"output directory holds {len(extra)} file(s) that karma did not write ({shown}); "
+            "move them out or choose another directory",
+            file=final,
+            field=s.label or None,
+        )
+    if _dvc_tracked(final):
+        return
+    shown = ", ".join(top[:3]) + (", ..." if len(top) > 3 else "")
+    raise KarmaError(
+        f"output directory exists and was not written by karma (no {MARKER}; holds {shown}); "
+        "choose a new or empty directory, or remove this one",
+        file=final,
+        field=s.label or None,
+    )
+
+
+def _files(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()]
+
+
+def _read_marker(path: Path) -> set[str] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {str(f) for f in data["files"]} if data.get("by") == "karma" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _dvc_tracked(path: Path) -> bool:
+    """Whether the nearest ``dvc.lock`` above ``path`` records it as a stage output."""
+    target = path.resolve()
+    for root in target.parents:
+        lock = root / "dvc.lock"
+        if not lock.is_file():
+            continue
+        try:
+            data = yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            stages = data.get("stages") or {}
+            outs = [o for spec in stages.values() for o in (spec.get("outs") or [])]
+            return any((root / str(o["path"])).resolve() == target for o in outs)
+        except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+            return False
+    return False
+
+
+def _mkdirs(path: Path, created: list[Path]) -> None:
+    """Create ``path`` and its missing parents, outermost first, each appended to ``created``."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir()
+        created.append(d)
+
+
+def recover(staged: list[Staged]) -> None:
+    """Finish what a killed run left: roll its commit forward, drop its temporaries."""
+    for s in staged:
+        clean_stale(s.journal)
+        if s.journal.exists():
+            try:
+                data = json.loads(s.journal.read_text(encoding="utf-8"))
+                base = s.journal.parent
+                entries = [Staged(base / e["final"], bool(e["is_dir"])) for e in data["entries"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise KarmaError(
+                    f"unreadable commit journal of a killed run ({short_reason(err)})",
+                    file=s.journal,
+                    expected="remove it and rerun",
+                ) from None
+            log.warning("finishing the commit of a killed run (%s)", s.journal)
+            _roll_forward(entries)
+            s.journal.unlink()
+    for s in staged:
+        if _exists(s.old):
+            if _exists(s.final):
+                _remove(s.old)
+            else:  # killed between two renames by an earlier version: restore the old output
+                s.old.rename(s.final)
+        _remove(s.tmp)
+
+
+def prepare(staged: list[Staged], created: list[Path]) -> None:
+    """Make the empty temporary outputs (checked writable); ``created``: directories made."""
+    for s in staged:
+        try:
+            _mkdirs(s.final.parent, created)
+            _remove(s.tmp)
+            if s.is_dir:
+                s.tmp.mkdir()
+            else:  # probe: a read-only destination fails here, before the stage runs
+                os.close(os.open(s.tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                s.tmp.unlink()
+        except OSError as err:
+            reason = err.strerror or short_reason(err)
+            raise KarmaError(f"cannot write the output here: {reason}", file=s.final,
+                             field=s.label or None) from None  # fmt: skip
 
 
 def commit(staged: list[Staged], name: str) -> None:
-    """Move every staged output into place: the old one aside, the new one in, old removed."""
+    """Move every staged output into place, all or none even when killed.
+
+    A journal listing the outputs is written first; then each new output goes in (a directory:
+    the old one renamed aside, the new one renamed in; a file: one atomic replace), the old
+    ones are removed and the journal last. A run killed in between leaves the old or the new
+    output whole; the next run finds the journal and rolls the commit forward (:func:`recover`).
+    """
     for s in staged:
         if not s.tmp.exists():
             raise KarmaError(f"stage {name!r} did not write this output", file=s.final)
+    if not staged:
+        return
     for s in staged:
+        if s.is_dir:
+            marker = {"by": "karma", "stage": name, "files": sorted(_files(s.tmp))}
+            (s.tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         os.chmod(s.tmp, 0o755 if s.is_dir else 0o644)
-        if s.final.exists() or s.final.is_symlink():
+    journal = staged[0].journal
+    base = journal.parent
+    entries = [{"final": os.path.relpath(s.final, base), "is_dir": s.is_dir} for s in staged]
+    with atomic_file(journal) as tmp:
+        tmp.write_text(json.dumps({"stage": name, "entries": entries}, indent=1) + "\n")
+    _roll_forward(staged)
+    journal.unlink()
+
+
+def _roll_forward(staged: list[Staged]) -> None:
+    for s in staged:
+        if not _exists(s.tmp):  # already in place
+            continue
+        if not s.is_dir:
+            os.replace(s.tmp, s.final)
+            continue
+        if _exists(s.final):
+            _remove(s.old)
             s.final.rename(s.old)
         s.tmp.rename(s.final)
     for s in staged:
-        _remove(s.old)
+        if _exists(s.old):
+            if _exists(s.final):
+                _remove(s.old)
+            else:  # its new output vanished: never lose the old one
+                s.old.rename(s.final)
 
 
 # --------------------------------------------------------------------------- command line

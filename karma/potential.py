@@ -304,16 +304,17 @@ def selection_metrics(scored: pl.DataFrame) -> dict[str, Any]:
 
 
 def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
-    """Read the preference parquet, checking the TRL columns are there."""
+    """Read the preference parquet (TRL or H4 layout) as TRL's, checking the columns."""
+    from karma.io import check_record_bytes, read_parquet
+
     p = Path(path)
     if not p.is_file():
         raise KarmaError(
             "preference pairs not found", file=p, expected="the preferences stage's output"
         )
-    try:
-        pairs = pl.read_parquet(p)
-    except Exception as err:
-        raise KarmaError(f"not a readable parquet file: {err}", file=p) from None
+    from karma.preferences import to_trl
+
+    pairs = to_trl(read_parquet(p, "parquet file"))  # either layout (TRL's or H4's)
     for col in ("prompt", "chosen", "rejected"):
         if col not in pairs.columns:
             raise KarmaError(
@@ -322,6 +323,7 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
                 field=col,
                 expected="TRL conversational preference format (prompt, chosen, rejected)",
             )
+    check_record_bytes(pairs.select("prompt", "chosen", "rejected"), p, "pair")
     return pairs
 
 
@@ -329,7 +331,7 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
 class SelectPaths:
     """Paths of the ``select`` stage."""
 
-    pairs: Path = input_path("preference pairs (the preferences stage's pairs.parquet)")
+    pairs: Path = input_path("preference pairs (the preferences stage's train_prefs.parquet)")
     model: Path = input_path("model that scores implicit margins (the policy with --reference)",
                              is_dir=True)  # fmt: skip
     reference: Path | None = input_path(

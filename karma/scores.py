@@ -19,11 +19,12 @@ Missing values: an empty cell, ``NA``, ``N/A``, ``NaN``, ``null``, ``None``, ``-
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,16 @@ import polars as pl
 
 from karma.config import Params
 from karma.errors import KarmaError
-from karma.io import read_json
+from karma.io import (
+    check_size,
+    limit_error,
+    limits,
+    read_json,
+    read_parquet,
+    short_reason,
+    text_lines,
+    write_json,
+)
 from karma.pipeline import Stage, input_path, output_path
 
 log = logging.getLogger(__name__)
@@ -49,33 +59,108 @@ def canonical_id(name: str) -> str:
 
 
 def _read_raw(path: Path) -> tuple[list[str], list[list[Any]]]:
-    """Return (column names, rows) exactly as stored; values untouched (strings or numbers)."""
+    """Return (column names, rows) exactly as stored; values untouched (strings or numbers).
+
+    Every format is bounded by ``params.limits`` (line length, columns, file size) before it
+    is parsed, and parser errors name the line.
+    """
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".parquet", ".pq", ".json", ".jsonl", ".ndjson"):
+        raise KarmaError(
+            "unsupported score table format", file=path, value=suffix, expected=SUFFIXES
+        )
+    if path.is_dir():
+        raise KarmaError("score table is a directory", file=path, expected="a file")
+    if not path.is_file():
+        what = "is a dangling symlink" if path.is_symlink() else "not found"
+        raise KarmaError(f"score table {what}", file=path)
+    if path.stat().st_size == 0:
+        raise KarmaError("empty file", file=path, expected="a header line (model, benchmarks)")
     try:
         if suffix in (".csv", ".tsv"):
-            df = pl.read_csv(
-                path,
-                separator="\t" if suffix == ".tsv" else ",",
-                infer_schema=False,
-            )
-        elif suffix in (".parquet", ".pq"):
-            df = pl.read_parquet(path)
-        elif suffix in (".jsonl", ".ndjson"):
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        if suffix in (".parquet", ".pq"):
+            return _read_parquet(path)
+        if suffix in (".jsonl", ".ndjson"):
+            records = []
+            for lineno, line in text_lines(path):
+                if line.strip():
+                    records.append(_json(line, path, lineno))
             return _records(records, path)
-        elif suffix == ".json":
-            return _records(json.loads(path.read_text()), path)
-        else:
-            raise KarmaError(
-                "unsupported score table format", file=path, value=suffix, expected=SUFFIXES
-            )
+        check_size(path)
+        return _records(_json(path.read_text(encoding="utf-8"), path, None), path)
     except KarmaError:
         raise
-    except FileNotFoundError:
-        raise KarmaError("score table not found", file=path) from None
-    except (OSError, ValueError, pl.exceptions.PolarsError) as err:
-        msg = " ".join(str(err).split())[:200]
-        raise KarmaError(f"cannot read score table: {msg}", file=path) from None
+    except UnicodeDecodeError:
+        raise KarmaError("not UTF-8 text", file=path) from None
+    except OSError as err:
+        raise KarmaError(f"cannot read score table: {short_reason(err)}", file=path) from None
+
+
+def _json(text: str, path: Path, lineno: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = lineno if lineno is not None else err.lineno
+        raise KarmaError(
+            f"line {line}, column {err.colno}: not valid JSON: {err.msg}", file=path
+        ) from None
+
+
+def _read_csv(path: Path, separator: str) -> tuple[list[str], list[list[Any]]]:
+    """CSV/TSV cells as text (Python's csv, strict quoting), bounded by ``params.limits``."""
+    lim = limits()
+    csv.field_size_limit(max(lim.max_record_bytes, 1))
+    numbered = text_lines(path)
+    where = {"line": 1}
+
+    def lines() -> Iterator[str]:
+        for lineno, line in numbered:
+            where["line"] = lineno
+            yield line
+
+    reader = csv.reader(lines(), delimiter=separator, strict=True)
+    rows: list[list[Any]] = []
+    header: list[str] | None = None
+    start = 1
+    try:
+        for row in reader:
+            if header is None:
+                header = row
+                if len(header) > lim.max_columns:
+                    raise limit_error(path, f"line 1: {len(header)} columns, more than",
+                                      "max_columns")  # fmt: skip
+            elif row:
+                if len(row) > len(header):
+                    raise KarmaError(
+                        f"line {start}: {len(row)} fields, more than the header's {len(header)}",
+                        file=path,
+                        expected="one field per column (quote a value that holds the separator)",
+                    )
+                rows.append(row + [None] * (len(header) - len(row)))
+            start = where["line"] + 1
+    except csv.Error as err:
+        reason = str(err)
+        if "unexpected end of data" in reason:
+            reason = 'unterminated quoted field (expected a closing ")'
+        elif "field larger than field limit" in reason:
+            raise limit_error(path, f"line {start}: a field longer than",
+                              "max_record_bytes") from None  # fmt: skip
+        raise KarmaError(f"line {start}: malformed {path.suffix[1:].upper()}: {reason}",
+                         file=path) from None  # fmt: skip
+    if header is None:
+        raise KarmaError("no header line", file=path, expected="model, benchmarks...")
+    return header, rows
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[list[Any]]]:
+    try:
+        schema = pl.read_parquet_schema(path)
+    except Exception as err:  # polars raises several error types for broken files
+        raise KarmaError(f"not a readable Parquet file: {short_reason(err)}", file=path) from None
+    if len(schema) > limits().max_columns:
+        raise limit_error(path, f"{len(schema)} columns, more than", "max_columns")
+    df = read_parquet(path, "Parquet score table")
     return df.columns, [list(r) for r in df.iter_rows()]
 
 
@@ -97,11 +182,14 @@ def _records(data: Any, path: Path) -> tuple[list[str], list[list[Any]]]:
         raise KarmaError(
             "JSON score table must be a list of records or {model: {benchmark: score}}", file=path
         )
-    columns: list[str] = []
-    for rec in data:
-        for key in rec:
-            if key not in columns:
-                columns.append(key)
+    seen: dict[str, None] = {}
+    cap = limits().max_columns
+    for i, rec in enumerate(data):
+        seen.update(dict.fromkeys(rec))
+        if len(seen) > cap:
+            raise limit_error(path, f"record {i + 1}: {len(seen)} columns, more than",
+                              "max_columns")  # fmt: skip
+    columns = list(seen)
     return columns, [[rec.get(c) for c in columns] for rec in data]
 
 
@@ -144,7 +232,7 @@ def read_scores(
     path = Path(path)
     columns, rows = _read_raw(path)
     alias_map = {canonical_id(k): canonical_id(v) for k, v in (aliases or {}).items()}
-    lower = [canonical_id(c) for c in columns]
+    lower = _check_header(path, columns)
     if MODEL not in lower:
         raise KarmaError(
             "no model column",
@@ -173,10 +261,45 @@ def read_scores(
     return df
 
 
+def _check_header(path: Path, columns: list[Any]) -> list[str]:
+    """Column names checked before any value is read: text, none blank, none repeated, and
+    one layout (wide, or exactly model, benchmark, score). Returns their canonical spelling."""
+    lower: list[str] = []
+    for i, name in enumerate(columns):
+        if not isinstance(name, str):
+            raise KarmaError(f"column {i + 1}: name is not text", file=path, value=name)
+        canon = canonical_id(name)
+        if canon == "":
+            raise KarmaError(
+                f"column {i + 1}: blank column name", file=path, value=name,
+                expected="a model column and named benchmark columns",
+            )  # fmt: skip
+        if canon in lower:
+            kind = "model" if canon == MODEL else "benchmark"
+            raise KarmaError(
+                f"duplicate {kind} column {name!r} (columns {lower.index(canon) + 1} and {i + 1}; "
+                "names are case-insensitive)",
+                file=path,
+                expected="each column once",
+            )
+        lower.append(canon)
+    if "benchmark" in lower and sorted(lower) != sorted(LONG_COLUMNS):
+        raise KarmaError(
+            "mixed wide and long layout: a 'benchmark' column next to other columns",
+            file=path,
+            value=columns,
+            expected="wide (model + one column per benchmark) or long (model, benchmark, score)",
+        )
+    return lower
+
+
 def _canonical_model(path: Path, raw: Any, index: int, alias_map: dict[str, str]) -> str:
-    """Canonical id of one row's model (aliases applied); error for an empty id."""
-    if raw is None or canonical_id(raw) == "":
+    """Canonical id of one row's model (aliases applied); error for an empty id or not text."""
+    if raw is None or (isinstance(raw, str) and canonical_id(raw) == ""):
         raise KarmaError(f"{_row_label(path, index)}: empty model id", file=path, field=MODEL)
+    if not isinstance(raw, str):
+        raise KarmaError(f"{_row_label(path, index)}: model id is not text", file=path,
+                         field=MODEL, value=raw, expected="a model name")  # fmt: skip
     model = canonical_id(raw)
     return alias_map.get(model, model)
 
@@ -313,7 +436,7 @@ def merge_scores(
         model = alias_map.get(model, model)
         values = {}
         for key, value in row.items():
-            if key == "model":
+            if key == "model" or key.startswith("meta."):  # how it was measured, not a score
                 continue
             bench = canonical_id(key)
             if bench not in benches:
@@ -355,21 +478,74 @@ def write_scores(df: pl.DataFrame, path: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------- stage
 
 
+def check_protocols(
+    rows: Mapping[Path, Mapping[str, Any]], reported_protocol: str | None, *, mix: bool = False
+) -> None:
+    """Refuse a measured row (``{file: row}``) whose ``meta.protocol`` is not the reported
+    table's (``reported_protocol``; None: no reported table), unless ``mix``.
+
+    Min-max normalisation across protocols would compare log-likelihood accuracies with
+    prompted ones (the paper's table) as if they were the same measurement.
+    """
+    if reported_protocol is None or mix:
+        return
+    for path, row in rows.items():
+        protocol = row.get("meta.protocol", "unknown")
+        if protocol != reported_protocol:
+            raise KarmaError(
+                f"scored with protocol {protocol!r}, the reported table with "
+                f"{reported_protocol!r} (scores.reported_protocol): benchmark it with a "
+                f"{reported_protocol} suite (benchmark.suite) or set scores.mix_protocols: true",
+                file=path,
+                field="meta.protocol",
+            )
+
+
+def row_protocols(
+    reported: pl.DataFrame | None,
+    rows: Sequence[Mapping[str, Any]],
+    reported_protocol: str,
+    aliases: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """``{model: protocol}`` of the merged table's rows: measured rows' ``meta.protocol``
+    (``unknown`` if absent), reported rows ``reported_protocol``."""
+    alias_map = {canonical_id(k): canonical_id(v) for k, v in (aliases or {}).items()}
+    out = {
+        m: reported_protocol for m in (reported[MODEL].to_list() if reported is not None else [])
+    }
+    for row in rows:
+        model = canonical_id(row["model"])
+        out[alias_map.get(model, model)] = str(row.get("meta.protocol", "unknown"))
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScoresPaths:
     """Paths of the ``scores`` stage."""
 
     measured_dir: Path = input_path("rows of the benchmark stage: <name>.json each", is_dir=True)
     out: Path = output_path("the merged score table", ".csv", ".parquet", ".pq")
+    protocols: Path | None = output_path(
+        "the protocol of each row of the table: {model: protocol}", ".json", required=False
+    )
 
 
 def run_scores(params: Params, paths: ScoresPaths) -> dict[str, Any]:
     """Stage ``scores``: the reported table + the measured rows -> one canonical table."""
     cfg = params.scores
     reported = read_scores(cfg.reported, cfg.aliases) if cfg.reported else None
-    rows = [read_measured(Path(paths.measured_dir) / f"{name}.json") for name in cfg.measured]
+    files = [Path(paths.measured_dir) / f"{name}.json" for name in cfg.measured]
+    rows = [read_measured(f) for f in files]
+    check_protocols(
+        dict(zip(files, rows, strict=True)),
+        cfg.reported_protocol if cfg.reported else None,
+        mix=cfg.mix_protocols,
+    )
     table = merge_scores(reported, rows, scale=cfg.scale, aliases=cfg.aliases)
     write_scores(table, paths.out)
+    protocols = row_protocols(reported, rows, cfg.reported_protocol, cfg.aliases)
+    if paths.protocols is not None:
+        write_json(paths.protocols, protocols)
     return {"models": table.height, "benchmarks": table.width - 1, "measured": len(rows)}
 
 
@@ -378,6 +554,8 @@ STAGE = Stage(
     settings=("scores",),
     paths=ScoresPaths,
     run=run_scores,
+    inputs=("scores.reported",),
     help="Measured rows (lm-eval fractions times scores.scale) replace reported rows of the "
-    "same model; model ids are canonical (lower case, aliases applied).",
+    "same model; model ids are canonical (lower case, aliases applied). A measured row scored "
+    "with another protocol than the reported table's is refused (scores.mix_protocols).",
 )

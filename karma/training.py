@@ -56,7 +56,7 @@ from karma.config import Params, TrainConfig, read_yaml
 from karma.errors import KarmaError, did_you_mean
 from karma.io import tree_digest, write_json
 from karma.lm import load_causal_lm, provenance, write_provenance
-from karma.pipeline import Stage, input_path, output_path, state_path
+from karma.pipeline import Stage, die_with_launcher, input_path, output_path, state_path
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_pairs(path: str | Path, method: str = "dpo") -> Any:
-    """Read preference pairs into a ``datasets.Dataset`` in TRL's conversational format.
+    """Read preference pairs (TRL or H4 layout) into a ``datasets.Dataset`` in TRL's
+    conversational format.
 
     DPO gets ``prompt`` / ``chosen`` / ``rejected``; SFT gets ``prompt`` / ``completion`` (the
     chosen answer). Metadata columns are dropped.
@@ -140,11 +141,10 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
             file=p,
             expected="a parquet file of preference pairs",
         )
-    try:
-        frame = pl.read_parquet(p)
-    except Exception as err:  # polars raises several error types for bad files
-        msg = " ".join(str(err).split())[:200]
-        raise KarmaError(f"not a readable parquet file: {msg}", file=p) from None
+    from karma.io import check_record_bytes, read_parquet
+    from karma.preferences import to_trl
+
+    frame = to_trl(read_parquet(p, "parquet file"))  # either layout (TRL's or H4's)
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
     if missing:
         raise KarmaError(
@@ -155,6 +155,7 @@ def load_pairs(path: str | Path, method: str = "dpo") -> Any:
         )
     if frame.height == 0:
         raise KarmaError("dataset is empty: nothing to train on", file=p)
+    check_record_bytes(frame.select(PAIR_COLUMNS), p, "pair")
     for col in PAIR_COLUMNS:
         dtype = frame.schema[col]
         if not isinstance(dtype, pl.List):
@@ -455,20 +456,6 @@ def launcher_prefix(params: Params, paths: TrainPaths | None = None) -> list[str
     return [*cmd, "--num_processes", n]
 
 
-def _die_with_launcher() -> None:
-    """Under torchrun (Linux): die with the launcher. It starts each worker in a session of its
-    own, so a killed launcher would leave its workers training (and writing checkpoints)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the launcher is already gone
-        os._exit(1)
-
-
 T = TypeVar("T")
 
 
@@ -690,51 +677,27 @@ def pair_metrics(policy: np.ndarray, reference: np.ndarray, beta: float) -> dict
     }
 
 
-def mean_interval(values: np.ndarray, *, binary: bool) -> tuple[float, float, float]:
-    """Mean and 95 % interval: Wilson for 0/1 values, Student t otherwise (zero width when
-    every value is equal)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    n, m = x.size, float(x.mean())
-    if binary:
-        z = float(stats.norm.ppf(0.975))
-        centre = (m + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        low = 0.0 if m == 0 else max(0.0, centre - half)  # exact bounds at 0 and 1
-        return m, low, 1.0 if m == 1 else min(1.0, centre + half)
-    if n < 2:
-        return m, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
-    return m, m - half, m + half
-
-
-def paired_interval(
-    after: np.ndarray, before: np.ndarray, *, seed: int, n_boot: int = N_BOOT
-) -> tuple[float, float, float]:
-    """Mean of ``after - before`` and its 95 % percentile interval from a seeded paired
-    bootstrap over the pairs (the same resampled pairs for both)."""
-    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
-    means = d[idx].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(low), float(high)
-
-
 def heldout_summary(
     before: dict[str, np.ndarray], after: dict[str, np.ndarray], *, seed: int
 ) -> dict[str, float]:
     """The ``heldout.*`` keys of ``metrics/train.json``: before, after and the paired change of
-    each metric, each with ``.ci_low`` / ``.ci_high``, and ``heldout.n`` (pairs)."""
+    each metric, each with ``.ci_low`` / ``.ci_high``, and ``heldout.n`` (pairs).
+
+    Intervals from :mod:`karma.stats` (95 %): Wilson for the accuracy, Student t otherwise; the
+    change's is a paired bootstrap over the pairs seeded by ``seed`` (:data:`N_BOOT` resamples).
+    """
+    from karma.stats import mean_ci, paired_bootstrap_ci
+
     out: dict[str, float] = {"heldout.n": len(after["loss"])}
     for m in HELDOUT:
         for who, values in (("before", before[m]), ("after", after[m])):
-            mean, low, high = mean_interval(values, binary=m == "reward_accuracy")
-            out.update({f"heldout.{who}.{m}": mean, f"heldout.{who}.{m}.ci_low": low,
-                        f"heldout.{who}.{m}.ci_high": high})  # fmt: skip
-        delta, low, high = paired_interval(after[m], before[m], seed=seed)
-        out.update({f"heldout.delta.{m}": delta, f"heldout.delta.{m}.ci_low": low,
-                    f"heldout.delta.{m}.ci_high": high})  # fmt: skip
+            est = mean_ci(values, binary=m == "reward_accuracy")
+            out.update({f"heldout.{who}.{m}": est.mean, f"heldout.{who}.{m}.ci_low": est.ci_low,
+                        f"heldout.{who}.{m}.ci_high": est.ci_high})  # fmt: skip
+        low, high = paired_bootstrap_ci(after[m], before[m], seed=seed, n_boot=N_BOOT)
+        delta = float(np.mean(after[m] - before[m]))
+        key = f"heldout.delta.{m}"
+        out.update({key: delta, f"{key}.ci_low": low, f"{key}.ci_high": high})
     return out
 
 
@@ -982,7 +945,7 @@ def run_train(
     and prepares the checkpoint directory (the others wait and receive its answer), all train
     and save collectively, and the main process alone writes the card, provenance and metrics.
     """
-    _die_with_launcher()
+    die_with_launcher()  # also when launched by hand, without pipeline.execute
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, dataset, heldout = _inputs(params, paths, world)
     plan = batch_plan(cfg, world)

@@ -28,6 +28,7 @@ from typing import Any
 import polars as pl
 
 from karma.errors import KarmaError
+from karma.io import check_record_bytes, check_size, limit_error, limits, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,11 @@ def parse_rating(value: Any, *, file: object, field: str) -> float | None:
     )
 
 
-def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFeedback:
-    """Validate and flatten ``(where, record)`` items (``where`` e.g. "line 3")."""
+def from_records(
+    records: Iterable[tuple[str, Any]], *, file: object, row0: int = 0
+) -> UltraFeedback:
+    """Validate and flatten ``(where, record)`` items (``where`` e.g. "line 3"); ``row0``: the
+    row number of the first record (a batch of a larger file)."""
     p_instr: list[str] = []
     p_source: list[str | None] = []
     c_row: list[int] = []
@@ -105,7 +109,8 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
     c_model: list[str] = []
     c_resp: list[str] = []
     ratings: dict[str, list[float | None]] = {k: [] for k in RATING_FIELDS}
-    for row, (where, rec) in enumerate(records):
+    cap = limits().max_record_bytes
+    for row, (where, rec) in enumerate(records, start=row0):
         loc = f"{file}: {where}"
         if not isinstance(rec, dict):
             raise KarmaError(
@@ -135,6 +140,7 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
         src = rec.get("source")
         p_instr.append(instr)
         p_source.append(None if src is None else str(src))
+        size = len(instr.encode())
         for pos, comp in enumerate(comps):
             cloc = f"completions[{pos}]"
             if not isinstance(comp, dict):
@@ -162,6 +168,10 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
                     value=resp,
                     expected="a string",
                 )
+            size += len(resp.encode())
+            if size > cap:
+                raise limit_error(loc, f"record of {size}+ bytes of text, more than",
+                                  "max_record_bytes")  # fmt: skip
             c_row.append(row)
             c_pos.append(pos)
             c_model.append(model)
@@ -173,7 +183,7 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
             "no records (empty file)", file=file, expected="at least one UltraFeedback record"
         )
     prompts = pl.DataFrame(
-        {"row": range(len(p_instr)), "instruction": p_instr, "source": p_source},
+        {"row": range(row0, row0 + len(p_instr)), "instruction": p_instr, "source": p_source},
         schema=PROMPT_SCHEMA,
     )
     completions = pl.DataFrame(
@@ -184,19 +194,19 @@ def from_records(records: Iterable[tuple[str, Any]], *, file: object) -> UltraFe
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise KarmaError(
-                    f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
-                ) from None
+    for lineno, line in text_lines(path):  # bounded by limits.max_line_bytes
+        if not line.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise KarmaError(
+                f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
+            ) from None
 
 
 def _read_json(path: Path) -> UltraFeedback:
+    check_size(path)  # parsed whole: limits.max_file_bytes
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise KarmaError("empty file", file=path, expected="a JSON list of UltraFeedback records")
@@ -241,8 +251,9 @@ def _rating_expr(frame_dtype: pl.DataType, key: str) -> pl.Expr:
     )
 
 
-def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
-    """Validate and flatten a frame with the UltraFeedback columns (vectorised)."""
+def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedback:
+    """Validate and flatten a frame with the UltraFeedback columns (vectorised); ``row0``: the
+    row number of its first record (a batch of a larger file)."""
     for col in ("instruction", "completions"):
         if col not in df.columns:
             raise KarmaError(
@@ -289,7 +300,14 @@ def from_frame(df: pl.DataFrame, *, file: object) -> UltraFeedback:
                 value=str(fields[key]),
                 expected="strings",
             )
-    df = df.with_row_index("row")
+    try:
+        check_record_bytes(df.select("instruction", "completions"), file)
+    except KarmaError as err:  # a batch of a larger file: name the record by its global row
+        if not row0:
+            raise
+        shift = lambda m: f"record {int(m.group(1)) + row0}"  # noqa: E731
+        raise KarmaError(re.sub(r"\brecord (\d+)", shift, str(err), count=1)) from None
+    df = df.with_row_index("row", offset=row0)
     bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
     if bad.height:
         r = bad.row(0, named=True)
@@ -403,8 +421,149 @@ def _read_hub(name: str, split: str) -> UltraFeedback:
     return from_frame(df, file=name)
 
 
+#: Columns read from a Parquet file (others, such as annotations, are never loaded).
+COLUMNS = ("source", "instruction", "completions")
+
+
+def count_records(source: str | Path) -> int | None:
+    """The number of records of a local Parquet file (from its footer), else None."""
+    path = Path(source)
+    if not (path.is_file() and path.suffix.lower() in (".parquet", ".pq")):
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception:  # the reader reports a broken file
+        return None
+
+
+def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """The items of ``items``, produced ``depth`` ahead in a background thread (so that reading
+    and decoding, which release the GIL, overlap the caller's work); order and errors are
+    those of ``items``."""
+    import contextvars
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            q.put((False, err))
+
+    context = contextvars.copy_context()  # the stage's limits (karma.io.use_limits) apply there
+    thread = threading.Thread(target=context.run, args=(produce,), name="karma-prefetch",
+                              daemon=True)  # fmt: skip
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def iter_ultrafeedback(
+    source: str | Path, *, split: str = "train", batch_records: int = 100_000
+) -> Iterator[UltraFeedback]:
+    """:func:`read_ultrafeedback` in batches of ``batch_records`` records, with global row
+    numbers: Parquet by record batches (only :data:`COLUMNS`), JSON lines by lines; other
+    sources (a .json file, a hub id) in one batch. Concatenated, the batches are what
+    :func:`read_ultrafeedback` returns, and they are checked as it checks (``limits``, one
+    completion per model and instruction)."""
+    for batch in _batches(source, split, batch_records):
+        _no_repeated_model(batch)
+        yield batch
+
+
+def _batches(source: str | Path, split: str, batch_records: int) -> Iterator[UltraFeedback]:
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_file() and path.stat().st_size and suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:  # pre_buffer would keep every row group read so far (memory grows with the file)
+            pf = pq.ParquetFile(path, pre_buffer=False)
+        except Exception as err:
+            raise KarmaError(
+                f"cannot read Parquet: {' '.join(str(err).split())[:200]}", file=path
+            ) from None
+        names = pf.schema_arrow.names
+        columns = [c for c in COLUMNS if c in names]
+        if pf.metadata.num_rows == 0 or "completions" not in names:
+            yield _read_parquet(path)  # the in-memory reader names what is wrong
+            return
+
+        def batches() -> Iterator[UltraFeedback]:
+            row0 = 0
+            for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
+                frame = pl.from_arrow(batch)
+                assert isinstance(frame, pl.DataFrame)
+                yield from_frame(frame, file=path, row0=row0)
+                row0 += batch.num_rows
+
+        yield from prefetch(batches())
+    elif path.is_file() and path.stat().st_size and suffix in (".jsonl", ".ndjson"):
+        row0 = 0
+        chunk: list[tuple[str, Any]] = []
+        for item in _iter_jsonl(path):
+            chunk.append(item)
+            if len(chunk) == batch_records:
+                yield from_records(chunk, file=path, row0=row0)
+                row0, chunk = row0 + len(chunk), []
+        if chunk or row0 == 0:
+            yield from_records(chunk, file=path, row0=row0)
+    else:
+        yield _read_source(source, split)
+
+
 def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeedback:
-    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``)."""
+    """Read a local .jsonl/.json/.parquet file or a hub dataset id (``owner/name``).
+
+    Input is bounded by ``params.limits`` and a model may answer an instruction only once.
+    """
+    data = _read_source(source, split)
+    _no_repeated_model(data)
+    return data
+
+
+def _no_repeated_model(data: UltraFeedback) -> None:
+    """Refuse a record whose completions name one model twice (case-insensitive)."""
+    keyed = data.completions.select(
+        "row", "pos", "model", key=pl.col("model").str.strip_chars().str.to_lowercase()
+    )
+    repeated = keyed.filter(pl.len().over("row", "key") > 1)
+    if repeated.height:
+        first = repeated.row(0, named=True)
+        same = repeated.filter((pl.col("row") == first["row"]) & (pl.col("key") == first["key"]))
+        r = same.row(1, named=True)
+        raise KarmaError(
+            f"model {r['model']!r} repeats within one instruction (completions[{first['pos']}] "
+            f"and [{r['pos']}]; names are case-insensitive)",
+            file=f"{data.source}: record {r['row']}",
+            field=f"completions[{r['pos']}].model",
+            expected="one completion per model and instruction",
+        )
+
+
+def _read_source(source: str | Path, split: str) -> UltraFeedback:
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -421,6 +580,8 @@ def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeed
         )
     if path.exists():
         raise KarmaError("not a file", file=path, expected="a .jsonl/.json/.parquet file")
+    if path.is_symlink():
+        raise KarmaError("dataset is a dangling symlink", file=path, expected="an existing file")
     if _HUB_ID.match(str(source)) and not path.suffix:
         return _read_hub(str(source), split)
     raise KarmaError(

@@ -1,4 +1,4 @@
-"""DVC stages ``evaluate_base`` and ``evaluate``: lm-eval on the base model / the policy."""
+"""DVC stage ``evaluate``: lm-eval on the policy, compared with the base model's evaluation."""
 
 from karma.pipeline import stage_main
 

@@ -341,3 +341,52 @@ def real_record(i: int) -> dict:
         "correct_answers": ["None"],
         "incorrect_answers": ["None"],
     }
+
+
+# --------------------------------------------------------------------------- H4's schema
+def h4_features() -> Any:
+    """The features of ``HuggingFaceH4/ultrafeedback_binarized`` (every split), written by hand
+    from its dataset card (``dataset_info.features``): ``prompt``, ``prompt_id`` (string),
+    ``chosen``, ``rejected``, ``messages`` (lists of ``{content, role}`` strings, in that field
+    order), ``score_chosen``, ``score_rejected`` (float64)."""
+    import datasets
+
+    messages = datasets.List(
+        {"content": datasets.Value("string"), "role": datasets.Value("string")}
+    )
+    return datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "prompt_id": datasets.Value("string"),
+            "chosen": messages,
+            "rejected": messages,
+            "messages": messages,
+            "score_chosen": datasets.Value("float64"),
+            "score_rejected": datasets.Value("float64"),
+        }
+    )
+
+
+def h4_dataset(n: int = 4) -> Any:
+    """``n`` rows in H4's schema (``prompt_id`` = sha256 of the prompt, as H4's)."""
+    import hashlib
+
+    import datasets
+
+    rows = []
+    for i in range(n):
+        prompt = f"write the sum of one plus {WORDS[50 + i % 10]}"
+        good, bad = f"the answer is {WORDS[51 + i % 9]}", "the moon is a planet"
+        user = {"content": prompt, "role": "user"}
+        rows.append(
+            {
+                "prompt": prompt,
+                "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
+                "chosen": [user, {"content": good, "role": "assistant"}],
+                "rejected": [user, {"content": bad, "role": "assistant"}],
+                "messages": [user, {"content": good, "role": "assistant"}],
+                "score_chosen": 8.0,
+                "score_rejected": 3.5,
+            }
+        )
+    return datasets.Dataset.from_list(rows, features=h4_features())

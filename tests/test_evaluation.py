@@ -1,5 +1,7 @@
 """karma.evaluation: metric flattening and comparison, the run settings (config model, CLI),
-task/model resolution, the response cache, and real lm-eval runs of the tiny model."""
+task/model resolution, the response cache, per-item results, intervals and paired deltas,
+the protocol check of the scores stage, and real lm-eval runs of the tiny model (against
+lm-eval's command line, and with two processes)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from karma.config import (
 )
 from karma.errors import KarmaError
 from karma.evaluation import (
+    TASKS_DIR,
     benchmark_model,
     compare_metrics,
     evaluate_model,
@@ -44,9 +47,11 @@ from karma.scores import merge_scores, read_measured, read_scores
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTED = REPO / "data" / "origin" / "scores.csv"
-EMBEDDED = SUITES["embedded"]
+EMBEDDED = SUITES["embedded"].tasks
+PAPER_MINI = SUITES["embedded_paper"].tasks
 #: a generation task and a log-likelihood task: the cheapest map that exercises both paths
 TWO = {"arc_easy": EMBEDDED["arc_easy"], "ifeval": EMBEDDED["ifeval"]}
+HEADLINE = ("score", "ci_low", "ci_high", "stderr", "n")
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -148,6 +153,15 @@ def test_compare_metrics_by_hand() -> None:
         "delta.a.x": 0.333,
         "policy.a.x": 0.667,
     }
+    # headline keys get paired deltas elsewhere (compare_runs); meta keys are not compared
+    head = {f"a.{k}": 0.5 for k in HEADLINE} | {"meta.suite": "embedded", "a.acc": None}
+    assert compare_metrics(head, {**head, "a.score": 0.75}) == {
+        **{f"base.a.{k}": 0.5 for k in HEADLINE},
+        **{f"policy.a.{k}": 0.5 for k in HEADLINE},
+        "policy.a.score": 0.75,
+        "base.a.acc": None,
+        "policy.a.acc": None,
+    }
 
 
 def test_chat_template_groups() -> None:
@@ -168,22 +182,40 @@ def test_chat_template_groups() -> None:
 
 
 def test_shipped_params_and_suites_name_the_real_tasks() -> None:
+    """The CPU default: evaluate on the log-likelihood mini suite (IFEval capped at 64 tokens),
+    benchmark origin models on the paper-protocol mini suite (the reported table's protocol)."""
     params = load_params(REPO / "params.yaml")
-    assert params.benchmark.task_map() == EMBEDDED == params.evaluate.task_map()
-    assert list(EMBEDDED) == list(SUITES["lm_eval"]) == list(BENCHMARKS)
-    assert {s.task for s in SUITES["lm_eval"].values()} == set(BENCHMARKS)
+    assert params.evaluate.task_map() == EMBEDDED and params.evaluate.protocol_name() == "loglik"
+    assert params.benchmark.task_map() == PAPER_MINI
+    assert params.benchmark.protocol_name() == "paper" == params.scores.reported_protocol
+    lm_eval = SUITES["lm_eval"].tasks
+    assert list(EMBEDDED) == list(lm_eval) == list(PAPER_MINI) == list(BENCHMARKS)
+    assert {s.task for s in lm_eval.values()} == set(BENCHMARKS)
     assert {s.task for s in EMBEDDED.values()} == {f"karma_{b}" for b in BENCHMARKS}
-    assert SUITES["lm_eval"]["mmlu_pro"].flat_metric == "exact_match_custom-extract"
+    assert lm_eval["mmlu_pro"].flat_metric == "exact_match_custom-extract"
     assert params.scores.scale == PAPER_SCALE
     assert PAPER_SCALE["mmlu_pro"] == 1.0 and PAPER_SCALE["ifeval"] == 100.0
-    assert params.benchmark.max_gen_toks is None and params.evaluate.max_gen_toks == 64
+    assert params.benchmark.max_gen_toks is None and params.evaluate.max_gen_toks is None
+    assert params.evaluate.gen_cap() == 64 and params.benchmark.gen_cap() is None
+    assert EvaluateConfig(max_gen_toks=9).gen_cap() == 9
+    assert EvaluateConfig(tasks=TWO).gen_cap() is None  # the suite's cap is the suite's
+    assert EvaluateConfig(tasks=TWO).protocol_name() == "custom"
+    assert EvaluateConfig(tasks=TWO, protocol="paper").protocol_name() == "paper"
+    # seed replicates re-run training and the policy's evaluation, never the base model's
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "seed" not in stages["evaluate_base"]["params"]
+    assert "seed" not in stages["evaluate"]["params"] and "seed" in stages["train"]["params"]
+    assert {"evaluate.n_boot", "evaluate.bootstrap_seed"} <= set(stages["evaluate"]["params"])
+    assert not {"evaluate.n_boot", "evaluate.bootstrap_seed"} & set(
+        stages["evaluate_base"]["params"]
+    )
 
 
 def test_tasks_override_the_suite_map() -> None:
     mine = {"mine": {"task": "karma_arc_easy", "metric": "acc"}}
     cfg = BenchmarkConfig(suite="lm_eval", tasks=mine)
     assert cfg.task_map() == {"mine": TaskSpec(task="karma_arc_easy", metric="acc")}
-    assert BenchmarkConfig(suite="lm_eval").task_map() == SUITES["lm_eval"]
+    assert BenchmarkConfig(suite="lm_eval").task_map() == SUITES["lm_eval"].tasks
     got = EvaluateConfig().task_map()
     got.clear()  # a copy: the suite map itself is untouched
     assert EvaluateConfig().task_map() == EMBEDDED and len(EMBEDDED) == 6
@@ -210,7 +242,7 @@ def test_real_task_names_and_metrics_exist_in_lm_eval() -> None:
     }
     for bench, rel in files.items():
         cfg = load(rel)
-        spec = SUITES["lm_eval"][bench]
+        spec = SUITES["lm_eval"].tasks[bench]
         assert spec.task == cfg.get("group", cfg.get("task")), bench
         metric, _, filt = spec.result_key.partition(",")
         if "aggregate_metric_list" in cfg:  # a group: mmlu_stem, mmlu_pro
@@ -221,6 +253,46 @@ def test_real_task_names_and_metrics_exist_in_lm_eval() -> None:
             metrics = load("arc/arc_easy.yaml") if bench == "arc_challenge" else cfg
             assert metric in [m["metric"] for m in metrics["metric_list"]], bench
             assert filt == "none"
+
+
+def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None:
+    """The paper suite's registry tasks exist in lm-eval with the chosen metric and filter, and
+    are generative; the rest are karma's hub tasks (karma/tasks/paper/hub)."""
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    loader = type("L", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda ld, node: None)
+    files = {
+        "mmlu_stem": "llama3/instruct/mmlu_cot/_mmlu_stem.yaml",
+        "mmlu_pro": "mmlu_pro/_mmlu_pro.yaml",
+        "arc_challenge": "arc/arc_challenge_chat.yaml",
+    }
+    paper = SUITES["paper"].tasks
+    for bench, rel in files.items():
+        cfg = yaml.load((root / rel).read_text(), Loader=loader)
+        spec = paper[bench]
+        assert spec.task == cfg.get("group", cfg.get("task")), bench
+        metric, _, filt = spec.result_key.partition(",")
+        if "aggregate_metric_list" in cfg:  # a group
+            (agg,) = cfg["aggregate_metric_list"]
+            assert (agg["metric"], agg.get("filter_list")) == (metric, filt), bench
+        else:
+            assert cfg["output_type"] == "generate_until"
+            assert metric in [m["metric"] for m in cfg["metric_list"]]
+            assert filt in [f["name"] for f in cfg["filter_list"]]
+    assert {b: s.task for b, s in paper.items() if b not in files} == {
+        "ifeval": "karma_paper_hub_ifeval",
+        "hellaswag": "karma_paper_hub_hellaswag",
+        "arc_easy": "karma_paper_hub_arc_easy",
+    }
+    # karma's IFEval copy is lm-eval's ifeval but for the per-item seeding
+    ours = yaml.load((REPO / "karma/tasks/paper/hub/karma_paper_hub_ifeval.yaml").read_text(),
+                     Loader=loader)  # fmt: skip
+    theirs = yaml.load((root / "ifeval/ifeval.yaml").read_text(), Loader=loader)
+    assert {k: v for k, v in ours.items() if k != "task"} == {
+        k: v for k, v in theirs.items() if k != "task"
+    }
 
 
 # (was: hand-written range checks of BenchmarkConfig.__post_init__; now the config model's
@@ -258,8 +330,20 @@ def test_real_task_names_and_metrics_exist_in_lm_eval() -> None:
         ),
         ({"benchmark": {"reported": "x.csv"}}, "benchmark.reported", "unknown key"),
         ({"evaluate": {"embedded": {}}}, "evaluate.embedded", "unknown key"),
+        ({"evaluate": {"backend": "tgi"}}, "evaluate.backend", "hf | vllm"),
+        ({"evaluate": {"model_args": {"dtype": "bf16"}}}, "evaluate.model_args",
+         "'dtype' is set by the dtype setting"),
+        ({"evaluate": {"backend": "vllm", "num_processes": 2}}, "evaluate",
+         "num_processes must be 1 with backend vllm"),
+        ({"evaluate": {"protocol": "paper"}}, "evaluate",
+         "suite 'embedded' is protocol 'loglik'"),
+        ({"evaluate": {"n_boot": 10}}, "evaluate.n_boot", "100 <= n_boot"),
+        ({"evaluate": {"num_processes": 0}}, "evaluate.num_processes", "out of range"),
+        ({"scores": {"reported_protocol": "prompted"}}, "scores.reported_protocol",
+         "loglik | paper | custom"),
+        ({"benchmark": {"suite": "papr"}}, "benchmark.suite", "did you mean 'paper'"),
     ],
-)
+)  # fmt: skip
 def test_bad_params_file_one_line(tmp_path: Path, data: dict, key: str, match: str) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -274,7 +358,10 @@ def test_bad_params_file_one_line(tmp_path: Path, data: dict, key: str, match: s
     ("args", "flag", "match"),
     [
         (["benchmark", "--model", "org/m", "--batch-size", "0"], "--batch-size", "out of range"),
-        (["benchmark", "--model", "org/m", "--suite", "nope"], "--suite", "embedded | lm_eval"),
+        (["benchmark", "--model", "org/m", "--suite", "nope"], "--suite",
+         "embedded | embedded_paper | lm_eval | paper"),
+        (["evaluate", "--model", ".", "--backend", "vllm", "--num-processes", "2"],
+         "--num-processes", "num_processes must be 1 with backend vllm"),
         (["benchmark", "--model", "org/m", "--dtype", "int3"], "--dtype", "not one of"),
         (["benchmark", "--model", "org/m", "--tasks", "{arc: {task: x}}"], "--tasks", "required"),
         (["benchmark", "--model", "org/m", "-S", "benchmark.sutie=x"], "-S benchmark.sutie",
@@ -433,9 +520,14 @@ def test_missing_model_dir_fails_before_running(tmp_path: Path, monkeypatch) -> 
     ("extra", "flag", "match"),
     [
         (["--model", "{tmp}/missing"], "--model", "input not found"),
-        (["--model", "{tmp}/model", "--baseline", "{tmp}/nope.json"], "--baseline", "not found"),
-        (["--model", "{tmp}/model", "--out", "{tmp}/m.txt"], "--out", "wrong output suffix"),
-        (["--model", "{tmp}/model", "--out", "{tmp}/model/m.json"], "--out", "lies inside"),
+        (["--model", "{tmp}/model", "--baseline", "{tmp}/nope"], "--baseline", "not found"),
+        (["--model", "{tmp}/model", "--baseline", "{tmp}/m.json"], "--baseline", "not a directory"),
+        (
+            ["--model", "{tmp}/model", "--metrics", "{tmp}/m.txt"],
+            "--metrics",
+            "wrong output suffix",
+        ),
+        (["--model", "{tmp}/model", "--out", "{tmp}/model/eval"], "--out", "lies inside"),
     ],
 )
 def test_evaluate_paths_refused_one_line(
@@ -447,6 +539,7 @@ def test_evaluate_paths_refused_one_line(
     monkeypatch,
 ) -> None:
     (tmp_path / "model").mkdir()
+    (tmp_path / "m.json").write_text("{}")
     monkeypatch.setattr(evaluation, "run_tasks", _never)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code, out, err = _cli(["evaluate", *(a.format(tmp=tmp_path) for a in extra)], capsys)
@@ -512,7 +605,7 @@ def test_scores_stage_script(tmp_path: Path) -> None:
     (tmp_path / "data" / "origin" / "scores.csv").write_text(REPORTED.read_text())
     measured = tmp_path / "data" / "benchmark" / "measured"
     measured.mkdir(parents=True)
-    row = {"model": "tiny", **dict.fromkeys(BENCHMARKS, 0.5)}
+    row = {"model": "tiny", **dict.fromkeys(BENCHMARKS, 0.5), "meta.protocol": "paper"}
     (measured / "tiny.json").write_text(json.dumps(row))
     (measured / "stale.json").write_text(json.dumps({**row, "model": "stale"}))
     (tmp_path / "params.yaml").write_text(
@@ -542,7 +635,152 @@ def test_scores_stage_script(tmp_path: Path) -> None:
     )
 
 
+# ---------------------------------------------------------------- protocols (karma.scores)
+
+
+def _scores_project(tmp_path: Path, protocol: str | None) -> tuple[Path, list[str]]:
+    """A scratch project for stages/scores.py: the paper table + one measured row."""
+    (tmp_path / "data" / "origin").mkdir(parents=True)
+    (tmp_path / "data" / "origin" / "scores.csv").write_text(REPORTED.read_text())
+    measured = tmp_path / "data" / "benchmark" / "measured"
+    measured.mkdir(parents=True)
+    row = {"model": "Tiny", **dict.fromkeys(BENCHMARKS, 0.5)}
+    if protocol is not None:
+        row["meta.protocol"] = protocol
+    (measured / "tiny.json").write_text(json.dumps(row))
+    return measured, [
+        "scores",
+        "--measured-dir",
+        str(measured),
+        "--out",
+        str(tmp_path / "scores.csv"),
+        "--protocols",
+        str(tmp_path / "protocols.json"),
+        "-S",
+        "scores.reported=" + str(tmp_path / "data" / "origin" / "scores.csv"),
+        "-S",
+        "scores.measured={tiny: x}",
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["loglik", None])
+def test_scores_refuses_to_mix_protocols_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str | None
+) -> None:
+    """A log-likelihood row (or a row that does not say) next to the paper's prompted table:
+    refused with one line naming the row's file, its protocol and the param that allows it;
+    nothing written. With scores.mix_protocols: true it merges, and the protocols file says
+    which row came from which protocol."""
+    measured, argv = _scores_project(tmp_path, protocol)
+    code, out, err = _cli(argv, capsys)
+    assert code == 1 and out == ""
+    line = _one_error_line(err)
+    shown = protocol or "unknown"
+    assert line == (
+        f"karma: error: {measured / 'tiny.json'}: field 'meta.protocol': scored with protocol "
+        f"'{shown}', the reported table with 'paper' (scores.reported_protocol): benchmark it "
+        "with a paper suite (benchmark.suite) or set scores.mix_protocols: true"
+    )
+    assert not (tmp_path / "scores.csv").exists() and not (tmp_path / "protocols.json").exists()
+    code, out, err = _cli([*argv, "-S", "scores.mix_protocols=true"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == {"models": 17, "benchmarks": 6, "measured": 1}
+    protocols = json.loads((tmp_path / "protocols.json").read_text())
+    assert protocols["tiny"] == shown and protocols["gpt-4"] == "paper" and len(protocols) == 17
+    # a paper-protocol row merges without the param; with no reported table nothing to check
+    (measured / "tiny.json").write_text(
+        json.dumps({"model": "tiny", "ifeval": 0.5, "meta.protocol": "paper"})
+    )
+    code, _, err = _cli(argv, capsys)
+    assert code == 0, err
+    assert read_scores(tmp_path / "scores.csv").columns == read_scores(REPORTED).columns
+
+
+def test_kinship_metrics_record_each_rows_protocol(tmp_path: Path) -> None:
+    """The kinship stage reads the scores stage's protocols file: meta.protocol.<model> for
+    every row of the table and meta.protocols, the distinct ones."""
+    from karma.kinship import STAGE as KINSHIP
+    from karma.kinship import KinshipPaths
+    from karma.pipeline import execute
+
+    protocols = {m: "paper" for m in read_scores(REPORTED)["model"].to_list()}
+    protocols["gpt-4"] = "loglik"
+    (tmp_path / "protocols.json").write_text(json.dumps(protocols))
+    paths = KinshipPaths(
+        scores=REPORTED, protocols=tmp_path / "protocols.json", out=tmp_path / "kin"
+    )
+    metrics = execute(KINSHIP, Params(), paths)
+    assert {k: v for k, v in metrics.items() if k.startswith("meta.protocol.")} == {
+        f"meta.protocol.{m}": p for m, p in protocols.items()
+    }
+    assert metrics["meta.protocols"] == "loglik,paper"
+    plain = execute(KINSHIP, Params(), KinshipPaths(scores=REPORTED, out=tmp_path / "kin2"))
+    assert not any(k.startswith("meta.") for k in plain)
+
+
+# ---------------------------------------------------------------- paired comparison
+
+
+def _frame(rows: dict[str, list[float]]) -> pl.DataFrame:
+    """A per-item frame (SAMPLE_SCHEMA's key columns) from {benchmark: scores}."""
+    data = [
+        {"benchmark": b, "item": f"t/{i}", "task": "t", "task_doc_id": i, "score": v}
+        for b, scores in rows.items()
+        for i, v in enumerate(scores)
+    ]
+    return pl.DataFrame(data)
+
+
+def test_compare_runs_keys_by_hand_and_against_karma_stats() -> None:
+    from karma import stats
+    from karma.evaluation import compare_runs
+
+    base_items = {"ifeval": [1.0] * 16 + [0.0] * 33, "arc_easy": [1.0, 0.0, 1.0, 0.0]}
+    policy_items = {"ifeval": [1.0] * 13 + [0.0] * 36, "arc_easy": [1.0, 1.0, 1.0, 1.0]}
+    base = {"ifeval.prompt_level_strict_acc": 16 / 49, "meta.suite": "embedded"}
+    base |= {f"ifeval.{k}": v for k, v in stats.estimate(base_items["ifeval"]).items()}
+    policy = {"ifeval.prompt_level_strict_acc": 13 / 49, "meta.suite": "embedded"}
+    policy |= {f"ifeval.{k}": v for k, v in stats.estimate(policy_items["ifeval"]).items()}
+    got = compare_runs(base, policy, _frame(base_items), _frame(policy_items), seed=5, n_boot=1000)
+    ifeval = stats.paired(policy_items["ifeval"], base_items["ifeval"], seed=5, n_boot=1000)
+    assert {k.removeprefix("delta.ifeval."): v for k, v in got.items()
+            if k.startswith("delta.ifeval.") and k != "delta.ifeval.prompt_level_strict_acc"
+            } == ifeval  # fmt: skip
+    # 3 of 49 prompts lost: the issue's example; the interval holds 0, McNemar p = 0.25
+    assert got["delta.ifeval.score"] == round(-3 / 49, 6)
+    assert got["delta.ifeval.p"] == pytest.approx(0.25) and got["delta.ifeval.significant"] == 0
+    assert got["delta.ifeval.prompt_level_strict_acc"] == round(-3 / 49, 6)
+    assert (got["delta.arc_easy.wins"], got["delta.arc_easy.losses"]) == (2, 0)
+    assert got["base.ifeval.score"] == round(16 / 49, 6) and "delta.ifeval.stderr" not in got
+    assert not any(k.startswith("meta.") for k in got)  # run_evaluate adds the policy's
+    # a baseline of other items, or of another suite, is refused
+    fewer = _frame({"ifeval": base_items["ifeval"][:40]})
+    with pytest.raises(KarmaError, match=r"per-item results of 'ifeval' differ.*40 shared"):
+        compare_runs(base, policy, fewer, _frame(policy_items), seed=0, n_boot=100)
+    with pytest.raises(KarmaError, match=r"field 'meta.suite': the baseline was evaluated"):
+        compare_runs({**base, "meta.suite": "lm_eval"}, policy, _frame(base_items),
+                     _frame(policy_items), seed=0, n_boot=100)  # fmt: skip
+
+
 # ---------------------------------------------------------------- real lm-eval, tiny model
+
+
+@pytest.fixture(scope="module")
+def varied_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny models whose greedy answers are varied text and differ from each other (base,
+    policy); the policy directory carries a policy's provenance."""
+    from karma.lm import write_provenance
+    from tests.fixtures import build_tiny_model
+
+    root = tmp_path_factory.mktemp("varied")
+    base = build_tiny_model(root / "base", initializer_range=0.3)
+    policy = build_tiny_model(root / "policy", initializer_range=0.3, seed=1)
+    write_provenance(base, {"source": "tiny/base", "resolved": "tiny", "dtype": "float32"})
+    write_provenance(
+        policy,
+        {"source": "tiny/base", "base": {"source": "tiny/base"}, "method": "dpo", "seed": 3},
+    )
+    return base, policy
 
 
 def _refuse_to_compute(monkeypatch: pytest.MonkeyPatch, *, from_load: int) -> list[str]:
@@ -558,8 +796,8 @@ def _refuse_to_compute(monkeypatch: pytest.MonkeyPatch, *, from_load: int) -> li
     def refuse(requests: list, *args: Any, **kwargs: Any) -> list:
         raise AssertionError(f"cache miss: the model was asked {len(requests)} requests")
 
-    def load(model: str, cfg: Any) -> Any:
-        lm = real(model, cfg)
+    def load(model: str, cfg: Any, **kwargs: Any) -> Any:
+        lm = real(model, cfg, **kwargs)
         loads.append(model)
         if len(loads) >= from_load:
             for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
@@ -577,14 +815,22 @@ def test_response_cache_answers_without_running_the_model(
     cfg = EvaluateConfig(limit=2, tasks=TWO)
     loads = _refuse_to_compute(monkeypatch, from_load=2)
     first = evaluate_model(str(tiny_model_dir), cfg)
-    assert set(first) == {
+    metrics = [
         "arc_easy.acc",
         "arc_easy.acc_norm",
         "ifeval.inst_level_loose_acc",
         "ifeval.inst_level_strict_acc",
         "ifeval.prompt_level_loose_acc",
         "ifeval.prompt_level_strict_acc",
+    ]
+    assert set(first) == {
+        *metrics,
+        *(f"{m}_{k}" for m in metrics for k in ("stderr", "ci_low", "ci_high")),
+        *(f"{b}.{k}" for b in TWO for k in HEADLINE),
     }
+    # the headline metric's interval keys are its score's
+    assert first["arc_easy.acc_norm_ci_low"] == first["arc_easy.ci_low"]
+    assert first["ifeval.prompt_level_strict_acc_stderr"] == first["ifeval.stderr"]
     # the second model cannot compute: every response comes from the cache
     assert evaluate_model(str(tiny_model_dir), cfg) == first
     assert len(loads) == 2
@@ -603,51 +849,82 @@ def test_response_cache_answers_without_running_the_model(
         evaluate_model(str(tiny_model_dir), EvaluateConfig(limit=2, tasks=TWO, max_gen_toks=9))
 
 
-def test_evaluate_cli_against_a_baseline(
-    tiny_model_dir: Path,
+def test_evaluate_cli_eval_json_against_a_baseline(
+    varied_models: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``karma evaluate`` writes flat metrics; with ``--baseline`` base.*, policy.* and
-    delta.* keys, the deltas worked out by hand from a shifted copy of the metrics."""
+    """``karma evaluate --out DIR`` keeps metrics.json and samples.parquet; with
+    ``--baseline`` the flat eval.json of NOTES-wave2 interface 4: every lm-eval metric of
+    base and policy, each benchmark's score / ci_low / ci_high / stderr / n, the paired delta
+    (score, ci_low, ci_high, p, significant) recomputed here from the two samples files, and
+    the meta keys from the settings and the model directories' provenance."""
+    from karma import stats
+
     monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
-    model = str(tiny_model_dir)
-    plain = tmp_path / "metrics" / "base.json"
+    base_model, policy_model = varied_models
+    opts = ["--limit", "4", "--max-gen-toks", "16", "--n-boot", "500", "--bootstrap-seed", "7"]
     code, out, err = _cli(
-        ["evaluate", "--model", model, "--out", str(plain), "--limit", "2"], capsys
+        ["evaluate", "--model", str(base_model), "--out", str(tmp_path / "base"), *opts], capsys
     )
     assert code == 0, err
-    policy = json.loads(plain.read_text())
-    assert json.loads(out) == policy
-    assert {f"{b}.{s.flat_metric}" for b, s in EMBEDDED.items()} <= set(policy)
-    assert all(k.split(".")[0] in BENCHMARKS and "," not in k for k in policy)
-    assert all(0 <= v <= 1 and (2 * v).is_integer() for v in policy.values())  # 2 items each
-
-    baseline = {
-        **policy,
-        "arc_easy.acc_norm": policy["arc_easy.acc_norm"] - 0.25,  # policy is 0.25 better
-        "hellaswag.acc_norm": policy["hellaswag.acc_norm"] + 0.5,  # policy is 0.5 worse
-        "retired.acc": 0.125,  # only in the baseline: base.* only
-    }
-    base_file = tmp_path / "baseline.json"
-    base_file.write_text(json.dumps(baseline))
-    compared = tmp_path / "metrics" / "evaluate.json"
-    loads = _refuse_to_compute(monkeypatch, from_load=1)  # same settings: all from the cache
-    argv = ["evaluate", "--model", model, "--out", str(compared), "--limit", "2"]
-    code, out, err = _cli([*argv, "--baseline", str(base_file)], capsys)
+    base = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert json.loads(out) == base
+    assert base["meta.base_model"] == "tiny/base" and "meta.seed" not in base
+    argv = ["evaluate", "--model", str(policy_model), "--baseline", str(tmp_path / "base")]
+    argv += ["--out", str(tmp_path / "policy"), "--metrics", str(tmp_path / "eval.json"), *opts]
+    code, out, err = _cli(argv, capsys)
     assert code == 0, err
-    assert len(loads) == 1
-    got = json.loads(compared.read_text())
+    got = json.loads((tmp_path / "eval.json").read_text())
     assert json.loads(out) == got
-    expected = {
-        **{f"base.{k}": v for k, v in baseline.items()},
-        **{f"policy.{k}": v for k, v in policy.items()},
-        **{f"delta.{k}": 0.0 for k in policy},
-        "delta.arc_easy.acc_norm": 0.25,
-        "delta.hellaswag.acc_norm": -0.5,
+    policy = json.loads((tmp_path / "policy" / "metrics.json").read_text())
+    samples = {
+        who: pl.read_parquet(tmp_path / who / "samples.parquet") for who in ("base", "policy")
     }
-    assert got == expected
+    assert samples["base"].columns == list(evaluation.SAMPLE_SCHEMA)
+    assert {
+        "meta.suite": "embedded",
+        "meta.protocol": "loglik",
+        "meta.base_model": "tiny/base",
+        "meta.seed": 3,
+        "meta.train_method": "dpo",
+        **{f"meta.items.{b}": 4 for b in BENCHMARKS},
+    } == {k: v for k, v in got.items() if k.startswith("meta.")}
+    differ = 0
+    for bench, spec in EMBEDDED.items():
+        for who, own in (("base", base), ("policy", policy)):
+            frame = samples[who].filter(pl.col("benchmark") == bench)
+            assert frame.height == 4 and frame["task_doc_id"].to_list() == [0, 1, 2, 3]
+            est = stats.estimate(frame["score"].to_numpy())
+            assert {k: got[f"{who}.{bench}.{k}"] for k in HEADLINE} == est
+            assert got[f"{who}.{bench}.{spec.flat_metric}"] == pytest.approx(est["score"])
+            assert got[f"{who}.{bench}.ci_low"] <= est["score"] <= got[f"{who}.{bench}.ci_high"]
+            assert {k.removeprefix(f"{bench}."): v for k, v in own.items()
+                    if k.startswith(f"{bench}.")} == {
+                k.removeprefix(f"{who}.{bench}."): v for k, v in got.items()
+                if k.startswith(f"{who}.{bench}.")} | {
+                spec.flat_metric: pytest.approx(est["score"])}  # fmt: skip
+        pair = stats.paired(
+            samples["policy"].filter(pl.col("benchmark") == bench)["score"].to_numpy(),
+            samples["base"].filter(pl.col("benchmark") == bench)["score"].to_numpy(),
+            seed=7,
+            n_boot=500,
+        )
+        assert {k: got[f"delta.{bench}.{k}"] for k in pair} == pair
+        assert got[f"delta.{bench}.score"] == pytest.approx(
+            got[f"policy.{bench}.score"] - got[f"base.{bench}.score"], abs=1e-6
+        )
+        assert got[f"delta.{bench}.significant"] in (0, 1)
+        differ += (
+            samples["policy"].filter(pl.col("benchmark") == bench)["response"].to_list()
+            != samples["base"].filter(pl.col("benchmark") == bench)["response"].to_list()
+        )
+    assert differ >= 1  # the two models answer differently: a real comparison
+    # the generated text and, for generation tasks with a filter, what it extracted
+    ifeval = samples["policy"].filter(pl.col("benchmark") == "ifeval")
+    assert ifeval["response"].null_count() == 0 and ifeval["extracted"].null_count() == 4
+    assert samples["policy"].filter(pl.col("benchmark") == "arc_easy")["response"].null_count()
 
 
 def test_benchmark_cli_writes_one_row(
@@ -656,30 +933,213 @@ def test_benchmark_cli_writes_one_row(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The row holds each benchmark's suite metric: the same numbers ``evaluate`` reports."""
+    """The row holds each benchmark's suite metric (the paper-protocol mini suite by default):
+    the same numbers ``evaluate`` reports with that suite; ``--samples`` keeps the items."""
     monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
     out_file = tmp_path / "measured" / "x.json"
     argv = ["benchmark", "--model", str(tiny_model_dir), "--name", "x", "--out", str(out_file)]
-    code, out, err = _cli([*argv, "--limit", "2", "--max-gen-toks", "64"], capsys)
+    argv += ["--samples", str(tmp_path / "samples" / "x.parquet")]
+    code, out, err = _cli([*argv, "--limit", "2", "--max-gen-toks", "8"], capsys)
     assert code == 0, err
     row = json.loads(out_file.read_text())
     assert json.loads(out) == row
-    assert set(row) == {"model", *BENCHMARKS} and row["model"] == "x"
+    meta = {"meta.protocol": "paper", "meta.suite": "embedded_paper"}
+    meta |= {f"meta.items.{b}": 2 for b in BENCHMARKS}
+    assert set(row) == {"model", *BENCHMARKS, *meta} and row["model"] == "x"
+    assert {k: row[k] for k in meta} == meta
     assert read_measured(out_file) == row
-    # the evaluate settings with the same limit and generation cap: answered from the cache
+    items = pl.read_parquet(tmp_path / "samples" / "x.parquet")
+    assert items.height == 12 and set(items["benchmark"]) == set(BENCHMARKS)
+    # the evaluate settings with the same suite, limit and generation cap: from the cache
     _refuse_to_compute(monkeypatch, from_load=1)
-    metrics = evaluate_model(str(tiny_model_dir), EvaluateConfig(limit=2))
-    assert {b: metrics[f"{b}.{s.flat_metric}"] for b, s in EMBEDDED.items()} == {
+    cfg = EvaluateConfig(suite="embedded_paper", limit=2, max_gen_toks=8)
+    metrics = evaluate_model(str(tiny_model_dir), cfg)
+    assert {b: metrics[f"{b}.{s.flat_metric}"] for b, s in PAPER_MINI.items()} == {
         b: row[b] for b in BENCHMARKS
     }
+
+
+def test_vllm_backend_is_refused_without_vllm_and_passes_its_args(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vllm is not installed here: one line. Where it is, lm-eval's vllm model gets
+    pretrained, dtype, batch_size and every model_args key."""
+    import importlib.util
+
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--backend", "vllm", "--no-cache"]
+    if importlib.util.find_spec("vllm") is None:
+        code, out, err = _cli(argv, capsys)
+        assert code == 1 and out == ""
+        assert "error: --backend: backend vllm needs the vllm package" in _one_error_line(err)
+    seen: dict[str, Any] = {}
+
+    def fake_vllm(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise KarmaError("stop here")
+
+    import lm_eval.api.registry as registry
+
+    real_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: n == "vllm" or real_spec(n))
+    monkeypatch.setattr(registry, "get_model", lambda name: {"vllm": fake_vllm}[name])
+    cfg = EvaluateConfig(
+        backend="vllm",
+        dtype="bfloat16",
+        model_args={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8},
+    )
+    with pytest.raises(KarmaError, match="stop here"):
+        evaluation._load_lm(str(tiny_model_dir), cfg)
+    assert seen == {
+        "pretrained": str(tiny_model_dir),
+        "dtype": "bfloat16",
+        "batch_size": 8,
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.8,
+    }
+
+
+def _ifeval_task(directory: Path) -> Path:
+    """The embedded IFEval task on 6 of its items plus 4 whose checks draw from the random
+    state (letter frequency without a usable letter, as google/IFEval's item 1122)."""
+    rows = [json.loads(line) for line in (TASKS_DIR / "ifeval.jsonl").read_text().splitlines()]
+    drawn = [
+        {"key": 9000 + i, "prompt": f"Write a note number {i} with at least 4 '#'.",
+         "instruction_id_list": ["keywords:letter_frequency"],
+         "kwargs": [{"letter": "#"} if i % 2 else {}]}
+        for i in range(4)
+    ]  # fmt: skip
+    directory.mkdir(parents=True)
+    (directory / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6] + drawn))
+    text = (TASKS_DIR / "karma_ifeval.yaml").read_text()
+    text = text.replace("task: karma_ifeval", "task: drawn_ifeval")
+    (directory / "drawn_ifeval.yaml").write_text(text.replace("ifeval.jsonl", "items.jsonl"))
+    return directory / "drawn_ifeval.yaml"
+
+
+@pytest.mark.slow
+def test_ifeval_scores_equal_lm_evals_command_line(
+    varied_models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lm_eval run`` (a fresh process, its default seeds) on karma's IFEval task scores every
+    item as karma does, the items whose checks draw from the random state included; karma's
+    scores do not depend on lm-eval's random seed (per-item seeding), so they are the same in
+    any process, order and process count."""
+    import nltk
+
+    from karma.evaluation import ensure_punkt
+
+    monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
+    model = varied_models[0]
+    task = _ifeval_task(tmp_path / "task")
+    ensure_punkt()
+    env = {**os.environ, "NLTK_DATA": os.pathsep.join(nltk.data.path)}
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+           f"pretrained={model},dtype=float32", "--tasks", "drawn_ifeval", "--include_path",
+           ".", "--apply_chat_template", "--batch_size", "8", "--device", "cpu", "--gen_kwargs",
+           "max_gen_toks=24", "--output_path", str(tmp_path / "cli"), "--log_samples"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=task.parent, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "cli").rglob("results_*.json")
+    (samples_file,) = (tmp_path / "cli").rglob("samples_drawn_ifeval_*.jsonl")
+    cli = json.loads(results_file.read_text())["results"]["drawn_ifeval"]
+    cli_items = sorted(
+        (json.loads(line) for line in samples_file.read_text().splitlines()),
+        key=lambda r: r["doc_id"],
+    )
+    spec = {"ifeval": TaskSpec(task=str(task), metric="prompt_level_strict_acc")}
+    cfg = EvaluateConfig(max_gen_toks=24, cache=False, samples_dir=str(tmp_path / "ours"))
+    ours = evaluation.run_tasks(str(model), spec, cfg)
+    for key in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
+                "inst_level_loose_acc"):  # fmt: skip
+        assert ours.metrics["ifeval"][key] == cli[f"{key},none"], key
+    mine = [json.loads(line) for line in (tmp_path / "ours" / "drawn_ifeval.jsonl").open()]
+    fields = ("resps", "prompt_level_strict_acc", "prompt_level_loose_acc",
+              "inst_level_strict_acc", "inst_level_loose_acc")  # fmt: skip
+    assert [[r[f] for f in fields] for r in mine] == [[r[f] for f in fields] for r in cli_items]
+    assert ours.samples["score"].to_list() == [float(r["prompt_level_strict_acc"]) for r in mine]
+    assert len({r["resps"][0][0] for r in mine}) > 1  # varied answers, not one repeated text
+    # lm-eval's random seed does not reach the per-item seeded checks
+    monkeypatch.setitem(evaluation.LM_EVAL_SEEDS, "random_seed", 12345)
+    again = evaluation.run_tasks(str(model), spec, cfg.model_copy(update={"samples_dir": None}))
+    assert again.samples.equals(ours.samples)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_metrics_of_one(
+    varied_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``karma evaluate --num-processes 2`` re-runs itself under ``python -m
+    torch.distributed.run`` (2 CPU processes, gloo): lm-eval splits the items between them
+    and gathers on rank 0, which alone writes. Metrics and per-item results are identical to
+    one process (5 items per task: an uneven split)."""
+    base = varied_models[0]
+    env = {**os.environ, "KARMA_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    karma = [sys.executable, "-m", "karma.cli"]
+
+    def run(n: int, name: str) -> tuple[dict, pl.DataFrame]:
+        argv = [*karma, "evaluate", "--model", str(base), "--out", str(tmp_path / name),
+                "--limit", "5", "--max-gen-toks", "12", "--no-cache", "--num-processes", str(n),
+                "--tasks", json.dumps({b: s.model_dump() for b, s in TWO.items()})]  # fmt: skip
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if n > 1:
+            assert "torch.distributed.run" in proc.stderr  # launched, not run in-process
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        return metrics, pl.read_parquet(tmp_path / name / "samples.parquet")
+
+    one, one_items = run(1, "one")
+    two, two_items = run(2, "two")
+    assert two == one
+    assert two_items.equals(one_items) and one_items.height == 10
+    assert sorted(p.name for p in tmp_path.iterdir() if "karma-tmp" in p.name) == []
+
+
+@pytest.mark.slow
+def test_seed_replicates_queue_as_a_dvc_grid(tmp_path: Path) -> None:
+    """``dvc exp run --queue -S seed=0,1,2`` (DVC's Hydra sweep syntax) queues one experiment
+    per seed; run, each records its seed as meta.seed, as eval.json does (a scratch project
+    whose stage writes the seed it was given)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def sh(*args: str) -> str:
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    sh("git", "init", "-q")
+    sh("git", "config", "user.email", "t@example.com")
+    sh("git", "config", "user.name", "t")
+    sh(*dvc, "init", "-q")
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "run.py").write_text(
+        "import json, yaml\n"
+        "seed = yaml.safe_load(open('params.yaml'))['seed']\n"
+        "json.dump({'meta.seed': seed, 'delta.x.score': seed / 10}, open('eval.json', 'w'))\n"
+    )
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  run:\n    cmd: python run.py\n    deps: [run.py]\n    params: [seed]\n"
+        "    metrics:\n      - eval.json:\n          cache: false\n"
+    )
+    sh(*dvc, "repro", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    sh(*dvc, "exp", "run", "--queue", "-S", "seed=0,1,2")
+    assert sh(*dvc, "queue", "status").count("Queued") == 3
+    sh(*dvc, "exp", "run", "--run-all", "-j", "1")
+    shown = json.loads(sh(*dvc, "exp", "show", "--json"))
+    runs = [r["data"] for c in shown for e in c.get("experiments") or [] for r in e["revs"]]
+    seeds = sorted(r["params"]["params.yaml"]["data"]["seed"] for r in runs)
+    assert seeds == [0, 1, 2]
+    assert sorted(r["metrics"]["eval.json"]["data"]["meta.seed"] for r in runs) == seeds
 
 
 @pytest.mark.slow
 def test_benchmark_tiny_model_feeds_scores_and_kinship(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Real lm-eval on every embedded suite (4 items each, per-sample logs), the scores stage
-    merging the row into the paper table, then the kinship engine on the merged table."""
+    """Real lm-eval on every paper-protocol mini task (4 items each, per-sample logs), the
+    scores stage merging the row into the paper table, then the kinship engine on it."""
     from karma.kinship import compute_kinship
     from karma.pipeline import execute
     from karma.scores import STAGE as SCORES_STAGE
@@ -689,13 +1149,14 @@ def test_benchmark_tiny_model_feeds_scores_and_kinship(
     samples = tmp_path / "samples"
     cfg = BenchmarkConfig(limit=4, max_gen_toks=8, samples_dir=str(samples))
     row = benchmark_model(str(tiny_model_dir), cfg, name="tiny")
-    assert list(row) == ["model", *BENCHMARKS] and row["model"] == "tiny"
+    assert list(row)[: len(BENCHMARKS) + 1] == ["model", *BENCHMARKS] and row["model"] == "tiny"
     assert all(0.0 <= row[b] <= 1.0 for b in BENCHMARKS)
     # 4 items: every score is a multiple of 1/4
     assert all((row[b] * 4).is_integer() for b in BENCHMARKS)
     logs = {p.name: p.read_text().splitlines() for p in samples.iterdir()}
-    assert sorted(logs) == sorted(f"{s.task}.jsonl" for s in EMBEDDED.values())
-    assert all(len(lines) == 4 for lines in logs.values())
+    assert sorted(logs) == sorted(f"{s.task}.jsonl" for s in PAPER_MINI.values())
+    # one logged sample per item and filter (the paper tasks have two filters)
+    assert all(len(lines) in (4, 8) for lines in logs.values())
     assert all("doc" in json.loads(line) for lines in logs.values() for line in lines)
 
     measured = tmp_path / "measured"
@@ -715,9 +1176,12 @@ def test_benchmark_tiny_model_feeds_scores_and_kinship(
 
     # evaluate with the same settings: every flat metric, the suite metric equal to the row's
     _refuse_to_compute(monkeypatch, from_load=1)
-    metrics = evaluate_model(str(tiny_model_dir), EvaluateConfig(limit=4, max_gen_toks=8))
-    assert {b: metrics[f"{b}.{s.flat_metric}"] for b, s in EMBEDDED.items()} == {
+    ecfg = EvaluateConfig(suite="embedded_paper", limit=4, max_gen_toks=8)
+    metrics = evaluate_model(str(tiny_model_dir), ecfg)
+    assert {b: metrics[f"{b}.{s.flat_metric}"] for b, s in PAPER_MINI.items()} == {
         b: row[b] for b in BENCHMARKS
     }
-    assert {"ifeval.prompt_level_strict_acc", "ifeval.inst_level_loose_acc"} <= set(metrics)
+    assert {"ifeval.prompt_level_strict_acc", "mmlu_pro.exact_match_flexible-extract"} <= set(
+        metrics
+    )
     assert all("," not in k for k in metrics)

@@ -21,7 +21,7 @@ from karma.config import (
     load_params,
 )
 from karma.errors import KarmaError
-from karma.io import atomic_file, cache_root, tree_digest
+from karma.io import MARKER, atomic_file, cache_root, tree_digest
 from karma.pipeline import Stage, execute, input_path, output_path
 
 # --------------------------------------------------------------------------- settings
@@ -161,6 +161,7 @@ def test_outputs_appear_together_only_after_success(tmp_path: Path) -> None:
     out, metrics = tmp_path / "out", tmp_path / "m.json"
     out.mkdir()
     (out / "data.txt").write_text("OLD")
+    (out / MARKER).write_text('{"by": "karma", "files": ["data.txt"]}')  # an earlier output
     metrics.write_text("old")
     with pytest.raises(KarmaError, match="boom"):
         execute(_demo(fail_after=True), Params(), DemoPaths(src=src, out=out, metrics=metrics))
@@ -178,6 +179,7 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_a_half_commit_restored(tmp_pa
     # a kill after "old aside" and before "new in": only the set-aside copy exists
     (tmp_path / ".out.karma-old").mkdir()
     (tmp_path / ".out.karma-old" / "data.txt").write_text("KEPT")
+    (tmp_path / ".out.karma-old" / MARKER).write_text('{"by": "karma", "files": ["data.txt"]}')
     (tmp_path / ".out.karma-tmp").mkdir()  # and a half-written temporary
     (tmp_path / ".m.karma-tmp.json").write_text("{")
     with pytest.raises(KarmaError):

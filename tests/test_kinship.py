@@ -22,10 +22,12 @@ from karma.kinship import (
     KinshipPaths,
     compute_kinship,
     kinship_metrics,
+    leave_one_out,
     normalise,
     pairwise_similarity,
     pairwise_similarity_numpy,
     run_kinship,
+    sensitivity_metrics,
     similarity_rows,
     summary,
     write_kinship,
@@ -427,11 +429,52 @@ def test_run_kinship_follows_the_settings(tmp_path: Path) -> None:
     paths = KinshipPaths(scores=ORIGIN, out=tmp_path / "k", metrics=tmp_path / "m.json")
     metrics = run_kinship(params, paths)
     want = compute_kinship(read_scores(ORIGIN), similarity="pearson", tau=0.3)
-    assert metrics == kinship_metrics(want)
+    loo = leave_one_out(read_scores(ORIGIN), want, similarity="pearson", tau=0.3)
+    assert json.loads((tmp_path / "k" / "sensitivity.json").read_text()) == loo
+    assert {k: v for k, v in metrics.items() if not k.startswith(("loo.", "clusters."))} == (
+        kinship_metrics(want)
+    )
+    assert {k: v for k, v in metrics.items() if k.startswith("loo.")} == sensitivity_metrics(loo)
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     assert json.loads((tmp_path / "k" / "pairs.json").read_text()) == want.pairs
     assert pl.read_parquet(tmp_path / "k" / "kinship.parquet").equals(want.kinship)
     assert want.stats["n_kin_pairs"] != compute_kinship(read_scores(ORIGIN)).stats["n_kin_pairs"]
+
+
+def test_leave_one_benchmark_out_on_the_papers_table(tmp_path: Path) -> None:
+    """Dropping a benchmark is the same as computing from a table without its column; the
+    ranking and global pairs it changes are the ones reported."""
+    scores = read_scores(ORIGIN)
+    full = compute_kinship(scores)
+    loo = leave_one_out(scores, full)
+    assert set(loo) == set(full.benchmarks)
+    for bench, entry in loo.items():
+        csv = tmp_path / f"no_{bench}.csv"
+        scores.drop(bench).write_csv(csv)
+        sub = compute_kinship(read_scores(csv))
+        assert entry["ranking"] == sub.names and entry["pairs"] == sub.pairs
+        assert entry["pairs_changed"] == [k for k in sub.pairs if sub.pairs[k] != full.pairs[k]]
+        moved = {m: sub.names.index(m) - full.names.index(m) for m in full.names}
+        assert entry["rank_changes"] == {m: v for m, v in moved.items() if v}
+        assert entry["max_rank_shift"] == max(abs(v) for v in moved.values())
+        assert 0.9 < entry["rank_spearman"] <= 1.0
+    # on the paper's table: hellaswag moves the ranking most; the score pair never moves,
+    # the sim pair without ifeval or hellaswag, the score_sim pair without mmlu_pro
+    assert min(loo, key=lambda b: loo[b]["rank_spearman"]) == "hellaswag"
+    assert {b: e["pairs_changed"] for b, e in loo.items() if e["pairs_changed"]} == {
+        "ifeval": ["sim"],
+        "hellaswag": ["sim"],
+        "mmlu_pro": ["score_sim"],
+    }
+    assert loo["mmlu_pro"]["pairs"]["score_sim"] == ["gpt-4", "gpt-3.5-turbo"]
+    m = sensitivity_metrics(loo)
+    assert m["loo.benchmarks_changing_pairs"] == sum(bool(e["pairs_changed"]) for e in loo.values())
+    assert m["loo.benchmarks_changing_pairs"] == 3
+    # a benchmark without which nothing is kin is reported, not fatal
+    two = pl.DataFrame({"model": ["a", "b", "c"], "x": [0.0, 1.0, 0.5], "y": [1.0, 0.0, 0.5]})
+    res = compute_kinship(two, tau=-1.0)
+    out = leave_one_out(two, res, tau=-1.0, min_common=2)
+    assert set(out) == {"x", "y"} and all("error" in e for e in out.values())
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -456,11 +499,9 @@ def test_cli_writes_outputs_and_metrics(tmp_path: Path, capsys: pytest.CaptureFi
     code, stdout, err = _cli(argv, capsys)
     assert code == 0, err
     metrics = json.loads(stdout)
-    assert (
-        metrics
-        == json.loads(m.read_text())
-        == kinship_metrics(compute_kinship(read_scores(ORIGIN)))
-    )
+    assert metrics == json.loads(m.read_text())
+    want = kinship_metrics(compute_kinship(read_scores(ORIGIN)))
+    assert {k: metrics[k] for k in want} == want
     assert "S_pref ranking" in err and "score      gpt-4 > bard" in err  # the summary is logged
     assert json.loads((out / "pairs.json").read_text())["score"] == ["gpt-4", "bard"]
     assert pl.read_parquet(out / "kinship.parquet").height == 240

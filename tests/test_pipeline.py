@@ -83,8 +83,9 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["scores"]["measured"] = MEASURED
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for dep in ("stages/benchmark.py", "karma/evaluation.py", "karma/tasks/x.yaml",
-                "data/benchmark/measured/x.json"):  # fmt: skip
+    for dep in ("stages/benchmark.py", "karma/evaluation.py", "karma/stats.py",
+                "karma/tasks/x.yaml", "data/benchmark/measured/x.json",
+                "data/benchmark/samples/x.parquet"):  # fmt: skip
         (tmp_path / dep).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / dep).write_text("x")
     subprocess.run([*dvc, "commit", "-f", "-q", "benchmark@x"], cwd=tmp_path, check=True)
@@ -156,13 +157,16 @@ def test_every_stage_script_writes_what_its_command_writes(
     for d in (a, b):
         (d / "measured").mkdir(parents=True)
     row = {"model": "tiny", **{k: 0.5 + 0.01 * i for i, k in enumerate(["ifeval", "arc_easy"])}}
+    row["meta.protocol"] = "paper"  # the reported table's (scores refuses another)
     (a / "measured" / "tiny.json").write_text(json.dumps(row))
     demo = (REPO / "data/demo/ultrafeedback_demo.jsonl").read_text().splitlines()[:40]
     (a / "demo.jsonl").write_text("\n".join(demo) + "\n")
     params = defaults_yaml_with(
         {
             "scores": {"reported": str(REPO / "data/origin/scores.csv"), "measured": {"tiny": "x"}},
-            "preferences": {"dataset": str(a / "demo.jsonl")},
+            "fetch": {"dataset": str(a / "demo.jsonl")},
+            "preferences": {"dataset": "completions.parquet"},
+            "sweep": {"taus": [0.1, 0.9]},
             "base_model": {"source": str(tiny_model_dir), "check_expect": None,
                            "check_max_new_tokens": 4},
             "select": {"method": "map", "ratio": 0.5, "cache": False},
@@ -180,25 +184,30 @@ def test_every_stage_script_writes_what_its_command_writes(
 
     steps: list[tuple[str, str, list[tuple[str, str]], list[str]]] = [
         # (script, command, [(flag, a-relative path)], outputs)
-        ("scores", "scores", [("--measured-dir", "measured"), ("--out", "scores.csv")],
-         ["scores.csv"]),
-        ("kinship", "kinship", [("--scores", "scores.csv"), ("--out", "kin"), ("--plots", "kp"),
-                                ("--metrics", "km.json")], ["kin", "kp", "km.json"]),
+        ("scores", "scores", [("--measured-dir", "measured"), ("--out", "scores.csv"),
+                              ("--protocols", "protocols.json")], ["scores.csv", "protocols.json"]),
+        ("kinship", "kinship", [("--scores", "scores.csv"), ("--protocols", "protocols.json"),
+                                ("--out", "kin"), ("--plots", "kp"), ("--metrics", "km.json")],
+         ["kin", "kp", "km.json"]),
+        ("fetch", "fetch", [("--out", "completions.parquet")], ["completions.parquet"]),
         ("preferences", "preferences", [("--kinship-dir", "kin"), ("--out", "prefs"),
                                         ("--metrics", "pm.json"), ("--plot", "pp.png")],
          ["prefs", "pm.json", "pp.png"]),
+        ("tau_sweep", "tau-sweep", [("--kinship-dir", "kin"), ("--out", "sweep.csv"),
+                                    ("--plot", "sweep.png")], ["sweep.csv", "sweep.png"]),
         ("base_model", "base-model", [("--out", "base")], ["base"]),
-        ("select_pairs", "select", [("--pairs", "prefs/pairs.parquet"), ("--model", "base"),
+        ("select_pairs", "select", [("--pairs", "prefs/train_prefs.parquet"), ("--model", "base"),
                                     ("--out", "sel"), ("--metrics", "sm.json"),
                                     ("--plot", "sp.png")], ["sel", "sm.json", "sp.png"]),
         ("train", "train", [("--data", "sel/pairs.parquet"), ("--base", "base"),
                             ("--out", "policy"), ("--checkpoints", "ck"), ("--live-dir", "live"),
                             ("--metrics", "tm.json")], ["policy", "live", "tm.json"]),
-        ("evaluate", "evaluate", [("--model", "base"), ("--out", "eb.json")], ["eb.json"]),
-        ("evaluate", "evaluate", [("--model", "policy"), ("--baseline", "eb.json"),
-                                  ("--out", "ep.json")], ["ep.json"]),
+        ("evaluate_base", "evaluate", [("--model", "base"), ("--out", "eb")], ["eb"]),
+        ("evaluate", "evaluate", [("--model", "policy"), ("--baseline", "eb"), ("--out", "ep"),
+                                  ("--metrics", "ep.json")], ["ep", "ep.json"]),
         ("benchmark", "benchmark", [("--model", "base"), ("--name", "tiny"),
-                                    ("--out", "bm.json")], ["bm.json"]),
+                                    ("--out", "bm.json"), ("--samples", "bm.parquet")],
+         ["bm.json", "bm.parquet"]),
     ]  # fmt: skip
     monkeypatch.chdir(a)  # the command reads a's inputs by the same (relative) names
     for script, command, flags, outputs in steps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import pytest
 from karma.config import DEFAULT_GROUPS, Params, SimilarityConfig
 from karma.kinship import STAGE, KinshipPaths, compute_kinship
 from karma.pipeline import execute
-from karma.plots import cluster_order, dendrogram, kinship_figures, margins_scatter, rms_distance
+from karma.plots import (
+    cluster_order,
+    clusters,
+    dendrogram,
+    kinship_figures,
+    margins_scatter,
+    pca,
+    rms_distance,
+)
 from karma.scores import read_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +45,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     res = compute_kinship(read_scores(ORIGIN))
     out = tmp_path_factory.mktemp("fig")
     paths = kinship_figures(res, out, groups=DEFAULT_GROUPS, threshold=0.4)
-    return {p.stem: p for p in paths}
+    return {p.stem: p for p in paths if p.suffix == ".png"}
 
 
 def test_all_figures_written_and_non_trivial(figures: dict[str, Path]) -> None:
@@ -90,7 +99,9 @@ def test_figures_are_byte_identical_across_runs(tmp_path: Path, figures: dict[st
     assert SimilarityConfig().cluster_threshold == 0.4
     paths = KinshipPaths(scores=ORIGIN, out=tmp_path / "k", plots=tmp_path / "plots")
     execute(STAGE, Params(), paths)
-    again = sorted((tmp_path / "plots").iterdir())
+    from karma.io import MARKER  # a staged directory output carries karma's marker
+
+    again = sorted(p for p in (tmp_path / "plots").glob("*.png") if p.name != MARKER)
     assert {p.stem for p in again} == set(figures)
     for p in again:
         assert p.read_bytes() == figures[p.stem].read_bytes(), p.name
@@ -128,7 +139,7 @@ def test_large_pool_skips_unreadable_figures(tmp_path: Path) -> None:
     )
     res = compute_kinship(df, dense_max_models=100, top_k=3)
     paths = kinship_figures(res, tmp_path, groups=DEFAULT_GROUPS)
-    assert [p.name for p in paths] == ["pca.png"]
+    assert [p.name for p in paths] == ["pca.png", "pca_loadings.csv"]
     assert _n_colours(_pixels(paths[0])) > 50
 
 
@@ -166,3 +177,80 @@ def test_margins_scatter_marks_kept_and_dropped_pairs(tmp_path: Path) -> None:
     assert margins_scatter(_scored([True] * 30, implicit), tmp_path / "k2.png").read_bytes() == (
         (tmp_path / "k.png").read_bytes()
     )
+
+
+# --------------------------------------------------------------------------- PCA, clusters
+
+
+@pytest.mark.parametrize("quadrant", [1, 2, 3, 4])
+def test_pca_puts_the_strongest_model_in_the_quadrant(quadrant: int) -> None:
+    res = compute_kinship(read_scores(ORIGIN))
+    x = res.models.select(res.benchmarks).to_numpy()
+    s_pref = res.models["s_pref"].to_numpy()
+    coords, loadings, var = pca(x, s_pref, quadrant=quadrant)
+    want = {1: (1, 1), 2: (-1, 1), 3: (-1, -1), 4: (1, -1)}[quadrant]
+    top = int(np.argmax(s_pref))
+    assert res.names[top] == "gpt-4"
+    assert tuple(np.sign(coords[top])) == want
+    # the coordinates are the centred scores on the (signed) loadings; loadings orthonormal
+    assert np.allclose(coords, (x - x.mean(axis=0)) @ loadings.T)
+    assert np.allclose(loadings @ loadings.T, np.eye(2))
+    assert var[0] > var[1] > 0 and var.sum() <= 1
+    # only the signs depend on the quadrant
+    ref, _, _ = pca(x, s_pref, quadrant=1)
+    assert np.allclose(np.abs(coords), np.abs(ref))
+    if quadrant == 2:  # the paper's reading: the three strongest models upper left
+        assert all(coords[i, 0] < 0 < coords[i, 1] for i in range(3)), res.names[:3]
+
+
+def test_pca_loadings_are_written_next_to_the_plot(tmp_path: Path) -> None:
+    paths = KinshipPaths(scores=ORIGIN, out=tmp_path / "k", plots=tmp_path / "plots")
+    execute(STAGE, Params(similarity=SimilarityConfig(pca_quadrant=3)), paths)
+    table = pl.read_csv(tmp_path / "plots" / "pca_loadings.csv")
+    res = compute_kinship(read_scores(ORIGIN))
+    x = res.models.select(res.benchmarks).to_numpy()
+    _, loadings, var = pca(x, res.models["s_pref"].to_numpy(), quadrant=3)
+    assert table["component"].to_list() == ["PC1", "PC2"]
+    assert table.columns[2:] == res.benchmarks
+    assert np.allclose(table.select(res.benchmarks).to_numpy(), loadings, atol=1e-6)
+    assert np.allclose(table["explained_variance"].to_numpy(), var, atol=1e-6)
+
+
+def test_clusters_match_scipy_and_follow_the_settings(tmp_path: Path) -> None:
+    from scipy.cluster.hierarchy import cophenet, fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    res = compute_kinship(read_scores(ORIGIN))
+    x = res.models.select(res.benchmarks).to_numpy()
+    for method in ("average", "complete", "ward"):
+        got = clusters(x, res.names, distance="euclidean", linkage=method, threshold=0.4)
+        d = pdist(x)
+        link = linkage(d, method=method)
+        labels = fcluster(link, t=0.4, criterion="distance")
+        assert got["n_clusters"] == len(set(labels))
+        assert got["cophenetic"] == pytest.approx(cophenet(link, d)[0], abs=1e-6)
+        # the same partition (numbering aside)
+        pairs = {(a, b) for a in range(16) for b in range(16) if labels[a] == labels[b]}
+        mine = [got["members"][m] for m in res.names]
+        assert {(a, b) for a in range(16) for b in range(16) if mine[a] == mine[b]} == pairs
+    # rms = euclidean / sqrt(6) on the complete table; cosine = 1 - kinship
+    rms = clusters(x, res.names, distance="rms", threshold=0.4 / math.sqrt(6))
+    euc = clusters(x, res.names, distance="euclidean", threshold=0.4)
+    assert rms["members"] == euc["members"] and rms["cophenetic"] == euc["cophenetic"]
+    # the stage writes them, with the settings, and reports them in the metrics
+    cfg = SimilarityConfig(cluster_distance="cosine", cluster_linkage="complete")
+    paths = KinshipPaths(scores=ORIGIN, out=tmp_path / "k", metrics=tmp_path / "m.json")
+    metrics = execute(STAGE, Params(similarity=cfg), paths)
+    written = json.loads((tmp_path / "k" / "clusters.json").read_text())
+    assert set(written) == {"all", *DEFAULT_GROUPS}
+    want = clusters(x, res.names, distance="cosine", linkage="complete", threshold=0.4)
+    assert written["all"] == want
+    assert metrics["clusters.all.n"] == want["n_clusters"]
+    assert metrics["clusters.all.cophenetic"] == want["cophenetic"]
+    # the number of clusters at 0.4 depends on these unstated choices (1 to 15 here)
+    counts = {
+        clusters(x, res.names, distance=d, linkage=m, threshold=0.4)["n_clusters"]
+        for d in ("rms", "euclidean", "cosine", "correlation")
+        for m in ("average", "complete", "single", "ward")
+    }
+    assert min(counts) == 1 and max(counts) == 11

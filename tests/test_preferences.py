@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pydantic
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,7 @@ from karma.errors import KarmaError
 from karma.kinship import compute_kinship, write_kinship
 from karma.pipeline import execute
 from karma.scores import read_scores
+from karma.sweep import all_draws
 from karma.ultrafeedback import UltraFeedback, from_records, read_ultrafeedback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +203,12 @@ def test_hand_made_rlaif() -> None:
         _rec("r4", ("x", "t", 9), ("y", "t", 2)),  # identical text
     ]
     data = from_records([(f"line {i}", r) for i, r in enumerate(recs)], file="hand")
-    res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3)
+    # the models x..w have no S_pref: the default (scored) pool has nothing to pair
+    scored = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3)
+    assert scored.counts["pairs"] == 0
+    assert scored.counts["drop_unknown_models"] == 4  # r0, r1, r3, r4: two rated responses
+    assert scored.counts["drop_too_few_candidates"] == 1  # r2: one rated response
+    res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3, pool="all")
     rows = {r["prompt"][0]["content"]: r for r in res.pairs.iter_rows(named=True)}
     assert set(rows) == {"r0", "r3"}
     assert rows["r0"]["chosen"][0]["content"] == "b"
@@ -216,10 +223,51 @@ def test_hand_made_rlaif() -> None:
     many = _rec("r", ("a", "A", 9), ("b", "B", 1), ("c", "C", 2), ("d", "D", 3))
     d2 = from_records([("line 1", many)], file="m")
     picks = {
-        P.make_pairs(d2, {}, _kin_frame(), strategy="rlaif", seed=s).pairs["rejected_model"][0]
+        P.make_pairs(d2, {}, _kin_frame(), strategy="rlaif", seed=s, pool="all").pairs[
+            "rejected_model"
+        ][0]
         for s in range(40)
     }
     assert picks == {"b", "c", "d"}
+
+
+def test_rlaif_baseline_uses_the_scored_pool() -> None:
+    """The default baseline draws from the responses KARMA pairs from: the unscored model's
+    response is never chosen nor rejected, even when it is rated highest."""
+    recs = [
+        _rec("u0", ("zz", "z", 10), ("A", "a", 9), ("C", "c", 2), ("D", "d", 5)),
+        _rec("u1", ("zz", "z", 1), ("A", "a", 9)),  # one scored rated response + unscored
+    ]
+    data = from_records([(f"line {i}", r) for i, r in enumerate(recs)], file="hand")
+    seen = set()
+    for seed in range(20):
+        res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed)
+        assert res.counts["pairs"] == 1 and res.counts["drop_unknown_models"] == 1
+        row = res.pairs.row(0, named=True)
+        assert row["chosen_model"] == "A" and row["rejected_model"] in {"C", "D"}
+        seen.add(row["rejected_model"])
+        every = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed,
+                             pool="all")  # fmt: skip
+        assert every.pairs["chosen_model"].to_list() == ["zz", "A"]
+    assert seen == {"C", "D"}
+
+
+def test_random_and_rlaif_draw_independent_numbers() -> None:
+    """Each strategy has its own stream: the draws of random and rlaif for the same rows are
+    not the same numbers (they were, before streams)."""
+    assert len({P.stream_seed(0, s) for s in P.STRATEGIES}) == len(P.STRATEGIES)
+    rows = range(200)
+    a = [P.splitmix64(P.stream_seed(7, "random"), r) % 6 for r in rows]
+    b = [P.splitmix64(P.stream_seed(7, "rlaif"), r) % 6 for r in rows]
+    assert sum(x == y for x, y in zip(a, b, strict=True)) < 60  # ~1/6 agree by chance
+    # and the kernel follows the stream (one instruction, six candidate pairs)
+    offsets = np.array([0, 4], dtype=np.int64)
+    args = (offsets, np.arange(4), np.ones(4, bool), np.array([9.0, 1.0, 2.0, 3.0]),
+            np.array([0.9, 0.7, 0.5, 0.3]), np.full((4, 4), 0.5))  # fmt: skip
+    for seed in range(10):
+        c, r, _ = P.pair_arrays(*args, strategy="random", seed=seed)
+        pairs = [(p, q) for p in range(4) for q in range(p + 1, 4)]
+        assert (c[0], r[0]) == pairs[P.splitmix64(P.stream_seed(seed, "random"), 0) % 6]
 
 
 # --------------------------------------------------------------------------- kernel vs reference
@@ -248,9 +296,12 @@ def _pools(draw: st.DrawFn) -> tuple:
     pool=_pools(),
     strategy=st.sampled_from(P.STRATEGIES),
     seed=st.integers(0, 2**40),
-    tau=st.sampled_from([0.1, 0.3, -1.0]),
+    tau=st.sampled_from([0.1, 0.3, -1.0, -math.inf]),
+    which=st.sampled_from(P.POOLS),
 )
-def test_kernel_matches_reference(pool: tuple, strategy: str, seed: int, tau: float) -> None:
+def test_kernel_matches_reference(
+    pool: tuple, strategy: str, seed: int, tau: float, which: str
+) -> None:
     sp, kin, recs = pool
     records = [
         {
@@ -265,14 +316,15 @@ def test_kernel_matches_reference(pool: tuple, strategy: str, seed: int, tau: fl
         schema=["model_a", "model_b", "kinship"],
         orient="row",
     )
-    res = P.make_pairs(data, _sp_frame(sp), kin_frame, strategy=strategy, tau=tau, seed=seed)
+    res = P.make_pairs(data, _sp_frame(sp), kin_frame, strategy=strategy, tau=tau, seed=seed,
+                       pool=which)  # fmt: skip
     sp_ref = {k: v for k, v in sp.items() if not math.isnan(v)}
     got = {r["prompt"][0]["content"]: r for r in res.pairs.iter_rows(named=True)}
     reasons = {r: 0 for r in P.REASONS}
     for i, rec in enumerate(records):
         comps = rec["completions"]
         a, b, why = P.reference_pair(
-            comps, sp_ref, kin, strategy=strategy, tau=tau, seed=seed, row=i
+            comps, sp_ref, kin, strategy=strategy, tau=tau, seed=seed, row=i, pool=which
         )
         reasons[why] += 1
         row = got.get(f"q{i}")
@@ -302,7 +354,7 @@ def test_splitmix_kernel_matches_python() -> None:
             strategy="rlaif",
             seed=seed,
         )
-        assert r[0] == 1 + P.splitmix64(seed, 0) % 2
+        assert r[0] == 1 + P.splitmix64(P.stream_seed(seed, "rlaif"), 0) % 2
 
 
 # --------------------------------------------------------------------------- outputs
@@ -406,7 +458,9 @@ def test_demo_all_strategies(demo: Demo) -> None:
         assert [m["role"] for m in ex["rejected"]] == ["assistant"]
         assert list(res.pairs.columns) == list(P.OUTPUT_COLUMNS)
         assert res.pairs["prompt_id"].n_unique() == res.pairs.height
-        assert "ultralm-65b" not in set(res.pairs["chosen_model"]) or strategy == "rlaif"
+        # the same pool for every strategy: no unscored model (ultralm-65b) in any pair
+        used = set(res.pairs["chosen_model"]) | set(res.pairs["rejected_model"])
+        assert used <= set(demo.models["model"]), (strategy, used - set(demo.models["model"]))
         if strategy != "rlaif":
             assert (res.pairs["s_pref_chosen"] > res.pairs["s_pref_rejected"]).all()
         if strategy in ("score", "sim", "score_sim"):
@@ -415,17 +469,31 @@ def test_demo_all_strategies(demo: Demo) -> None:
     assert results["sim"].metrics["mean_kinship"] > results["score"].metrics["mean_kinship"]
     assert results["sim"].metrics["mean_kinship"] > results["random"].metrics["mean_kinship"]
     assert results["rlaif"].metrics["rating_agree"] == 1.0
+    assert results["rlaif"].metrics["rating.overall_score.agree"] == 1.0
+    assert results["rlaif"].metrics["rating.fine_grained_score.agree"] < 1.0  # the other field
     assert not results["sim"].pairs.equals(results["score"].pairs)
+    # rlaif over every rated response (as H4 did) does pick the unscored model's responses
+    every = _demo_pairs(demo, "rlaif", seed=0, pool="all")
+    n_unscored = (every.pairs["chosen_model"] == "ultralm-65b").sum() + (
+        every.pairs["rejected_model"] == "ultralm-65b"
+    ).sum()
+    assert n_unscored > 20
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    from karma.io import MARKER  # a staged directory output carries karma's marker
+
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MARKER
+    )
 
 
 def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
     """The library run and the staged run (:func:`karma.pipeline.execute`, as the CLI and DVC
     run it) write the same bytes, and the same metrics as :func:`make_pairs`."""
     params = Params(kinship="score_sim", preferences=PreferencesConfig(dataset=str(DEMO)))
+    meta = {"meta.seed": 0, "meta.kinship": "score_sim", "meta.test_fraction": 0.2,
+            "meta.layout": "trl"}  # fmt: skip
     runs = []
     for k, runner in enumerate((P.run_preferences, partial(execute, P.STAGE))):
         d = tmp_path / f"run{k}"
@@ -437,28 +505,34 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
             plot=d / "p.png",
         )
         runs.append(runner(params, paths))
-    assert runs[0] == runs[1] == _demo_pairs(demo, "score_sim", tau=0.1, seed=0).metrics
-    expected = ["m.json", "p.png", "prefs/README.md", "prefs/pairs.parquet"]
+    expected_metrics = _demo_pairs(demo, "score_sim", tau=0.1, seed=0, test_fraction=0.2).metrics
+    assert runs[0] == runs[1] == {**expected_metrics, **meta}
+    expected = [
+        "m.json",
+        "p.png",
+        "prefs/README.md",
+        "prefs/test_prefs.parquet",
+        "prefs/train_prefs.parquet",
+    ]
     assert _files(tmp_path / "run0") == _files(tmp_path / "run1") == expected
     for name in expected:
         a, b = ((tmp_path / f"run{k}" / name).read_bytes() for k in range(2))
         assert a == b, name
     run = tmp_path / "run1"
     card = (run / "prefs" / "README.md").read_text()
-    assert card.startswith("---\n") and "path: pairs.parquet" in card
+    assert card.startswith("---\n") and "path: train_prefs.parquet" in card
+    assert "license: apache-2.0" in card  # the embedded demo set: this project's license
     assert "- `kinship`: `score_sim`" in card and f"- `preferences.dataset`: `{DEMO}`" in card
     metrics = json.loads((run / "m.json").read_text())
     assert metrics == runs[1] and metrics["strategy"] == "score_sim"
     assert (run / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import datasets
 
-    ds = datasets.load_dataset(
-        "parquet",
-        data_files=str(run / "prefs" / "pairs.parquet"),
-        split="train",
-        cache_dir=str(tmp_path / "hf"),
-    )
-    assert len(ds) == metrics["pairs"]
+    files = {s: str(run / "prefs" / f"{s}.parquet") for s in P.SPLITS}
+    ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "hf"))
+    assert len(ds["train_prefs"]) + len(ds["test_prefs"]) == metrics["pairs"]
+    assert len(ds["test_prefs"]) == metrics["split.test_pairs"] > 0
+    ds = ds["train_prefs"]
     ex = ds[0]
     assert ex["prompt"][0]["role"] == "user" and isinstance(ex["chosen"][0]["content"], str)
     assert set(P.OUTPUT_COLUMNS) == set(ds.column_names)
@@ -516,7 +590,7 @@ def test_reads_real_layout_all_strategies(tmp_path: Path, demo: Demo) -> None:
     for strategy in P.STRATEGIES:
         res = P.make_pairs(data, demo.models, demo.kinship, strategy=strategy)
         assert res.counts["pairs"] == 6, strategy
-        assert "ultralm-65b" not in set(res.pairs["rejected_model"]) or strategy == "rlaif"
+        assert "ultralm-65b" not in set(res.pairs["rejected_model"]), strategy
         assert res.pairs["source"].to_list() == ["flan_v2_niv2"] * 6
 
 
@@ -541,7 +615,7 @@ def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None
     paths = P.PreferencesPaths(
         kinship_dir=kin_dir, out=tmp_path / "prefs", metrics=tmp_path / "m.json"
     )
-    prefs = PreferencesConfig(dataset=str(data))
+    prefs = PreferencesConfig(dataset=str(data), test_fraction=0.0)
     before = _files(tmp_path)
     with pytest.raises(KarmaError, match=r"no preference pair.*no_eligible_pair 1") as err:
         execute(P.STAGE, Params(kinship="score", preferences=prefs), paths)
@@ -550,14 +624,20 @@ def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None
     loose = Params(kinship="score", similarity=SimilarityConfig(tau=0.0), preferences=prefs)
     ok = execute(P.STAGE, loose, paths)
     assert ok["pairs"] == 1 and json.loads(paths.metrics.read_text()) == ok
-    assert pl.read_parquet(paths.out / "pairs.parquet")["chosen_model"].to_list() == ["a"]
+    train = pl.read_parquet(paths.out / "train_prefs.parquet")
+    assert train["chosen_model"].to_list() == ["a"]
+    assert pl.read_parquet(paths.out / "test_prefs.parquet").height == 0
 
 
 # --------------------------------------------------------------------------- settings
 def test_stage_settings_and_defaults(tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml")
     assert params.preferences == PreferencesConfig()  # the committed file holds the defaults
-    assert len(read_ultrafeedback(REPO / params.preferences.dataset)) == 480
+    # the default completions: the fetch stage's output, made from the embedded demo set
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert params.preferences.dataset == dvc["vars"][0]["path"]["completions"]
+    assert "${path.completions}" in dvc["stages"]["fetch"]["outs"]
+    assert len(read_ultrafeedback(REPO / params.fetch.dataset)) == 480
     assert params.kinship in P.STRATEGIES
     # the config's choices are the library's
     assert typing.get_args(config.Strategy) == P.STRATEGIES
@@ -570,8 +650,15 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
         "preferences.split",
         "preferences.rating",
         "preferences.aliases",
+        "preferences.baseline_pool",
+        "preferences.layout",
+        "preferences.test_fraction",
+        "preferences.batch_records",
     ]
+    assert "preferences.batch_records" not in P.STAGE.tracked_keys()  # operational
     assert P.STAGE.inputs == ("preferences.dataset",)
+    assert typing.get_args(config.Layout) == P.LAYOUTS
+    assert typing.get_args(config.BaselinePool) == P.POOLS
     with pytest.raises(pydantic.ValidationError):
         PreferencesConfig(rating="stars")
     bad = tmp_path / "params.yaml"
@@ -670,10 +757,13 @@ def test_cli_writes_what_make_pairs_makes(
     argv += ["--params", str(params), "--kinship", "sim", "--metrics", str(metrics)]
     code, stdout, err = _cli([*argv, "--plot", str(plot)], capsys)
     assert code == 0, err
-    expected = _demo_pairs(demo, "sim", tau=0.1, seed=3)  # --kinship over the file's rlaif
-    assert json.loads(stdout) == json.loads(metrics.read_text()) == expected.metrics
+    expected = _demo_pairs(demo, "sim", tau=0.1, seed=3, test_fraction=0.2)  # --kinship wins
+    meta = {"meta.seed": 3, "meta.kinship": "sim", "meta.test_fraction": 0.2,
+            "meta.layout": "trl"}  # fmt: skip
+    assert json.loads(stdout) == json.loads(metrics.read_text()) == {**expected.metrics, **meta}
     assert expected.metrics["strategy"] == "sim" and expected.metrics["instructions"] == 480
-    assert pl.read_parquet(out / "pairs.parquet").equals(expected.pairs)
+    for split in P.SPLITS:
+        assert pl.read_parquet(out / f"{split}.parquet").equals(expected.split(split)), split
     assert "- `seed`: `3`" in (out / "README.md").read_text()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _files(tmp_path) == [
@@ -681,7 +771,8 @@ def test_cli_writes_what_make_pairs_makes(
         "params.yaml",
         "plots/pairs.png",
         "prefs/README.md",
-        "prefs/pairs.parquet",
+        "prefs/test_prefs.parquet",
+        "prefs/train_prefs.parquet",
     ]
 
 
@@ -769,3 +860,472 @@ def test_output_suffix_that_does_not_match_is_refused(
     line = _one_error_line(err)
     assert f"field '{flag}': wrong output suffix" in line and f"expected {expected})" in line
     assert _files(tmp_path) == [] and not out.exists()
+
+
+# --------------------------------------------------------------------------- diagnostics
+def _reference_outcomes(
+    data: UltraFeedback, demo: Demo, strategy: str, tau: float
+) -> list[tuple[int, int, str]]:
+    """reference_pair for every instruction (flat completion indices, as the kernel's)."""
+    sp = {m: v for m, v in demo.models.select("model", "s_pref").iter_rows() if v is not None}
+    kin = {(a, b): v for a, b, v in demo.kinship.iter_rows()}
+    comps = data.completions
+    out = []
+    start = 0
+    for row, group in enumerate(comps.partition_by("row", maintain_order=True)):
+        recs = [
+            {"model": m, "response": r, "overall_score": s}
+            for m, r, s in group.select("model", "response", "overall_score").iter_rows()
+        ]
+        a, b, why = P.reference_pair(recs, sp, kin, strategy=strategy, tau=tau, seed=0, row=row)
+        out.append((start + a if a >= 0 else -1, start + b if b >= 0 else -1, why))
+        start += group.height
+    return out
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.9, 0.97])
+def test_diagnostics_match_the_reference(demo: Demo, tau: float) -> None:
+    """changed_by_tau, dropped_by_tau and the overlaps, counted from the plain-Python rules at
+    tau and at tau = -inf (every candidate pair eligible)."""
+    data = demo.data
+    ref = {s: _reference_outcomes(data, demo, s, tau) for s in P.STRATEGIES}
+    for strategy in P.KARMA_STRATEGIES:
+        m = _demo_pairs(demo, strategy, tau=tau, seed=0).metrics
+        mine, free = ref[strategy], _reference_outcomes(data, demo, strategy, -math.inf)
+        changed = sum(a[:2] != b[:2] for a, b in zip(mine, free, strict=True))
+        dropped = sum(a[2] != "kept" and b[2] == "kept" for a, b in zip(mine, free, strict=True))
+        assert m["diag.changed_by_tau_n"] == changed, (strategy, tau)
+        assert m["diag.dropped_by_tau_n"] == dropped, (strategy, tau)
+        assert m["diag.changed_by_tau"] == round(changed / 480, 6)
+        kept = [o for o in mine if o[2] == "kept"]
+        for other in P.STRATEGIES:
+            if other != strategy:
+                same = sum(o == p for o, p in zip(mine, ref[other], strict=True) if o[2] == "kept")
+                assert m[f"diag.overlap.{other}"] == round(same / len(kept), 6), other
+    if tau == 0.1:  # the demo set's kin fraction is 99%: tau 0.1 changes nothing
+        assert _demo_pairs(demo, "score").metrics["diag.changed_by_tau_n"] == 0
+    else:
+        assert _demo_pairs(demo, "score", tau=tau).metrics["diag.changed_by_tau_n"] > 0
+
+
+def test_pool_statistics_match_a_plain_loop(demo: Demo) -> None:
+    from scipy import stats
+
+    prep = P.prepare(demo.data, demo.models.select("model", "s_pref"), demo.kinship)
+    sp = dict(demo.models.select("model", "s_pref").iter_rows())
+    kin = {(a, b): v for a, b, v in demo.kinship.iter_rows()}
+    kins, gaps = [], []
+    for group in demo.data.completions.partition_by("row", maintain_order=True):
+        cands = [
+            m
+            for m, r in group.select("model", "response").iter_rows()
+            if r.strip() and sp.get(m) is not None
+        ]
+        for i, a in enumerate(cands):
+            for b in cands[i + 1 :]:
+                if a != b:
+                    kins.append(kin[(a, b)])
+                    gaps.append(abs(sp[a] - sp[b]))
+    assert int(P.pool_counts(prep).sum()) == len(kins)
+    got = P.pool_stats(prep.pool, P.pool_counts(prep))
+    assert got["candidate_pairs"] == len(kins)
+    assert got["mean_kinship"] == pytest.approx(np.mean(kins), abs=1e-6)
+    assert got["mean_abs_s_pref_gap"] == pytest.approx(np.mean(gaps), abs=1e-6)
+    rho = stats.spearmanr(kins, gaps).statistic
+    assert got["spearman_kinship_gap"] == pytest.approx(rho, abs=1e-6)
+    assert rho < -0.3  # kin models are close in S_pref: the two measures are not independent
+    m = _demo_pairs(demo, "sim").metrics
+    assert m["diag.used.mean_kinship"] > m["diag.pool.mean_kinship"]  # sim picks the kin
+    assert m["diag.used.mean_abs_s_pref_gap"] < m["diag.pool.mean_abs_s_pref_gap"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    x=st.lists(st.sampled_from([0.1, 0.2, 0.2, 0.5, 0.9]), min_size=3, max_size=12),
+    data=st.data(),
+)
+def test_weighted_spearman_is_spearman_of_the_expanded_sample(x: list[float], data: Any) -> None:
+    from scipy import stats
+
+    n = len(x)
+    y = data.draw(st.lists(st.sampled_from([0.0, 0.3, 0.3, 0.7]), min_size=n, max_size=n))
+    w = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    xs = np.repeat(x, w)
+    ys = np.repeat(y, w)
+    got = P.weighted_spearman(np.array(x), np.array(y), np.array(w))
+    if len(xs) < 2 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        assert got is None
+    else:
+        assert got == pytest.approx(stats.spearmanr(xs, ys).statistic, abs=1e-9)
+
+
+#: The paper's table: the chosen pair of every 4-of-17 draw (16 scored models + ultralm-65b),
+#: with tau vs without (tau = -inf). (strategy, tau) -> (changed, dropped) of 2,380 draws.
+PAPER_TABLE = {
+    ("score", 0.1): (0, 0),
+    ("sim", 0.1): (0, 0),
+    ("score_sim", 0.1): (0, 0),
+    ("score", 0.95): (1423, 708),
+    ("sim", 0.95): (708, 708),
+    ("score_sim", 0.95): (1159, 708),
+}
+
+
+def test_on_the_papers_table_tau_0_1_changes_no_pair(demo: Demo) -> None:
+    draws = all_draws(demo.models["model"].to_list(), 4, ["ultralm-65b"])
+    assert len(draws) == math.comb(17, 4) == 2380
+    for (strategy, tau), (changed, dropped) in PAPER_TABLE.items():
+        res = P.make_pairs(draws, demo.models, demo.kinship, strategy=strategy, tau=tau)
+        m = res.metrics
+        assert (m["diag.changed_by_tau_n"], m["diag.dropped_by_tau_n"]) == (changed, dropped)
+        assert res.counts["pairs"] == 2380 - dropped
+        card = P.dataset_card(res, dataset="draws", params={})
+        if changed == 0:
+            assert f"tau = {tau:g} changed no pair" in card
+        else:
+            assert f"tau = {tau:g} changed the outcome of {changed} of 2380" in card
+
+
+# --------------------------------------------------------------------------- split
+@settings(max_examples=30, deadline=None)
+@given(
+    texts=st.lists(st.text(max_size=30), min_size=1, max_size=30),
+    seed=st.integers(0, 2**40),
+    fraction=st.sampled_from([0.0, 0.2, 0.5, 0.9]),
+)
+def test_split_kernel_matches_reference(texts: list[str], seed: int, fraction: float) -> None:
+    got = P.is_test(pl.Series(texts, dtype=pl.String), seed=seed, fraction=fraction)
+    want = [P.is_test_reference(t, seed=seed, fraction=fraction) for t in texts]
+    assert got.tolist() == want
+
+
+def test_split_is_by_prompt_seeded_and_shared_by_strategies(demo: Demo, tmp_path: Path) -> None:
+    texts = pl.Series([f"prompt {i}" for i in range(20_000)])
+    share = P.is_test(texts, seed=0, fraction=0.2).mean()
+    assert 0.19 < share < 0.21
+    assert not (
+        P.is_test(texts, seed=0, fraction=0.2) == P.is_test(texts, seed=1, fraction=0.2)
+    ).all()
+    # the same prompt is always on the same side: duplicates, and every strategy
+    dup = pl.Series(["same"] * 5 + ["other"] * 5)
+    assert len(set(P.is_test(dup, seed=3, fraction=0.5)[:5])) == 1
+    sides: dict[str, bool] = {}
+    for strategy in P.STRATEGIES:
+        res = _demo_pairs(demo, strategy, test_fraction=0.2)
+        train, test = (set(res.split(s)["prompt_id"]) for s in P.SPLITS)
+        assert not train & test and len(train) + len(test) == res.pairs.height
+        assert abs(len(test) / res.pairs.height - 0.2) < 0.05
+        for pid in test | train:
+            assert sides.setdefault(pid, pid in test) == (pid in test)
+
+
+# --------------------------------------------------------------------------- H4 layout
+def _stage(demo: Demo, tmp_path: Path, layout: str, **prefs: Any) -> Path:
+    params = Params(
+        kinship="score", preferences=PreferencesConfig(dataset=str(DEMO), layout=layout, **prefs)
+    )
+    out = tmp_path / f"prefs-{layout}"
+    execute(P.STAGE, params, P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out))
+    return out
+
+
+def test_h4_layout_is_h4s_schema_and_ids(demo: Demo, tmp_path: Path) -> None:
+    import hashlib
+
+    import datasets
+    import pyarrow.parquet as pq
+
+    from tests.fixtures import h4_features
+
+    out = _stage(demo, tmp_path, "h4")
+    table = pq.read_table(out / "train_prefs.parquet")
+    assert tuple(table.column_names) == P.H4_COLUMNS + P.META_COLUMNS
+    features = datasets.Features.from_arrow_schema(table.schema)
+    assert datasets.Features({k: features[k] for k in P.H4_COLUMNS}) == h4_features()
+    assert "large_string" not in str(table.schema)
+    rows = table.to_pylist()
+    res = _demo_pairs(demo, "score", test_fraction=0.2)
+    trl = res.split("train_prefs").to_dicts()
+    assert len(rows) == len(trl) > 250
+    for h4, t in zip(rows, trl, strict=True):
+        prompt = t["prompt"][0]["content"]
+        assert h4["prompt"] == prompt
+        assert h4["prompt_id"] == hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+        assert h4["chosen"] == [
+            {"content": prompt, "role": "user"},
+            {"content": t["chosen"][0]["content"], "role": "assistant"},
+        ]
+        assert h4["rejected"][1]["content"] == t["rejected"][0]["content"]
+        assert h4["messages"] == h4["chosen"]
+        assert (h4["score_chosen"], h4["score_rejected"]) == (
+            t["chosen_rating"],
+            t["rejected_rating"],
+        )
+        assert h4["chosen_model"] == t["chosen_model"] and h4["kinship"] == t["kinship"]
+    card = (out / "README.md").read_text()
+    assert "layout of `HuggingFaceH4/ultrafeedback_binarized`" in card
+    # the split does not depend on the layout
+    trl_out = _stage(demo, tmp_path, "trl")
+    n_test = pl.read_parquet(trl_out / "test_prefs.parquet").height
+    assert pq.read_table(out / "test_prefs.parquet").num_rows == n_test
+
+
+def test_h4_layout_concatenates_with_h4(demo: Demo, tmp_path: Path) -> None:
+    import datasets
+
+    from tests.fixtures import h4_dataset, h4_features
+
+    out = _stage(demo, tmp_path, "h4")
+    ours = datasets.load_dataset(
+        "parquet",
+        data_files={s: str(out / f"{s}.parquet") for s in P.SPLITS},
+        cache_dir=str(tmp_path / "hf"),
+    )
+    h4 = h4_dataset(4)
+    for split in P.SPLITS:
+        both = datasets.concatenate_datasets([h4, ours[split]])
+        assert len(both) == 4 + len(ours[split])
+        assert both[0]["chosen_model"] is None and both[-1]["chosen_model"] is not None
+        only_h4 = ours[split].select_columns(list(P.H4_COLUMNS))
+        assert only_h4.features == h4_features()
+        assert len(datasets.concatenate_datasets([only_h4, h4])) == len(only_h4) + 4
+    # the check can fail: the same rows as polars writes them (large_string) do not align
+    frame = pl.read_parquet(out / "train_prefs.parquet").select(P.H4_COLUMNS)
+    frame.write_parquet(tmp_path / "polars.parquet")
+    loose = datasets.load_dataset(
+        "parquet",
+        data_files=str(tmp_path / "polars.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf2"),
+    )
+    with pytest.raises(ValueError, match="can't be aligned"):
+        datasets.concatenate_datasets([h4, loose])
+
+
+def test_to_trl_reads_either_layout(demo: Demo, tmp_path: Path) -> None:
+    from karma.potential import read_pairs
+    from karma.training import load_pairs
+
+    trl_file = _stage(demo, tmp_path, "trl") / "train_prefs.parquet"
+    h4_file = _stage(demo, tmp_path, "h4") / "train_prefs.parquet"
+    trl, h4 = pl.read_parquet(trl_file), pl.read_parquet(h4_file)
+    assert P.to_trl(trl).equals(trl)  # a TRL frame is left as it is
+    back = P.to_trl(h4)
+    assert back.columns[:3] == ["prompt", "chosen", "rejected"]
+    assert back.select("prompt", "chosen", "rejected").equals(
+        trl.select("prompt", "chosen", "rejected")
+    )
+    assert back.select(P.META_COLUMNS).equals(trl.select(P.META_COLUMNS))
+    assert {"prompt_id", "messages", "score_chosen", "score_rejected"} <= set(back.columns)
+    # the select stage's and the train stage's readers take either file
+    assert (
+        read_pairs(h4_file)
+        .select(P.OUTPUT_COLUMNS[:3])
+        .equals(read_pairs(trl_file).select(P.OUTPUT_COLUMNS[:3]))
+    )
+    for method in ("dpo", "sft"):
+        assert load_pairs(h4_file, method).to_list() == load_pairs(trl_file, method).to_list()
+
+
+def test_h4_layout_trains_in_dpo_trainer(demo: Demo, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Our H4-layout file trains in TRL's DPOTrainer the way H4's own data does.
+
+    TRL 1.16's DPOTrainer takes ``prompt`` as given when the column exists, so H4's layout
+    (prompt as text, full conversations) goes through TRL's own ``maybe_extract_prompt`` first:
+    the same call for the H4 fixture and for our file, nothing of ours in between.
+    """
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.data_utils import maybe_extract_prompt
+
+    from tests.fixtures import h4_dataset
+
+    out = _stage(demo, tmp_path, "h4")
+    ours = datasets.load_dataset(
+        "parquet",
+        data_files=str(out / "train_prefs.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    ours = ours.select(range(8))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name, ds in (("h4 fixture", h4_dataset(8)), ("ours", ours)):
+        ds = ds.map(maybe_extract_prompt)
+        assert ds[0]["prompt"] == [{"content": ds[0]["messages"][0]["content"], "role": "user"}]
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        before = [p.detach().clone() for p in model.parameters()]
+        args = DPOConfig(
+            output_dir=str(tmp_path / name),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            max_length=96,
+            report_to="none",
+            logging_steps=1,
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+        )
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert losses and all(math.isfinite(v) for v in losses), name
+        changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+        assert any(changed), name
+
+
+# --------------------------------------------------------------------------- tau sweep
+def test_tau_sweep_command(demo: Demo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    taus = [0.1, 0.9, 0.97]
+    argv = [
+        "tau-sweep",
+        "--kinship-dir",
+        str(demo.kinship_dir),
+        "--dataset",
+        str(DEMO),
+        "-S",
+        f"sweep.taus={taus}",
+    ]
+    runs = []
+    for k in range(2):
+        out, plot = tmp_path / f"s{k}.csv", tmp_path / f"s{k}.png"
+        code, stdout, err = _cli([*argv, "--out", str(out), "--plot", str(plot)], capsys)
+        assert code == 0, err
+        runs.append((out.read_bytes(), plot.read_bytes(), json.loads(stdout)))
+    assert runs[0] == runs[1]  # byte-identical
+    table = pl.read_csv(tmp_path / "s0.csv")
+    assert table.height == len(taus) * 3
+    assert set(table["strategy"]) == set(P.KARMA_STRATEGIES)
+    for row in table.iter_rows(named=True):
+        m = _demo_pairs(demo, row["strategy"], tau=row["tau"]).metrics
+        assert row["pairs"] == m["pairs"]
+        assert row["changed_by_tau"] == pytest.approx(m["diag.changed_by_tau"], abs=1e-6)
+        assert row["dropped_by_tau"] == pytest.approx(m["diag.dropped_by_tau"], abs=1e-6)
+        assert row["mean_kinship"] == pytest.approx(m["diag.used.mean_kinship"], abs=1e-6)
+        for o in P.KARMA_STRATEGIES:
+            want = 1.0 if o == row["strategy"] else m[f"diag.overlap.{o}"]
+            assert row[f"overlap_{o}"] == pytest.approx(want, abs=1e-6)
+    assert runs[0][2]["score.changed_by_tau"] == 0.0
+    assert runs[0][2]["score.binds_from_tau"] == 0.9
+    assert runs[0][1][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tau_sweep_over_the_papers_draws(demo: Demo, tmp_path: Path, capsys: Any) -> None:
+    argv = [
+        "tau-sweep",
+        "--kinship-dir",
+        str(demo.kinship_dir),
+        "--out",
+        str(tmp_path / "t.csv"),
+        "--draws",
+        "4",
+        "-S",
+        "sweep.extra_models=[ultralm-65b]",
+        "-S",
+        "sweep.taus=[0.1, 0.5, 0.95]",
+    ]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["instructions"] == 2380
+    t = pl.read_csv(tmp_path / "t.csv")
+    for (strategy, tau), (changed, _) in PAPER_TABLE.items():
+        row = t.filter((pl.col("strategy") == strategy) & (pl.col("tau") == tau)).row(0, named=True)
+        assert row["changed_by_tau"] == round(changed / 2380, 6)
+    code, _, err = _cli([*argv[:-2], "--draws", "1"], capsys)
+    assert code == 1 and "--draws: out of range" in _one_error_line(err)
+
+
+# --------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize(("strategy", "layout"), [("score", "trl"), ("rlaif", "h4")])
+def test_streamed_stage_writes_the_in_memory_bytes(
+    demo: Demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, layout: str
+) -> None:
+    """Batches of any size (records streamed from Parquet) give the files, card and metrics of
+    the in-memory path, byte for byte; small row groups exercise the writer's carry-over."""
+    from tests.fixtures import synthetic_records
+
+    monkeypatch.setattr(P, "ROW_GROUP", 97)
+    data = tmp_path / "uf.parquet"
+    synthetic_records(1200, data, seed=2)
+    ref = P.make_pairs(read_ultrafeedback(data), demo.models, demo.kinship, strategy=strategy)
+    P.write_splits(ref, tmp_path / "memory", layout)
+    want = {s: (tmp_path / "memory" / f"{s}.parquet").read_bytes() for s in P.SPLITS}
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "memory" / "train_prefs.parquet").num_row_groups > 3
+    runs = []
+    for batch in (7, 256, 100_000):
+        cfg = PreferencesConfig(dataset=str(data), layout=layout, batch_records=batch)
+        out = tmp_path / f"b{batch}"
+        metrics = execute(
+            P.STAGE,
+            Params(kinship=strategy, preferences=cfg),
+            P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out),
+        )
+        assert {s: (out / f"{s}.parquet").read_bytes() for s in P.SPLITS} == want, batch
+        runs.append((metrics, (out / "README.md").read_text()))
+    assert runs[0] == runs[1] == runs[2]
+    meta = {k: v for k, v in runs[0][0].items() if k.startswith("meta.")}
+    assert {**ref.metrics, **meta} == runs[0][0]
+
+
+def test_streamed_json_lines_and_errors_name_the_global_record(demo: Demo, tmp_path: Path) -> None:
+    from karma.ultrafeedback import iter_ultrafeedback
+
+    whole = read_ultrafeedback(DEMO)
+    parts = list(iter_ultrafeedback(DEMO, batch_records=50))
+    assert [len(p) for p in parts] == [50] * 9 + [30]
+    assert pl.concat([p.prompts for p in parts]).equals(whole.prompts)
+    assert pl.concat([p.completions for p in parts]).equals(whole.completions)
+    cfg = PreferencesConfig(dataset=str(DEMO), batch_records=50)
+    out = tmp_path / "jsonl"
+    m = execute(
+        P.STAGE, Params(preferences=cfg), P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out)
+    )
+    ref = _demo_pairs(demo, "score")
+    assert (
+        m["pairs"] == ref.metrics["pairs"]
+        and m["diag.overlap.sim"] == ref.metrics["diag.overlap.sim"]
+    )
+    assert pl.read_parquet(out / "train_prefs.parquet").equals(ref.split("train_prefs"))
+    # a bad record late in the file is named by its place in the whole file
+    lines = DEMO.read_text().splitlines()
+    bad = json.loads(lines[129])
+    bad["completions"][1]["overall_score"] = "great"
+    lines[129] = json.dumps(bad)
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        KarmaError, match=r"bad.jsonl: line 130: field 'completions\[1\].overall_score'"
+    ):
+        list(iter_ultrafeedback(tmp_path / "bad.jsonl", batch_records=50))
+    from tests.fixtures import real_record
+
+    records = [real_record(i) for i in range(300)]
+    records[234]["completions"][2]["model"] = " "
+    pl.DataFrame(records).write_parquet(tmp_path / "bad.parquet", row_group_size=64)
+    with pytest.raises(
+        KarmaError, match=r"bad.parquet: record 234: field 'completions\[2\].model'"
+    ):
+        list(iter_ultrafeedback(tmp_path / "bad.parquet", batch_records=100))
+
+
+def test_streaming_reader_does_not_keep_what_it_read(tmp_path: Path) -> None:
+    """Arrow memory while batches are read stays far below the file's size (pyarrow's default
+    pre-buffering holds the row groups it has read, so memory grew with the file)."""
+    import pyarrow as pa
+
+    from karma.ultrafeedback import iter_ultrafeedback
+    from tests.fixtures import synthetic_records
+
+    path = tmp_path / "uf.parquet"
+    synthetic_records(30_000, path, seed=1)
+    pl.read_parquet(path).write_parquet(path, row_group_size=500)  # many row groups
+    seen = []
+    for batch in iter_ultrafeedback(path, batch_records=500):
+        assert len(batch) == 500
+        seen.append(pa.total_allocated_bytes())
+    assert len(seen) == 60
+    assert max(seen) < 0.5 * path.stat().st_size, (max(seen), path.stat().st_size)

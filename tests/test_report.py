@@ -1,79 +1,310 @@
-"""karma report: tables from hand-made rows, and from a real DVC project with experiments."""
+"""karma report: paper-style tables from a hand-made grid, and from a real DVC project.
+
+The synthetic grid: two bases x four strategies x two methods x two seeds, 50 items per
+benchmark, "the first k items correct" in every run, so every mean, sd, pooled value, Total and
+significance mark below is worked out by hand (comments give the arithmetic).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from karma import report
-from karma.cli import cli
+from karma.cli import cli, main
+from karma.config import BENCHMARKS
+from karma.errors import KarmaError
 
-ROWS = [
-    {
-        "name": "main",
-        "params": {"kinship": "score", "train.method": "dpo"},
-        "metrics": {
-            "policy.arc_easy.acc": 0.50,
-            "base.arc_easy.acc": 0.40,
-            "policy.ifeval.prompt_acc": 0.30,
-            "base.ifeval.prompt_acc": 0.25,
-        },
-    },
-    {
-        "name": "exp-rlaif",
-        "params": {"kinship": "rlaif", "train.method": "dpo"},
-        "metrics": {"policy.arc_easy.acc": 0.45, "policy.ifeval.prompt_acc": 0.35},
-    },
-    {
-        "name": "exp-sft",
-        "params": {"kinship": "sim", "train.method": "sft", "select.method": "map"},
-        "metrics": {"policy.arc_easy.acc": 0.55, "base.arc_easy.acc": 0.40},
-    },
-]
+M = 50  # items per benchmark
+START = {"org/base-A": 20, "org/base-B": 30}  # trained runs: first START+offset items correct
+UNTRAINED = {"org/base-A": 20, "org/base-B": 30}  # untrained base: first k correct ...
+UNTRAINED_HELLASWAG = 45  # ... except HellaSwag, where it beats every trained run (90.0)
+# items correct above START for (seed 0, seed 1)
+OFFSETS = {
+    "dpo": {"rlaif": (0, 1), "score": (10, 11), "sim": (1, 0), "score_sim": (-8, -8)},
+    "sft": {"rlaif": (0, 1), "score": (1, 2), "sim": (1, 0), "score_sim": (-8, -8)},
+}
 
 
-def test_results_groups_by_method_with_baseline_first() -> None:
-    res = report.results(ROWS)
-    assert list(res) == ["dpo", "sft"]
-    labels = [label for label, _ in res["dpo"]]
-    assert labels[0].startswith("base model")
-    assert labels[1].startswith("RLAIF (baseline)")  # rlaif sorts before KARMA variants
-    assert "KARMA score" in labels[2]
-    assert res["dpo"][2][1] == [0.50, 0.30, pytest.approx(0.40)]  # arc, ifeval, avg
-    assert "map selection" in res["sft"][1][0]
+def first(k: int) -> dict[str, float]:
+    return {str(i): float(i < k) for i in range(M)}
 
 
-def test_markdown_bolds_best_policy_per_column() -> None:
-    md = report.markdown_table(ROWS)
-    dpo = md.split("### SFT")[0]
-    assert "| RLAIF (baseline) [exp-rlaif] | 45.0 | **35.0** |" in dpo
-    assert "| KARMA score [main] | **50.0** | 30.0 |" in dpo
-    assert "### SFT" in md
+def eval_metrics(who_k: dict[str, dict[str, int]]) -> dict[str, float]:
+    """eval.json keys for per-benchmark counts of correct items; intervals score ± 0.05."""
+    out: dict[str, float] = {}
+    for who, ks in who_k.items():
+        for bench, k in ks.items():
+            v = k / M
+            out |= {f"{who}.{bench}.score": v, f"{who}.{bench}.ci_low": v - 0.05,
+                    f"{who}.{bench}.ci_high": v + 0.05, f"{who}.{bench}.n": M}  # fmt: skip
+    return out
 
 
-def test_html_is_self_contained(tmp_path: Path) -> None:
-    png = tmp_path / "fig.png"
+def grid() -> list[dict]:
+    rows = []
+    for base, start in START.items():
+        untrained = {b: UNTRAINED_HELLASWAG if b == "hellaswag" else UNTRAINED[base]
+                     for b in BENCHMARKS}  # fmt: skip
+        for method, offsets in OFFSETS.items():
+            for strategy, pair in offsets.items():
+                for seed, off in enumerate(pair):
+                    policy = {b: start + off for b in BENCHMARKS}
+                    metrics = eval_metrics({"policy": policy, "base": untrained})
+                    metrics |= {"eval:meta.base_model": base, "eval:meta.seed": float(seed),
+                                "eval:meta.train_method": method, "eval:meta.suite": "embedded",
+                                "eval:meta.protocol": "loglik", "train:train_loss": 0.5 + seed,
+                                "train:heldout.after.loss": 0.6, "train:heldout.delta.loss": -0.1,
+                                "train:heldout.delta.loss.ci_low": -0.15,
+                                "train:heldout.delta.loss.ci_high": -0.05}  # fmt: skip
+                    metrics |= {f"eval:meta.items.{b}": M for b in BENCHMARKS}
+                    rows.append({
+                        "name": f"{base[-1]}-{method}-{strategy}-{seed}",
+                        "params": {"kinship": strategy, "seed": seed, "train.method": method,
+                                   "base_model.source": base, "select.method": "none"},
+                        "metrics": metrics,
+                        "samples": {"policy": {b: first(k) for b, k in policy.items()},
+                                    "base": {b: first(k) for b, k in untrained.items()}},
+                    })  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def built() -> tuple[list[report.Table], list[report.Table], list[str]]:
+    return report.build_tables(grid(), seed=0, n_boot=2000)
+
+
+def by_label(table: report.Table) -> dict[str, report.Line]:
+    return {ln.label: ln for ln in table.lines}
+
+
+def test_grid_groups_by_base_and_method(built) -> None:
+    tables, pooled, notes = built
+    assert [(t.method, t.bases) for t in tables] == [
+        ("dpo", ["org/base-A"]), ("dpo", ["org/base-B"]),
+        ("sft", ["org/base-A"]), ("sft", ["org/base-B"]),
+    ]  # fmt: skip
+    assert notes == []
+    for t in tables:
+        assert t.benches == list(BENCHMARKS)  # the paper's order
+        assert t.columns[-1] == report.TOTAL
+        assert [ln.label for ln in t.lines] == [
+            "untrained base", "RLAIF (baseline)", "KARMA score", "KARMA sim", "KARMA score_sim"
+        ]  # fmt: skip
+        assert [ln.n for ln in t.lines[1:]] == [2, 2, 2, 2]  # seeds are replicates
+        assert t.reference.label == "RLAIF (baseline)"
+        assert t.items["ifeval"] == "50 items" and t.suite == "embedded"
+    assert [(t.method, t.pooled, t.bases) for t in pooled] == [
+        ("dpo", True, ["org/base-A", "org/base-B"]), ("sft", True, ["org/base-A", "org/base-B"])
+    ]  # fmt: skip
+
+
+def test_grid_means_sd_and_totals(built) -> None:
+    tables, _, _ = built
+    a_dpo = by_label(tables[0])
+    # score on base A: 30 and 31 of 50 -> 0.60, 0.62: mean 0.61, sd = 0.02/sqrt(2) = 0.014142
+    score = a_dpo["KARMA score"].cells["ifeval"]
+    assert score.value == pytest.approx(0.61)
+    assert score.sd == pytest.approx(0.02 / math.sqrt(2))
+    # interval: se^2 = sd^2/n + mean(se_i^2) = 0.0001 + (0.05/z)^2
+    se = math.sqrt(0.0001 + (0.05 / report.Z) ** 2)
+    assert (score.lo, score.hi) == pytest.approx((0.61 - report.Z * se, 0.61 + report.Z * se))
+    # Total: five benchmarks (not MMLU-Pro), each 0.61 -> 3.05 (305.0 shown)
+    assert a_dpo["KARMA score"].cells[report.TOTAL].value == pytest.approx(3.05)
+    # untrained A: 40 on four benchmarks + 90 on HellaSwag = 250
+    assert a_dpo["untrained base"].cells[report.TOTAL].value == pytest.approx(2.50)
+    assert a_dpo["KARMA score_sim"].cells["arc_easy"].value == pytest.approx(0.24)  # 12 of 50
+    assert a_dpo["KARMA score_sim"].cells["arc_easy"].sd == pytest.approx(0.0)
+
+
+def test_grid_pooled_view_is_the_mean_over_bases(built) -> None:
+    _, pooled, _ = built
+    dpo = by_label(pooled[0])
+    assert dpo["untrained base"].cells["ifeval"].value == pytest.approx(0.50)  # (40 + 60) / 2
+    assert dpo["RLAIF (baseline)"].cells["ifeval"].value == pytest.approx(0.51)  # (41 + 61) / 2
+    assert dpo["KARMA score"].cells["ifeval"].value == pytest.approx(0.71)  # (61 + 81) / 2
+    assert dpo["KARMA score"].cells[report.TOTAL].value == pytest.approx(3.55)
+    # pooled interval: se = sqrt(se_A^2 + se_B^2) / 2, each se^2 = 0.0001 + (0.05/z)^2
+    rlaif = dpo["RLAIF (baseline)"].cells["ifeval"]
+    half = report.Z * math.sqrt(2 * (0.0001 + (0.05 / report.Z) ** 2)) / 2
+    assert (rlaif.lo, rlaif.hi) == pytest.approx((0.51 - half, 0.51 + half))
+    assert round(100 * rlaif.lo, 1) == 47.2 and round(100 * rlaif.hi, 1) == 54.8
+    # highlighted: at or above the baseline's shown value (sim ties it at 51.0)
+    assert dpo["KARMA sim"].at_or_above >= {"ifeval", "arc_easy"}
+    assert dpo["KARMA score"].at_or_above >= {"ifeval", report.TOTAL}
+    assert not dpo["KARMA score_sim"].at_or_above
+    assert not dpo["RLAIF (baseline)"].at_or_above  # the baseline itself is not highlighted
+
+
+def test_grid_marks_and_bold(built) -> None:
+    tables, pooled, _ = built
+    for table in [tables[0], tables[1], pooled[0]]:  # DPO on A, on B, pooled
+        lines = by_label(table)
+        # score beats rlaif on items START+2..START+9 in every resample of seeds: all draws > 0
+        # except when no such item is drawn, (42/50)^50 = 2e-4: the interval excludes 0
+        assert lines["KARMA score"].diffs["ifeval"].sign == 1
+        assert lines["KARMA score"].diffs[report.TOTAL].sign == 1
+        # sim = rlaif with the seeds swapped: the difference is 0 on average, symmetric
+        assert lines["KARMA sim"].diffs["ifeval"].value == pytest.approx(0.0)
+        assert lines["KARMA sim"].diffs["ifeval"].sign == 0
+        # score_sim loses items START-8..START-1 in every run: significantly below
+        assert lines["KARMA score_sim"].diffs["ifeval"].sign == -1
+        # bold: score is the significant best ...
+        assert "ifeval" in lines["KARMA score"].bold and report.TOTAL in lines["KARMA score"].bold
+        # ... but not on HellaSwag, where the untrained base (90.0) is above every trained run
+        assert "hellaswag" not in lines["KARMA score"].bold
+        assert lines["KARMA score"].diffs["hellaswag"].sign == 1  # still marked
+        assert not lines["RLAIF (baseline)"].diffs  # the baseline is the reference
+    # SFT on A: score (21, 22 correct) is the best (42.0) but not significant: with probability
+    # 1/16 both sides draw the seeds with 21 correct and the difference is exactly 0 (> 2.5 %)
+    sft = by_label(tables[2])
+    assert sft["KARMA score"].diffs["ifeval"].lo == 0.0
+    assert sft["KARMA score"].diffs["ifeval"].sign == 0
+    assert not any(ln.bold for ln in tables[2].lines)
+
+
+def test_bold_compares_displayed_values() -> None:
+    """Two runs that both show 52.0 tie: neither is bold, though one is significant."""
+
+    def run(name: str, strategy: str, v: float, delta: tuple[float, float, float]) -> dict:
+        m = {"policy.ifeval.score": v, "policy.ifeval.ci_low": v - 0.01,
+             "policy.ifeval.ci_high": v + 0.01, "base.ifeval.score": 0.40,
+             "base.ifeval.ci_low": 0.39, "base.ifeval.ci_high": 0.41,
+             "delta.ifeval.score": delta[0], "delta.ifeval.ci_low": delta[1],
+             "delta.ifeval.ci_high": delta[2]}  # fmt: skip
+        return {"name": name, "params": {"kinship": strategy, "train.method": "dpo",
+                                         "base_model.source": "b"}, "metrics": m}  # fmt: skip
+
+    rows = [
+        run("s", "score", 0.5204, (0.12, 0.05, 0.2)),
+        run("t", "sim", 0.5196, (0.12, -0.01, 0.2)),
+    ]
+    (table,), pooled, _ = report.build_tables(rows)
+    assert not pooled and table.reference.untrained  # no RLAIF run: vs the untrained base
+    assert [report.shown(ln.cells["ifeval"]) for ln in table.lines] == [40.0, 52.0, 52.0]
+    assert [ln.diffs["ifeval"].sign for ln in table.lines[1:]] == [1, 0]  # eval.json deltas
+    assert not any(ln.bold for ln in table.lines)
+    rows[1]["metrics"]["policy.ifeval.score"] = 0.5100  # now 52.0 is the single best
+    (table,), _, _ = report.build_tables(rows)
+    assert table.lines[1].bold == {"ifeval"}
+
+
+def test_paired_interval_matches_reference_computations() -> None:
+    rng = np.random.default_rng(7)
+    a = (rng.random(300) < 0.6).astype(float)
+    b = np.where(rng.random(300) < 0.8, a, 1 - a)
+    got = report.paired(a, b, seed=3, n_boot=20000)
+    d = a - b
+    # 1. scipy's paired percentile bootstrap of the mean difference
+    from scipy import stats
+
+    ref = stats.bootstrap((a, b), lambda x, y: np.mean(x - y), paired=True, vectorized=False,
+                          n_resamples=20000, method="percentile", random_state=1)  # fmt: skip
+    assert got["ci_low"] == pytest.approx(ref.confidence_interval.low, abs=0.006)
+    assert got["ci_high"] == pytest.approx(ref.confidence_interval.high, abs=0.006)
+    # 2. the normal approximation: mean ± z·sd/sqrt(m) (population sd: the bootstrap's)
+    half = report.Z * d.std() / math.sqrt(len(d))
+    assert got["score"] == pytest.approx(d.mean())
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half),
+                                                            abs=0.006)  # fmt: skip
+    # 3. exact McNemar, worked by hand: 5 vs 1 discordant pairs -> 2 * P(X <= 1 | n=6) = 14/64
+    a6, b6 = np.array([1, 1, 1, 1, 1, 0, 1, 0]), np.array([0, 0, 0, 0, 0, 1, 1, 0])
+    assert report.paired(a6, b6, seed=0, n_boot=100)["p"] == pytest.approx(14 / 64)
+    assert report.mcnemar_p(np.array([1, 1, 1, 0]), np.zeros(4)) == pytest.approx(0.25)
+    # seeded: the same call gives the same interval
+    assert report.paired(a, b, seed=3, n_boot=20000) == got
+
+
+def test_paired_replicates_match_a_plain_loop() -> None:
+    """Two seeds per side: seeds resampled on each side, items jointly; vs an explicit loop."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((2, 80)) < 0.55).astype(float)
+    b = (rng.random((2, 80)) < 0.45).astype(float)
+    got = report.paired(a, b, seed=5, n_boot=20000)
+    loop = np.random.default_rng(11)
+    draws = []
+    for _ in range(20000):
+        sa, sb = loop.integers(0, 2, 2), loop.integers(0, 2, 2)
+        items = loop.integers(0, 80, 80)
+        draws.append(a[sa][:, items].mean() - b[sb][:, items].mean())
+    assert got["score"] == pytest.approx(a.mean() - b.mean())
+    assert got["ci_low"] == pytest.approx(np.percentile(draws, 2.5), abs=0.008)
+    assert got["ci_high"] == pytest.approx(np.percentile(draws, 97.5), abs=0.008)
+    assert "p" not in got  # exact test only for one run per side
+    assert report.paired(a[:1], a[:1], seed=0, n_boot=100)["ci_low"] == 0.0
+
+
+def test_markdown_of_the_grid(built) -> None:
+    md = report.markdown_table(grid(), seed=0, n_boot=2000)
+    assert md.index("### DPO · pooled over 2 base models") < md.index("### DPO · base org/base-A")
+    head = next(ln for ln in md.splitlines() if ln.startswith("| | IFEval"))
+    assert head.split(" | ")[1:3] == ["IFEval (50 items)", "MMLU-STEM (50 items)"]
+    assert head.endswith("Total (5) |")
+    a = md.split("### DPO · base org/base-A")[1].split("###")[0]
+    row = next(ln for ln in a.splitlines() if ln.startswith("| KARMA score · 2 seeds"))
+    cells = row.split(" | ")
+    assert cells[1] == "**61.0 ± 1.4 ▲**"  # IFEval: significant best
+    assert cells[4] == "61.0 ± 1.4 ▲"  # HellaSwag: below the untrained base's 90.0, not bold
+    assert cells[7].startswith("**305.0 ± ")  # Total
+    assert "suite embedded (the project's offline mini suites, 40-49 items" in a
+    assert "| untrained base | 40.0 [35.0–45.0] |" in a
+    pooled = md.split("### DPO · pooled over 2 base models")[1].split("###")[0]
+    assert "| KARMA sim · 4 runs | _51.0_ [47.2–54.8] |" in pooled
+    assert "Held-out preference split" in md and "-0.1 [-0.15, -0.05] ▼" in md
+
+
+def test_html_is_one_offline_file_with_figures(tmp_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    (tmp_path / "plots" / "kinship").mkdir(parents=True)
     plt.plot([0, 1], [1, 0])
-    plt.savefig(png)
+    plt.savefig(tmp_path / "plots" / "kinship" / "pca.png")
     plt.close("all")
+    figures, curves, missing = report.workspace_figures(tmp_path)
+    assert [f.name for f in figures] == ["pca.png"]
+    assert curves == []
+    assert any("plots/select/margins.png" in m and "dvc pull" in m for m in missing)
+    assert any("training curves" in m and "dvc repro train" in m for m in missing)
     tsv = tmp_path / "loss.tsv"
     tsv.write_text("timestamp\tstep\tloss\n0\t1\t0.7\n0\t2\t0.6\n")
-    page = report.html_page(ROWS, figures=[png], curve_files=[tsv])
-    assert page.count("data:image/png;base64,") == 2
-    assert not re.search(r"(src|href)=['\"]https?:", page)
-    assert "<td class='best'>50.0</td>" in page
+    page = report.html_page(grid(), figures=figures, curve_files=[tsv], missing=missing,
+                            n_boot=200)  # fmt: skip
+    # Fig. 5 bars, Fig. 6 radar, the kinship figure, the training curves
+    assert page.count("src='data:image/png;base64,") == 4
+    assert not re.search(r"(src|href)=['\"]?https?:", page)
+    assert "<h2>Pooled over base models (the paper's Table 2)</h2>" in page
+    assert "td class='best'" in page and "class='ge'" in page
+    assert "plots/select/margins.png" in page  # stated as missing, with the way to get it
+
+    single = report.html_page(grid()[:1], n_boot=50)
+    assert "one configuration only" in single  # Fig. 5/6 need two or more
+
+
+def test_no_figures_missing_kinship_says_how_to_get_them(tmp_path: Path) -> None:
+    _, _, missing = report.workspace_figures(tmp_path)
+    assert missing[0].startswith("kinship figures (heatmap, PCA, dendrograms) (plots/kinship)")
+    assert "`dvc pull plots/kinship` or `dvc repro kinship`" in missing[0]
+
+
+def test_duplicate_seed_is_left_out_with_a_note() -> None:
+    rows = grid()[:2]  # A, dpo, rlaif, seeds 0 and 1
+    dup = json.loads(json.dumps(rows[0]))
+    dup["name"] = "again"
+    (table,), _, notes = report.build_tables([*rows, dup], n_boot=50)
+    assert table.lines[1].names == ["A-dpo-rlaif-0", "A-dpo-rlaif-1"]
+    assert notes == ["again left out: same configuration and seed as A-dpo-rlaif-0"]
 
 
 def test_diff_markdown_puts_policy_first() -> None:
@@ -87,11 +318,29 @@ def test_diff_markdown_puts_policy_first() -> None:
     assert lines[3].startswith("| train:loss")
 
 
+# --------------------------------------------------------------------------- real DVC
+
 STAGE = """
-import json, yaml
+import json, os, yaml
+import polars as pl
 p = yaml.safe_load(open("params.yaml"))
-acc = {"score": 0.5, "sim": 0.6}[p["kinship"]]
-json.dump({"policy.arc_easy.acc": acc, "base.arc_easy.acc": 0.4}, open("metrics/eval.json", "w"))
+k = {"rlaif": 20, "score": 30, "sim": 21}[p["kinship"]] + p["seed"]
+n = 50
+def frame(k):
+    return pl.DataFrame({"benchmark": ["arc_easy"] * n, "doc_id": list(range(n)),
+                         "score": [float(i < k) for i in range(n)]})
+for who, kk in (("policy", k), ("base", 20)):
+    os.makedirs(f"data/eval/{who}", exist_ok=True)
+    frame(kk).write_parquet(f"data/eval/{who}/samples.parquet")
+m = {"meta.base_model": "tiny/base", "meta.seed": p["seed"], "meta.suite": "embedded",
+     "meta.train_method": p["train"]["method"], "meta.items.arc_easy": n}
+for who, kk in (("policy", k), ("base", 20)):
+    v = kk / n
+    m |= {f"{who}.arc_easy.score": v, f"{who}.arc_easy.ci_low": v - 0.1,
+          f"{who}.arc_easy.ci_high": v + 0.1}
+m |= {"delta.arc_easy.score": (k - 20) / n, "delta.arc_easy.ci_low": (k - 20) / n - 0.05,
+      "delta.arc_easy.ci_high": (k - 20) / n + 0.05}
+json.dump(m, open("metrics/eval.json", "w"))
 """
 
 
@@ -99,53 +348,107 @@ def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
-    """A tiny DVC project, one `dvc exp run -S kinship=sim`: the report and the diff see both."""
+def _dvc_project(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     dvc = [sys.executable, "-m", "dvc"]
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "config", "user.email", "t@example.com")
     _git(tmp_path, "config", "user.name", "t")
     subprocess.run([*dvc, "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([*dvc, "config", "core.analytics", "false"], cwd=tmp_path, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return dvc, env
+
+
+def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
+    """A tiny DVC project with per-sample outputs in the DVC cache: rlaif/score/sim, 2 seeds of
+    score, an SFT grid; the report groups them, reads the samples at each experiment's rev and
+    marks score (30/31 of 50 vs rlaif's 20) significant."""
+    dvc, env = _dvc_project(tmp_path)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "stage.py").write_text(STAGE)
-    (tmp_path / "params.yaml").write_text("kinship: score\ntrain:\n  method: dpo\n")
+    (tmp_path / "params.yaml").write_text("kinship: score\nseed: 0\ntrain:\n  method: dpo\n")
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  ev:\n    cmd: python stage.py\n    deps: [stage.py]\n"
-        "    params: [kinship, train]\n    metrics:\n      - metrics/eval.json:\n"
-        "          cache: false\n"
+        "    params: [kinship, seed, train]\n"
+        "    outs: [data/eval/policy/samples.parquet, data/eval/base/samples.parquet]\n"
+        "    metrics:\n      - metrics/eval.json:\n          cache: false\n"
     )
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    subprocess.run([*dvc, "repro", "-q"], cwd=tmp_path, check=True, env=env)
+    run = {"cwd": tmp_path, "check": True, "env": env}
+    subprocess.run([*dvc, "repro", "-q"], **run)
     _git(tmp_path, "add", "-A")
     _git(tmp_path, "commit", "-qm", "baseline")
-    subprocess.run(
-        [*dvc, "exp", "run", "-q", "-S", "kinship=sim"], cwd=tmp_path, check=True, env=env
-    )
-    rows = report.collect_experiments(tmp_path)
-    by_kinship = {r["params"]["kinship"]: r["metrics"]["policy.arc_easy.acc"] for r in rows}
-    assert by_kinship == {"score": 0.5, "sim": 0.6}
-
+    # each sets every param it means: an experiment leaves its params in the workspace
+    for kinship, seed in (("rlaif", 0), ("sim", 0), ("score", 1)):
+        subprocess.run([*dvc, "exp", "run", "-q", "-S", f"kinship={kinship}", "-S", f"seed={seed}"],
+                       **run)  # fmt: skip
     # the README's grid, queued and run in one go (two cells of it)
-    for k in ("score", "sim"):
-        subprocess.run(
-            [*dvc, "exp", "run", "--queue", "-q", "-n", f"{k}-sft", "-S", f"kinship={k}",
-             "-S", "train.method=sft"],
-            cwd=tmp_path, check=True, env=env,
-        )  # fmt: skip
-    subprocess.run([*dvc, "exp", "run", "--run-all", "-q"], cwd=tmp_path, check=True, env=env)
+    for k in ("score", "rlaif"):
+        subprocess.run([*dvc, "exp", "run", "--queue", "-q", "-n", f"{k}-sft", "-S", f"kinship={k}",
+                        "-S", "seed=0", "-S", "train.method=sft"], **run)  # fmt: skip
+    subprocess.run([*dvc, "exp", "run", "--run-all", "-q"], **run)
+
     rows = report.collect_experiments(tmp_path)
-    sft = {r["name"]: r["metrics"]["policy.arc_easy.acc"] for r in rows
-           if r["params"]["train.method"] == "sft"}  # fmt: skip
-    assert sft == {"score-sft": 0.5, "sim-sft": 0.6}
-    assert list(report.results(rows)) == ["dpo", "sft"]
+    assert {r["metrics"]["meta.base_model"] for r in rows} == {"tiny/base"}  # strings kept
+    loader = report.sample_loader(tmp_path)
+    tables, pooled, notes = report.build_tables(rows, samples=loader, n_boot=2000)
+    assert not pooled and notes == []
+    assert [(t.method, t.bases) for t in tables] == [("dpo", ["tiny/base"]), ("sft", ["tiny/base"])]
+    dpo = by_label(tables[0])
+    assert [ln.n for ln in tables[0].lines[1:]] == [1, 2, 1]  # rlaif, score (seeds 0, 1), sim
+    assert dpo["KARMA score"].cells["arc_easy"].value == pytest.approx(0.61)
+    diff = dpo["KARMA score"].diffs["arc_easy"]
+    assert diff.how.startswith("paired bootstrap over 50 items")  # read via dvc.api.open
+    assert diff.value == pytest.approx(0.21) and diff.sign == 1
+    sim = dpo["KARMA sim"].diffs["arc_easy"]  # 21 vs 20 correct, one discordant item
+    assert sim.value == pytest.approx(0.02) and sim.sign == 0 and sim.p == pytest.approx(1.0)
+    assert "arc_easy" in dpo["KARMA score"].bold
 
     out = tmp_path / "reports"
     result = CliRunner().invoke(cli, ["report", "--repo", str(tmp_path), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "| KARMA sim" in (out / "report.md").read_text()
-    assert "**60.0**" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| KARMA score · 2 seeds" in md and "**61.0 ± 1.4 ▲**" in md
+    page = (out / "report.html").read_text()
+    assert "kinship figures (heatmap, PCA, dendrograms) (plots/kinship)" in page
 
     diff = report.metrics_diff("HEAD", tmp_path)
-    assert diff["eval:policy.arc_easy.acc"]["diff"] == pytest.approx(0.1)
     json.dumps(diff)  # serialisable for CI bots
+
+
+def test_dvc_plots_show_offline_template(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`dvc plots show --html-template` with the template: vega inline, no http(s) reference."""
+    dvc, env = _dvc_project(tmp_path)
+    js = tmp_path / "js"
+    js.mkdir()
+    for pkg, _ in report.VEGA_PACKAGES:  # stand-ins for the npm builds (same file names)
+        (js / f"{pkg}.min.js").write_text(f"/* {pkg} stand-in */ var x = '</script>';")
+    (tmp_path / "loss.tsv").write_text("step\tloss\n0\t0.7\n1\t0.6\n")
+    (tmp_path / "dvc.yaml").write_text("plots:\n  - loss.tsv:\n      x: step\n      y: loss\n")
+    out = tmp_path / "offline.html"
+    result = CliRunner().invoke(
+        cli, ["report", "--plots-template", str(out), "--vega-dir", str(js)]
+    )
+    assert result.exit_code == 0, result.output
+    subprocess.run([*dvc, "plots", "show", "--html-template", str(out), "-o", "shown"],
+                   cwd=tmp_path, check=True, env=env, capture_output=True)  # fmt: skip
+    page = (tmp_path / "shown" / "index.html").read_text()
+    assert "/* vega-embed stand-in */" in page and "vegaEmbed(" in page
+    assert "<\\/script>" in page  # a closing tag inside the JS cannot end the script element
+    assert not re.search(r"https?://", page.replace("https://vega.github.io/schema/", ""))
+    assert "cdn.jsdelivr" not in page
+
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--plots-template", str(out), "--vega-dir", str(empty)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"karma: error: {empty}: no vega.min.js nor vega-5.20.2.tgz (`npm pack vega@5.20.2`) here"
+    ]
+
+
+def test_no_scores_is_one_clear_error() -> None:
+    rows = [{"name": "x", "params": {}, "metrics": {"train:train_loss": 0.5}}]
+    with pytest.raises(KarmaError, match=r"no evaluation scores .*policy.<bench>.score"):
+        report.build_tables(rows)

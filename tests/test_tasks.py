@@ -55,26 +55,45 @@ def test_each_suite_has_at_least_40_unique_items(name: str) -> None:
 
 def test_every_yaml_names_a_task_with_absolute_existing_data() -> None:
     tasks = embedded_tasks()
-    assert sorted(tasks) == sorted(f"karma_{s}" for s in BENCHMARKS)
+    paper = {f"karma_paper_{b}" for b in BENCHMARKS if b != "ifeval"}
+    hub = {f"karma_paper_hub_{b}" for b in ("ifeval", "arc_easy", "arc_challenge", "hellaswag")}
+    assert set(tasks) == {f"karma_{s}" for s in BENCHMARKS} | paper | hub
     for name, path in tasks.items():
         cfg = load_task_config(path)
         assert cfg["task"] == name
+        if name.startswith("karma_paper_hub_"):  # full data sets from the hub
+            assert "dataset_kwargs" not in cfg and cfg["dataset_path"] != "json"
+            continue
         files = cfg["dataset_kwargs"]["data_files"]["test"]
-        bench = name.removeprefix("karma_")
+        bench = name.removeprefix("karma_paper_").removeprefix("karma_")
         assert files == str((TASKS_DIR / f"{bench}.jsonl").resolve())
         assert len(Path(files).read_text().splitlines()) == len(_rows(bench))
 
 
-def test_suites_yaml_is_the_config_and_matches_the_embedded_tasks() -> None:
-    """karma/tasks/suites.yaml is read whole into config.SUITES, and the embedded suite names
-    each embedded task with a metric that task produces (resolve_tasks checks it)."""
+def test_suites_yaml_is_the_config_and_every_suite_resolves() -> None:
+    """karma/tasks/suites.yaml is read whole into config.SUITES: each suite has a protocol and
+    a map of the six benchmarks; the offline suites resolve to their local tasks (resolve_tasks
+    checks that each task produces its metric) without lm-eval's registry."""
     raw = yaml.safe_load((TASKS_DIR.parent / "suites.yaml").read_text())
-    assert {n: {b: s.model_dump() for b, s in m.items()} for n, m in SUITES.items()} == raw
-    assert sorted(raw) == ["embedded", "lm_eval"]
-    resolved = resolve_tasks(SUITES["embedded"], where="benchmark.suite=embedded")
+    assert {n: s.model_dump(exclude_none=True) for n, s in SUITES.items()} == raw
+    assert list(raw) == ["embedded", "embedded_paper", "lm_eval", "paper"]
+    assert {n: s.protocol for n, s in SUITES.items()} == {
+        "embedded": "loglik",
+        "embedded_paper": "paper",
+        "lm_eval": "loglik",
+        "paper": "paper",
+    }
+    for suite in SUITES.values():
+        assert list(suite.tasks) == list(BENCHMARKS)
+    resolved = resolve_tasks(SUITES["embedded"].tasks, where="benchmark.suite=embedded")
     assert resolved.names == {b: f"karma_{b}" for b in BENCHMARKS}
     assert not resolved.needs_registry
     assert [cfg["task"] for cfg in resolved.load] == [f"karma_{b}" for b in BENCHMARKS]
+    paper = resolve_tasks(SUITES["embedded_paper"].tasks, where="evaluate.suite=embedded_paper")
+    assert not paper.needs_registry
+    assert [cfg["output_type"] for cfg in paper.load] == ["generate_until"] * 6
+    # the generation cap of the embedded suite is the old evaluate default (IFEval only)
+    assert SUITES["embedded"].max_gen_toks == 64 and SUITES["embedded_paper"].max_gen_toks is None
 
 
 def test_mmlu_stem_answers() -> None:

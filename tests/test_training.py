@@ -41,9 +41,7 @@ from karma.training import (
     launcher_prefix,
     load_pairs,
     make_trainer,
-    mean_interval,
     pair_metrics,
-    paired_interval,
     preference_logps,
     prepare_run_dir,
     run_train,
@@ -379,70 +377,37 @@ def test_heldout_metrics_are_trls(
     assert ours["reward_margin"].mean() > 0.1 and np.isfinite(ours["loss"]).all()
 
 
-def test_mean_interval_against_reference_values():
-    # Wilson 95 % for 8 of 10 (Newcombe 1998, method 3: 0.4902-0.9433)
-    m, low, high = mean_interval(np.array([1.0] * 8 + [0.0] * 2), binary=True)
-    assert (m, round(low, 4), round(high, 4)) == (0.8, 0.4902, 0.9433)
-    assert mean_interval(np.zeros(80), binary=True) == (0.0, 0.0, pytest.approx(0.0458, abs=1e-4))
-    assert mean_interval(np.ones(5), binary=True)[1:] == (pytest.approx(0.5655, abs=1e-4), 1.0)
-    # Student t: mean 2.5, sd 1.2910, t(0.975, 3) = 3.1824
-    m, low, high = mean_interval(np.array([1.0, 2.0, 3.0, 4.0]), binary=False)
-    assert (
-        m == 2.5
-        and low == pytest.approx(0.4457, abs=1e-4)
-        and high == pytest.approx(4.5543, abs=1e-4)
-    )
-    assert mean_interval(np.full(6, math.log(2)), binary=False) == (math.log(2),) * 3
-
-
-def test_paired_interval_is_a_seeded_paired_bootstrap():
-    rng = np.random.default_rng(1)
-    before = rng.normal(size=400)
-    after = before + 0.3 + rng.normal(scale=0.5, size=400)  # paired: the shared part cancels
-    d, low, high = paired_interval(after, before, seed=3)
-    assert d == pytest.approx((after - before).mean())
-    assert paired_interval(after, before, seed=3) == (d, low, high)  # seeded
-    assert paired_interval(after, before, seed=4) != (d, low, high)
-    # a plain-loop reference with the same draws
-    idx = np.random.default_rng(3).integers(0, 400, size=(10_000, 400))
-    means = np.array([(after[i] - before[i]).mean() for i in idx])
-    assert (low, high) == tuple(np.percentile(means, [2.5, 97.5]))
-    # close to the normal approximation of a mean difference, far narrower than unpaired
-    se = (after - before).std(ddof=1) / 20
-    assert low == pytest.approx(d - 1.96 * se, abs=0.01) and high == pytest.approx(
-        d + 1.96 * se, abs=0.01
-    )
-    assert high - low < 0.5 * 1.96 * 2 * math.hypot(after.std(), before.std()) / 20
-    assert paired_interval(np.ones(5), np.zeros(5), seed=0) == (1.0, 1.0, 1.0)
-
-
 def test_heldout_summary_keys():
-    before = {
-        "loss": np.full(4, math.log(2)),
-        "reward_accuracy": np.zeros(4),
-        "reward_margin": np.zeros(4),
-    }
-    after = {
-        "loss": np.array([0.5, 0.6, 0.4, 0.7]),
-        "reward_accuracy": np.array([1.0, 1, 0, 1]),
-        "reward_margin": np.array([0.2, 0.1, -0.1, 0.3]),
-    }
-    out = heldout_summary(before, after, seed=0)
+    """The interface-5 keys, with karma.stats' intervals (Wilson for the accuracy, t for the
+    others, a seeded paired bootstrap for the change)."""
+    from karma.stats import mean_ci, paired_bootstrap_ci
+
+    before = {"loss": np.full(4, math.log(2)), "reward_accuracy": np.zeros(4),
+              "reward_margin": np.zeros(4)}  # fmt: skip
+    after = {"loss": np.array([0.5, 0.6, 0.4, 0.7]), "reward_accuracy": np.array([1.0, 1, 0, 1]),
+             "reward_margin": np.array([0.2, 0.1, -0.1, 0.3])}  # fmt: skip
+    out = heldout_summary(before, after, seed=3)
     expected = {"heldout.n"} | {
-        f"heldout.{who}.{m}{end}"
-        for who in ("before", "after", "delta")
-        for m in HELDOUT
+        f"heldout.{who}.{m}{end}" for who in ("before", "after", "delta") for m in HELDOUT
         for end in ("", ".ci_low", ".ci_high")
-    }
+    }  # fmt: skip
     assert set(out) == expected and out["heldout.n"] == 4
     assert out["heldout.after.reward_accuracy"] == 0.75
+    wilson = mean_ci(after["reward_accuracy"], binary=True)
+    acc = "heldout.after.reward_accuracy"
+    assert (out[f"{acc}.ci_low"], out[f"{acc}.ci_high"]) == (wilson.ci_low, wilson.ci_high)
+    assert wilson.method == "wilson"
+    t = mean_ci(after["loss"], binary=False)
+    assert out["heldout.after.loss.ci_low"] == t.ci_low and t.method == "t"
+    assert out["heldout.before.loss"] == out["heldout.before.loss.ci_high"] == math.log(2)
     assert out["heldout.delta.loss"] == pytest.approx(0.55 - math.log(2))
     assert out["heldout.delta.reward_margin"] == pytest.approx(0.125)
-    assert (
-        out["heldout.delta.reward_margin.ci_low"]
-        <= 0.125
-        <= out["heldout.delta.reward_margin.ci_high"]
-    )
+    low, high = paired_bootstrap_ci(after["reward_margin"], before["reward_margin"], seed=3,
+                                    n_boot=10_000)  # fmt: skip
+    margin = "heldout.delta.reward_margin"
+    assert (out[f"{margin}.ci_low"], out[f"{margin}.ci_high"]) == (low, high)
+    assert low <= 0.125 <= high
+    assert heldout_summary(before, after, seed=4) != out  # the bootstrap follows the seed
 
 
 # ------------------------------------------------------------------ data

@@ -11,6 +11,9 @@ good response follows the model's S_pref (hard-coded below, computed from the sc
 this was written) plus noise. ``overall_score`` (1-10), ``fine-grained_score`` (1-5) and
 ``annotations`` ratings imitate a noisy AI judge; a few ratings are strings or "N/A" and a
 few responses are empty, as in the real data.
+
+License: Apache-2.0, the project's (every text is generated here; only the model names come from
+UltraFeedback). Dataset cards made from this set say so (``karma.fetch.DEMO_LICENSE``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,253 @@
+"""The paper protocol's tasks (karma/tasks/paper, and paper/hub for the full data sets):
+prompts, extraction, scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from karma.config import RunConfig, TaskSpec
+from karma.evaluation import load_task_config, run_tasks
+
+PAPER = Path(__file__).resolve().parents[1] / "karma" / "tasks" / "paper"
+EMBEDDED = PAPER.parent / "embedded"
+METRIC = "exact_match,custom-extract"
+MMLU_PRO_INSTRUCTION = (
+    'Think step by step and then finish your answer with "the answer is (X)" '
+    "where X is the correct letter choice."
+)
+
+
+def _letter(name: str, row: dict) -> str:
+    """The correct letter, read from the raw item (independently of the YAML templates)."""
+    if name in ("arc_easy", "arc_challenge"):
+        return "ABCD"[row["choices"]["label"].index(row["answerKey"])]
+    if name == "mmlu_stem":
+        return "ABCD"[row["answer"]]
+    if name == "hellaswag":
+        return "ABCD"[int(row["label"])]
+    return row["answer"]
+
+
+def _options(name: str, row: dict) -> list[str]:
+    return {
+        "arc_easy": lambda: row["choices"]["text"],
+        "arc_challenge": lambda: row["choices"]["text"],
+        "mmlu_stem": lambda: row["choices"],
+        "hellaswag": lambda: row["endings"],
+        "mmlu_pro": lambda: row["options"],
+    }[name]()
+
+
+NAMES = ["arc_easy", "arc_challenge", "mmlu_stem", "hellaswag", "mmlu_pro"]
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (EMBEDDED / f"{name}.jsonl").read_text().splitlines()]
+
+
+def _task(name: str):
+    from lm_eval.tasks import TaskManager
+
+    cfg = load_task_config(PAPER / f"karma_paper_{name}.yaml")
+    return next(iter(TaskManager(include_defaults=False).load_task_or_group([cfg]).values()))
+
+
+def _mmlu_pro_template() -> dict:
+    import lm_eval
+
+    from karma.evaluation import _TagLoader
+
+    path = Path(lm_eval.__file__).parent / "tasks" / "mmlu_pro" / "_default_template_yaml"
+    return yaml.load(path.read_text(), Loader=_TagLoader)
+
+
+def test_the_paper_dir_holds_exactly_the_five_tasks() -> None:
+    assert sorted(p.stem for p in PAPER.glob("*.yaml")) == [
+        f"karma_paper_{n}" for n in sorted(NAMES)
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prompts_targets_and_settings(name: str) -> None:
+    cfg = load_task_config(PAPER / f"karma_paper_{name}.yaml")
+    assert cfg["output_type"] == "generate_until"
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str(
+        (EMBEDDED / f"{name}.jsonl").resolve()
+    )
+    ref = _mmlu_pro_template()  # lm-eval's own mmlu_pro: same filter, stop and metric
+    assert cfg["filter_list"][:1] == ref["filter_list"]
+    assert [f["name"] for f in cfg["filter_list"]] == ["custom-extract", "flexible-extract"]
+    assert cfg["metric_list"] == ref["metric_list"]
+    assert cfg["generation_kwargs"]["until"] == ref["generation_kwargs"]["until"]
+    assert cfg["generation_kwargs"]["max_gen_toks"] >= 256
+
+    task = _task(name)
+    docs, rows = list(task.test_docs()), _rows(name)
+    assert len(docs) == len(rows) >= 40
+    for doc, row in zip(docs, rows, strict=True):
+        prompt = task.fewshot_context(doc, 0)
+        assert task.doc_to_target(doc) == _letter(name, row)
+        assert prompt.startswith("The following are multiple choice questions (with answers) about")
+        assert MMLU_PRO_INSTRUCTION + "\nQuestion:\n" in prompt
+        assert prompt.endswith("\nAnswer: Let's think step by step.")
+        listed = "".join(
+            f"{'ABCDEFGHIJ'[i]}. {o.strip()}\n" for i, o in enumerate(_options(name, row))
+        )
+        assert "\nOptions:\n" + listed + "Answer:" in prompt
+
+
+def test_mmlu_pro_prompt_is_lm_evals_own() -> None:
+    from lm_eval.tasks.mmlu_pro.utils import doc_to_text
+
+    task = _task("mmlu_pro")
+    for doc in task.test_docs():
+        assert task.doc_to_text(doc) == doc_to_text(doc)
+
+
+@pytest.mark.parametrize(
+    ("response", "letter"),
+    [
+        ("blah. The answer is (B).", "B"),
+        ("Step 1 ... so the answer is C", "C"),
+        ("the answer is (J)", "J"),
+        ("The answer is (A). Or the answer is (D).", "A"),  # first match, as lm-eval's mmlu_pro
+        ("The answer: B", "[invalid]"),  # lm-eval's custom-extract is that strict
+        ("I think B.", "[invalid]"),
+    ],
+)
+def test_custom_extract_filter(response: str, letter: str) -> None:
+    assert _extract(response, 0) == letter
+
+
+def _extract(response: str, which: int) -> str:
+    from lm_eval.api.registry import get_filter
+
+    task = _task("arc_easy")
+    steps = task.config.filter_list[which]["filter"]
+    resps: list = [[response]]
+    for step in steps:
+        kwargs = {k: v for k, v in step.items() if k != "function"}
+        resps = list(get_filter(step["function"])(**kwargs).apply(resps, [{}]))
+    return resps[0]
+
+
+@pytest.mark.parametrize(
+    ("response", "letter"),
+    [
+        ("blah. The answer is (B).", "B"),
+        ("Step 1 ... so the answer is C", "C"),
+        ("D. water starts to bubble", "D"),  # the option restated: strict finds nothing
+        ("I pick (C)", "C"),
+        ("A man sees B: then the answer: C.", "C"),  # the last standalone letter
+        ("Answer: B", "B"),
+        ("A cat sat on a mat", "[invalid]"),  # "A" as a word is no answer
+        ("ABC.", "[invalid]"),
+    ],
+)
+def test_flexible_extract_filter(response: str, letter: str) -> None:
+    """The lenient second filter (a diagnostic: format failures vs wrong answers)."""
+    assert _extract(response, 1) == letter
+
+
+HUB = PAPER / "hub"
+
+
+def _hub_hellaswag(doc: dict) -> dict:
+    """What lm-eval's hellaswag process_docs makes of a hub row with this context."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    return {
+        "query": preprocess(doc["activity_label"] + ": " + doc["ctx"]),
+        "choices": [preprocess(e) for e in doc["endings"]],
+        "gold": int(doc["label"]),
+    }
+
+
+def _render(cfg: dict, data: dict, doc: dict) -> tuple[str, str]:
+    """Prompt and target of ``doc`` by the task ``cfg`` (its data swapped for ``data``)."""
+    from lm_eval.tasks import TaskManager
+
+    cfg = {k: v for k, v in cfg.items() if k not in ("process_docs", "validation_split")}
+    cfg.update(dataset_path="json", dataset_name=None, test_split="test", dataset_kwargs=data)
+    if "query" in cfg["doc_to_text"]:
+        cfg["process_docs"] = lambda ds: ds.map(_hub_hellaswag)
+    task = next(iter(TaskManager(include_defaults=False).load_task_or_group([cfg]).values()))
+    return task.fewshot_context(doc, 0), task.doc_to_target(doc)
+
+
+@pytest.mark.parametrize(
+    ("name", "mini"), [("arc_easy", "arc_easy"), ("arc_challenge", "arc_challenge"),
+                       ("hellaswag", "hellaswag")]
+)  # fmt: skip
+def test_hub_tasks_render_the_mini_tasks_prompts(name: str, mini: str) -> None:
+    """The full-data tasks of the paper suite ask exactly what the mini tasks ask: the same
+    prompt and target for the same item (HellaSwag through lm-eval's process_docs fields)."""
+    hub = load_task_config(HUB / f"karma_paper_hub_{name}.yaml")
+    assert hub["dataset_path"] in ("allenai/ai2_arc", "Rowan/hellaswag")
+    base = load_task_config(PAPER / f"karma_paper_{mini}.yaml")
+    keep = ("filter_list", "metric_list", "description", "output_type")
+    assert {k: hub[k] for k in keep} == {k: base[k] for k in keep}
+    gen, mini_gen = dict(hub["generation_kwargs"]), dict(base["generation_kwargs"])
+    assert gen.pop("max_gen_toks") == 1024 and mini_gen.pop("max_gen_toks") == 256
+    assert gen == mini_gen  # a larger model's chain of thought has 4x the room
+    task = _task(mini)
+    for doc in list(task.test_docs())[:5]:
+        hub_doc = _hub_hellaswag(doc) if name == "hellaswag" else doc
+        assert _render(hub, base["dataset_kwargs"], hub_doc) == (
+            task.fewshot_context(doc, 0),
+            task.doc_to_target(doc),
+        )
+
+
+def _scripted_lm(name: str, fixed: str | None = None):
+    """An lm-eval LM that answers from the item: the correct letter, or always ``fixed``."""
+    from lm_eval.api.model import LM
+
+    class Scripted(LM):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return [
+                f"Let's see. Thinking... the answer is ({fixed or _letter(name, r.doc)})."
+                for r in requests
+            ]
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+    return Scripted()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scoring_end_to_end_with_scripted_responses(name: str) -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    cfg = load_task_config(PAPER / f"karma_paper_{name}.yaml")
+    share_a = sum(_letter(name, r) == "A" for r in _rows(name)) / len(_rows(name))
+    for fixed, expected in ((None, 1.0), ("A", share_a)):
+        res = lm_eval.simple_evaluate(
+            model=_scripted_lm(name, fixed),
+            tasks=[cfg],
+            task_manager=TaskManager(include_defaults=False),
+            bootstrap_iters=0,
+        )
+        assert res["results"][f"karma_paper_{name}"][METRIC] == pytest.approx(expected)
+
+
+def test_tiny_model_runs_every_task_through_run_tasks(tiny_model_dir: Path) -> None:
+    """Real lm-eval generation (2 items each, chat template) via karma.evaluation.run_tasks."""
+    specs = {n: TaskSpec(task=str(PAPER / f"karma_paper_{n}.yaml"), metric=METRIC) for n in NAMES}
+    cfg = RunConfig(limit=2, max_gen_toks=8, batch_size=2, cache=False, threads=1)
+    out = run_tasks(str(tiny_model_dir), specs, cfg)
+    assert set(out.metrics) == set(NAMES)
+    for name in NAMES:
+        assert out.metrics[name]["exact_match_custom-extract"] in (0.0, 0.5, 1.0)
+        assert out.metrics[name]["score"] == out.metrics[name]["exact_match_custom-extract"]
+        rows = out.samples.filter(out.samples["benchmark"] == name)
+        assert rows["task_doc_id"].to_list() == [0, 1] and rows["response"].null_count() == 0
