@@ -439,13 +439,19 @@ class TrainConfig(Section):
 
     method: TrainMethod = setting("dpo", "dpo (with an explicit reference model) | sft (on chosen)")
     recipe: str | None = setting(
-        None, "a YAML file whose trl / dpo / sft / lora / dtype blocks override these"
+        None, "a YAML file whose global_batch_size / trl / dpo / sft / lora / dtype override these"
+    )
+    global_batch_size: int | None = setting(
+        4,
+        "pairs per optimizer step over all processes; gradient accumulation is derived: "
+        "global / (trl.per_device_train_batch_size x processes). null: keep "
+        "trl.gradient_accumulation_steps (the global batch then grows with num_processes)",
+        ge=1,
     )
     trl: dict[str, Any] = setting(
         {
-            "max_steps": 8,
+            "max_steps": 4,
             "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": 1,
             "learning_rate": 2.0e-5,
             "lr_scheduler_type": "constant",
             "max_length": 256,
@@ -461,14 +467,19 @@ class TrainConfig(Section):
     dtype: Dtype = setting(
         "float32", "dtype the base model is loaded in (mixed precision: trl.bf16)"
     )
-    launcher: Literal["python", "accelerate"] = setting(
-        "python", "python | accelerate (the stage re-runs itself under accelerate launch)",
+    launcher: Literal["python", "torchrun", "accelerate"] = setting(
+        "python", "python (in-process, 1 process) | torchrun (torch.distributed.run, CPU or GPU) "
+        "| accelerate (accelerate launch; GPU, with accelerate_config for FSDP / DeepSpeed)",
         operational=True,
     )  # fmt: skip
-    num_processes: int = setting(1, "processes of accelerate launch", ge=1, operational=True)
+    num_processes: int = setting(
+        1, "data-parallel processes on this machine (torchrun / accelerate)", ge=1,
+        operational=True,
+    )  # fmt: skip
     accelerate_config: str | None = setting(
-        None, "accelerate config file (FSDP / DeepSpeed)", operational=True
-    )
+        None, "accelerate config file (FSDP / DeepSpeed), launcher accelerate only",
+        operational=True,
+    )  # fmt: skip
     checkpoint_steps: int = setting(
         4, "save a resumable checkpoint every N steps", ge=1, operational=True
     )
@@ -478,10 +489,15 @@ class TrainConfig(Section):
 
     @field_validator("trl", "dpo", "sft")
     @classmethod
-    def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _not_reserved(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
         for key in value:
             if key in TRL_RESERVED:
                 raise ValueError(f"{key!r} is set by {TRL_RESERVED[key]}")
+        if "gradient_accumulation_steps" in value and info.data.get("global_batch_size"):
+            raise ValueError(
+                "'gradient_accumulation_steps' is derived from train.global_batch_size "
+                "(set train.global_batch_size: null to choose it yourself)"
+            )
         return value
 
 

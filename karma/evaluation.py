@@ -1007,7 +1007,7 @@ def launcher_prefix(section: str) -> Any:
     """The launcher of a stage whose settings are ``section``: with ``num_processes`` > 1, the
     same command re-runs under ``python -m torch.distributed.run`` (one node, N processes)."""
 
-    def prefix(params: Params) -> list[str] | None:
+    def prefix(params: Params, paths: Any = None) -> list[str] | None:
         n = getattr(params, section).num_processes
         if n <= 1:
             return None

@@ -27,8 +27,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,7 +112,8 @@ class Stage:
     run: Callable[[Params, Any], dict[str, Any]]
     help: str = ""
     inputs: tuple[str, ...] = ()  # params keys that name input files (preferences.dataset)
-    launcher: Callable[[Params], list[str] | None] | None = None  # re-run under a launcher
+    # re-run under a launcher: (params, paths) -> command prefix, or None to run in-process
+    launcher: Callable[[Params, Any], list[str] | None] | None = None
 
     def setting_keys(self) -> list[str]:
         """Every leaf params key the stage reads, sections expanded."""
@@ -243,18 +246,71 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def relaunch_argv() -> list[str]:
+    """This process's program and arguments, to run again under a launcher (``-m module`` when
+    it was started as ``python -m module``: run as a script, a package module would put its
+    own directory first on ``sys.path``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    return list(sys.argv)
+
+
+def _die_with_parent() -> None:
+    """In a launched child (Linux): receive SIGKILL when the stage process dies."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def die_with_launcher() -> None:
+    """In a process torchrun started (Linux): die with the launcher. torchrun starts each worker
+    in a session of its own, so a killed launcher would leave its workers running."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    _die_with_parent()
+    if os.getppid() == 1:  # the launcher is already gone
+        os._exit(1)
+
+
+def run_launched(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher command; it dies with this process, and SIGTERM is passed on to it."""
+    linux = sys.platform.startswith("linux")
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if linux else None)
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, lambda sig, _f: proc.send_signal(sig))
+    try:
+        return proc.wait()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        if proc.poll() is None:  # interrupted: let the launcher stop its workers
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def execute(stage: Stage, params: Params, paths: Any, *, flag: Callable[[str], str] = str) -> Any:
     """Check the paths, run the stage into temporary outputs, then commit them together.
 
     Returns the stage's metrics. Under a launcher (``train.launcher``), the same command is
-    re-run under it instead (after the checks) and its exit status is checked. Only the main
-    process (``RANK`` 0) touches the outputs; every reader applies ``params.limits``.
+    re-run under it instead (after the checks), its exit status is checked and None is returned
+    (the launched main process reports the metrics). Launched processes all run the stage into
+    the same temporary outputs; only the main process (``RANK`` 0) prepares and commits them
+    (the stage synchronises its processes in between). Every reader applies ``params.limits``.
     """
     with use_limits(params.limits):
         return _execute(stage, params, paths, flag)
 
 
 def _execute(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str]) -> Any:
+    if os.environ.get(LAUNCHED_ENV):
+        die_with_launcher()
     check_paths(stage, params, paths, flag)
     staged: dict[str, Staged] = {}
     for f in path_fields(stage.paths):
@@ -267,14 +323,14 @@ def _execute(stage: Stage, params: Params, paths: Any, flag: Callable[[str], str
         for s in staged.values():
             _os_errors(check_destination, s)
     if stage.launcher is not None and not os.environ.get(LAUNCHED_ENV):
-        prefix = stage.launcher(params)
+        prefix = stage.launcher(params, paths)
         if prefix:
-            cmd = [*prefix, *sys.argv]
+            cmd = [*prefix, *relaunch_argv()]
             log.info("launching: %s", " ".join(cmd))
-            rc = subprocess.run(cmd, env={**os.environ, LAUNCHED_ENV: "1"}, check=False).returncode
+            rc = run_launched(cmd, {**os.environ, LAUNCHED_ENV: "1"})
             if rc != 0:
                 raise KarmaError(f"launched command exited with code {rc}", value=cmd[0])
-            return {}
+            return None
     created: list[Path] = []
     done = False
     try:
@@ -658,7 +714,7 @@ def make_command(stage: Stage, command_name: str, short_help: str, *, settings: 
             metrics = execute(stage, params_obj, paths, flag=lambda n: flags.get(n, n))
         except KarmaError as err:  # a params key named by the library: say where it was set
             raise with_source(err, sources(file, overrides)) from None
-        if settings:
+        if settings and metrics is not None and _is_main_process():
             click.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
     return click.Command(
