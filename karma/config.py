@@ -450,9 +450,9 @@ class TrainConfig(Section):
     )
     trl: dict[str, Any] = setting(
         {
-            "max_steps": 4,
+            "max_steps": 16,
             "per_device_train_batch_size": 2,
-            "learning_rate": 2.0e-5,
+            "learning_rate": 5.0e-5,
             "lr_scheduler_type": "constant",
             "max_length": 256,
             "logging_steps": 1,

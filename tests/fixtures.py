@@ -4,7 +4,9 @@
   template + a random Llama), seconds to build;
 * :func:`synthetic_pairs`: preference pairs in the preferences stage's schema;
 * :func:`synthetic_records`: UltraFeedback-shaped Parquet (4 completions per instruction);
-* :func:`real_record`: one record with every key of the real ``openbmb/UltraFeedback`` layout.
+* :func:`real_record`: one record with every key of the real ``openbmb/UltraFeedback`` layout;
+* :func:`run_karma`, :func:`error_line`, :func:`one_error_line`: ``karma`` in-process and its
+  one-line error contract (the ``karma_cli`` fixture in ``conftest.py`` wraps the first).
 
 Benchmarks import them as ``tests.fixtures`` (run them as ``python -m benchmarks.<name>``).
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 
 log = logging.getLogger(__name__)
 
@@ -390,3 +393,41 @@ def h4_dataset(n: int = 4) -> Any:
             }
         )
     return datasets.Dataset.from_list(rows, features=h4_features())
+
+
+def run_karma(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``karma <argv>`` in-process: (exit code, stdout, stderr); root logging restored after."""
+    from karma.cli import main
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    capsys.readouterr()
+    code = 0
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:  # the CLI points logging at the captured stderr; restore it
+        root.handlers[:], root.level = saved
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def error_line(code: int, err: str, *, logs_before: bool = False) -> str:
+    """The CLI error contract: exit 1, one ``karma: error:`` line, last, no traceback; returns
+    the message. With ``logs_before`` the stage may have logged (INFO lines) before it failed."""
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("karma: error: ")]
+    assert errors == lines[-1:], err
+    assert logs_before or len(lines) == 1, err
+    return lines[-1].removeprefix("karma: error: ")
+
+
+def one_error_line(err: str) -> str:
+    """stderr is exactly one ``karma: error: ...`` line (returned whole) and no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("karma: error: "), err
+    assert "Traceback" not in err, err
+    return lines[0]

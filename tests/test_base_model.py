@@ -4,7 +4,6 @@ decoding, embedded GGUF (cache, download failure, end to end)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import subprocess
 import sys
@@ -16,10 +15,9 @@ import pytest
 
 import karma.base_model as bm
 from karma.base_model import EMBEDDED, build_base_model, fetch_embedded_gguf, generate_answer
-from karma.cli import main
 from karma.config import BaseModelConfig
 from karma.errors import KarmaError
-from tests.fixtures import CHAT_TEMPLATE
+from tests.fixtures import CHAT_TEMPLATE, error_line
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 
@@ -30,41 +28,6 @@ def karma_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("KARMA_CACHE_DIR", str(cache))
     return cache
-
-
-@pytest.fixture
-def karma_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """``run(*argv) -> (exit code, stdout, stderr)`` of ``karma`` called in-process."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(list(argv))
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield run
-    root.handlers[:] = handlers  # the CLI's setup_logging replaced them
-    root.setLevel(level)
-
-
-def error_line(code: int, err: str, *, logs_before: bool = False) -> str:
-    """The CLI error contract: exit 1, one ``karma: error:`` line, last, no traceback.
-
-    With ``logs_before`` the stage may have logged (INFO lines on stderr) before it failed.
-    """
-    assert code == 1, err
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err, err
-    errors = [line for line in lines if line.startswith("karma: error: ")]
-    assert errors == lines[-1:], err
-    assert logs_before or len(lines) == 1, err
-    return lines[-1].removeprefix("karma: error: ")
 
 
 def _leftovers(root: Path) -> list[str]:

@@ -6,7 +6,6 @@ lm-eval's command line, and with two processes)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -44,6 +43,8 @@ from karma.evaluation import (
     resolve_tasks,
 )
 from karma.scores import merge_scores, read_measured, read_scores
+from tests.fixtures import one_error_line as _one_error_line
+from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTED = REPO / "data" / "origin" / "scores.csv"
@@ -52,30 +53,6 @@ PAPER_MINI = SUITES["embedded_paper"].tasks
 #: a generation task and a log-likelihood task: the cheapest map that exercises both paths
 TWO = {"arc_easy": EMBEDDED["arc_easy"], "ifeval": EMBEDDED["ifeval"]}
 HEADLINE = ("score", "ci_low", "ci_high", "stderr", "n")
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``karma <argv>`` in-process: (exit code, stdout, stderr); root logging restored after."""
-    from karma.cli import main
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        root.handlers[:], root.level = saved[0], saved[1]
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("karma: error: ") and "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- flattening, comparing

@@ -4,7 +4,6 @@ DVC tracks; what it records of the source; the offline error."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -19,33 +18,12 @@ from karma import fetch as F
 from karma.config import FetchConfig, Params
 from karma.pipeline import execute
 from karma.ultrafeedback import read_ultrafeedback
+from tests.fixtures import one_error_line as _one_line
 from tests.fixtures import real_record
+from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data/demo/ultrafeedback_demo.jsonl"
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from karma.cli import main
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        root.handlers[:], root.level = saved[0], saved[1]
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("karma: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _same(a: Path | str, b: Path | str) -> None:

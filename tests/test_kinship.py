@@ -33,6 +33,7 @@ from karma.kinship import (
     write_kinship,
 )
 from karma.scores import read_scores
+from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGIN = REPO / "data" / "origin" / "scores.csv"
@@ -475,22 +476,6 @@ def test_leave_one_benchmark_out_on_the_papers_table(tmp_path: Path) -> None:
     res = compute_kinship(two, tau=-1.0)
     out = leave_one_out(two, res, tau=-1.0, min_common=2)
     assert set(out) == {"x", "y"} and all("error" in e for e in out.values())
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from karma.cli import main
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:  # the CLI points logging at the captured stderr; restore it
-        root.handlers[:], root.level = saved[0], saved[1]
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_cli_writes_outputs_and_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

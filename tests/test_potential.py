@@ -36,6 +36,7 @@ from karma.potential import (
     zscore,
 )
 from tests.fixtures import build_tiny_model, synthetic_pairs
+from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -660,24 +661,6 @@ def test_select_stage_matches_numpy_reference_and_is_deterministic(
         np.corrcoef(rankdata(gap), rankdata(implicit))[0, 1], abs=2e-6
     )
     assert all(v is None or math.isfinite(v) for v in m.values())
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    import logging
-
-    from karma.cli import main
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:  # the CLI points logging at the captured stderr; restore it
-        root.handlers[:], root.level = saved[0], saved[1]
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_cli_select(

@@ -4,7 +4,6 @@ settings and paths (config model, CLI), outputs."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import typing
@@ -31,6 +30,8 @@ from karma.pipeline import execute
 from karma.scores import read_scores
 from karma.sweep import all_draws
 from karma.ultrafeedback import UltraFeedback, from_records, read_ultrafeedback
+from tests.fixtures import one_error_line as _one_error_line
+from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data/demo/ultrafeedback_demo.jsonl"
@@ -716,28 +717,6 @@ def test_bad_settings_in_a_params_file_name_file_and_key(
 
 
 # --------------------------------------------------------------------------- CLI
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``karma <argv>`` in-process: (exit code, stdout, stderr); root logging restored after."""
-    from karma.cli import main
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        root.handlers[:], root.level = saved[0], saved[1]
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("karma: error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def _never(*args: Any, **kwargs: Any) -> Any:

@@ -4,7 +4,6 @@ scores stage's settings and output through the CLI."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from karma.errors import KarmaError
 from karma.scores import read_scores, write_scores
+from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGIN = REPO / "data" / "origin" / "scores.csv"
@@ -147,22 +147,6 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- stage via the CLI
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from karma.cli import main
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:  # the CLI points logging at the captured stderr; restore it
-        root.handlers[:], root.level = saved[0], saved[1]
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_scores_stage_writes_the_table_with_aliases(

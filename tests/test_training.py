@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import shutil
@@ -24,7 +23,6 @@ import pytest
 import yaml
 
 from karma import pipeline
-from karma.cli import main
 from karma.config import Params, TrainConfig
 from karma.errors import KarmaError
 from karma.training import (
@@ -49,6 +47,7 @@ from karma.training import (
     trl_kwargs,
 )
 from tests.fixtures import CHAT_TEMPLATE
+from tests.fixtures import error_line as one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_TRL = {
@@ -110,36 +109,6 @@ def test_file(tmp_path: Path) -> Path:
     path = tmp_path / "test_prefs.parquet"
     make_pairs(10, seed=7, offset=100).write_parquet(path)
     return path
-
-
-@pytest.fixture
-def karma_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """``run(*argv) -> (exit code, stdout, stderr)`` of ``karma`` called in-process."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(list(argv))
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield run
-    root.handlers[:] = handlers  # the CLI's setup_logging replaced them
-    root.setLevel(level)
-
-
-def one_line_error(code: int, err: str) -> str:
-    """The CLI error contract: exit 1, one line on stderr, no traceback; returns the message."""
-    assert code == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("karma: error: ")
-    return lines[0].removeprefix("karma: error: ")
 
 
 def _paths(tmp_path: Path, data: Path, base: Path, name: str = "run") -> TrainPaths:
@@ -613,7 +582,7 @@ def test_trl_config_passthrough_and_defaults(tmp_path: Path):
     assert args.bf16 is False and args.gradient_checkpointing is False
     sft = build_trl_config(TrainConfig(method="sft"), seed=0, output_dir=tmp_path)
     assert type(sft).__name__ == "SFTConfig" and sft.report_to == []
-    assert sft.max_steps == 4 and sft.learning_rate == 2e-5  # the default train.trl
+    assert sft.max_steps == 16 and sft.learning_rate == 5e-5  # the default train.trl
 
 
 def test_trl_rejects_bad_value(tmp_path: Path):
