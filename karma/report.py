@@ -986,7 +986,8 @@ def radar_png(tables: Sequence[Table]) -> bytes:
         ax.tick_params(axis="y", labelsize=6, colors="#777")
         ax.set_title(table.title, fontsize=8, pad=16)
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    ncol = min(len(labels), max(2, 2 * cols))  # wraps: a long row would be cut off
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _png(fig)
 
@@ -1057,7 +1058,7 @@ h2{font-size:1.2rem;margin:1.4rem 0 .3rem;border-bottom:1px solid #ddd}
 h3{font-size:1rem;margin:1rem 0 .2rem}p.cap{margin:.1rem 0 .3rem;color:#555;font-size:12px}
 table{border-collapse:collapse;margin:.2rem 0 .6rem;font-variant-numeric:tabular-nums}
 td,th{border:1px solid #d5d9e0;padding:3px 7px;text-align:right;vertical-align:top}
-td,th{white-space:nowrap}
+td,th{white-space:nowrap}table.wrap td,table.wrap th{white-space:normal}
 th{background:#f3f5f8;font-weight:600}
 th small,td small{display:block;font-weight:400;color:#777;font-size:11px}
 td:first-child,th:first-child{text-align:left;white-space:normal;min-width:180px;max-width:330px}
@@ -1203,7 +1204,7 @@ def html_page(
             "<h2>Held-out preference split (train.json)</h2>",
             "<p class='cap'>After training, and the paired change from before training "
             "(95 % interval; ▲/▼ when it excludes 0).</p>",
-            _md_to_html_table(held),
+            _md_to_html_table(held).replace("<table>", "<table class='wrap'>", 1),
         ]
     parts += _figures_html(tables, pooled, figures, curve_files, list(missing))
     if notes:
