@@ -193,22 +193,18 @@ def check_paths(stage: Stage, params: Params, paths: Any, flag: Callable[[str], 
             continue
         p = Path(value)
         out = p.resolve()
-        for in_name, src in inputs:
-            if _inside(out, src) or _inside(src, out):
-                raise KarmaError(
-                    f"output path is (or holds, or lies inside) the input {flag(in_name)}",
-                    file=value,
-                    field=flag(name),
-                    expected="an output path apart from every input",
-                )
-        for other, dst in outputs:
-            if _inside(out, dst) or _inside(dst, out):
-                raise KarmaError(
-                    f"output path is (or holds, or lies inside) the output {flag(other)}",
-                    file=value,
-                    field=flag(name),
-                    expected="outputs apart from each other",
-                )
+        for kind, taken, expected in (
+            ("input", inputs, "an output path apart from every input"),
+            ("output", outputs, "outputs apart from each other"),
+        ):
+            for other, path in taken:
+                if _inside(out, path) or _inside(path, out):
+                    raise KarmaError(
+                        f"output path is (or holds, or lies inside) the {kind} {flag(other)}",
+                        file=value,
+                        field=flag(name),
+                        expected=expected,
+                    )
         outputs.append((name, out))
         suffixes = meta["suffixes"]
         if suffixes and p.suffix.lower() not in suffixes:

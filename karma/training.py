@@ -932,7 +932,11 @@ def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig,
     trl_kwargs(cfg, seed=params.seed, output_dir=paths.checkpoints, world_size=world)
     build_lora_config(cfg.lora)
     dataset = load_pairs(paths.data, cfg.method)
-    heldout = None if paths.eval_data is None else load_pairs(paths.eval_data, "dpo")
+    heldout = None
+    if paths.eval_data is not None and cfg.method != "dpo":
+        log.warning("held-out preference metrics are DPO's: --eval-data is not used by sft")
+    elif paths.eval_data is not None:
+        heldout = load_pairs(paths.eval_data, "dpo")
     return cfg, dataset, heldout
 
 
@@ -950,9 +954,6 @@ def run_train(
     cfg, dataset, heldout = _inputs(params, paths, world)
     plan = batch_plan(cfg, world)
     seed = params.seed
-    if heldout is not None and cfg.method != "dpo":
-        log.warning("held-out preference metrics are DPO's: --eval-data is not used by sft")
-        heldout = None
     ranks = Ranks.start()
 
     def prepare() -> tuple[Path, Path | None]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
-import pytest
+
+if TYPE_CHECKING:  # benchmarks import this module without the test extras
+    import pytest
 
 log = logging.getLogger(__name__)
 
