@@ -7,7 +7,8 @@
 For every (n models, d benchmarks, complete | 20% missing) it prints the best-of-r wall time of:
 
 * ``kernel``: the Numba kernel (``backend="kernel"``), all pairs, NaN-aware;
-* ``auto``: the public :func:`karma.kinship.pairwise_similarity` (complete data -> BLAS path);
+* ``auto``: the public :func:`karma.kinship.kinship.pairwise_similarity` (complete data -> BLAS
+path);
 * ``blas``: plain numpy on complete data (normalise rows, one ``Y @ Y.T``);
 * ``masked``: the straightforward masked numpy approach (:func:`pairwise_similarity_numpy`,
   one vectorised row at a time), on missing data;
@@ -35,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from karma.kinship import pairwise_similarity, pairwise_similarity_numpy
+from karma.kinship.kinship import pairwise_similarity, pairwise_similarity_numpy
 
 CDIST = {"cosine": "cosine", "pearson": "correlation", "euclidean": "euclidean"}
 

@@ -5,10 +5,12 @@ Generates UltraFeedback-shaped Parquet (N instructions x 4 completions from the 
 plus an unknown one; ~150-character responses; a few blank responses, "N/A" ratings and
 duplicated texts), then times, from the Parquet file to the written pairs Parquet:
 
-* **stage**: :func:`karma.ultrafeedback.read_ultrafeedback` + :func:`karma.preferences.make_pairs`
-  (polars + the Numba kernel) + :func:`karma.preferences.write_pairs`;
-* **loop**: what a typical script does: rows as dicts, a per-record Python loop applying the
-  same rules (:func:`karma.preferences.reference_pair`), rows collected into a frame and written.
+* **stage**: :func:`karma.pairing.ultrafeedback.read_ultrafeedback` +
+:func:`karma.pairing.preferences.make_pairs`
+  (polars + the Numba kernel) + :func:`karma.pairing.preferences.write_pairs`;
+* **loop**: what a typical script does: rows as dicts, a per-record Python loop applying
+  the same rules (:func:`karma.pairing.preferences.reference_pair`), rows collected into a
+  frame and written.
 
 Each timing runs in a fresh subprocess (so peak memory, ``ru_maxrss``, is per run). At 1M the
 loop is timed on the first 100k records and extrapolated linearly.
@@ -17,7 +19,7 @@ loop is timed on the first 100k records and extrapolated linearly.
     python -m benchmarks.preferences --sizes 64000   # quicker
 
 ``--vs floor`` (issue 13: bounded memory) runs the stage as the pipeline does
-(:func:`karma.pipeline.execute` on the Parquet: records streamed in batches of
+(:func:`karma.core.stage.execute` on the Parquet: records streamed in batches of
 ``preferences.batch_records``, both splits written as they come, diagnostics included) and, in
 the same run, the floor: reading the same input with the same library (pyarrow record batches
 of the same columns) and writing an output of the same size (the stage's two files, read back
@@ -49,8 +51,8 @@ SCORES = REPO / "data/origin/scores.csv"
 
 
 def _kinship() -> tuple[pl.DataFrame, pl.DataFrame]:
-    from karma.kinship import compute_kinship
-    from karma.scores import read_scores
+    from karma.kinship.kinship import compute_kinship
+    from karma.kinship.scores import read_scores
 
     res = compute_kinship(read_scores(SCORES))
     return res.models, res.kinship
@@ -58,12 +60,12 @@ def _kinship() -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def run_stage(data: Path, out: Path, strategy: str, repeat: int = 3) -> dict:
     """The vectorised path: Parquet in, pairs Parquet out."""
-    from karma.preferences import make_pairs, write_pairs
-    from karma.ultrafeedback import read_ultrafeedback
+    from karma.pairing.preferences import make_pairs, write_pairs
+    from karma.pairing.ultrafeedback import read_ultrafeedback
 
     models, kin = _kinship()
     # load the Numba kernels from their cache outside the timing (a real run pays this once)
-    from karma.ultrafeedback import from_records
+    from karma.pairing.ultrafeedback import from_records
 
     comps = [{"model": "gpt-4", "response": "x"}, {"model": "bard", "response": "y"}]
     warm = from_records([("w", {"instruction": "w", "completions": comps})], file="warm")
@@ -99,7 +101,7 @@ def run_loop(data: Path, out: Path, strategy: str, limit: int | None) -> dict:
     """A plain per-record Python loop with the same rules."""
     import hashlib
 
-    from karma.preferences import PARQUET_COMPRESSION, reference_pair
+    from karma.pairing.preferences import PARQUET_COMPRESSION, reference_pair
 
     models, kin = _kinship()
     t0 = time.perf_counter()
@@ -174,11 +176,12 @@ def make_data(n: int, path: Path, chunk: int = 250_000) -> None:
 
 def run_streaming(data: Path, out: Path, strategy: str) -> dict:
     """The stage as the pipeline runs it (streaming), timed end to end."""
-    from karma.config import Params, PreferencesConfig
-    from karma.kinship import STAGE as KINSHIP
-    from karma.kinship import KinshipPaths
-    from karma.pipeline import execute
-    from karma.preferences import STAGE, PreferencesPaths
+    from karma.core.stage import execute
+    from karma.kinship.kinship import STAGE as KINSHIP
+    from karma.kinship.kinship import KinshipPaths
+    from karma.pairing.preferences import STAGE, PreferencesPaths
+    from karma.pairing.settings import PreferencesConfig
+    from karma.params import Params
 
     kin = out.with_name("kinship")
     execute(KINSHIP, Params(), KinshipPaths(scores=SCORES, out=kin))
@@ -202,8 +205,8 @@ def run_floor(data: Path, out: Path) -> dict:
     and written again)."""
     import pyarrow.parquet as pq
 
-    from karma.preferences import RowGroupWriter
-    from karma.ultrafeedback import COLUMNS
+    from karma.pairing.preferences import RowGroupWriter
+    from karma.pairing.ultrafeedback import COLUMNS
 
     t0 = time.perf_counter()
     pf = pq.ParquetFile(data, pre_buffer=False)  # as the stage reads (bounded memory)
@@ -225,12 +228,13 @@ def run_floor(data: Path, out: Path) -> dict:
 
 def check_identical(data: Path, tmp: Path, strategy: str) -> bool:
     """Streamed files (two batch sizes) == the in-memory path, byte for byte."""
-    from karma.config import Params, PreferencesConfig
-    from karma.kinship import STAGE as KINSHIP
-    from karma.kinship import KinshipPaths
-    from karma.pipeline import execute
-    from karma.preferences import STAGE, PreferencesPaths, make_pairs, write_splits
-    from karma.ultrafeedback import read_ultrafeedback
+    from karma.core.stage import execute
+    from karma.kinship.kinship import STAGE as KINSHIP
+    from karma.kinship.kinship import KinshipPaths
+    from karma.pairing.preferences import STAGE, PreferencesPaths, make_pairs, write_splits
+    from karma.pairing.settings import PreferencesConfig
+    from karma.pairing.ultrafeedback import read_ultrafeedback
+    from karma.params import Params
 
     kin = tmp / "kin-check"
     execute(KINSHIP, Params(), KinshipPaths(scores=SCORES, out=kin))

@@ -42,7 +42,7 @@ def main() -> None:
 
     import torch
 
-    from karma.margins import encode_sequence, load_scorer, sequence_logps
+    from karma.selection.margins import encode_sequence, load_scorer, sequence_logps
     from tests.fixtures import build_tiny_model, synthetic_pairs
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Overhead of the train stage vs a plain TRL script (same config, data, tiny offline model).
 
-The stage (``karma.training.run_train``) adds validation, input fingerprinting, dvclive
+The stage (``karma.training.train.run_train``) adds validation, input fingerprinting, dvclive
 curves, the model card and flat metrics around TRL. The peer is the shortest plain TRL DPO script
 doing the same work: read the parquet, load policy + reference, ``DPOTrainer.train()``, save.
 With ``--heldout N`` both also score N held-out pairs before and after training: the stage with
@@ -25,8 +25,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from karma.config import Params, TrainConfig
-from karma.training import TrainPaths, run_train, trl_kwargs
+from karma.params import Params
+from karma.training.settings import TrainConfig
+from karma.training.train import TrainPaths, run_train, trl_kwargs
 from tests.fixtures import build_tiny_model
 
 

@@ -1,46 +1,55 @@
 """The ``karma`` command: one sub-command per pipeline stage, plus ``report`` and ``params``.
 
-Stage commands are generated from their :class:`karma.pipeline.Stage` (so they take exactly the
+Stage commands are generated from their :class:`karma.core.stage.Stage` (so they take exactly the
 settings the DVC stage reads, with the same defaults) and load lazily, so ``karma --help`` stays
-fast. Bad input raises :class:`karma.errors.KarmaError`; here, and only here, it becomes one
+fast. Bad input raises :class:`karma.core.errors.KarmaError`; here, and only here, it becomes one
 line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
-from karma.errors import KarmaError, did_you_mean
+from karma.command import load_stage, make_command, run_click, setup_logging
+from karma.core.errors import did_you_mean
 
 #: command -> (stage reference, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "benchmark": ("karma.evaluation:BENCHMARK", "Benchmark one model with lm-eval: a score row."),
-    "scores": ("karma.scores:STAGE", "Merge reported and measured scores into one table."),
-    "kinship": ("karma.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
-    "fetch": ("karma.fetch:STAGE", "Fetch completions (hub id, dir or file) into a Parquet."),
-    "preferences": ("karma.preferences:STAGE", "Pair responses by kinship (or the baselines)."),
-    "tau-sweep": ("karma.sweep:STAGE", "What the kinship threshold does, over a tau grid."),
-    "base-model": ("karma.base_model:STAGE", "Build the base model directory."),
-    "select": ("karma.potential:STAGE", "Select preference pairs by alignment potential (MAP)."),
-    "train": ("karma.training:STAGE", "Train a policy with TRL (DPO or SFT)."),
-    "evaluate": ("karma.evaluation:EVALUATE", "Evaluate a model with lm-eval (vs a baseline)."),
+    "benchmark": (
+        "karma.evaluation.evaluate:BENCHMARK",
+        "Benchmark one model with lm-eval: a score row.",
+    ),
+    "scores": ("karma.kinship.scores:STAGE", "Merge reported and measured scores into one table."),
+    "kinship": ("karma.kinship.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
+    "fetch": (
+        "karma.pairing.fetch:STAGE",
+        "Fetch completions (hub id, dir or file) into a Parquet.",
+    ),
+    "preferences": (
+        "karma.pairing.preferences:STAGE",
+        "Pair responses by kinship (or the baselines).",
+    ),
+    "tau-sweep": (
+        "karma.pairing.tau_sweep:STAGE",
+        "What the kinship threshold does, over a tau grid.",
+    ),
+    "base-model": ("karma.models.base_model:STAGE", "Build the base model directory."),
+    "select": (
+        "karma.selection.select:STAGE",
+        "Select preference pairs by alignment potential (MAP).",
+    ),
+    "train": ("karma.training.train:STAGE", "Train a policy with TRL (DPO or SFT)."),
+    "evaluate": (
+        "karma.evaluation.evaluate:EVALUATE",
+        "Evaluate a model with lm-eval (vs a baseline).",
+    ),
 }
 OTHER = {
     "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",
     "params": "Print the default params.yaml (every setting with its help).",
 }
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr; INFO by default, DEBUG with ``-v`` or ``KARMA_DEBUG=1``."""
-    level = logging.DEBUG if verbose or os.environ.get("KARMA_DEBUG") else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 class LazyGroup(click.Group):
@@ -54,7 +63,6 @@ class LazyGroup(click.Group):
             return super().get_command(ctx, cmd_name)
         if cmd_name not in STAGES:
             return None
-        from karma.pipeline import load_stage, make_command
 
         ref, short = STAGES[cmd_name]
         return make_command(load_stage(ref), cmd_name, short, settings=True)
@@ -94,7 +102,7 @@ def cli(verbose: bool) -> None:
 @cli.command("params", help=OTHER["params"])
 def params_command() -> None:
     """Print the defaults as a commented params.yaml (how the committed one was written)."""
-    from karma.config import defaults_yaml
+    from karma.params import defaults_yaml
 
     click.echo(defaults_yaml(), nl=False)
 
@@ -133,13 +141,13 @@ def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: in
     `--plots-template FILE` writes a template with vega inlined: `dvc plots show
     --html-template FILE` then needs no CDN.
     """
-    from karma import report
+    from karma.report import report
 
     if diff_rev:
         click.echo(report.diff_markdown(report.metrics_diff(diff_rev, repo), diff_rev), nl=False)
         return
     if plots_template:
-        from karma.io import atomic_file
+        from karma.core.io import atomic_file
 
         text = report.plots_template(vega_dir)
         with atomic_file(plots_template) as tmp:
@@ -152,39 +160,6 @@ def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: in
     (out / "report.html").write_text(page)
     click.echo(md, nl=False)
     click.echo(f"\nwrote {out / 'report.md'} and {out / 'report.html'} ({n} experiments)")
-
-
-def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) -> None:
-    """Run a click command with the error contract: one line on stderr, exit 1 (2: usage).
-
-    An unexpected exception is a bug: one line too (its type and first line), with the
-    traceback under ``KARMA_DEBUG=1``.
-    """
-    try:
-        command.main(args=list(argv) if argv is not None else None, prog_name=prog,
-                     standalone_mode=False)  # fmt: skip
-    except KarmaError as err:
-        click.echo(f"karma: error: {err}", err=True)
-        sys.exit(1)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("karma: aborted", err=True)
-        sys.exit(130)
-    except click.UsageError as err:
-        click.echo(f"karma: error: {' '.join(err.format_message().split())}", err=True)
-        sys.exit(err.exit_code)
-    except click.ClickException as err:
-        click.echo(f"karma: error: {' '.join(err.format_message().split())}", err=True)
-        sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
-    except Exception as err:
-        if os.environ.get("KARMA_DEBUG"):
-            raise
-        from karma.io import short_reason
-
-        click.echo(f"karma: internal error: {type(err).__name__}: {short_reason(err)} "
-                   "(KARMA_DEBUG=1 shows the traceback)", err=True)  # fmt: skip
-        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """DVC stage ``evaluate``: lm-eval on the policy, compared with the base model's evaluation."""
 
-from karma.pipeline import stage_main
+from karma.command import stage_main
 
 if __name__ == "__main__":
-    stage_main("karma.evaluation:EVALUATE")
+    stage_main("karma.evaluation.evaluate:EVALUATE")

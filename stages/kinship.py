@@ -1,6 +1,6 @@
 """DVC stage ``kinship``: benchmark table -> S_pref, kinship matrix, global kin pairs, figures."""
 
-from karma.pipeline import stage_main
+from karma.command import stage_main
 
 if __name__ == "__main__":
-    stage_main("karma.kinship:STAGE")
+    stage_main("karma.kinship.kinship:STAGE")

@@ -4,7 +4,7 @@
 ``select`` module for every import made from this folder.)
 """
 
-from karma.pipeline import stage_main
+from karma.command import stage_main
 
 if __name__ == "__main__":
-    stage_main("karma.potential:STAGE")
+    stage_main("karma.selection.select:STAGE")

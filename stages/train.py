@@ -1,6 +1,6 @@
 """DVC stage ``train``: train a policy on the selected pairs with TRL (DPO or SFT)."""
 
-from karma.pipeline import stage_main
+from karma.command import stage_main
 
 if __name__ == "__main__":
-    stage_main("karma.training:STAGE")
+    stage_main("karma.training.train:STAGE")

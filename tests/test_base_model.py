@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-import karma.base_model as bm
-from karma.base_model import EMBEDDED, build_base_model, fetch_embedded_gguf, generate_answer
-from karma.config import BaseModelConfig
-from karma.errors import KarmaError
+import karma.models.base_model as bm
+from karma.core.errors import KarmaError
+from karma.models.base_model import EMBEDDED, build_base_model, fetch_embedded_gguf, generate_answer
+from karma.models.settings import BaseModelConfig
 from tests.fixtures import CHAT_TEMPLATE, error_line
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -314,14 +314,15 @@ def test_embedded_smollm2_end_to_end(tmp_path: Path, karma_cache: Path, karma_cl
     assert sum(t.numel() for t in weights.values()) == summary["parameters"]
     del weights
 
-    from karma.lm import load_causal_lm
+    from karma.core.lm import load_causal_lm
 
     model, tok = load_causal_lm(out)  # requires the chat template
     assert "paris" in generate_answer(model, tok, "What is the capital of France?").lower()
     del model
 
-    from karma.config import Params, TrainConfig
-    from karma.training import TrainPaths, run_train
+    from karma.params import Params
+    from karma.training.settings import TrainConfig
+    from karma.training.train import TrainPaths, run_train
     from tests.fixtures import synthetic_pairs
 
     data = tmp_path / "pairs.parquet"

@@ -1,4 +1,5 @@
-"""karma.evaluation: metric flattening and comparison, the run settings (config model, CLI),
+"""karma.evaluation.evaluate: metric flattening and comparison, the run settings (config model,
+CLI),
 task/model resolution, the response cache, per-item results, intervals and paired deltas,
 the protocol check of the scores stage, and real lm-eval runs of the tiny model (against
 lm-eval's command line, and with two processes)."""
@@ -17,21 +18,10 @@ import polars as pl
 import pytest
 import yaml
 
-from karma import evaluation
-from karma.config import (
-    BENCHMARKS,
-    PAPER_SCALE,
-    SUITES,
-    BenchmarkConfig,
-    EvaluateConfig,
-    Params,
-    ScoresConfig,
-    TaskSpec,
-    build_params,
-    load_params,
-)
-from karma.errors import KarmaError
-from karma.evaluation import (
+from karma.core.errors import KarmaError
+from karma.core.settings import BENCHMARKS, PAPER_SCALE
+from karma.evaluation import evaluate as evaluation
+from karma.evaluation.evaluate import (
     TASKS_DIR,
     benchmark_model,
     compare_metrics,
@@ -42,9 +32,15 @@ from karma.evaluation import (
     resolve_model,
     resolve_tasks,
 )
-from karma.scores import merge_scores, read_measured, read_scores
+from karma.evaluation.settings import BenchmarkConfig, EvaluateConfig, TaskSpec, suites
+from karma.kinship.scores import merge_scores, read_measured, read_scores
+from karma.kinship.settings import ScoresConfig
+from karma.params import Params, build_params, load_params
 from tests.fixtures import one_error_line as _one_error_line
 from tests.fixtures import run_karma as _cli
+
+SUITES = suites()
+
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTED = REPO / "data" / "origin" / "scores.csv"
@@ -142,7 +138,7 @@ def test_compare_metrics_by_hand() -> None:
 
 
 def test_chat_template_groups() -> None:
-    from karma.evaluation import _chat_groups
+    from karma.evaluation.evaluate import _chat_groups
 
     gen = {"task": "g", "output_type": "generate_until"}
     mc = {"task": "m", "output_type": "multiple_choice"}
@@ -234,7 +230,7 @@ def test_real_task_names_and_metrics_exist_in_lm_eval() -> None:
 
 def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None:
     """The paper suite's registry tasks exist in lm-eval with the chosen metric and filter, and
-    are generative; the rest are karma's hub tasks (karma/tasks/paper/hub)."""
+    are generative; the rest are karma's hub tasks (karma/evaluation/tasks/paper/hub)."""
     import lm_eval
 
     root = Path(lm_eval.__file__).parent / "tasks"
@@ -263,9 +259,10 @@ def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None
         "hellaswag": "karma_paper_hub_hellaswag",
         "arc_easy": "karma_paper_hub_arc_easy",
     }
-    # karma's IFEval copy is lm-eval's ifeval but for the per-item seeding
-    ours = yaml.load((REPO / "karma/tasks/paper/hub/karma_paper_hub_ifeval.yaml").read_text(),
-                     Loader=loader)  # fmt: skip
+    # karma's IFEval copy is lm-eval's ifeval but for the per-item
+    # seeding
+    hub = REPO / "karma/evaluation/tasks/paper/hub"
+    ours = yaml.load((hub / "karma_paper_hub_ifeval.yaml").read_text(), Loader=loader)
     theirs = yaml.load((root / "ifeval/ifeval.yaml").read_text(), Loader=loader)
     assert {k: v for k, v in ours.items() if k != "task"} == {
         k: v for k, v in theirs.items() if k != "task"
@@ -526,7 +523,7 @@ def test_evaluate_paths_refused_one_line(
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
-# ---------------------------------------------------------------- merging (karma.scores)
+# ---------------------------------------------------------------- merging (karma.kinship.scores)
 
 
 def test_merge_scores_with_the_paper_table() -> None:
@@ -612,7 +609,7 @@ def test_scores_stage_script(tmp_path: Path) -> None:
     )
 
 
-# ---------------------------------------------------------------- protocols (karma.scores)
+# ---------------------------------------------------------------- protocols (karma.kinship.scores)
 
 
 def _scores_project(tmp_path: Path, protocol: str | None) -> tuple[Path, list[str]]:
@@ -676,9 +673,9 @@ def test_scores_refuses_to_mix_protocols_one_line(
 def test_kinship_metrics_record_each_rows_protocol(tmp_path: Path) -> None:
     """The kinship stage reads the scores stage's protocols file: meta.protocol.<model> for
     every row of the table and meta.protocols, the distinct ones."""
-    from karma.kinship import STAGE as KINSHIP
-    from karma.kinship import KinshipPaths
-    from karma.pipeline import execute
+    from karma.core.stage import execute
+    from karma.kinship.kinship import STAGE as KINSHIP
+    from karma.kinship.kinship import KinshipPaths
 
     protocols = {m: "paper" for m in read_scores(REPORTED)["model"].to_list()}
     protocols["gpt-4"] = "loglik"
@@ -709,8 +706,8 @@ def _frame(rows: dict[str, list[float]]) -> pl.DataFrame:
 
 
 def test_compare_runs_keys_by_hand_and_against_karma_stats() -> None:
-    from karma import stats
-    from karma.evaluation import compare_runs
+    from karma.core import stats
+    from karma.evaluation.evaluate import compare_runs
 
     base_items = {"ifeval": [1.0] * 16 + [0.0] * 33, "arc_easy": [1.0, 0.0, 1.0, 0.0]}
     policy_items = {"ifeval": [1.0] * 13 + [0.0] * 36, "arc_easy": [1.0, 1.0, 1.0, 1.0]}
@@ -746,7 +743,7 @@ def test_compare_runs_keys_by_hand_and_against_karma_stats() -> None:
 def varied_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two tiny models whose greedy answers are varied text and differ from each other (base,
     policy); the policy directory carries a policy's provenance."""
-    from karma.lm import write_provenance
+    from karma.core.lm import write_provenance
     from tests.fixtures import build_tiny_model
 
     root = tmp_path_factory.mktemp("varied")
@@ -837,7 +834,7 @@ def test_evaluate_cli_eval_json_against_a_baseline(
     base and policy, each benchmark's score / ci_low / ci_high / stderr / n, the paired delta
     (score, ci_low, ci_high, p, significant) recomputed here from the two samples files, and
     the meta keys from the settings and the model directories' provenance."""
-    from karma import stats
+    from karma.core import stats
 
     monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
     base_model, policy_model = varied_models
@@ -1003,7 +1000,7 @@ def test_ifeval_scores_equal_lm_evals_command_line(
     any process, order and process count."""
     import nltk
 
-    from karma.evaluation import ensure_punkt
+    from karma.evaluation.evaluate import ensure_punkt
 
     monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
     model = varied_models[0]
@@ -1117,10 +1114,10 @@ def test_benchmark_tiny_model_feeds_scores_and_kinship(
 ) -> None:
     """Real lm-eval on every paper-protocol mini task (4 items each, per-sample logs), the
     scores stage merging the row into the paper table, then the kinship engine on it."""
-    from karma.kinship import compute_kinship
-    from karma.pipeline import execute
-    from karma.scores import STAGE as SCORES_STAGE
-    from karma.scores import ScoresPaths
+    from karma.core.stage import execute
+    from karma.kinship.kinship import compute_kinship
+    from karma.kinship.scores import STAGE as SCORES_STAGE
+    from karma.kinship.scores import ScoresPaths
 
     monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
     samples = tmp_path / "samples"

@@ -14,10 +14,11 @@ import polars as pl
 import pytest
 import yaml
 
-from karma import fetch as F
-from karma.config import FetchConfig, Params
-from karma.pipeline import execute
-from karma.ultrafeedback import read_ultrafeedback
+from karma.core.stage import execute
+from karma.pairing import fetch as F
+from karma.pairing.settings import FetchConfig
+from karma.pairing.ultrafeedback import read_ultrafeedback
+from karma.params import Params
 from tests.fixtures import one_error_line as _one_line
 from tests.fixtures import real_record
 from tests.fixtures import run_karma as _cli
@@ -69,10 +70,10 @@ def test_local_dataset_directory_through_datasets(tmp_path: Path) -> None:
     meta = json.loads(__import__("pyarrow.parquet").parquet.read_schema(out).metadata[F.META_KEY])
     assert meta["dataset"] == str(d.parent) and meta["split"] == "train"
     # the preferences stage reads the fetched file and states the source in its card
-    from karma import preferences as P
-    from karma.config import PreferencesConfig
-    from karma.kinship import STAGE as KINSHIP
-    from karma.kinship import KinshipPaths
+    from karma.kinship.kinship import STAGE as KINSHIP
+    from karma.kinship.kinship import KinshipPaths
+    from karma.pairing import preferences as P
+    from karma.pairing.settings import PreferencesConfig
     from tests.test_preferences import SCORES
 
     execute(KINSHIP, Params(), KinshipPaths(scores=SCORES, out=tmp_path / "kin"))

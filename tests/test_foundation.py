@@ -12,17 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from karma.config import (
-    Params,
-    SelectConfig,
-    build_params,
-    defaults_yaml,
-    iter_fields,
-    load_params,
-)
-from karma.errors import KarmaError
-from karma.io import MARKER, atomic_file, cache_root, tree_digest
-from karma.pipeline import Stage, execute, input_path, output_path
+from karma.core.errors import KarmaError
+from karma.core.io import MARKER, atomic_file, cache_root, tree_digest
+from karma.core.settings import iter_fields
+from karma.core.stage import Stage, execute, input_path, output_path
+from karma.params import Params, build_params, defaults_yaml, load_params
+from karma.selection.settings import SelectConfig
 
 # --------------------------------------------------------------------------- settings
 
@@ -31,7 +26,7 @@ def test_defaults_are_valid_and_round_trip_through_the_generated_yaml() -> None:
     text = defaults_yaml()
     assert Params.model_validate(yaml.safe_load(text)) == Params()
     # every leaf setting is documented in the generated file, with its help text
-    for key, info in iter_fields():
+    for key, info in iter_fields(Params):
         assert info.description, key
         assert f"# {info.description}" in text, key
 
@@ -255,12 +250,12 @@ def test_cli_errors_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
 
 def test_every_setting_of_every_stage_is_a_flag() -> None:
     from karma.cli import STAGES
-    from karma.pipeline import load_stage, make_command
+    from karma.command import load_stage, make_command
 
     for name, (ref, short) in STAGES.items():
         stage = load_stage(ref)
         command = make_command(stage, name, short, settings=True)
         flags = {opt for p in command.params for opt in p.opts}
-        for key in stage.setting_keys():
+        for key in stage.setting_keys(Params):
             assert f"--{key.rsplit('.', 1)[-1].replace('_', '-')}" in flags, (name, key)
         assert {"--params", "-S"} <= flags

@@ -76,7 +76,7 @@ def build_workspace(ws: Path) -> None:
     """Inputs, earlier outputs of karma, foreign files and the hostile files of ``CASES``."""
     import polars as pl
 
-    from karma.evaluation import ensure_punkt
+    from karma.evaluation.evaluate import ensure_punkt
     from tests.fixtures import synthetic_pairs
 
     ws.mkdir(parents=True, exist_ok=True)
@@ -493,8 +493,8 @@ def test_at_least_forty_inputs_across_every_command() -> None:
 
 
 def test_only_the_main_process_touches_outputs(tmp_path: Path, monkeypatch: Any) -> None:
-    from karma.config import Params
-    from karma.pipeline import Stage, execute, input_path, output_path
+    from karma.core.stage import Stage, execute, input_path, output_path
+    from karma.params import Params
 
     @dataclass(frozen=True, kw_only=True)
     class DemoPaths:
@@ -528,10 +528,10 @@ def test_only_the_main_process_touches_outputs(tmp_path: Path, monkeypatch: Any)
 def test_outputs_dvc_records_replace_without_a_marker(tmp_path: Path) -> None:
     """A DVC checkout carries no marker (.dvcignore keeps it out of DVC's hashes): an output that
     the project's dvc.lock records is replaced; a directory beside it is not."""
-    from karma.config import Params
-    from karma.errors import KarmaError
-    from karma.io import MARKER
-    from karma.pipeline import Stage, execute, input_path, output_path
+    from karma.core.errors import KarmaError
+    from karma.core.io import MARKER
+    from karma.core.stage import Stage, execute, input_path, output_path
+    from karma.params import Params
 
     @dataclass(frozen=True, kw_only=True)
     class Paths:
@@ -561,9 +561,9 @@ def test_outputs_dvc_records_replace_without_a_marker(tmp_path: Path) -> None:
 def test_outputs_whose_every_file_dvc_records_replace_without_a_marker(tmp_path: Path) -> None:
     """A log directory (dvclive/train) whose plots the lock records, committed to git without a
     marker, is replaced; one that also holds a file the lock does not record is refused."""
-    from karma.config import Params
-    from karma.errors import KarmaError
-    from karma.pipeline import Stage, execute, input_path, output_path
+    from karma.core.errors import KarmaError
+    from karma.core.stage import Stage, execute, input_path, output_path
+    from karma.params import Params
 
     @dataclass(frozen=True, kw_only=True)
     class Paths:
@@ -592,7 +592,7 @@ def test_outputs_whose_every_file_dvc_records_replace_without_a_marker(tmp_path:
 
 
 def test_atomic_file_removes_the_temporaries_of_dead_writers(tmp_path: Path) -> None:
-    from karma.io import atomic_file
+    from karma.core.io import atomic_file
 
     target = tmp_path / "entry.json"
     dead = tmp_path / ".entry.json.999999999.karma-tmp"  # no such process
@@ -651,7 +651,7 @@ def _arm(k: int) -> None:
     """In a child: SIGKILL itself before the k-th file operation of the commit."""
     import pathlib
 
-    import karma.pipeline as kp
+    import karma.core.stage as kp
 
     state = {"on": False, "n": 0}
 
@@ -712,14 +712,14 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
     """
     import matplotlib.pyplot  # noqa: F401  (imported before the forks: children start at once)
 
-    import karma.plots
-    import karma.preferences
+    import karma.pairing.figures
+    import karma.pairing.preferences
 
     with contextlib.suppress(Exception):  # load numba's compiled kernels once, for every child
         import numpy as np
 
         one = np.array([1.0, 2.0])
-        karma.preferences.pair_arrays(np.array([0, 2]), np.array([0, 1]), one > 0, one, one,
+        karma.pairing.preferences.pair_arrays(np.array([0, 2]), np.array([0, 1]), one > 0, one, one,
                                       np.eye(2), strategy="score")  # fmt: skip
     os.chdir(ws)
 

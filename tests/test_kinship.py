@@ -1,4 +1,4 @@
-"""karma.kinship: kernels vs numpy reference, hand-checked cases, global pairs, top-k, the
+"""karma.kinship.kinship: kernels vs numpy reference, hand-checked cases, global pairs, top-k, the
 settings through params and the CLI, the stage."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from karma.config import Params, SimilarityConfig, build_params, load_params
-from karma.errors import KarmaError
-from karma.kinship import (
+from karma.core.errors import KarmaError
+from karma.kinship.kinship import (
     METRICS,
     KinshipPaths,
     compute_kinship,
@@ -32,7 +31,9 @@ from karma.kinship import (
     summary,
     write_kinship,
 )
-from karma.scores import read_scores
+from karma.kinship.scores import read_scores
+from karma.kinship.settings import SimilarityConfig
+from karma.params import Params, build_params, load_params
 from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]

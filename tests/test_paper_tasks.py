@@ -1,4 +1,4 @@
-"""The paper protocol's tasks (karma/tasks/paper, and paper/hub for the full data sets):
+"""The paper protocol's tasks (karma/evaluation/tasks/paper, and paper/hub for the full data sets):
 prompts, extraction, scoring."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from karma.config import RunConfig, TaskSpec
-from karma.evaluation import load_task_config, run_tasks
+from karma.evaluation.evaluate import load_task_config, run_tasks
+from karma.evaluation.settings import RunConfig, TaskSpec
 
-PAPER = Path(__file__).resolve().parents[1] / "karma" / "tasks" / "paper"
+PAPER = Path(__file__).resolve().parents[1] / "karma" / "evaluation" / "tasks" / "paper"
 EMBEDDED = PAPER.parent / "embedded"
 METRIC = "exact_match,custom-extract"
 MMLU_PRO_INSTRUCTION = (
@@ -59,7 +59,7 @@ def _task(name: str):
 def _mmlu_pro_template() -> dict:
     import lm_eval
 
-    from karma.evaluation import _TagLoader
+    from karma.evaluation.evaluate import _TagLoader
 
     path = Path(lm_eval.__file__).parent / "tasks" / "mmlu_pro" / "_default_template_yaml"
     return yaml.load(path.read_text(), Loader=_TagLoader)
@@ -241,7 +241,8 @@ def test_scoring_end_to_end_with_scripted_responses(name: str) -> None:
 
 
 def test_tiny_model_runs_every_task_through_run_tasks(tiny_model_dir: Path) -> None:
-    """Real lm-eval generation (2 items each, chat template) via karma.evaluation.run_tasks."""
+    """Real lm-eval generation (2 items each, chat template) via
+    karma.evaluation.evaluate.run_tasks."""
     specs = {n: TaskSpec(task=str(PAPER / f"karma_paper_{n}.yaml"), metric=METRIC) for n in NAMES}
     cfg = RunConfig(limit=2, max_gen_toks=8, batch_size=2, cache=False, threads=1)
     out = run_tasks(str(tiny_model_dir), specs, cfg)

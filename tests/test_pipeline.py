@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from karma.config import Params, defaults_yaml, is_operational, iter_fields
-from karma.pipeline import load_stage
+from karma.core.settings import is_operational, iter_fields
+from karma.core.stage import load_stage
+from karma.params import Params, defaults_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def test_dvc_yaml_tracks_exactly_the_params_that_change_outputs() -> None:
         stage = load_stage(_stage_ref(spec["cmd"]))
         listed = spec.get("params", [])
         assert len(listed) == len(set(listed)), name
-        assert set(listed) == set(stage.tracked_keys()), name
+        assert set(listed) == set(stage.tracked_keys(Params)), name
         assert f"stages/{Path(spec['cmd'].split()[1]).name}" in spec["deps"], name
 
 
@@ -83,8 +84,8 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["scores"]["measured"] = MEASURED
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for dep in ("stages/benchmark.py", "karma/evaluation.py", "karma/stats.py",
-                "karma/tasks/x.yaml", "data/benchmark/measured/x.json",
+    for dep in ("stages/benchmark.py", "karma/evaluation/evaluate.py", "karma/core/stats.py",
+                "karma/evaluation/tasks/x.yaml", "data/benchmark/measured/x.json",
                 "data/benchmark/samples/x.parquet"):  # fmt: skip
         (tmp_path / dep).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / dep).write_text("x")
@@ -102,12 +103,12 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
             node[last] = _changed(key, node[last])
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
 
-    operational = [k for k, info in iter_fields() if is_operational(info)]
+    operational = [k for k, info in iter_fields(Params) if is_operational(info)]
     assert {"train.launcher", "train.num_processes", "evaluate.threads"} <= set(operational)
     write(operational)
     assert _status(tmp_path) == baseline, "an operational knob is tracked by dvc.yaml"
 
-    tracked = [k for k, info in iter_fields() if not is_operational(info)]
+    tracked = [k for k, info in iter_fields(Params) if not is_operational(info)]
     write(tracked)
     status = _status(tmp_path)
     for name, spec in _dvc_stages().items():

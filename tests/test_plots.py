@@ -1,4 +1,5 @@
-"""karma.plots: the figures are real pictures, deterministic, and show what they claim."""
+"""karma figures (kinship, selection): the figures are real pictures, deterministic, and show what
+they claim."""
 
 from __future__ import annotations
 
@@ -10,19 +11,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from karma.config import DEFAULT_GROUPS, Params, SimilarityConfig
-from karma.kinship import STAGE, KinshipPaths, compute_kinship
-from karma.pipeline import execute
-from karma.plots import (
-    cluster_order,
-    clusters,
-    dendrogram,
-    kinship_figures,
-    margins_scatter,
-    pca,
-    rms_distance,
-)
-from karma.scores import read_scores
+from karma.core.settings import DEFAULT_GROUPS
+from karma.core.stage import execute
+from karma.kinship.clusters import cluster_order, clusters, rms_distance
+from karma.kinship.figures import dendrogram, kinship_figures, pca
+from karma.kinship.kinship import STAGE, KinshipPaths, compute_kinship
+from karma.kinship.scores import read_scores
+from karma.kinship.settings import SimilarityConfig
+from karma.params import Params
+from karma.selection.figures import margins_scatter
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGIN = REPO / "data" / "origin" / "scores.csv"
@@ -99,7 +96,7 @@ def test_figures_are_byte_identical_across_runs(tmp_path: Path, figures: dict[st
     assert SimilarityConfig().cluster_threshold == 0.4
     paths = KinshipPaths(scores=ORIGIN, out=tmp_path / "k", plots=tmp_path / "plots")
     execute(STAGE, Params(), paths)
-    from karma.io import MARKER  # a staged directory output carries karma's marker
+    from karma.core.io import MARKER  # a staged directory output carries karma's marker
 
     again = sorted(p for p in (tmp_path / "plots").glob("*.png") if p.name != MARKER)
     assert {p.stem for p in again} == set(figures)

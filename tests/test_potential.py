@@ -17,13 +17,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from karma import margins, potential
-from karma.config import Params, SelectConfig, build_params
-from karma.errors import KarmaError
-from karma.io import cache_root
-from karma.margins import encode_sequence, implicit_margins
-from karma.pipeline import execute
-from karma.potential import (
+from karma.core.errors import KarmaError
+from karma.core.io import cache_root
+from karma.core.stage import execute
+from karma.params import Params, build_params
+from karma.selection import margins
+from karma.selection import select as potential
+from karma.selection.margins import encode_sequence, implicit_margins
+from karma.selection.select import (
     SCORE_COLUMNS,
     SelectPaths,
     method_scores,
@@ -35,6 +36,7 @@ from karma.potential import (
     top_k,
     zscore,
 )
+from karma.selection.settings import SelectConfig
 from tests.fixtures import build_tiny_model, synthetic_pairs
 from tests.fixtures import run_karma as _cli
 
@@ -414,7 +416,7 @@ def test_fast_path_falls_back_when_logits_are_post_processed(
     head = model.get_output_embeddings()
     # a model whose own forward post-processes logits differently from decoder + LM head
     model.get_output_embeddings = lambda: lambda h: 2.0 * head(h)  # type: ignore[method-assign]
-    with caplog.at_level("WARNING", logger="karma.margins"):
+    with caplog.at_level("WARNING", logger="karma.selection.margins"):
         got, _ = margins.sequence_logps(model, seqs, **kw)
     assert "using logits" in caplog.text
     np.testing.assert_allclose(got, good, rtol=1e-6, atol=1e-5)
@@ -570,7 +572,7 @@ def test_dpo_form_with_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def _read_outputs(root: Path) -> dict[str, bytes]:
-    from karma.io import MARKER  # a staged directory output carries karma's marker
+    from karma.core.io import MARKER  # a staged directory output carries karma's marker
 
     return {
         p.relative_to(root).as_posix(): p.read_bytes()

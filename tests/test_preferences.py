@@ -20,16 +20,18 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import karma.ultrafeedback
-from karma import config
-from karma import preferences as P
-from karma.config import Params, PreferencesConfig, SimilarityConfig, build_params, load_params
-from karma.errors import KarmaError
-from karma.kinship import compute_kinship, write_kinship
-from karma.pipeline import execute
-from karma.scores import read_scores
-from karma.sweep import all_draws
-from karma.ultrafeedback import UltraFeedback, from_records, read_ultrafeedback
+import karma.pairing.ultrafeedback
+from karma.core import settings as config
+from karma.core.errors import KarmaError
+from karma.core.stage import execute
+from karma.kinship.kinship import compute_kinship, write_kinship
+from karma.kinship.scores import read_scores
+from karma.kinship.settings import SimilarityConfig
+from karma.pairing import preferences as P
+from karma.pairing.settings import PreferencesConfig
+from karma.pairing.tau_sweep import all_draws
+from karma.pairing.ultrafeedback import UltraFeedback, from_records, read_ultrafeedback
+from karma.params import Params, build_params, load_params
 from tests.fixtures import one_error_line as _one_error_line
 from tests.fixtures import run_karma as _cli
 
@@ -482,7 +484,7 @@ def test_demo_all_strategies(demo: Demo) -> None:
 
 
 def _files(root: Path) -> list[str]:
-    from karma.io import MARKER  # a staged directory output carries karma's marker
+    from karma.core.io import MARKER  # a staged directory output carries karma's marker
 
     return sorted(
         str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MARKER
@@ -490,7 +492,7 @@ def _files(root: Path) -> list[str]:
 
 
 def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
-    """The library run and the staged run (:func:`karma.pipeline.execute`, as the CLI and DVC
+    """The library run and the staged run (:func:`karma.core.stage.execute`, as the CLI and DVC
     run it) write the same bytes, and the same metrics as :func:`make_pairs`."""
     params = Params(kinship="score_sim", preferences=PreferencesConfig(dataset=str(DEMO)))
     meta = {"meta.seed": 0, "meta.kinship": "score_sim", "meta.test_fraction": 0.2,
@@ -643,7 +645,7 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
     # the config's choices are the library's
     assert typing.get_args(config.Strategy) == P.STRATEGIES
     assert typing.get_args(config.Rating) == P.RATING_FIELDS
-    assert P.STAGE.setting_keys() == [
+    assert P.STAGE.setting_keys(Params) == [
         "kinship",
         "seed",
         "similarity.tau",
@@ -656,7 +658,7 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
         "preferences.test_fraction",
         "preferences.batch_records",
     ]
-    assert "preferences.batch_records" not in P.STAGE.tracked_keys()  # operational
+    assert "preferences.batch_records" not in P.STAGE.tracked_keys(Params)  # operational
     assert P.STAGE.inputs == ("preferences.dataset",)
     assert typing.get_args(config.Layout) == P.LAYOUTS
     assert typing.get_args(config.BaselinePool) == P.POOLS
@@ -692,7 +694,7 @@ def test_bad_settings_one_line(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(karma.ultrafeedback, "read_ultrafeedback", _never)
+    monkeypatch.setattr(karma.pairing.ultrafeedback, "read_ultrafeedback", _never)
     monkeypatch.setattr(P, "make_pairs", _never)
     argv = ["preferences", "--kinship-dir", str(tmp_path), "--out", str(tmp_path / "o")]
     code, out, err = _cli([*argv, *extra], capsys)
@@ -1082,8 +1084,8 @@ def test_h4_layout_concatenates_with_h4(demo: Demo, tmp_path: Path) -> None:
 
 
 def test_to_trl_reads_either_layout(demo: Demo, tmp_path: Path) -> None:
-    from karma.potential import read_pairs
-    from karma.training import load_pairs
+    from karma.selection.select import read_pairs
+    from karma.training.train import load_pairs
 
     trl_file = _stage(demo, tmp_path, "trl") / "train_prefs.parquet"
     h4_file = _stage(demo, tmp_path, "h4") / "train_prefs.parquet"
@@ -1252,7 +1254,7 @@ def test_streamed_stage_writes_the_in_memory_bytes(
 
 
 def test_streamed_json_lines_and_errors_name_the_global_record(demo: Demo, tmp_path: Path) -> None:
-    from karma.ultrafeedback import iter_ultrafeedback
+    from karma.pairing.ultrafeedback import iter_ultrafeedback
 
     whole = read_ultrafeedback(DEMO)
     parts = list(iter_ultrafeedback(DEMO, batch_records=50))
@@ -1296,7 +1298,7 @@ def test_streaming_reader_does_not_keep_what_it_read(tmp_path: Path) -> None:
     pre-buffering holds the row groups it has read, so memory grew with the file)."""
     import pyarrow as pa
 
-    from karma.ultrafeedback import iter_ultrafeedback
+    from karma.pairing.ultrafeedback import iter_ultrafeedback
     from tests.fixtures import synthetic_records
 
     path = tmp_path / "uf.parquet"

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from karma import report
 from karma.cli import cli, main
-from karma.config import BENCHMARKS
-from karma.errors import KarmaError
-from karma.stats import mcnemar_exact
+from karma.core.errors import KarmaError
+from karma.core.settings import BENCHMARKS
+from karma.core.stats import mcnemar_exact
+from karma.report import report
 
 M = 50  # items per benchmark
 START = {"org/base-A": 20, "org/base-B": 30}  # trained runs: first START+offset items correct

@@ -1,4 +1,4 @@
-"""karma.scores: wide/long tables in CSV, Parquet and JSON; canonical ids; clear errors; the
+"""karma.kinship.scores: wide/long tables in CSV, Parquet and JSON; canonical ids; clear errors; the
 scores stage's settings and output through the CLI."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from karma.errors import KarmaError
-from karma.scores import read_scores, write_scores
+from karma.core.errors import KarmaError
+from karma.kinship.scores import read_scores, write_scores
 from tests.fixtures import run_karma as _cli
 
 REPO = Path(__file__).resolve().parents[1]

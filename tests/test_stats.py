@@ -1,4 +1,5 @@
-"""karma.stats against independent references (scipy, plain-python loops, hand-worked cases)."""
+"""karma.core.stats against independent references (scipy, plain-python loops, hand-worked
+cases)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from karma import stats
-from karma.stats import (
+from karma.core import stats
+from karma.core.stats import (
     aggregate_replicates,
     compare_paired,
     mcnemar_exact,

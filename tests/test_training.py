@@ -22,10 +22,11 @@ import polars as pl
 import pytest
 import yaml
 
-from karma import pipeline
-from karma.config import Params, TrainConfig
-from karma.errors import KarmaError
-from karma.training import (
+from karma.core import stage as pipeline
+from karma.core.errors import KarmaError
+from karma.params import Params
+from karma.training.settings import TrainConfig
+from karma.training.train import (
     FINGERPRINT_FILE,
     HELDOUT,
     STAGE,
@@ -347,9 +348,9 @@ def test_heldout_metrics_are_trls(
 
 
 def test_heldout_summary_keys():
-    """The interface-5 keys, with karma.stats' intervals (Wilson for the accuracy, t for the
+    """The interface-5 keys, with karma.core.stats' intervals (Wilson for the accuracy, t for the
     others, a seeded paired bootstrap for the change)."""
-    from karma.stats import mean_ci, paired_bootstrap_ci
+    from karma.core.stats import mean_ci, paired_bootstrap_ci
 
     before = {"loss": np.full(4, math.log(2)), "reward_accuracy": np.zeros(4),
               "reward_margin": np.zeros(4)}  # fmt: skip
@@ -776,7 +777,7 @@ SLOW_CLI = textwrap.dedent(
     """
     import dataclasses, sys, time
     from transformers import TrainerCallback
-    import karma.training as training
+    import karma.training.train as training
     from karma.cli import main
 
     class Slow(TrainerCallback):

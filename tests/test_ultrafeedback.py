@@ -9,8 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from karma.errors import KarmaError
-from karma.ultrafeedback import from_records, parse_rating, read_ultrafeedback
+from karma.core.errors import KarmaError
+from karma.pairing.ultrafeedback import from_records, parse_rating, read_ultrafeedback
 from tests.fixtures import real_record, synthetic_records
 
 REPO = Path(__file__).resolve().parents[1]

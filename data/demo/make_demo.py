@@ -13,7 +13,7 @@ this was written) plus noise. ``overall_score`` (1-10), ``fine-grained_score`` (
 few responses are empty, as in the real data.
 
 License: Apache-2.0, the project's (every text is generated here; only the model names come from
-UltraFeedback). Dataset cards made from this set say so (``karma.fetch.DEMO_LICENSE``).
+UltraFeedback). Dataset cards made from this set say so (``karma.pairing.fetch.DEMO_LICENSE``).
 """
 
 from __future__ import annotations

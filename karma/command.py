@@ -1,0 +1,229 @@
+"""Stage commands: the ``karma <stage>`` click command generated from a Stage and its settings.
+
+Every option comes from the settings models (:mod:`karma.params`) and the stage's paths class, so
+the command line, ``params.yaml`` and the DVC stage script cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import click
+import yaml
+
+from karma.core.errors import KarmaError
+from karma.core.settings import bounds, describe, is_operational, sources
+from karma.core.stage import (
+    ROLE_NAMES,
+    Stage,
+    execute,
+    is_main_process,
+    load_stage,
+    path_fields,
+    required_fields,
+)
+from karma.params import Params, build_params, field_at, field_info, with_source
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_text(annotation: Any) -> bool:
+    args = set(typing.get_args(annotation)) or {annotation}
+    return str in args and args <= {str, type(None)}
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """A command-line value for params key ``key``: text fields verbatim, others as YAML."""
+    found = field_at(key)
+    annotation = found[0].model_fields[found[1]].annotation if found else None
+    is_leaf = found is not None and found[1] == key.rsplit(".", 1)[-1]
+    if is_leaf and _is_text(annotation):
+        return None if raw in ("null", "~") and type(None) in typing.get_args(annotation) else raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _help(key: str) -> str:
+    info = field_info(key)
+    found = field_at(key)
+    assert found is not None
+    default = getattr(found[0](), found[1])
+    shown = json.dumps(default.model_dump() if hasattr(default, "model_dump") else default)
+    extra = describe(info.annotation)
+    rng = bounds(info, "x")
+    text = f"{info.description} [{extra}{'; ' + rng if rng else ''}; default: {shown}]"
+    if is_operational(info):
+        text += " (operational)"
+    return text
+
+
+def _metavar(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "NAME"
+    simple = {int: "INT", float: "FLOAT", str: "TEXT"}
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return simple.get(args[0], "YAML") if len(args) == 1 else "YAML"
+
+
+def _setting_options(stage: Stage) -> dict[str, str]:
+    """Option name -> params key, for every setting of the stage."""
+    out: dict[str, str] = {}
+    for key in stage.setting_keys(Params):
+        name = key.rsplit(".", 1)[-1]
+        if name in out:
+            raise KarmaError("two settings share an option name", field=name, value=key)
+        out[name] = key
+    return out
+
+
+def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
+    """The click command of a stage: path options, and with ``settings`` the params options."""
+    params: list[click.Parameter] = []
+    path_names = {f.name for f in path_fields(stage.paths)}
+    required = required_fields(stage.paths)
+    for f in path_fields(stage.paths):
+        meta = f.metadata
+        kind = meta["role"]
+        metavar = "TEXT" if kind == "arg" else ("DIR" if meta["is_dir"] else "FILE")
+        params.append(
+            click.Option(
+                [_flag(f.name)],
+                metavar=metavar,
+                required=f.name in required,
+                help=f"{meta['help']} ({ROLE_NAMES[kind]})",
+            )
+        )
+    options = _setting_options(stage) if settings else {}
+    clash = set(options) & path_names
+    if clash:
+        raise KarmaError("a setting and a path share an option name", value=sorted(clash))
+    if settings:
+        params.append(
+            click.Option(
+                ["--params", "params_file"],
+                metavar="FILE",
+                help="Read settings from this params file (default: the built-in defaults, "
+                "which are those of the committed params.yaml). Flags override it.",
+            )
+        )
+        for name, key in options.items():
+            info = field_info(key)
+            if info.annotation is bool:
+                decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
+                params.append(click.Option(decls, default=None, help=_help(key)))
+            else:
+                params.append(
+                    click.Option(
+                        [_flag(name)],
+                        metavar=_metavar(info.annotation),
+                        default=None,
+                        help=_help(key),
+                    )
+                )
+        params.append(
+            click.Option(
+                ["-S", "--set", "assignments"],
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
+            )
+        )
+
+    def callback(**kwargs: Any) -> None:
+        flags = {f.name: _flag(f.name) for f in path_fields(stage.paths)}
+        flags.update({key: _flag(name) for name, key in options.items()})
+        values = {k: kwargs.pop(k) for k in path_names}
+        paths = stage.paths(**values)
+        if settings:
+            overrides: list[tuple[str, Any, str]] = []
+            file = kwargs.pop("params_file")
+            for name, key in options.items():
+                raw = kwargs.get(name)
+                if raw is not None:
+                    value = raw if isinstance(raw, bool) else parse_value(key, raw)
+                    overrides.append((key, value, _flag(name)))
+            for item in kwargs.get("assignments", ()):
+                key, sep, raw = item.partition("=")
+                if not sep or not key.strip():
+                    raise KarmaError("expects KEY=VALUE", field="-S", value=item)
+                overrides.append((key.strip(), parse_value(key.strip(), raw), f"-S {key.strip()}"))
+        else:
+            file, overrides = "params.yaml", []
+        params_obj = build_params(file, overrides)
+        try:
+            metrics = execute(stage, params_obj, paths, flag=lambda n: flags.get(n, n))
+        except KarmaError as err:  # a params key named by the library: say where it was set
+            raise with_source(err, sources(file, overrides)) from None
+        if settings and metrics is not None and is_main_process():
+            click.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+
+    return click.Command(
+        command_name,
+        params=params,
+        callback=callback,
+        help=f"{short_help}\n\n{stage.help}".strip(),
+        short_help=short_help,
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr; INFO by default, DEBUG with ``-v`` or ``KARMA_DEBUG=1``."""
+    level = logging.DEBUG if verbose or os.environ.get("KARMA_DEBUG") else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) -> None:
+    """Run a click command with the error contract: one line on stderr, exit 1 (2: usage).
+
+    An unexpected exception is a bug: one line too (its type and first line), with the
+    traceback under ``KARMA_DEBUG=1``.
+    """
+    try:
+        command.main(args=list(argv) if argv is not None else None, prog_name=prog,
+                     standalone_mode=False)  # fmt: skip
+    except KarmaError as err:
+        click.echo(f"karma: error: {err}", err=True)
+        sys.exit(1)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("karma: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as err:
+        click.echo(f"karma: error: {' '.join(err.format_message().split())}", err=True)
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        click.echo(f"karma: error: {' '.join(err.format_message().split())}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except Exception as err:
+        if os.environ.get("KARMA_DEBUG"):
+            raise
+        from karma.core.io import short_reason
+
+        click.echo(f"karma: internal error: {type(err).__name__}: {short_reason(err)} "
+                   "(KARMA_DEBUG=1 shows the traceback)", err=True)  # fmt: skip
+        sys.exit(1)
+
+
+def stage_main(ref: str) -> None:
+    """Entry point of ``stages/<name>.py``: paths from ``dvc.yaml``, settings from params.yaml."""
+    setup_logging()
+    stage = load_stage(ref)
+    command = make_command(stage, f"stages/{stage.name}", stage.help, settings=False)
+    run_click(command, sys.argv[1:], prog=f"stage {stage.name}")

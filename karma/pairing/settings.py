@@ -1,0 +1,72 @@
+"""Settings of the stages fetch, preferences and tau_sweep."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from karma.core.settings import TAU_GRID, BaselinePool, Layout, Rating, Section, setting
+
+
+class FetchConfig(Section):
+    """Stage ``fetch``: the completions as a local Parquet that DVC tracks."""
+
+    dataset: str = setting(
+        "data/demo/ultrafeedback_demo.jsonl",
+        "UltraFeedback-schema source: a hub id (openbmb/UltraFeedback), a local dataset "
+        "directory (read by datasets.load_dataset) or a .jsonl/.json/.parquet file",
+        min_length=1,
+    )
+    revision: str | None = setting(
+        None, "hub revision: a commit sha pins the data (required for a hub id)"
+    )
+    split: str = setting("train", "split to fetch", min_length=1)
+
+
+class PreferencesConfig(Section):
+    """Stage ``preferences`` (also reads ``kinship``, ``seed`` and ``similarity.tau``)."""
+
+    dataset: str = setting(
+        "data/completions.parquet",
+        "UltraFeedback-schema completions: the fetch stage's output, another local "
+        ".jsonl/.json/.parquet file, or a hub id",
+        min_length=1,
+    )
+    split: str = setting("train", "split of a hub dataset", min_length=1)
+    rating: Rating = setting(
+        "overall_score", "instance rating of the rlaif baseline and the agreement metric"
+    )
+    aliases: dict[str, Annotated[str, Field(min_length=1)]] = setting(
+        {}, "{completion model name: score-table model id}, case-insensitive"
+    )
+    baseline_pool: BaselinePool = setting(
+        "scored", "responses rlaif may pair: scored (models with an S_pref, KARMA's pool; "
+        "random always uses it) | all (every rated response, as H4 did)"
+    )  # fmt: skip
+    layout: Layout = setting(
+        "trl", "trl (prompt/chosen/rejected as messages) | h4 (HuggingFaceH4/"
+        "ultrafeedback_binarized's columns and Arrow types, + our metadata)"
+    )  # fmt: skip
+    test_fraction: float = setting(
+        0.2, "share of prompts in test_prefs (seeded hash of the prompt)", ge=0, lt=1
+    )
+    batch_records: int = setting(
+        100_000, "records read and paired at a time (bounds memory; the outputs are the same)",
+        ge=1, operational=True,
+    )  # fmt: skip
+
+
+class SweepConfig(Section):
+    """Stage ``tau_sweep``: the pairing diagnostics over a grid of tau (also reads ``seed``)."""
+
+    taus: Annotated[list[Annotated[float, Field(ge=-1, le=1)]], Field(min_length=1)] = setting(
+        TAU_GRID, "the tau grid (each -1 <= tau <= 1)"
+    )
+    draws: int | None = setting(
+        None, "null: sweep preferences.dataset; K: every K-model draw of the scored models "
+        "(+ extra_models) instead, one instruction each (the paper's table: 4)", ge=2
+    )  # fmt: skip
+    extra_models: list[Annotated[str, Field(min_length=1)]] = setting(
+        [], "unscored models added to the draws (the paper's pool: [ultralm-65b])"
+    )
