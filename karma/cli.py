@@ -23,6 +23,12 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "scores": ("karma.kinship.scores:STAGE", "Merge reported and measured scores into one table."),
     "kinship": ("karma.kinship.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
+    "prompts": ("karma.generation.generate:PROMPTS", "The pool's prompt set (seeded sample)."),
+    "generate": (
+        "karma.generation.generate:STAGE",
+        "Completions of one pool model (hf | vllm | openai).",
+    ),
+    "judge": ("karma.judging.judge:STAGE", "Score pool completions into UltraFeedback records."),
     "fetch": (
         "karma.pairing.fetch:STAGE",
         "Fetch completions (hub id, dir or file) into a Parquet.",

@@ -18,7 +18,7 @@ import click
 import yaml
 
 from karma.core.errors import KarmaError
-from karma.core.settings import bounds, describe, is_operational, sources
+from karma.core.settings import bounds, describe, is_operational, plain, sources
 from karma.core.stage import (
     ROLE_NAMES,
     Stage,
@@ -63,7 +63,7 @@ def _help(key: str) -> str:
     found = field_at(key)
     assert found is not None
     default = getattr(found[0](), found[1])
-    shown = json.dumps(default.model_dump() if hasattr(default, "model_dump") else default)
+    shown = json.dumps(plain(default))
     extra = describe(info.annotation)
     rng = bounds(info, "x")
     text = f"{info.description} [{extra}{'; ' + rng if rng else ''}; default: {shown}]"

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from karma.generation.settings import EMBEDDED_POOL, PoolModel
 from karma.core.settings import (
     DEFAULT_GROUPS,
     PAPER_SCALE,
@@ -26,8 +27,12 @@ class ScoresConfig(Section):
     reported: str | None = setting(
         "data/origin/scores.csv", "scores reported elsewhere (the KARMA paper's table), or null"
     )
-    measured: dict[Annotated[str, Field(pattern=_NAME)], Annotated[str, Field(min_length=1)]] = (
-        setting({}, "{name: hub id or model dir}: origin models benchmarked by lm-eval")
+    measured: dict[
+        Annotated[str, Field(pattern=_NAME)], Annotated[str, Field(min_length=1)] | PoolModel
+    ] = setting(
+        EMBEDDED_POOL, "the pool: {name: hub id or model dir, or a mapping (model, revision, "
+        "chat_template, derive, modes, benchmark, generate)}: origin models benchmarked by "
+        "lm-eval (benchmark@<name>); with completions: pool also generate@<name>"
     )
     scale: dict[str, Annotated[float, Field(gt=0)]] = setting(
         PAPER_SCALE, "factor from lm-eval's fractions to the reported table's unit, per benchmark"
