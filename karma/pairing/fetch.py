@@ -203,7 +203,7 @@ def run_fetch(params: Params, paths: FetchPaths) -> dict[str, Any]:
         data, info = fetch(cfg.dataset, revision=cfg.revision, split=cfg.split)
     write_records(data, info, paths.out)
     log.info("fetched %d records (%d completions) from %s", info["records"],
-             info["completions"], cfg.dataset)  # fmt: skip
+             info["completions"], info["dataset"])  # fmt: skip
     return info
 
 
