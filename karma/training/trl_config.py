@@ -193,7 +193,8 @@ def trl_kwargs(
 
     obj = objective(cfg.method)
     _check_fields(obj.config_class(), "trl", cfg.trl)
-    _check_fields(obj.config_class(), cfg.method, cfg.method_args())
+    for name, other in OBJECTIVES.items():  # a typo in another method's block fails too
+        _check_fields(other.config_class(), name, cfg.method_args(name))
     kwargs = {**TRL_DEFAULTS, **copy.deepcopy(cfg.trl), **copy.deepcopy(cfg.method_args())}
     kwargs.update(copy.deepcopy(dict(obj.fixed)))
     kwargs.update(output_dir=str(output_dir), seed=int(seed), report_to="none")
