@@ -16,7 +16,7 @@ from karma.training.heldout import heldout_logps, pair_metrics
 from karma.training.objectives import OBJECTIVES
 from karma.training.settings import TrainConfig
 from karma.training.train import make_trainer
-from karma.training.trl_config import build_trl_config, check_heldout_modelled
+from karma.training.trl_config import apply_recipe, build_trl_config, check_heldout_modelled
 from tests.test_training import FAST_TRL, _state, make_pairs, torch_equal
 
 PREFERENCE = [name for name, o in OBJECTIVES.items() if o.heldout is not None]
@@ -176,3 +176,19 @@ def test_bad_trl_value_names_its_key():
     cfg = TrainConfig(trl={**TrainConfig().trl, "lr_scheduler_type": "nope"})
     with pytest.raises(KarmaError, match=r"train\.trl\.lr_scheduler_type"):
         build_trl_config(cfg, seed=0, output_dir="/tmp/karma-unused")
+
+
+def test_simpo_paper_recipe():
+    """The SimPO authors' Llama-3-8B-Instruct v0.2 settings build a CPOConfig with SimPO's loss:
+    beta 10, gamma 3 (gamma/beta 0.3), lr 1e-6, cosine, global batch 128 on 4 processes."""
+    from tests.test_training import REPO
+
+    recipe = str(REPO / "params/recipes/simpo-paper-gpu.yaml")
+    cfg = apply_recipe(TrainConfig(method="simpo", recipe=recipe))
+    args = build_trl_config(cfg, seed=0, output_dir="/tmp/karma-unused", world_size=4)
+    assert type(args).__name__ == "CPOConfig"
+    assert (args.loss_type, args.cpo_alpha, args.beta, args.simpo_gamma) == ("simpo", 0.0, 10, 3)
+    assert args.simpo_gamma / args.beta == pytest.approx(0.3)
+    assert args.learning_rate == 1e-6 and args.lr_scheduler_type == "cosine"
+    assert args.warmup_steps == 0.1 and args.bf16 is True and args.max_length == 2048
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 4 == 128

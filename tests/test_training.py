@@ -448,7 +448,8 @@ def train_args(tmp_path: Path) -> list[str]:
     ("argv", "expected"),
     [
         (["--method", "dpx"],
-         "--method: not one of the choices; did you mean 'dpo'? (got 'dpx'; expected dpo | sft)"),
+         "--method: not one of the choices; did you mean 'dpo'? (got 'dpx'; expected dpo | ipo | "
+         "simpo | cpo | orpo | kto | sft)"),
         (["--launcher", "slurm"],
          "--launcher: not one of the choices (got 'slurm'; expected python | torchrun | "
          "accelerate)"),
@@ -472,8 +473,8 @@ def train_args(tmp_path: Path) -> list[str]:
         (["--seed", "-1"], "--seed: out of range (got -1; expected 0 <= seed < 9.22337e+18)"),
         (["-S", "train.methd=sft"],
          "-S train.methd: unknown key; did you mean 'method'? (expected accelerate_config, "
-         "checkpoint_steps, dpo, dtype, global_batch_size, keep_checkpoints, launcher, lora, "
-         "method, num_processes, recipe, sft, trl)"),
+         "checkpoint_steps, cpo, dpo, dtype, global_batch_size, ipo, keep_checkpoints, kto, "
+         "launcher, lora, method, num_processes, orpo, recipe, sft, simpo, trl)"),
         (["-S", "train.trl.seed=3"], "-S train.trl.seed: 'seed' is set by the top-level 'seed'"),
         (["-S", "train.trl.save_steps=2"],
          "-S train.trl.save_steps: 'save_steps' is set by train.checkpoint_steps"),
@@ -599,7 +600,8 @@ def test_trl_config_passthrough_and_defaults(tmp_path: Path):
 
 def test_trl_rejects_bad_value(tmp_path: Path):
     cfg = TrainConfig(global_batch_size=None, trl={"lr_scheduler_type": "wobbly"})
-    with pytest.raises(KarmaError, match="TRL rejected the DPOConfig arguments"):
+    with pytest.raises(KarmaError, match=r"'train\.trl\.lr_scheduler_type': TRL rejected it: "
+                       "wobbly is not a valid SchedulerType"):  # fmt: skip
         build_trl_config(cfg, seed=0, output_dir=tmp_path)
 
 
