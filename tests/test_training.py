@@ -26,27 +26,24 @@ from karma.core import stage as pipeline
 from karma.core.errors import KarmaError
 from karma.params import Params
 from karma.training.settings import TrainConfig
-from karma.training.train import (
+from karma.training.checkpoints import (
     FINGERPRINT_FILE,
-    HELDOUT,
+    fingerprint,
+    last_checkpoint,
+    prepare_run_dir,
+)
+from karma.training.data import load_pairs
+from karma.training.heldout import heldout_logps, heldout_summary
+from karma.training.objectives import OBJECTIVES, PairLogps, dpo_metrics
+from karma.training.train import (
     STAGE,
     TrainPaths,
-    apply_recipe,
-    batch_plan,
-    build_trl_config,
-    fingerprint,
-    heldout_summary,
-    last_checkpoint,
     launcher_prefix,
-    load_pairs,
     make_trainer,
-    pair_metrics,
-    preference_logps,
-    prepare_run_dir,
     run_train,
     save_policy,
-    trl_kwargs,
 )
+from karma.training.trl_config import apply_recipe, batch_plan, build_trl_config, trl_kwargs
 from tests.fixtures import CHAT_TEMPLATE
 from tests.fixtures import error_line as one_line_error
 
@@ -299,6 +296,20 @@ def test_lora_dpo_merges_adapter(
     assert (tmp_path / "disk" / "README.md").read_text() == "# card"
 
 
+def preference_logps(trainer: Any, *, reference: bool = False) -> np.ndarray:
+    """``(n, 2)`` summed log-probs (chosen, rejected) of the DPO trainer's held-out pairs."""
+    return heldout_logps(trainer, OBJECTIVES["dpo"].heldout, reference=reference).policy
+
+
+def pair_metrics(policy: np.ndarray, reference: np.ndarray, beta: float) -> dict:
+    """DPO's per-pair held-out metrics from summed log-probs."""
+    args = type("Args", (), {"beta": beta})
+    return dpo_metrics(PairLogps(policy, np.ones_like(policy), reference), args)
+
+
+HELDOUT = OBJECTIVES["dpo"].heldout.metrics
+
+
 def _moved(trainer: Any, base: Path) -> int:
     """How many weight tensors of the trainer's policy differ from the base model's."""
     before = _state(base)
@@ -389,7 +400,7 @@ def test_heldout_summary_keys():
 
 
 def test_load_pairs_formats(pairs_file: Path):
-    dpo = load_pairs(pairs_file, "dpo")
+    dpo = load_pairs(pairs_file, "paired")
     assert dpo.column_names == ["prompt", "chosen", "rejected"]
     assert dpo[0]["prompt"][0]["role"] == "user"
     sft = load_pairs(pairs_file, "sft")
@@ -437,7 +448,8 @@ def train_args(tmp_path: Path) -> list[str]:
     ("argv", "expected"),
     [
         (["--method", "dpx"],
-         "--method: not one of the choices; did you mean 'dpo'? (got 'dpx'; expected dpo | sft)"),
+         "--method: not one of the choices; did you mean 'dpo'? (got 'dpx'; expected dpo | ipo | "
+         "simpo | cpo | orpo | kto | sft)"),
         (["--launcher", "slurm"],
          "--launcher: not one of the choices (got 'slurm'; expected python | torchrun | "
          "accelerate)"),
@@ -461,8 +473,8 @@ def train_args(tmp_path: Path) -> list[str]:
         (["--seed", "-1"], "--seed: out of range (got -1; expected 0 <= seed < 9.22337e+18)"),
         (["-S", "train.methd=sft"],
          "-S train.methd: unknown key; did you mean 'method'? (expected accelerate_config, "
-         "checkpoint_steps, dpo, dtype, global_batch_size, keep_checkpoints, launcher, lora, "
-         "method, num_processes, recipe, sft, trl)"),
+         "checkpoint_steps, cpo, dpo, dtype, global_batch_size, ipo, keep_checkpoints, kto, "
+         "launcher, lora, method, num_processes, orpo, recipe, sft, simpo, trl)"),
         (["-S", "train.trl.seed=3"], "-S train.trl.seed: 'seed' is set by the top-level 'seed'"),
         (["-S", "train.trl.save_steps=2"],
          "-S train.trl.save_steps: 'save_steps' is set by train.checkpoint_steps"),
@@ -588,7 +600,8 @@ def test_trl_config_passthrough_and_defaults(tmp_path: Path):
 
 def test_trl_rejects_bad_value(tmp_path: Path):
     cfg = TrainConfig(global_batch_size=None, trl={"lr_scheduler_type": "wobbly"})
-    with pytest.raises(KarmaError, match="TRL rejected the DPOConfig arguments"):
+    with pytest.raises(KarmaError, match=r"'train\.trl\.lr_scheduler_type': TRL rejected it: "
+                       "wobbly is not a valid SchedulerType"):  # fmt: skip
         build_trl_config(cfg, seed=0, output_dir=tmp_path)
 
 

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from karma.core import distributed
 from karma.core.errors import KarmaError, did_you_mean
 from karma.core.io import cache_root, read_json, tree_digest, write_json
 from karma.core.stage import Stage, argument, input_path, output_path
@@ -441,11 +441,6 @@ def model_fingerprint(model: str, *extra: object) -> str:
     return hashlib.sha256(json.dumps([content, *map(str, extra)]).encode()).hexdigest()[:16]
 
 
-def _is_main() -> bool:
-    """Rank 0 (or no distributed launch): the process that writes outputs."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _load_lm(model: str, cfg: RunConfig, *, section: str = "evaluate") -> Any:
     """The lm-eval model of ``cfg.backend``; data-parallel when launched with N processes."""
     if cfg.backend == "vllm":
@@ -479,7 +474,7 @@ def _cpu_accelerator() -> Any:
     """Under ``torch.distributed.run`` without CUDA: an accelerate MULTI_CPU state (gloo)."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+    if distributed.world_size() <= 1 or torch.cuda.is_available():
         return None
     from accelerate import Accelerator
 
@@ -953,7 +948,7 @@ def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
         model = materialize(pool)
     assert model is not None
     result = measure(model, cfg, section="benchmark")
-    if not _is_main():
+    if not distributed.is_main():
         return {}
     row = _row(result, cfg, paths.name or model)
     if paths.out is not None:
@@ -1009,7 +1004,7 @@ def run_evaluate(params: Params, paths: EvaluatePaths | EvaluateBasePaths) -> di
 
     cfg = params.evaluate
     result = measure(str(paths.model), cfg, section="evaluate", local_only=True)
-    if not _is_main():
+    if not distributed.is_main():
         return {}
     own = {**result.flat(), **_run_meta(cfg, result), **model_meta(paths.model)}
     if paths.out is not None:
@@ -1048,12 +1043,7 @@ def launcher_prefix(section: str) -> Any:
 
     def prefix(params: Params, paths: Any = None) -> list[str] | None:
         n = getattr(params, section).num_processes
-        if n <= 1:
-            return None
-        return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(n), "--max_restarts", "0",
-        ]  # fmt: skip
+        return None if n <= 1 else distributed.torchrun_argv(n)
 
     return prefix
 
