@@ -26,6 +26,7 @@ from karma.kinship.settings import ScoresConfig, SimilarityConfig
 from karma.models.settings import BaseModelConfig
 from karma.pairing.settings import FetchConfig, PreferencesConfig, SweepConfig
 from karma.selection.settings import SelectConfig
+from karma.selfplay.settings import MAX_ROUNDS, SelfplayConfig
 from karma.training.settings import TrainConfig
 
 
@@ -41,6 +42,10 @@ class Params(Section):
         "dataset", "dataset (fetch: UltraFeedback-schema completions) | pool (the pool in "
         "scores.measured generates and the judge scores); dvc exp run -S completions=pool"
     )  # fmt: skip
+    rounds: int = setting(
+        0, f"MAP self-play rounds (0: none; at most {MAX_ROUNDS}); dvc exp run -S rounds=2",
+        ge=0, le=MAX_ROUNDS,
+    )  # fmt: skip
     benchmark: BenchmarkConfig = setting(BenchmarkConfig, "stage benchmark@<name>")
     scores: ScoresConfig = setting(ScoresConfig, "stage scores")
     similarity: SimilarityConfig = setting(SimilarityConfig, "stage kinship")
@@ -54,6 +59,7 @@ class Params(Section):
     select: SelectConfig = setting(SelectConfig, "stage select")
     train: TrainConfig = setting(TrainConfig, "stage train")
     evaluate: EvaluateConfig = setting(EvaluateConfig, "stages evaluate_base and evaluate")
+    selfplay: SelfplayConfig = setting(SelfplayConfig, "stages sp_plan and sp_<step>_<round>")
     limits: LimitsConfig = setting(LimitsConfig, "input limits of every stage (operational)")
 
 

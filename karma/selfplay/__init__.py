@@ -1,0 +1,1 @@
+"""MAP self-play rounds: sample with the policy, judge, pair, select, train, evaluate."""
