@@ -192,3 +192,72 @@ def test_simpo_paper_recipe():
     assert args.learning_rate == 1e-6 and args.lr_scheduler_type == "cosine"
     assert args.warmup_steps == 0.1 and args.bf16 is True and args.max_length == 2048
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 4 == 128
+
+
+# ------------------------------------------------------------------ stored reference log-probs
+
+
+def test_stored_reference_replaces_the_reference_model(
+    tiny_model_dir: Path, pairs_file: Path, test_file: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):  # fmt: skip
+    """The reference stage's log-probs (TRL's precompute, stored) equal the live reference's;
+    training with them loads no reference model and follows the live run."""
+    import karma.training.train as train_mod
+    from karma.params import Params
+    from karma.training.reference import ReferencePaths, read_stored, run_reference, with_keys
+    from karma.training.train import Stored
+
+    out = tmp_path / "reference"
+    params = Params(train=_config("dpo", 5))
+    metrics = run_reference(params, ReferencePaths(data=pairs_file, base=tiny_model_dir,
+                                                   eval_data=test_file, out=out))  # fmt: skip
+    assert metrics["train.pairs"] == 16 and metrics["eval.pairs"] == 10
+    stored = Stored(read_stored(out), out)
+    loads = []
+    real = train_mod.load_causal_lm
+    monkeypatch.setattr(train_mod, "load_causal_lm",
+                        lambda *a, **k: loads.append(a) or real(*a, **k))  # fmt: skip
+    spec = OBJECTIVES["dpo"].heldout
+    runs = {}
+    for mode in ("live", "stored"):
+        loads.clear()
+        trainer = make_trainer(
+            params.train, tiny_model_dir, seed=0, output_dir=tmp_path / mode,
+            dataset=with_keys(load_pairs(pairs_file)),
+            eval_dataset=with_keys(load_pairs(test_file)),
+            stored=stored if mode == "stored" else None,
+        )  # fmt: skip
+        assert len(loads) == (1 if mode == "stored" else 2)  # no reference model when stored
+        assert (trainer.ref_model is None) == (mode == "stored")
+        ref = heldout_logps(trainer, spec, reference=True)
+        runs[mode] = (ref, trainer.train().training_loss, _moved(trainer, tiny_model_dir))
+    (live_ref, live_loss, _), (ref, loss, moved) = runs["live"], runs["stored"]
+    np.testing.assert_allclose(ref.policy, live_ref.policy, atol=1e-4)
+    print(f"stored - live reference: max {np.abs(ref.policy - live_ref.policy).max():.2e}; "
+          f"train loss {loss:.6f} vs {live_loss:.6f}")
+    np.testing.assert_array_equal(ref.counts, live_ref.counts)
+    assert math.isfinite(loss) and loss == pytest.approx(live_loss, rel=1e-4) and moved > 10
+
+
+def test_stored_reference_must_match_the_pairs(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+):
+    """Stored log-probs of other pairs fail in one line; kto cannot use them."""
+    from karma.params import Params
+    from karma.training.reference import ReferencePaths, run_reference
+    from karma.training.train import TrainPaths, run_train
+
+    out = tmp_path / "reference"
+    other = tmp_path / "other.parquet"
+    make_pairs(4, seed=3, offset=50).write_parquet(other)
+    run_reference(Params(train=_config("dpo", 5)),
+                  ReferencePaths(data=other, base=tiny_model_dir, out=out))  # fmt: skip
+    paths = TrainPaths(data=pairs_file, base=tiny_model_dir, out=tmp_path / "policy",
+                       checkpoints=tmp_path / "ck", reference_logps=out)  # fmt: skip
+    cfg = _config("dpo", 5).model_copy(update={"reference": "stored"})
+    with pytest.raises(KarmaError, match="no stored reference log-probs for 16 of 16 pairs"):
+        run_train(Params(train=cfg), paths)
+    kto = cfg.model_copy(update={"method": "kto"})
+    with pytest.raises(KarmaError, match=r"'train\.reference': stored reference log-probs are"):
+        run_train(Params(train=kto), paths)

@@ -184,7 +184,8 @@ def test_ratio_out_of_range_names_the_flag(ratio: float) -> None:
          " 'map'? (got 'mapp'; expected none | map | explicit | implicit | random)"),
         ("select.ratoi", 0.3, "-S select.ratoi", "-S select.ratoi: unknown key; did you mean"
          " 'ratio'?"),
-        ("select.weight", -1.0, "--weight", "--weight: out of range (got -1.0; expected 0 <= weight)"),
+        ("select.weight", -1.0, "--weight",
+         "--weight: out of range (got -1.0; expected 0 <= weight)"),
         ("select.weight", math.inf, "--weight", "--weight: a finite number (got inf)"),
         ("select.dpo_beta", 0, "--dpo-beta", "--dpo-beta: out of range (got 0; expected 0 <"),
         ("select.batch_size", 0, "--batch-size", "--batch-size: out of range (got 0; expected"
@@ -714,7 +715,9 @@ def test_stage_script_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
     (tmp_path / "data" / "preferences").mkdir(parents=True)
     synthetic_pairs(15).write_parquet(tmp_path / "data" / "preferences" / "pairs.parquet")
-    params = "seed: 3\nselect:\n  method: map\n  ratio: 0.4\n  weight: 1.0\n  explicit: s_pref_gap\n"
+    params = (
+        "seed: 3\nselect:\n  method: map\n  ratio: 0.4\n  weight: 1.0\n  explicit: s_pref_gap\n"
+    )
     (tmp_path / "params.yaml").write_text(params)
     env = {**os.environ, "KARMA_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [

@@ -25,7 +25,6 @@ import yaml
 from karma.core import stage as pipeline
 from karma.core.errors import KarmaError
 from karma.params import Params
-from karma.training.settings import TrainConfig
 from karma.training.checkpoints import (
     FINGERPRINT_FILE,
     fingerprint,
@@ -35,6 +34,7 @@ from karma.training.checkpoints import (
 from karma.training.data import load_pairs
 from karma.training.heldout import heldout_logps, heldout_summary
 from karma.training.objectives import OBJECTIVES, PairLogps, dpo_metrics
+from karma.training.settings import TrainConfig
 from karma.training.train import (
     STAGE,
     TrainPaths,

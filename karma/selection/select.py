@@ -11,7 +11,8 @@ Matched against the authors' code (Hesse73/Alignment-Potential-Metric):
 
 * ``metric_selection.py::get_top_score_idx``: z-scores use the population std (``np.std``, ddof=0)
   over the whole dataset; ``rm-xlogp`` = ``z(rm_margin) - logp_weight * z(logp_margin_norm_abs)``
-  (our ``map`` with ``w`` = ``select.weight``); ``rm_margin`` ranks by ``z(rm_margin)`` (our ``explicit``);
+  (our ``map`` with ``w``, ``select.weight``); ``rm_margin`` ranks by ``z(rm_margin)`` (our
+  ``explicit``);
   ``logp_margin_norm_abs`` ranks by ``-z(|logp margin|)`` ("negative logp margin is better",
   our ``implicit``); ``rand`` is a seeded random choice (our ``random``); the number kept is
   ``int(select_ratio * len(ds))`` (floor) and the top-k are the k largest scores.

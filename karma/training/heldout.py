@@ -21,6 +21,8 @@ import numpy as np
 from karma.training.objectives import HeldoutSpec, PairLogps
 
 N_BOOT = 10_000
+#: TRL's precomputed reference columns (see :mod:`karma.training.reference`).
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 #: Batch -> (chosen sums, rejected sums, chosen counts, rejected counts), torch tensors.
 Scorer = Callable[[Any, list[int]], tuple[Any, Any, Any, Any]]
 
@@ -64,8 +66,10 @@ def _labelled_logps(model: Any, batch: dict[str, Any], accelerator: Any) -> tupl
     return (*sums.chunk(2, dim=0), *counts.chunk(2, dim=0))
 
 
-def _scorer(trainer: Any, spec: HeldoutSpec) -> tuple[int, list[int], Scorer]:
-    """``(pairs, widths, score(model, pair indices))`` for the trainer's tokenized held-out set."""
+def _scorer(trainer: Any, spec: HeldoutSpec, stored: bool = False
+            ) -> tuple[int, list[int], Scorer]:  # fmt: skip
+    """``(pairs, widths, score(model, pair indices))`` for the trainer's tokenized held-out set;
+    ``stored``: the reference log-probs the set carries (TRL's precomputed columns)."""
     data, acc = trainer.eval_dataset, trainer.accelerator
     if spec.tokens == "cpo":
         cols = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
@@ -95,7 +99,7 @@ def _scorer(trainer: Any, spec: HeldoutSpec) -> tuple[int, list[int], Scorer]:
         collate = DataCollatorForPreference(pad_token_id=trainer.processing_class.pad_token_id,
                                             max_length=trainer.args.max_length)  # fmt: skip
     else:
-        cols = ["prompt_ids", "chosen_ids", "rejected_ids"]
+        cols = ["prompt_ids", "chosen_ids", "rejected_ids", *(REF_COLUMNS if stored else ())]
         pairs, collate = list(data.select_columns(cols)), trainer.data_collator
     width = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
              for p in pairs]  # fmt: skip
@@ -103,6 +107,9 @@ def _scorer(trainer: Any, spec: HeldoutSpec) -> tuple[int, list[int], Scorer]:
     def score_pairs(model: Any, idx: list[int]) -> tuple[Any, ...]:
         batch = collate([pairs[i] for i in idx])
         batch = {k: v.to(acc.device) for k, v in batch.items()}
+        if stored:
+            counts = batch["completion_mask"][:, 1:].sum(dim=1).float().chunk(2, dim=0)
+            return (*(batch[c].float() for c in REF_COLUMNS), *counts)
         return _fused_logps(model, batch, acc)
 
     return len(pairs), width, score_pairs
@@ -114,17 +121,19 @@ def heldout_logps(trainer: Any, spec: HeldoutSpec, *, reference: bool = False) -
 
     Call on every process: each scores its share of the pairs (an equal number of forward
     passes, as sharded models need) and all receive the whole arrays. Batches are made of pairs
-    of similar length (little padding). LoRA's reference is the policy with its adapter disabled.
+    of similar length (little padding). LoRA's reference is the policy with its adapter disabled;
+    reference log-probs stored in the set (``train.reference: stored``) are read, not computed.
     """
     import torch
 
     acc = trainer.accelerator
-    n, width, score = _scorer(trainer, spec)
+    stored = reference and spec.tokens == "dpo" and REF_COLUMNS[0] in trainer.eval_dataset.features
+    n, width, score = _scorer(trainer, spec, stored)
     world, rank = acc.num_processes, acc.process_index
     order = sorted(range(n), key=lambda i: (width[i], i))
     bs = int(trainer.args.per_device_eval_batch_size)
     model, adapter_off = trainer.model, contextlib.nullcontext()
-    if reference:
+    if reference and not stored:
         if trainer.ref_model is not None:
             model = trainer.ref_model
         else:

@@ -52,6 +52,11 @@ class TrainBase(Section):
         },
         "fields of the method's TRL config, whichever the method (the CPU default recipe)",
     )
+    reference: Literal["live", "stored"] = setting(
+        "live", "reference log-probs of a reference-model objective: live (the reference model "
+        "is loaded and scores each batch) | stored (the reference stage's, TRL's precompute: "
+        "computed once, no reference model loaded; dpo and ipo)",
+    )  # fmt: skip
     lora: dict[str, Any] | None = setting(
         None, "null, or peft LoraConfig fields, e.g. {r: 16, lora_alpha: 32}"
     )

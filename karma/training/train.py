@@ -46,6 +46,7 @@ from karma.training.checkpoints import curve_callback, final_metrics, fingerprin
 from karma.training.data import load_pairs
 from karma.training.heldout import heldout_logps, heldout_summary, pair_metrics
 from karma.training.objectives import objective
+from karma.training.reference import read_stored, stored_trainer, with_keys
 from karma.training.settings import TrainConfig
 from karma.training.trl_config import (
     apply_recipe,
@@ -112,12 +113,15 @@ def make_trainer(
     callbacks: Sequence[Any] = (),
     eval_dataset: Any = None,
     world_size: int = 1,
+    stored: Stored | None = None,
 ) -> Any:
     """Build the method's TRL trainer exactly as the stage uses it.
 
     ``eval_dataset`` (held-out pairs in the method's shape; methods with held-out metrics) is
     tokenized by TRL like the training data; the trainer never evaluates by itself
-    (:func:`karma.training.heldout.heldout_logps` does).
+    (:func:`karma.training.heldout.heldout_logps` does). ``stored``: reference log-probs of the
+    reference stage (datasets with :data:`karma.training.reference.KEY`), taken by TRL as
+    precomputed, and no reference model is loaded.
     """
     from transformers import set_seed
 
@@ -127,14 +131,18 @@ def make_trainer(
     set_seed(seed)
     model, tok = load_causal_lm(base, dtype=cfg.dtype)
     extra: dict[str, Any] = {}
-    if obj.reference:
+    trainer_class = obj.trainer_class()
+    if obj.reference and stored is not None:
+        args.precompute_ref_log_probs = True
+        trainer_class = stored_trainer(trainer_class, stored.values, stored.where)
+    elif obj.reference:
         # An explicit reference model (TRL would otherwise reload it by name, which fails for
         # an unsaved model); with LoRA the adapter-disabled policy is the reference.
         ref = None if peft_config is not None else load_causal_lm(base, dtype=cfg.dtype)[0]
         extra["ref_model"] = ref
     if obj.heldout is not None:
         extra["eval_dataset"] = eval_dataset
-    return obj.trainer_class()(
+    return trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -201,6 +209,14 @@ def save_policy(
         (out / "README.md").write_text(card)
 
 
+@dataclass(frozen=True)
+class Stored:
+    """Reference log-probs of the reference stage: ``{split: {pair key: (chosen, rejected)}}``."""
+
+    values: dict[str, dict[str, tuple[float, float]]]
+    where: Path
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainPaths:
     """Paths of the ``train`` stage."""
@@ -217,14 +233,35 @@ class TrainPaths:
     live_dir: Path | None = output_path("dvclive curves (plots/metrics/*.tsv)", is_dir=True,
                                         required=False)  # fmt: skip
     metrics: Path | None = output_path("final training metrics", ".json", required=False)
+    reference_logps: Path | None = input_path(
+        "the reference stage's output: stored reference log-probs (train.reference stored)",
+        is_dir=True, required=False,
+    )  # fmt: skip
 
 
-def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig, Any, Any]:
+def _stored(cfg: TrainConfig, paths: TrainPaths) -> Stored | None:
+    """The stored reference log-probs when ``train.reference`` is stored (checked)."""
+    obj = objective(cfg.method)
+    if cfg.reference == "live" or not obj.reference:
+        return None
+    spec = obj.heldout
+    if spec is None or spec.tokens != "dpo":
+        raise KarmaError("stored reference log-probs are TRL's DPO precompute", field=
+                         "train.reference", value=cfg.reference, expected="live for method "
+                         f"{cfg.method} (stored: dpo, ipo)")  # fmt: skip
+    if paths.reference_logps is None:
+        raise KarmaError("train.reference stored reads the reference stage's output",
+                         field="--reference-logps", expected="its directory")  # fmt: skip
+    return Stored(read_stored(paths.reference_logps), Path(paths.reference_logps))
+
+
+def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig, Any, Any, Any]:
     """Validate everything cheap (before any model loads or any process is launched)."""
     cfg = apply_recipe(params.train)
     obj = objective(cfg.method)
     args = build_trl_config(cfg, seed=params.seed, output_dir=paths.checkpoints, world_size=world)
     build_lora_config(cfg.lora)
+    stored = _stored(cfg, paths)
     dataset = load_pairs(paths.data, obj.shape)
     heldout = None
     if paths.eval_data is not None and obj.heldout is None:
@@ -233,7 +270,10 @@ def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig,
     elif paths.eval_data is not None:
         check_heldout_modelled(cfg, args)
         heldout = load_pairs(paths.eval_data, obj.shape)
-    return cfg, dataset, heldout
+    if stored is not None:
+        dataset = with_keys(dataset)
+        heldout = None if heldout is None else with_keys(heldout)
+    return cfg, dataset, heldout, stored
 
 
 def _prepare(cfg: TrainConfig, paths: TrainPaths, seed: int, ranks: Ranks) -> tuple[Path, Any]:
@@ -305,7 +345,7 @@ def run_train(
     """
     die_with_launcher()  # also when launched by hand, without pipeline.execute
     world = distributed.world_size()
-    cfg, dataset, heldout = _inputs(params, paths, world)
+    cfg, dataset, heldout, stored = _inputs(params, paths, world)
     seed = params.seed
     ranks = Ranks.start(field="train.launcher")
     run_dir, resume = _prepare(cfg, paths, seed, ranks)
@@ -314,7 +354,7 @@ def run_train(
     with contextlib.redirect_stdout(sys.stderr):
         trainer = make_trainer(cfg, paths.base, seed=seed, output_dir=run_dir, dataset=dataset,
                                callbacks=[*live, *callbacks], eval_dataset=heldout,
-                               world_size=world)  # fmt: skip
+                               world_size=world, stored=stored)  # fmt: skip
         if trainer.accelerator.num_processes != world:
             raise KarmaError(f"accelerate sees {trainer.accelerator.num_processes} processes, "
                              f"{world} were launched", field="train.launcher")  # fmt: skip

@@ -244,8 +244,9 @@ def _check_types(cls: type, cfg: TrainConfig, kwargs: dict[str, Any]) -> None:
         allowed = kinds.get(key)
         if allowed is not None and not _fits(kwargs[key], allowed):
             kind = " | ".join(sorted(allowed)).replace("NoneType", "null")
-            raise KarmaError(f"not of type {kind}", field=f"train.{_user_block(cfg, key)}.{key}",
-                             value=kwargs[key], expected=f"{cls.__name__}.{key}: {kind}")  # fmt: skip
+            field = f"train.{_user_block(cfg, key)}.{key}"
+            raise KarmaError(f"not of type {kind}", field=field, value=kwargs[key],
+                             expected=f"{cls.__name__}.{key}: {kind}")  # fmt: skip
 
 
 def build_trl_config(
