@@ -47,6 +47,12 @@ STAGES: dict[str, tuple[str, str]] = {
         "Select preference pairs by alignment potential (MAP).",
     ),
     "train": ("karma.training.train:STAGE", "Train a policy with TRL (DPO or SFT)."),
+    "sp-plan": ("karma.selfplay.rounds:PLAN", "Self-play: round k's marker (k <= rounds)."),
+    "sp-generate": ("karma.selfplay.rounds:GENERATE", "Self-play: policy k-1 samples."),
+    "sp-judge": ("karma.selfplay.rounds:JUDGE", "Self-play: judge the round's samples."),
+    "sp-select": ("karma.selfplay.pairs:STAGE", "Self-play: best-vs-worst pairs, MAP-selected."),
+    "sp-train": ("karma.selfplay.policy:TRAIN", "Self-play: train policy k from policy k-1."),
+    "sp-evaluate": ("karma.selfplay.policy:EVALUATE", "Self-play: evaluate policy k."),
     "evaluate": (
         "karma.evaluation.evaluate:EVALUATE",
         "Evaluate a model with lm-eval (vs a baseline).",

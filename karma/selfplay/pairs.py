@@ -53,9 +53,8 @@ def best_worst(judged: pl.DataFrame, min_margin: float = 0.0) -> pl.DataFrame:
         worst.select("prompt_id", *cols), on="prompt_id", suffix="_r"
     )
     return (
-        both.filter(
-            (pl.col("score") - pl.col("score_r") > min_margin) & (pl.col("text") != pl.col("text_r"))
-        )
+        both.filter(pl.col("score") - pl.col("score_r") > min_margin)
+        .filter(pl.col("text") != pl.col("text_r"))
         .sort("prompt_id")
         .select(
             "prompt_id",

@@ -75,8 +75,9 @@ def read_marker(path: str | Path, k: int) -> bool:
     """Whether round ``k`` is active, from its marker (one line if it is not one)."""
     data = read_json(path)
     if data.get("round") != k or not isinstance(data.get("active"), bool):
-        raise KarmaError("not the marker of this round (rerun sp_plan)", file=path,
-                         value=data, expected=f'{{"round": {k}, "active": true|false}}')  # fmt: skip
+        expected = f'{{"round": {k}, "active": true|false}}'
+        raise KarmaError("not the marker of this round (rerun sp_plan)", file=path, value=data,
+                         expected=expected)  # fmt: skip
     return bool(data["active"])
 
 
@@ -221,7 +222,21 @@ PLAN = Stage(
 )
 GENERATE = Stage(
     name="sp_generate",
-    settings=("selfplay", "generate"),
+    settings=(
+        "selfplay.n",
+        "selfplay.prompts",
+        "selfplay.temperature",
+        "selfplay.top_p",
+        "selfplay.max_new_tokens",
+        "selfplay.seed",
+        "generate.engine",
+        "generate.stop",
+        "generate.batch_size",
+        "generate.dtype",
+        "generate.max_failed",
+        "generate.device",
+        "generate.threads",
+    ),
     paths=GeneratePaths,
     run=run_generate,
     help="Self-play round k: policy k-1 samples selfplay.n completions per prompt.",

@@ -36,7 +36,7 @@ class SelfplayConfig(Section):
     min_margin: float = setting(
         0.0, "pairs whose judge-score gap is <= this are not made (ties tell nothing)", ge=0
     )
-    reference: Reference = setting(
+    reference_model: Reference = setting(
         "previous", "reference model of round k's objective: base | previous (policy k-1, the "
         "model round k starts from)",
     )  # fmt: skip
