@@ -78,6 +78,7 @@ def run_train(params: Params, paths: TrainPaths) -> dict[str, Any]:
     k = round_number(paths.round)
     if not read_marker(paths.marker, k):
         write_json(Path(paths.out) / INACTIVE, {"round": k, "active": False})
+        Path(paths.checkpoints).mkdir(parents=True, exist_ok=True)  # DVC needs the output
         metrics: dict[str, Any] = {"round": k, "active": False}
         write_json(paths.metrics, metrics)
         return metrics

@@ -149,7 +149,8 @@ def run_generate(params: Params, paths: GeneratePaths) -> dict[str, Any]:
     cfg = generation_settings(params, k)
     entry = PoolModel(model=str(paths.model))
     name = policy_name(k)
-    frame = generate_all(entry, cfg, prompts, name, resume_dir(entry, cfg, paths.prompts))
+    resume = resume_dir(entry, cfg, paths.prompts) / f"first-{prompts.height}"
+    frame = generate_all(entry, cfg, prompts, name, resume)
     frame = frame.with_columns(pl.lit(k, pl.Int64).alias("round"),
                                pl.lit(weights_digest(paths.model)).alias("weights"))  # fmt: skip
     frame.write_parquet(paths.out, statistics=False)
