@@ -64,6 +64,15 @@ def test_best_worst_pairs_and_map_keeps_small_implicit_gaps() -> None:
     assert sorted(kept) == ["p0", "p1", "p2"]
 
 
+def test_base_reference_is_refused_for_a_non_dpo_reference_objective() -> None:
+    params = _params(selfplay__reference_model="base", train__method="kto")
+    assert policy.needs_base_reference(params, 1) is False
+    with pytest.raises(KarmaError, match=r"selfplay\.reference_model"):
+        policy.needs_base_reference(params, 2)
+    assert policy.needs_base_reference(_params(selfplay__reference_model="base"), 2) is True
+    assert policy.needs_base_reference(_params(train__method="simpo"), 2) is False
+
+
 def test_committed_dvc_yaml_holds_the_generated_rounds() -> None:
     text = (REPO / "dvc.yaml").read_text(encoding="utf-8")
     assert text.endswith(wiring.block())
@@ -137,7 +146,7 @@ def test_two_reduced_rounds_then_an_inactive_one(tiny_model_dir: Path, tmp_path:
         rounds=2, selfplay__n=3, selfplay__prompts=6, selfplay__max_new_tokens=8,
         selfplay__max_steps=2, selfplay__evaluate=False, selfplay__temperature=1.5,
         judge__kind="reward", judge__model=str(tiny_model_dir), judge__max_length=64,
-        select__ratio=0.5, train__global_batch_size=2,
+        selfplay__reference_model="base", select__ratio=0.5, train__global_batch_size=2,
         train__trl={"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
                     "max_length": 64, "logging_steps": 1},
     )  # fmt: skip
@@ -159,6 +168,9 @@ def test_two_reduced_rounds_then_an_inactive_one(tiny_model_dir: Path, tmp_path:
         assert head["judge.ci_low"] <= head["judge.mean"] <= head["judge.ci_high"]
         assert "heldout.reward_accuracy" in head
     assert read_json(dirs[1] / "round.json")["meta.policy_weights"] == p2
+    # round 2 starts from policy 1 and trains against the base's stored log-probs
+    assert read_json(dirs[1] / "train.json")["meta.reference"] == "base"
+    assert read_json(dirs[1] / "train.json")["meta.start"] == "policy_1"
     assert read_json(dirs[2] / "round.json") == {"round": 3, "active": 0}
     assert (work / "policy_3" / policy.INACTIVE).is_file()
     assert pl.read_parquet(dirs[2] / "samples.parquet").height == 0

@@ -24,6 +24,7 @@ from typing import Any
 
 import polars as pl
 
+from karma.core.errors import KarmaError
 from karma.core.io import read_json, read_parquet, write_json
 from karma.core.stage import Stage, argument, input_path, output_path, state_path
 from karma.params import Params
@@ -67,8 +68,16 @@ def needs_base_reference(params: Params, k: int) -> bool:
     """Whether round ``k`` trains against the base while starting from policy k-1."""
     from karma.training.objectives import objective
 
-    return (params.selfplay.reference_model == "base" and k > 1
-            and objective(params.train.method).reference)  # fmt: skip
+    obj = objective(params.train.method)
+    if params.selfplay.reference_model != "base" or k == 1 or not obj.reference:
+        return False
+    if obj.heldout is None or obj.heldout.tokens != "dpo":  # the precompute is DPO's
+        raise KarmaError(
+            "a base reference after round 1 is precomputed with TRL's DPO precompute",
+            field="selfplay.reference_model", value="base",
+            expected=f"previous for train.method {params.train.method} (base: dpo, ipo)",
+        )  # fmt: skip
+    return True
 
 
 def run_train(params: Params, paths: TrainPaths) -> dict[str, Any]:
