@@ -40,7 +40,14 @@ STAGES: dict[str, tuple[str, str]] = {
         "karma.selection.select:STAGE",
         "Select preference pairs by alignment potential (MAP).",
     ),
-    "train": ("karma.training.train:STAGE", "Train a policy with TRL (DPO or SFT)."),
+    "reference": (
+        "karma.training.reference:STAGE",
+        "Reference log-probs of the pairs (TRL's precompute), stored once.",
+    ),
+    "train": (
+        "karma.training.train:STAGE",
+        "Train a policy with a TRL objective (dpo, ipo, simpo, cpo, orpo, kto, sft).",
+    ),
     "evaluate": (
         "karma.evaluation.evaluate:EVALUATE",
         "Evaluate a model with lm-eval (vs a baseline).",
