@@ -46,7 +46,14 @@ STAGES: dict[str, tuple[str, str]] = {
         "karma.selection.select:STAGE",
         "Select preference pairs by alignment potential (MAP).",
     ),
-    "train": ("karma.training.train:STAGE", "Train a policy with TRL (DPO or SFT)."),
+    "reference": (
+        "karma.training.reference:STAGE",
+        "Reference log-probs of the pairs (TRL's precompute), stored once.",
+    ),
+    "train": (
+        "karma.training.train:STAGE",
+        "Train a policy with a TRL objective (dpo, ipo, simpo, cpo, orpo, kto, sft).",
+    ),
     "sp-plan": ("karma.selfplay.rounds:PLAN", "Self-play: round k's marker (k <= rounds)."),
     "sp-generate": ("karma.selfplay.rounds:GENERATE", "Self-play: policy k-1 samples."),
     "sp-judge": ("karma.selfplay.rounds:JUDGE", "Self-play: judge the round's samples."),

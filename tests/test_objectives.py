@@ -261,3 +261,29 @@ def test_stored_reference_must_match_the_pairs(
     kto = cfg.model_copy(update={"method": "kto"})
     with pytest.raises(KarmaError, match=r"'train\.reference': stored reference log-probs are"):
         run_train(Params(train=kto), paths)
+
+
+def test_stage_records_the_method(
+    tiny_model_dir: Path, pairs_file: Path, test_file: Path, tmp_path: Path
+):
+    """The stage with a reference-free objective: its own held-out metrics, the method in the
+    metrics, the provenance and the model card."""
+    import json
+
+    from karma.core.lm import PROVENANCE
+    from karma.params import Params
+    from karma.training.train import TrainPaths, run_train
+
+    paths = TrainPaths(data=pairs_file, base=tiny_model_dir, eval_data=test_file,
+                       out=tmp_path / "policy", checkpoints=tmp_path / "ck",
+                       metrics=tmp_path / "m.json")  # fmt: skip
+    metrics = run_train(Params(train=_config("simpo", 5)), paths)
+    assert metrics["meta.train_method"] == "simpo" and math.isfinite(metrics["train_loss"])
+    assert {"heldout.after.loss", "heldout.delta.reward_margin"} <= set(metrics)
+    # reference-free: the "before" rewards are the base model's own, not DPO's zeros
+    assert metrics["heldout.before.reward_margin"] != 0.0
+    assert json.loads((tmp_path / "m.json").read_text())["meta.train_method"] == "simpo"
+    prov = json.loads((tmp_path / "policy" / PROVENANCE).read_text())
+    assert prov["method"] == "simpo"
+    card = (tmp_path / "policy" / "README.md").read_text()
+    assert "SimPO (TRL CPOTrainer" in card and "| loss |" in card

@@ -111,7 +111,10 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
     tracked = [k for k, info in iter_fields(Params) if not is_operational(info)]
     write(tracked)
     status = _status(tmp_path)
+    locked = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
     for name, spec in _dvc_stages().items():
+        if name not in locked:  # a stage never run (dvc status: new); dvc repro locks it
+            continue
         assert status.get(name, set()) == set(spec.get("params", [])), name
     seen = set().union(*status.values())
     assert seen == set(tracked), "a result-affecting param is tracked by no stage"

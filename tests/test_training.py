@@ -474,7 +474,7 @@ def train_args(tmp_path: Path) -> list[str]:
         (["-S", "train.methd=sft"],
          "-S train.methd: unknown key; did you mean 'method'? (expected accelerate_config, "
          "checkpoint_steps, cpo, dpo, dtype, global_batch_size, ipo, keep_checkpoints, kto, "
-         "launcher, lora, method, num_processes, orpo, recipe, sft, simpo, trl)"),
+         "launcher, lora, method, num_processes, orpo, recipe, reference, sft, simpo, trl)"),
         (["-S", "train.trl.seed=3"], "-S train.trl.seed: 'seed' is set by the top-level 'seed'"),
         (["-S", "train.trl.save_steps=2"],
          "-S train.trl.save_steps: 'save_steps' is set by train.checkpoint_steps"),

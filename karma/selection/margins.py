@@ -380,25 +380,11 @@ def implicit_margins(
         log.info("implicit margins: cache hit %s", key[:12])
         raw = {c: cached[c].to_numpy() for c in cached.columns}
     else:
-        raw = _score_model(
-            pairs,
-            model_dir,
-            file=file,
-            config=config,
-            device=device,
-            progress=progress,
-            desc="implicit margins",
-        )
+        kw: dict[str, Any] = {"file": file, "config": config, "device": device,
+                              "progress": progress}  # fmt: skip
+        raw = _score_model(pairs, model_dir, desc="implicit margins", **kw)
         if reference_dir is not None:
-            ref = _score_model(
-                pairs,
-                reference_dir,
-                file=file,
-                config=config,
-                device=device,
-                progress=progress,
-                desc="reference log-probs",
-            )
+            ref = _score_model(pairs, reference_dir, desc="reference log-probs", **kw)
             raw["ref_sum_chosen"] = ref["sum_chosen"]
             raw["ref_sum_rejected"] = ref["sum_rejected"]
         if cache_dir is not None:

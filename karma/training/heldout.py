@@ -134,7 +134,7 @@ def heldout_logps(trainer: Any, spec: HeldoutSpec, *, reference: bool = False) -
     bs = int(trainer.args.per_device_eval_batch_size)
     model, adapter_off = trainer.model, contextlib.nullcontext()
     if reference and not stored:
-        if trainer.ref_model is not None:
+        if getattr(trainer, "ref_model", None) is not None:
             model = trainer.ref_model
         else:
             adapter_off = acc.unwrap_model(trainer.model).disable_adapter()

@@ -29,7 +29,7 @@ class TrainBase(Section):
     """Stage ``train``: a TRL objective of the registry (also reads ``seed``)."""
 
     method: TrainMethod = setting(
-        "dpo", " | ".join(f"{o.name} ({o.summary})" for o in OBJECTIVES.values())
+        "dpo", " | ".join(NAMES) + " (the training-method registry, karma/training/objectives.py)"
     )
     recipe: str | None = setting(
         None, "a YAML file whose global_batch_size / trl / <method> / lora / dtype override these"
