@@ -394,7 +394,7 @@ CASES = [
     Case("train-stored-reference-without-its-dir", (*TR, "--reference", "stored"),
          "field '--reference-logps': train.reference stored reads the reference stage's output"),
     Case("train-fixed-loss-type", (*TR, "-S", "train.dpo.loss_type=hinge"),
-         "-S train.dpo: 'loss_type' is set by train.method"),
+         "-S train.dpo.loss_type: 'loss_type' is set by train.method"),
     # ---- reference
     Case("reference-out-is-the-base",
          ("reference", "--data", "prefs/train_prefs.parquet", "--base", "model", "--out", "model"),
