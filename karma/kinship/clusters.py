@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from karma.kinship.kinship import KinshipResult
+    from karma.kinship.result import KinshipResult
 
 log = logging.getLogger(__name__)
 

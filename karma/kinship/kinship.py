@@ -65,6 +65,7 @@ from karma.core.stage import Stage, input_path, output_path
 if TYPE_CHECKING:
     from karma.params import Params
 
+from karma.kinship.result import KinshipResult
 from karma.kinship.similarity import (
     BLOCK_ELEMENTS,
     METRICS,
@@ -135,35 +136,6 @@ def normalise(scores: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     if empty:
         log.warning("model(s) with no usable score (S_pref undefined): %s", ", ".join(empty))
     return out, dropped
-
-
-@dataclass(frozen=True)
-class KinshipResult:
-    """Output of :func:`compute_kinship`.
-
-    ``models``: ``model, s_pref, <normalised benchmarks>``, ranked (S_pref desc, then id).
-    ``kinship``: ``model_a, model_b, kinship`` (null where undefined): every ordered pair
-    a != b in dense mode; each model's ``top_k`` kin (kinship >= tau, best first) in top-k mode.
-    ``pairs``: ``{"score"|"sim"|"score_sim": [higher S_pref model, other model]}``.
-    ``matrix``: the (n, n) kinship matrix in ``models`` order (dense mode only, else None).
-    """
-
-    models: pl.DataFrame
-    kinship: pl.DataFrame
-    pairs: dict[str, list[str]]
-    metric: str
-    tau: float
-    min_common: int
-    mode: str
-    benchmarks: list[str]
-    dropped: list[str]
-    stats: dict[str, Any]
-    matrix: np.ndarray | None = None
-
-    @property
-    def names(self) -> list[str]:
-        """Model ids in rank order (the order of ``models`` and ``matrix``)."""
-        return self.models["model"].to_list()
 
 
 def _topk_rows(kin_block: np.ndarray, start: int, k: int) -> tuple[np.ndarray, ...]:
