@@ -14,60 +14,14 @@ import click
 
 from karma.command import load_stage, make_command, run_click, setup_logging
 from karma.core.errors import did_you_mean
+from karma.registry import commands
 
-#: command -> (stage reference, one-line help)
-STAGES: dict[str, tuple[str, str]] = {
-    "benchmark": (
-        "karma.evaluation.evaluate:BENCHMARK",
-        "Benchmark one model with lm-eval: a score row.",
-    ),
-    "scores": ("karma.kinship.scores:STAGE", "Merge reported and measured scores into one table."),
-    "kinship": ("karma.kinship.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
-    "prompts": ("karma.generation.generate:PROMPTS", "The pool's prompt set (seeded sample)."),
-    "generate": (
-        "karma.generation.generate:STAGE",
-        "Completions of one pool model (hf | vllm | openai).",
-    ),
-    "judge": ("karma.judging.judge:STAGE", "Score pool completions into UltraFeedback records."),
-    "fetch": (
-        "karma.pairing.fetch:STAGE",
-        "Fetch completions (hub id, dir or file) into a Parquet.",
-    ),
-    "preferences": (
-        "karma.pairing.preferences:STAGE",
-        "Pair responses by kinship (or the baselines).",
-    ),
-    "tau-sweep": (
-        "karma.pairing.tau_sweep:STAGE",
-        "What the kinship threshold does, over a tau grid.",
-    ),
-    "base-model": ("karma.models.base_model:STAGE", "Build the base model directory."),
-    "select": (
-        "karma.selection.select:STAGE",
-        "Select preference pairs by alignment potential (MAP).",
-    ),
-    "reference": (
-        "karma.training.reference:STAGE",
-        "Reference log-probs of the pairs (TRL's precompute), stored once.",
-    ),
-    "train": (
-        "karma.training.train:STAGE",
-        "Train a policy with a TRL objective (dpo, ipo, simpo, cpo, orpo, kto, sft).",
-    ),
-    "sp-plan": ("karma.selfplay.rounds:PLAN", "Self-play: round k's marker (k <= rounds)."),
-    "sp-generate": ("karma.selfplay.rounds:GENERATE", "Self-play: policy k-1 samples."),
-    "sp-judge": ("karma.selfplay.rounds:JUDGE", "Self-play: judge the round's samples."),
-    "sp-select": ("karma.selfplay.pairs:STAGE", "Self-play: best-vs-worst pairs, MAP-selected."),
-    "sp-train": ("karma.selfplay.policy:TRAIN", "Self-play: train policy k from policy k-1."),
-    "sp-evaluate": ("karma.selfplay.policy:EVALUATE", "Self-play: evaluate policy k."),
-    "evaluate": (
-        "karma.evaluation.evaluate:EVALUATE",
-        "Evaluate a model with lm-eval (vs a baseline).",
-    ),
-}
+#: Stage commands, from the registry: name -> (stage ref, short help).
+STAGES: dict[str, tuple[str, str]] = commands()
 OTHER = {
     "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",
     "params": "Print the default params.yaml (every setting with its help).",
+    "dvc-yaml": "Print dvc.yaml as the stage registry generates it (--write: write it).",
 }
 
 
@@ -124,6 +78,18 @@ def params_command() -> None:
     from karma.params import defaults_yaml
 
     click.echo(defaults_yaml(), nl=False)
+
+
+@cli.command("dvc-yaml", help=OTHER["dvc-yaml"])
+@click.option("--write", is_flag=True, help="write dvc.yaml and stages/*.py instead of printing")
+def dvc_yaml_command(write: bool) -> None:
+    from karma import dvcyaml
+
+    if write:
+        for path in dvcyaml.write():
+            click.echo(f"wrote {path}")
+    else:
+        click.echo(dvcyaml.render(), nl=False)
 
 
 @cli.command("report", short_help=OTHER["report"])

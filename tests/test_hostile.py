@@ -369,7 +369,9 @@ CASES = [
          "prefs/train_prefs.parquet: pair 0 holds", sub=True),
     Case("select-ratio-range", (*SE, "--ratio", "0"), "--ratio: out of range"),
     Case("select-method-choice", (*SE, "--method", "mapp"), "did you mean 'map'?"),
-    Case("select-beta-infinite", (*SE, "--beta", ".inf"), "--beta: a finite number"),
+    Case("select-weight-infinite", (*SE, "--weight", ".inf"), "--weight: a finite number"),
+    Case("select-dpo-form-without-reference", (*SE, "--method", "map", "--implicit-form", "dpo"),
+         "--implicit-form: the DPO-form implicit margin needs a reference model"),
     Case("select-model-is-a-file", ("select", "--pairs", "prefs/train_prefs.parquet", "--model",
                                     "notes.txt", "--out", "new/sel"),
          "notes.txt: field '--model': input is not a directory"),
@@ -389,6 +391,14 @@ CASES = [
     Case("train-out-is-the-base",
          ("train", "--data", "prefs/train_prefs.parquet", "--base", "model", "--out", "model",
           "--checkpoints", "new/ck"), f"model: field '--out': {OUT_IS_INPUT} --base"),
+    Case("train-stored-reference-without-its-dir", (*TR, "--reference", "stored"),
+         "field '--reference-logps': train.reference stored reads the reference stage's output"),
+    Case("train-fixed-loss-type", (*TR, "-S", "train.dpo.loss_type=hinge"),
+         "-S train.dpo.loss_type: 'loss_type' is set by train.method"),
+    # ---- reference
+    Case("reference-out-is-the-base",
+         ("reference", "--data", "prefs/train_prefs.parquet", "--base", "model", "--out", "model"),
+         f"model: field '--out': {OUT_IS_INPUT} --base"),
     # ---- evaluate and benchmark
     Case("evaluate-limit-range", (*EV, "--limit", "0"), "--limit: out of range"),
     Case("evaluate-suite-choice", (*EV, "--suite", "embeded"), "did you mean 'embedded'"),
@@ -412,6 +422,7 @@ CASES = [
     Case("report-repo-missing", ("report", "--repo", "nope", "--out", "new/r"),
          "nope: cannot read DVC experiments"),
     Case("params-extra-argument", ("params", "extra"), "unexpected extra argument", code=2),
+    Case("dvc-yaml-extra-argument", ("dvc-yaml", "extra"), "unexpected extra argument", code=2),
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip

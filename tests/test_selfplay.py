@@ -13,7 +13,7 @@ from karma.core.errors import KarmaError
 from karma.core.io import read_json
 from karma.core.stage import execute
 from karma.params import build_params
-from karma.selfplay import pairs, policy, rounds, wiring
+from karma.selfplay import markers, pairs, policy, rounds
 from karma.selfplay.settings import MAX_ROUNDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +35,12 @@ def test_markers_change_only_for_the_round_switched(tmp_path: Path) -> None:
     two, three = plan(2), plan(3)
     assert two[1] == three[1] and two[2] == three[2]  # rounds 1-2 stay cached
     assert two[3] != three[3]
-    assert rounds.read_marker(tmp_path / "r3_3.json", 3) is True
-    assert rounds.read_marker(tmp_path / "r2_3.json", 3) is False
+    assert markers.read_marker(tmp_path / "r3_3.json", 3) is True
+    assert markers.read_marker(tmp_path / "r2_3.json", 3) is False
     with pytest.raises(KarmaError, match="not the marker of this round"):
-        rounds.read_marker(tmp_path / "r2_3.json", 2)
+        markers.read_marker(tmp_path / "r2_3.json", 2)
     with pytest.raises(KarmaError, match="--round"):
-        rounds.round_number(str(MAX_ROUNDS + 1))
+        markers.round_number(str(MAX_ROUNDS + 1))
 
 
 def test_best_worst_pairs_and_map_keeps_small_implicit_gaps() -> None:
@@ -73,14 +73,19 @@ def test_base_reference_is_refused_for_a_non_dpo_reference_objective() -> None:
     assert policy.needs_base_reference(_params(train__method="simpo"), 2) is False
 
 
-def test_committed_dvc_yaml_holds_the_generated_rounds() -> None:
-    text = (REPO / "dvc.yaml").read_text(encoding="utf-8")
-    assert text.endswith(wiring.block())
-    assert text.count(wiring.BEGIN) == 1
-    train = wiring.step_spec("train")
+def test_rounds_in_the_registry_list_only_their_own_params() -> None:
+    from karma.dvcyaml import stage_entry
+    from karma.registry import SP_ROUNDS, wiring
+
+    assert [r["round"] for r in SP_ROUNDS.values()] == list(range(1, MAX_ROUNDS + 1))
+    train = stage_entry(wiring("sp_train"))
     assert "selfplay.n" not in train["params"]  # sampling settings do not retrain
-    generate = wiring.step_spec("generate")
-    assert not any(k.startswith("train.") for k in generate["params"])  # objective: cached
+    assert "train.method" in train["params"]
+    for step in ("generate", "judge", "select"):  # switching the objective keeps them cached
+        entry = stage_entry(wiring(f"sp_{step}"))
+        assert not any(k.startswith("train.") for k in entry["params"]), step
+        assert "rounds" not in entry["params"]  # only their marker says whether they run
+    assert stage_entry(wiring("sp_plan"))["params"] == ["rounds"]
 
 
 def _round(k: int, params: Any, work: Path, base: Path, prompts: Path, held: Path) -> Path:
@@ -152,8 +157,8 @@ def test_two_reduced_rounds_then_an_inactive_one(tiny_model_dir: Path, tmp_path:
     )  # fmt: skip
     work = tmp_path / "work"
     dirs = [_round(k, params, work, tiny_model_dir, prompts, held) for k in (1, 2, 3)]
-    base_hash = rounds.weights_digest(tiny_model_dir)
-    p1, p2 = (rounds.weights_digest(work / f"policy_{k}") for k in (1, 2))
+    base_hash = markers.weights_digest(tiny_model_dir)
+    p1, p2 = (markers.weights_digest(work / f"policy_{k}") for k in (1, 2))
     assert len({base_hash, p1, p2}) == 3  # each round changed the weights
     s1 = pl.read_parquet(dirs[0] / "samples.parquet")
     s2 = pl.read_parquet(dirs[1] / "samples.parquet")

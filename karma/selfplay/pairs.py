@@ -29,7 +29,7 @@ from karma.core.errors import KarmaError
 from karma.core.io import read_parquet, write_json
 from karma.core.stage import Stage, argument, input_path, output_path
 from karma.params import Params
-from karma.selfplay.rounds import read_marker, round_number
+from karma.selfplay.markers import read_marker, round_number
 
 log = logging.getLogger(__name__)
 

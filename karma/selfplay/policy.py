@@ -28,8 +28,8 @@ from karma.core.errors import KarmaError
 from karma.core.io import read_json, read_parquet, write_json
 from karma.core.stage import Stage, argument, input_path, output_path, state_path
 from karma.params import Params
+from karma.selfplay.markers import policy_name, read_marker, round_number, weights_digest
 from karma.selfplay.pairs import METRICS_FILE, PAIRS_FILE
-from karma.selfplay.rounds import policy_name, read_marker, round_number, weights_digest
 
 log = logging.getLogger(__name__)
 

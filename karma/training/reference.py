@@ -27,6 +27,7 @@ from karma.core.io import tree_digest, write_json
 from karma.core.lm import load_causal_lm
 from karma.core.stage import Stage, input_path, output_path
 from karma.training.data import load_pairs
+from karma.training.settings import TrainConfig
 from karma.training.trl_config import apply_recipe, build_trl_config
 
 if TYPE_CHECKING:
@@ -118,7 +119,9 @@ def run_reference(params: Params, paths: ReferencePaths) -> dict[str, Any]:
     import polars as pl
     from trl import DPOTrainer
 
-    cfg = apply_recipe(params.train).model_copy(update={"method": "dpo"})
+    train = params.train  # the declared keys only: the objective and its schedule do not matter
+    cfg = apply_recipe(TrainConfig(method="dpo", trl=train.trl, recipe=train.recipe,
+                                   dtype=train.dtype, global_batch_size=None))  # fmt: skip
     out = Path(paths.out)
     scratch = tempfile.TemporaryDirectory(prefix="karma-reference-")
     args = build_trl_config(cfg, seed=params.seed, output_dir=scratch.name, world_size=1)

@@ -259,9 +259,9 @@ def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig,
     """Validate everything cheap (before any model loads or any process is launched)."""
     cfg = apply_recipe(params.train)
     obj = objective(cfg.method)
+    stored = _stored(cfg, paths)
     args = build_trl_config(cfg, seed=params.seed, output_dir=paths.checkpoints, world_size=world)
     build_lora_config(cfg.lora)
-    stored = _stored(cfg, paths)
     dataset = load_pairs(paths.data, obj.shape)
     heldout = None
     if paths.eval_data is not None and obj.heldout is None:
