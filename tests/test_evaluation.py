@@ -21,18 +21,16 @@ import yaml
 from karma.core.errors import KarmaError
 from karma.core.settings import BENCHMARKS, PAPER_SCALE
 from karma.evaluation import evaluate as evaluation
-from karma.evaluation.evaluate import (
-    TASKS_DIR,
+from karma.evaluation import lmeval
+from karma.evaluation.lmeval import (
     benchmark_model,
-    compare_metrics,
     evaluate_model,
-    flat_key,
-    flatten_metrics,
     model_fingerprint,
     resolve_model,
-    resolve_tasks,
 )
+from karma.evaluation.metrics import compare_metrics, flat_key, flatten_metrics
 from karma.evaluation.settings import BenchmarkConfig, EvaluateConfig, TaskSpec, suites
+from karma.evaluation.taskconfig import TASKS_DIR, resolve_tasks
 from karma.kinship.scores import merge_scores, read_measured, read_scores
 from karma.kinship.settings import ScoresConfig
 from karma.params import Params, build_params, load_params
@@ -138,17 +136,17 @@ def test_compare_metrics_by_hand() -> None:
 
 
 def test_chat_template_groups() -> None:
-    from karma.evaluation.evaluate import _chat_groups
+    from karma.evaluation.lmeval import chat_groups
 
     gen = {"task": "g", "output_type": "generate_until"}
     mc = {"task": "m", "output_type": "multiple_choice"}
-    assert _chat_groups([gen, mc, "arc_easy"], True) == [([gen, mc, "arc_easy"], True)]
-    assert _chat_groups([gen, mc], False) == [([gen, mc], False)]
-    assert _chat_groups([gen, mc, "ifeval"], "generative") == [
+    assert chat_groups([gen, mc, "arc_easy"], True) == [([gen, mc, "arc_easy"], True)]
+    assert chat_groups([gen, mc], False) == [([gen, mc], False)]
+    assert chat_groups([gen, mc, "ifeval"], "generative") == [
         ([gen, "ifeval"], True),
         ([mc], False),
     ]
-    assert _chat_groups([mc], "generative") == [([mc], False)]
+    assert chat_groups([mc], "generative") == [([mc], False)]
 
 
 # ---------------------------------------------------------------- settings: suites and params
@@ -707,7 +705,7 @@ def _frame(rows: dict[str, list[float]]) -> pl.DataFrame:
 
 def test_compare_runs_keys_by_hand_and_against_karma_stats() -> None:
     from karma.core import stats
-    from karma.evaluation.evaluate import compare_runs
+    from karma.evaluation.metrics import compare_runs
 
     base_items = {"ifeval": [1.0] * 16 + [0.0] * 33, "arc_easy": [1.0, 0.0, 1.0, 0.0]}
     policy_items = {"ifeval": [1.0] * 13 + [0.0] * 36, "arc_easy": [1.0, 1.0, 1.0, 1.0]}
@@ -764,7 +762,7 @@ def _refuse_to_compute(monkeypatch: pytest.MonkeyPatch, *, from_load: int) -> li
     (The model is still loaded on a full cache hit: lm-eval needs its tokenizer and chat
     template to build the requests that it looks up.)
     """
-    real = evaluation._load_lm
+    real = lmeval.load_lm
     loads: list[str] = []
 
     def refuse(requests: list, *args: Any, **kwargs: Any) -> list:
@@ -856,7 +854,7 @@ def test_evaluate_cli_eval_json_against_a_baseline(
     samples = {
         who: pl.read_parquet(tmp_path / who / "samples.parquet") for who in ("base", "policy")
     }
-    assert samples["base"].columns == list(evaluation.SAMPLE_SCHEMA)
+    assert samples["base"].columns == list(lmeval.SAMPLE_SCHEMA)
     assert {
         "meta.suite": "embedded",
         "meta.protocol": "loglik",
@@ -962,7 +960,7 @@ def test_vllm_backend_is_refused_without_vllm_and_passes_its_args(
         model_args={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8},
     )
     with pytest.raises(KarmaError, match="stop here"):
-        evaluation._load_lm(str(tiny_model_dir), cfg)
+        lmeval.load_lm(str(tiny_model_dir), cfg)
     assert seen == {
         "pretrained": str(tiny_model_dir),
         "dtype": "bfloat16",
@@ -1000,7 +998,7 @@ def test_ifeval_scores_equal_lm_evals_command_line(
     any process, order and process count."""
     import nltk
 
-    from karma.evaluation.evaluate import ensure_punkt
+    from karma.evaluation.taskconfig import ensure_punkt
 
     monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
     model = varied_models[0]
@@ -1022,7 +1020,7 @@ def test_ifeval_scores_equal_lm_evals_command_line(
     )
     spec = {"ifeval": TaskSpec(task=str(task), metric="prompt_level_strict_acc")}
     cfg = EvaluateConfig(max_gen_toks=24, cache=False, samples_dir=str(tmp_path / "ours"))
-    ours = evaluation.run_tasks(str(model), spec, cfg)
+    ours = lmeval.run_tasks(str(model), spec, cfg)
     for key in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
                 "inst_level_loose_acc"):  # fmt: skip
         assert ours.metrics["ifeval"][key] == cli[f"{key},none"], key
@@ -1033,8 +1031,8 @@ def test_ifeval_scores_equal_lm_evals_command_line(
     assert ours.samples["score"].to_list() == [float(r["prompt_level_strict_acc"]) for r in mine]
     assert len({r["resps"][0][0] for r in mine}) > 1  # varied answers, not one repeated text
     # lm-eval's random seed does not reach the per-item seeded checks
-    monkeypatch.setitem(evaluation.LM_EVAL_SEEDS, "random_seed", 12345)
-    again = evaluation.run_tasks(str(model), spec, cfg.model_copy(update={"samples_dir": None}))
+    monkeypatch.setitem(lmeval.LM_EVAL_SEEDS, "random_seed", 12345)
+    again = lmeval.run_tasks(str(model), spec, cfg.model_copy(update={"samples_dir": None}))
     assert again.samples.equals(ours.samples)
 
 

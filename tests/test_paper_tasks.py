@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from karma.evaluation.evaluate import load_task_config, run_tasks
+from karma.evaluation.lmeval import run_tasks
 from karma.evaluation.settings import RunConfig, TaskSpec
+from karma.evaluation.taskconfig import load_task_config
 
 PAPER = Path(__file__).resolve().parents[1] / "karma" / "evaluation" / "tasks" / "paper"
 EMBEDDED = PAPER.parent / "embedded"
@@ -59,10 +60,10 @@ def _task(name: str):
 def _mmlu_pro_template() -> dict:
     import lm_eval
 
-    from karma.evaluation.evaluate import _TagLoader
+    from karma.evaluation.taskconfig import TagLoader
 
     path = Path(lm_eval.__file__).parent / "tasks" / "mmlu_pro" / "_default_template_yaml"
-    return yaml.load(path.read_text(), Loader=_TagLoader)
+    return yaml.load(path.read_text(), Loader=TagLoader)
 
 
 def test_the_paper_dir_holds_exactly_the_five_tasks() -> None:

@@ -68,6 +68,9 @@ Protocol = Literal["loglik", "paper", "custom"]
 BENCHMARKS = ("ifeval", "mmlu_stem", "mmlu_pro", "hellaswag", "arc_easy", "arc_challenge")
 #: lm-eval fraction -> the paper table's unit (percent; its MMLU-Pro column is a fraction).
 PAPER_SCALE = {b: (1.0 if b == "mmlu_pro" else 100.0) for b in BENCHMARKS}
+#: The paper's Table 2 (and Table 4) benchmarks, in its column order; its Total is their 0-1
+#: mean (HellaSwag is only in the origin-model table).
+TABLE2_BENCHMARKS = ("mmlu_stem", "mmlu_pro", "arc_easy", "arc_challenge", "ifeval")
 DEFAULT_GROUPS = {
     "knowledge": ["mmlu_stem", "mmlu_pro"],
     "reasoning": ["arc_easy", "arc_challenge", "hellaswag"],
