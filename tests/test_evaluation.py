@@ -348,7 +348,7 @@ def test_bad_settings_on_the_command_line_one_line(
     args: list[str], flag: str, match: str, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     """Refused before any model or task is touched: a loader that fails loudly never runs."""
-    monkeypatch.setattr(evaluation, "run_tasks", _never)
+    monkeypatch.setattr(lmeval, "run_tasks", _never)
     code, out, err = _cli(args, capsys)
     assert code == 1 and out == ""
     line = _one_error_line(err)
@@ -360,7 +360,7 @@ def _never(*args: Any, **kwargs: Any) -> Any:
 
 
 def test_cli_bad_task_one_line(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
-    monkeypatch.setattr(evaluation, "_load_lm", _never)
+    monkeypatch.setattr(lmeval, "load_lm", _never)
     tasks = "{arc: {task: karma_arc_esy, metric: acc}}"
     code, _, err = _cli(["benchmark", "--model", "org/m", "--tasks", tasks], capsys)
     assert code == 1
@@ -483,7 +483,7 @@ def test_model_fingerprint_follows_content(tmp_path: Path) -> None:
 
 
 def test_missing_model_dir_fails_before_running(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(evaluation, "_load_lm", _never)
+    monkeypatch.setattr(lmeval, "load_lm", _never)
     with pytest.raises(KarmaError, match="model directory not found"):
         evaluate_model(str(tmp_path / "models" / "policy"), EvaluateConfig(cache=False))
 
@@ -512,7 +512,7 @@ def test_evaluate_paths_refused_one_line(
 ) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "m.json").write_text("{}")
-    monkeypatch.setattr(evaluation, "run_tasks", _never)
+    monkeypatch.setattr(lmeval, "run_tasks", _never)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code, out, err = _cli(["evaluate", *(a.format(tmp=tmp_path) for a in extra)], capsys)
     assert code == 1 and out == ""
@@ -715,6 +715,9 @@ def test_compare_runs_keys_by_hand_and_against_karma_stats() -> None:
     policy |= {f"ifeval.{k}": v for k, v in stats.estimate(policy_items["ifeval"]).items()}
     got = compare_runs(base, policy, _frame(base_items), _frame(policy_items), seed=5, n_boot=1000)
     ifeval = stats.paired(policy_items["ifeval"], base_items["ifeval"], seed=5, n_boot=1000)
+    # Holm across the comparison's two benchmarks: ifeval p 0.25, arc_easy p 0.5 -> 0.5, 0.5
+    assert got["delta.arc_easy.p"] == 0.5 and got["delta.ifeval.p_holm"] == 0.5
+    ifeval["p_holm"] = 0.5
     assert {k.removeprefix("delta.ifeval."): v for k, v in got.items()
             if k.startswith("delta.ifeval.") and k != "delta.ifeval.prompt_level_strict_acc"
             } == ifeval  # fmt: skip
@@ -776,7 +779,7 @@ def _refuse_to_compute(monkeypatch: pytest.MonkeyPatch, *, from_load: int) -> li
                 setattr(lm, name, refuse)
         return lm
 
-    monkeypatch.setattr(evaluation, "_load_lm", load)
+    monkeypatch.setattr(lmeval, "load_lm", load)
     return loads
 
 
