@@ -45,6 +45,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "karma.evaluation.evaluate:EVALUATE",
         "Evaluate a model with lm-eval (vs a baseline).",
     ),
+    "headline": (
+        "karma.report.headline:STAGE",
+        "The headline metrics (dvc exp show) from the diagnostics.",
+    ),
 }
 OTHER = {
     "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",

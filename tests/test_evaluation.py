@@ -20,7 +20,6 @@ import yaml
 
 from karma.core.errors import KarmaError
 from karma.core.settings import BENCHMARKS, PAPER_SCALE
-from karma.evaluation import evaluate as evaluation
 from karma.evaluation import lmeval
 from karma.evaluation.lmeval import (
     benchmark_model,
