@@ -4,16 +4,17 @@ Every stage writes its full flat metrics to ``diagnostics/<stage>.json`` (versio
 that the report reads, not DVC metrics). This stage picks, from them, what ``dvc exp show`` and
 ``dvc metrics diff`` should show (at most ~40 keys for the default run):
 
-* per benchmark ``<bench>.score`` (the policy), ``<bench>.delta`` (policy - base) with its 95 %
-  interval ``<bench>.lo``/``<bench>.hi`` and ``<bench>.sig`` (1 when the Holm-adjusted p is
-  below 0.05 with at least 10 items, :func:`karma.core.stats.is_significant`);
+* per benchmark (short names, :data:`SHORT`: ``mmlu``, ``mmlu_pro``, ``arc_e``, ``arc_c``,
+  ``ifeval``, ``hswag``) ``<b>.score`` (the policy), ``<b>.delta`` (policy - base) with its
+  95 % interval ``<b>.lo``/``<b>.hi`` and ``<b>.sig`` (1 when the Holm-adjusted p is below 0.05
+  with at least 10 items, :func:`karma.core.stats.is_significant`);
 * the same for ``total`` (the paper's Table 2 Total: 0-1 mean of MMLU, MMLU-Pro, ARC-E, ARC-C
   and IFEval; interval from the bootstrap of the Total itself);
 * the held-out preference metrics after training (``heldout.*``; "before" is the reference
   against itself, a definition, so it is not a headline);
 * ``pairs.made`` (preferences), ``pairs.kept`` (MAP selection), ``pairs.trained`` (distinct
-  pairs the optimizer saw: ``min(kept, steps x global batch)``), ``kinship.mean`` (of the pairs
-  made) and ``judge.agreement`` when a judge ran.
+  pairs the optimizer saw: ``min(kept, steps x global batch)``), ``mean_kinship`` (of the
+  pairs made) and ``judge.agreement`` when a judge ran.
 
 Nothing here varies between identical reruns (timings are logged, never written).
 
@@ -41,13 +42,25 @@ log = logging.getLogger(__name__)
 DIAGNOSTICS = ("kinship", "preferences", "select", "train", "eval")
 #: The order of benchmark columns: the paper's Table 2, then the others, then the Total.
 COLUMN_ORDER = (*TABLE2_BENCHMARKS, *(b for b in BENCHMARKS if b not in TABLE2_BENCHMARKS))
+#: Decimals kept (0.1 point on a 0-1 score: finer than any interval here).
+DIGITS = 4
+#: Short column names for ``dvc exp show`` at 200 columns (others keep their own name).
+SHORT = {
+    "mmlu_stem": "mmlu",
+    "mmlu_pro": "mmlu_pro",
+    "arc_easy": "arc_e",
+    "arc_challenge": "arc_c",
+    "ifeval": "ifeval",
+    "hellaswag": "hswag",
+    "total": "total",
+}
 #: Held-out metrics shown after training (the objective's own; "before" is definitional).
 HELDOUT = ("reward_accuracy", "reward_margin")
 #: ``(headline key, diagnostics file, key)`` of the data-side headline numbers.
 DATA_KEYS = (
     ("pairs.made", "preferences", "pairs"),
     ("pairs.kept", "select", "pairs_kept"),
-    ("kinship.mean", "preferences", "mean_kinship"),
+    ("mean_kinship", "preferences", "mean_kinship"),
     ("judge.agreement", "preferences", "judge.agreement"),
 )
 
@@ -70,8 +83,8 @@ def _bench_keys(ev: Mapping[str, Any]) -> dict[str, Any]:
             ("hi", f"delta.{b}.ci_high"),
             ("sig", f"delta.{b}.significant"),
         ):
-            if _num(ev.get(key)) is not None:
-                out[f"{b}.{name}"] = ev[key]
+            if _num(value := ev.get(key)) is not None:
+                out[f"{SHORT.get(b, b)}.{name}"] = round(value, DIGITS)
     return out
 
 
@@ -91,10 +104,10 @@ def headline(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     train = diag.get("train") or {}
     for m in HELDOUT:
         if _num(value := train.get(f"heldout.after.{m}")) is not None:
-            out[f"heldout.{m}"] = round(float(value), 6)
+            out[f"heldout.{m}"] = round(float(value), DIGITS)
     for key, stage, name in DATA_KEYS:
         if _num(value := (diag.get(stage) or {}).get(name)) is not None:
-            out[key] = round(value, 6) if isinstance(value, float) else value
+            out[key] = round(value, DIGITS) if isinstance(value, float) else value
     if train and (n := trained_pairs(train, out.get("pairs.kept"))) is not None:
         out["pairs.trained"] = n
     return out
