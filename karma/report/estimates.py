@@ -124,6 +124,28 @@ def _replicate_draws(a2: np.ndarray, b2: np.ndarray, *, seed: int, n_boot: int) 
     return np.concatenate(draws)
 
 
+def total_replicates(
+    sides: Sequence[tuple[np.ndarray, np.ndarray]], *, seed: int, n_boot: int = 2000
+) -> dict[str, float]:
+    """The Total (mean over benchmarks) of ``a - b`` with replicate runs: each draw resamples
+    the runs of each side once (a run spans every benchmark) and every benchmark's items;
+    percentile interval and the bootstrap's two-sided p."""
+    rng = np.random.default_rng(seed)
+    n_a, n_b = sides[0][0].shape[0], sides[0][1].shape[0]
+    totals = np.zeros(n_boot)
+    for k in range(n_boot):
+        ra, rb = rng.integers(0, n_a, n_a), rng.integers(0, n_b, n_b)
+        for a2, b2 in sides:
+            m = a2.shape[1]
+            items = rng.integers(0, m, m)
+            totals[k] += a2[ra][:, items].mean() - b2[rb][:, items].mean()
+    totals /= len(sides)
+    value = float(np.mean([a2.mean() - b2.mean() for a2, b2 in sides]))
+    share = min(float(np.mean(totals <= 0)), float(np.mean(totals >= 0)))
+    low, high = np.percentile(totals, [2.5, 97.5])
+    return {"score": value, "ci_low": float(low), "ci_high": float(high), "p": min(1.0, 2 * share)}
+
+
 def replicates(ests: Sequence[Estimate]) -> Estimate:
     """Mean ± sd over seeds; interval ``mean ± t(n-1) * se`` with se² = sd²/n (seed noise)
     + the mean of the runs' se² (shared items)."""

@@ -190,9 +190,13 @@ def experiment_figures(rows: Sequence[Row], repo: Path) -> tuple[list[Figure], l
     """Each experiment's own pairs figure and training curves, read at its revision (git-
     tracked outputs), labelled with its configuration; and what is missing."""
     figs, missing = [], []
+    seen: set[str] = set()
     for row in rows:
         label = config_label(row)
         rev = row.get("rev")
+        if str(rev) in seen:  # rows without a rev (hand-made) are the workspace: once
+            continue
+        seen.add(str(rev))
         pairs = git_file(repo, rev, PAIRS_PNG)
         if pairs is not None:
             figs.append(Figure(pairs, f"model pairs used: {label}"))

@@ -39,6 +39,7 @@ from karma.report.estimates import (
     paired,
     replicates,
     seed_of,
+    total_replicates,
 )
 
 STRATEGY_ORDER = ["rlaif", "score", "sim", "score_sim", "random"]
@@ -344,23 +345,30 @@ def _normal_p(est: Estimate) -> float | None:
 def _total_compare(
     line: Line, ref: Line, tables: list[dict | None], *, seed: int, n_boot: int
 ) -> Estimate | None:
-    """The Total's difference: stratified bootstrap of the Total over items (replicates
-    averaged per item) where per-item data exist; else the evaluation's ``delta.total`` for
+    """The Total's difference: the bootstrap of the Total itself over items (and over the runs
+    of each side for replicates) where per-item data exist; else the evaluation's
+    ``delta.total`` for
     one run against the untrained base; else the mean of the benchmarks' differences."""
-    diffs = []
+    sides = []
     for bench in TABLE2_BENCHMARKS:
         got = _items_of(tables, bench, line.n)
         if got is None:
             break
         arr, n_a = got
-        diffs.append(arr[:n_a].mean(axis=0) - arr[n_a:].mean(axis=0))
-    if len(diffs) == len(TABLE2_BENCHMARKS):
+        sides.append((arr[:n_a], arr[n_a:]))
+    if len(sides) == len(TABLE2_BENCHMARKS):
         sub = seed_of(seed, *line.names, *ref.names, TOTAL)
-        mean, low, high = stratified_bootstrap(diffs, n_boot=n_boot, seed=sub)
-        p = stratified_sign_flip_p(diffs, n_perm=n_boot, seed=sub)
-        n = int(sum(d.size for d in diffs))
-        how = f"bootstrap of the Total over {n} items (stratified by benchmark)"
-        return Estimate(mean, low, high, p=p, how=how, items=n, test="stratified_sign_flip")
+        n = int(sum(a.shape[1] for a, _ in sides))
+        if all(a.shape[0] == 1 and b.shape[0] == 1 for a, b in sides):
+            diffs = [a[0] - b[0] for a, b in sides]
+            mean, low, high = stratified_bootstrap(diffs, n_boot=n_boot, seed=sub)
+            p = stratified_sign_flip_p(diffs, n_perm=n_boot, seed=sub)
+            how = f"bootstrap of the Total over {n} items (stratified by benchmark)"
+            return Estimate(mean, low, high, p=p, how=how, items=n, test="stratified_sign_flip")
+        r = total_replicates(sides, seed=sub, n_boot=n_boot)
+        how = f"bootstrap of the Total over {n} items and the runs of each side"
+        return Estimate(r["score"], r["ci_low"], r["ci_high"], p=r["p"], how=how, items=n,
+                        test="bootstrap")  # fmt: skip
     if ref.untrained and line.n == 1 and (d := _delta(line.rows[0], TOTAL)) is not None:
         return d
     return None
