@@ -107,3 +107,28 @@ def test_dvc_exp_show_at_200_columns_shows_the_key_results(tmp_path: Path) -> No
     assert kinship in out.splitlines()[3]
     # and the plain view collapses: why the README gives the filtered one
     assert "…" in run(*dvc, "exp", "show", "--no-pager")
+
+
+def test_constraints_pin_every_installed_dependency() -> None:
+    """constraints.txt (what the Makefile installs with) pins exact versions, matching this
+    environment: the versions the tests and the committed run use."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = [ln for ln in (REPO / "constraints.txt").read_text().splitlines()
+             if ln and not ln.startswith("#")]  # fmt: skip
+    assert len(lines) > 100 and all("==" in ln for ln in lines)
+    names = {ln.split("==")[0].lower() for ln in lines}
+    for must in ("transformers", "trl", "lm-eval", "dvc", "polars", "numba"):
+        assert must in names or must.replace("-", "_") in names, must
+    mismatched = []
+    for ln in lines:
+        name, pinned = ln.split("==")
+        try:
+            if version(name) != pinned:
+                mismatched.append((name, pinned, version(name)))
+        except PackageNotFoundError:
+            mismatched.append((name, pinned, None))
+    assert not mismatched, mismatched
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile and "\nlock:" in makefile
+    assert "dvc_plots/" in (REPO / ".gitignore").read_text().splitlines()
