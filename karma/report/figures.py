@@ -221,7 +221,11 @@ def kinship_figures(repo: Path) -> tuple[list[Figure], list[str]]:
     found = [folder / n for n in names if (folder / n).is_file()]
     if not found:
         return [], [f"kinship figures ({KINSHIP_DIR}): {KINSHIP_WHY}"]
-    return [Figure(p.read_bytes(), f"{KINSHIP_DIR}/{p.name} (shared)") for p in found], []
+    figs = [  # the heatmap full width: its cell numbers are legible at 1280 px only so
+        Figure(p.read_bytes(), f"{KINSHIP_DIR}/{p.name} (shared)", half=p.stem != "kinship_heatmap")
+        for p in found
+    ]
+    return figs, []
 
 
 def selection_figure(repo: Path, rows: Sequence[Row]) -> tuple[list[Figure], list[str]]:

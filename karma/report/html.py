@@ -53,6 +53,7 @@ tr.untrained td{background:#f4f4f4;font-style:italic;color:#555}
 tr.ref td:first-child{font-weight:600}
 td.ge{background:#e3f2e3}td.best .v{font-weight:700}
 .mk{color:#1a7f37;padding-left:2px}.mk.dn{color:#c62828}
+table.diff td{font-size:13px}table.diff small{font-size:11px}
 .legend{background:#f6f8fa;border:1px solid #e1e4e8;padding:6px 10px;font-size:13px}
 .verdict{background:#fffbe6;border:1px solid #e8d9a8;padding:6px 14px}
 .verdict li{margin:.2rem 0}code{font-size:13px;background:#f0f0f0;padding:0 3px}
@@ -84,7 +85,7 @@ def _head(table: Table) -> list[str]:
     e = html.escape
     out = [f"<h3>{e(table.title)}</h3><p class='cap'>{e(caption(table))}</p><table><tr><th></th>"]
     for c in table.columns:
-        sub = "mean of the 5 Table 2 benchmarks" if c == TOTAL else table.items.get(c, "")
+        sub = "mean of the 5" if c == TOTAL else table.items.get(c, "")
         out.append(f"<th>{e(col_label(c))}<small>{e(sub)}</small></th>")
     return [*out, "</tr>"]
 
@@ -119,18 +120,24 @@ def html_table(table: Table) -> list[str]:
     if diffs:
         out.append(
             f"<p class='cap'>Difference from {e(ref_name(table))} (points, 95 % "
-            "interval; below: the test's Holm-adjusted p)</p><table><tr><th></th>"
+            "interval; below: the test's Holm-adjusted p; hover for the test)</p>"
+            "<table class='diff'><tr><th></th>"
         )
         out += [f"<th>{e(col_label(c))}</th>" for c in table.columns] + ["</tr>"]
         for ln in diffs:
             out.append(f"<tr><td>{e(line_label(ln, table.pooled))}</td>")
             for c in table.columns:
                 d = ln.diffs.get(c)
-                out.append(
-                    f"<td title='{e(d.how)}'>{e(diff_text(d))}<small>{e(p_text(d))}</small></td>"
-                    if d
-                    else "<td>–</td>"
+                if d is None:
+                    out.append("<td>–</td>")
+                    continue
+                title = e(f"{diff_text(d)}: {d.how}; {p_text(d)}")
+                mk = {1: " ▲", -1: " ▼"}.get(d.sign, "")
+                ci = (
+                    "" if d.lo is None or d.hi is None else f"{100 * d.lo:+.1f} … {100 * d.hi:+.1f}"
                 )
+                out.append(f"<td title='{title}'>{100 * d.value:+.1f}{mk}<small>{e(ci)}</small>"
+                           f"<small>{e(p_text(d, short=True))}</small></td>")  # fmt: skip
             out.append("</tr>")
         out.append("</table>")
     return out

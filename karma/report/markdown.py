@@ -95,13 +95,21 @@ def line_label(line: Line, pooled: bool) -> str:
     return f"{line.label} · {runs}" if runs else line.label
 
 
-def p_text(d: Estimate) -> str:
-    """``p_holm 0.03 (mcnemar, 42 items)`` or why there is no mark."""
+def p_fmt(p: float) -> str:
+    """A p-value as text: two significant digits, ``< 0.001`` below that."""
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def p_text(d: Estimate, *, short: bool = False) -> str:
+    """``p_holm 0.03 (mcnemar, 42 items)`` (``short``: ``p_holm 0.03``) or why no mark."""
     p = d.p_holm if d.p_holm is not None else d.p
     if p is None:
         return "no test"
-    few = " — under 10 items: never marked" if d.items and d.items < 10 else ""
-    return f"p_holm {p:.3g} ({d.test or 'test'}, {d.items} items){few}"
+    few = d.items and d.items < 10
+    if short:
+        return f"p_holm {p_fmt(p)}" + (", < 10 items" if few else "")
+    tail = " — under 10 items: never marked" if few else ""
+    return f"p_holm {p_fmt(p)} ({d.test or 'test'}, {d.items} items){tail}"
 
 
 def diff_text(d: Estimate) -> str:
