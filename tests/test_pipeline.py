@@ -85,6 +85,8 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
     params["scores"]["measured"] = MEASURED
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for dep in ("stages/benchmark.py", "karma/evaluation/evaluate.py", "karma/core/stats.py",
+                "karma/evaluation/lmeval.py", "karma/evaluation/taskconfig.py",
+                "karma/evaluation/metrics.py",
                 "karma/evaluation/tasks/x.yaml", "data/benchmark/measured/x.json",
                 "data/benchmark/samples/x.parquet"):  # fmt: skip
         (tmp_path / dep).parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +224,19 @@ def test_every_stage_script_writes_what_its_command_writes(
             if out == "tm.json":  # wall time and throughput are measurements, not results
                 fa, fb = ({k: _no_timing(v) for k, v in f.items()} for f in (fa, fb))
             assert fa and fa == fb, (script, out, sorted(fa), sorted(fb))
+    # the headline stage reads the stages' diagnostics (here under their own names)
+    (a / "diag").mkdir()
+    for stage, name in (("kinship", "km"), ("preferences", "pm"), ("select", "sm"),
+                        ("train", "tm"), ("eval", "ep")):  # fmt: skip
+        shutil.copy(a / f"{name}.json", a / "diag" / f"{stage}.json")
+    _script("headline", ["--diagnostics", "diag", "--out", "hl.json"], a)
+    _command(["headline", "--params", pfile, "--diagnostics", "diag", "--out", str(b / "hl.json")])
+    assert (a / "hl.json").read_bytes() == (b / "hl.json").read_bytes()
+    headline = json.loads((a / "hl.json").read_text())
+    assert "pairs.trained" in headline and "arc_e.delta" in headline
+    assert not any(
+        "time" in k or "per_second" in k for k in json.loads((a / "tm.json").read_text())
+    )
 
 
 def _no_timing(raw: bytes) -> dict[str, Any]:
