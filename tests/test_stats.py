@@ -389,3 +389,22 @@ def test_total_bootstrap_and_replicate_t() -> None:
     assert low == pytest.approx(mean - 1.96 * se, abs=0.03) and high > mean > low
     assert 0 < stats.stratified_sign_flip_p(diffs, n_perm=2000, seed=0) <= 1
     assert stats.t_quantile(2) == pytest.approx(12.706, rel=1e-4)
+
+
+def test_cluster_interval_is_wider_than_the_independent_one_when_prompts_cluster() -> None:
+    """IFEval instructions cluster in prompts: all-or-nothing prompts carry less information
+    than the same number of independent instructions. Reference: the delete-a-cluster
+    jackknife, and the closed form for one value per cluster (the plain t interval)."""
+    clusters = [[1.0, 1.0, 1.0]] * 10 + [[0.0, 0.0, 0.0]] * 10 + [[1.0, 0.0]] * 5
+    flat = [v for c in clusters for v in c]
+    got = stats.cluster_mean_ci(clusters)
+    naive = mean_ci(flat, binary=False)
+    assert got.mean == pytest.approx(np.mean(flat))
+    assert got.se > 1.5 * naive.se
+    n = len(clusters)
+    loo = [np.mean([v for j, c in enumerate(clusters) if j != i for v in c]) for i in range(n)]
+    jack = math.sqrt((n - 1) / n * np.sum((np.array(loo) - np.mean(loo)) ** 2))
+    assert got.se == pytest.approx(jack, rel=0.15)
+    single = stats.cluster_mean_ci([[v] for v in [0.2, 0.5, 0.9, 0.4]])
+    t = mean_ci([0.2, 0.5, 0.9, 0.4])
+    assert single.se == pytest.approx(t.se) and single.ci_low == pytest.approx(t.ci_low)

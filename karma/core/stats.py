@@ -128,6 +128,30 @@ def mean_ci(scores: ArrayLike, *, level: float = 0.95, binary: bool | None = Non
     return Estimate(m, se, m - half, m + half, n, "t")
 
 
+def cluster_mean_ci(clusters: Sequence[ArrayLike], *, level: float = 0.95) -> Estimate:
+    """Mean over all values of clustered scores (IFEval's instructions within prompts), with a
+    cluster-robust standard error: the ratio estimator's linearisation over the n clusters,
+    ``se = sqrt(n/(n-1) * sum((x_i - r*m_i)^2)) / sum(m_i)`` (``x_i`` the sum and ``m_i`` the
+    count of cluster i), and a t(n-1) interval (clipped to [0, 1] for rates). Values in one
+    prompt are not independent; treating them so understates the interval.
+    """
+    groups = [_scores(c, "cluster") for c in clusters]
+    if not groups:
+        raise ValueError("no clusters")
+    sums = np.array([g.sum() for g in groups])
+    counts = np.array([g.size for g in groups], dtype=float)
+    n, total = len(groups), counts.sum()
+    r = float(sums.sum() / total)
+    if n == 1:
+        return Estimate(r, math.nan, math.nan, math.nan, int(total), "cluster_t")
+    resid = sums - r * counts
+    se = float(math.sqrt(n / (n - 1) * float(np.sum(resid**2))) / total)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    unit = all(g.min() >= 0 and g.max() <= 1 for g in groups)  # rates: clipped to [0, 1]
+    lo, hi = (0.0, 1.0) if unit else (-math.inf, math.inf)
+    return Estimate(r, se, max(lo, r - half), min(hi, r + half), int(total), "cluster_t")
+
+
 def paired_bootstrap_ci(
     candidate: ArrayLike,
     baseline: ArrayLike,

@@ -325,29 +325,31 @@ def sample_frame(results: Mapping[str, Any], resolved: Resolved) -> Any:
 
 def metric_intervals(results: Mapping[str, Any], resolved: Resolved) -> dict[str, dict[str, Any]]:
     """``<metric>_stderr``, ``<metric>_ci_low``, ``<metric>_ci_high`` (95%) of every metric of
-    every benchmark, from lm-eval's per-item values (instruction-level IFEval metrics: over
-    the instructions, as lm-eval aggregates them). Flat metric names (``acc``,
+    every benchmark, from lm-eval's per-item values. Instruction-level IFEval metrics average
+    over the instructions, as lm-eval does, with a cluster-robust interval (instructions cluster
+    in prompts: :func:`karma.core.stats.cluster_mean_ci`). Flat metric names (``acc``,
     ``exact_match_custom-extract``)."""
-    from karma.core.stats import mean_ci
+    from karma.core.stats import cluster_mean_ci, mean_ci
 
     samples = results.get("samples") or {}
     groups = results.get("group_subtasks") or {}
     out: dict[str, dict[str, Any]] = {}
     for bench in resolved.specs:
-        values: dict[str, list[float]] = {}
+        values: dict[str, list[list[float]]] = {}  # per metric: one cluster per item
         for task in _leaves(resolved.names[bench], groups):
             for s in samples.get(task) or []:
                 for metric in s.get("metrics") or []:
                     value = s.get(metric)
                     items = value if isinstance(value, list) else [value]
-                    if all(isinstance(v, (bool, int, float)) for v in items):
+                    if items and all(isinstance(v, (bool, int, float)) for v in items):
                         key = flat_key(f"{metric},{s.get('filter', 'none')}")
-                        values.setdefault(key, []).extend(float(v) for v in items)
+                        values.setdefault(key, []).append([float(v) for v in items])
         row: dict[str, Any] = {}
-        for key, vals in sorted(values.items()):
-            if not vals:
+        for key, clusters in sorted(values.items()):
+            if not clusters:
                 continue
-            est = mean_ci(vals)
+            clustered = any(len(c) > 1 for c in clusters)  # IFEval's instruction-level metrics
+            est = cluster_mean_ci(clusters) if clustered else mean_ci([c[0] for c in clusters])
             for name, v in (("stderr", est.se), ("ci_low", est.ci_low), ("ci_high", est.ci_high)):
                 row[f"{key}_{name}"] = round(v, 6) if math.isfinite(v) else None
         out[bench] = row
