@@ -236,7 +236,6 @@ def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None
     files = {
         "mmlu_stem": "llama3/instruct/mmlu_cot/_mmlu_stem.yaml",
         "mmlu_pro": "mmlu_pro/_mmlu_pro.yaml",
-        "arc_challenge": "arc/arc_challenge_chat.yaml",
     }
     paper = SUITES["paper"].tasks
     for bench, rel in files.items():
@@ -255,7 +254,10 @@ def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None
         "ifeval": "karma_paper_hub_ifeval",
         "hellaswag": "karma_paper_hub_hellaswag",
         "arc_easy": "karma_paper_hub_arc_easy",
+        "arc_challenge": "karma_paper_hub_arc_challenge",  # MMLU-Pro's framework, not the chat task
     }
+    assert SUITES["paper"].num_fewshot == 0  # one shot count for every task, stated
+    assert SUITES["lm_eval"].protocol == "mixed"  # generative MMLU-Pro and IFEval
     # karma's IFEval copy is lm-eval's ifeval but for the per-item
     # seeding
     hub = REPO / "karma/evaluation/tasks/paper/hub"
@@ -311,7 +313,7 @@ def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None
         ({"evaluate": {"n_boot": 10}}, "evaluate.n_boot", "100 <= n_boot"),
         ({"evaluate": {"num_processes": 0}}, "evaluate.num_processes", "out of range"),
         ({"scores": {"reported_protocol": "prompted"}}, "scores.reported_protocol",
-         "loglik | paper | custom"),
+         "loglik | paper | mixed | custom"),
         ({"benchmark": {"suite": "papr"}}, "benchmark.suite", "did you mean 'paper'"),
     ],
 )  # fmt: skip

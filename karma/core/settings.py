@@ -61,8 +61,9 @@ TrainMethod = Literal["dpo", "sft"]
 #: How the multiple-choice benchmarks are scored (IFEval always by its own checks):
 #: ``loglik``: the log-likelihood of each option (lm-eval's default tasks);
 #: ``paper``: the KARMA paper's prompting: the model writes its reasoning and the answer letter
-#: is extracted (MMLU-Pro style); ``custom``: a ``tasks`` map of the user's.
-Protocol = Literal["loglik", "paper", "custom"]
+#: is extracted (MMLU-Pro style); ``mixed``: some of each (lm-eval's default suite: generative
+#: MMLU-Pro and IFEval, log-likelihood for the rest); ``custom``: a ``tasks`` map of the user's.
+Protocol = Literal["loglik", "paper", "mixed", "custom"]
 
 #: The six benchmark families, in the order of the KARMA paper's tables.
 BENCHMARKS = ("ifeval", "mmlu_stem", "mmlu_pro", "hellaswag", "arc_easy", "arc_challenge")

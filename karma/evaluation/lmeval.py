@@ -222,7 +222,7 @@ def run_tasks(
         cfg.dtype,
         cfg.device,
         cfg.apply_chat_template,
-        cfg.num_fewshot,
+        cfg.shots(),
         cfg.limit,
         cfg.gen_cap(),
         *([cfg.backend] if cfg.backend != "hf" else []),  # hf: the keys of earlier caches
@@ -411,7 +411,7 @@ def _simple_evaluate(
                 model=lm,
                 tasks=tasks,
                 task_manager=manager,
-                num_fewshot=cfg.num_fewshot,
+                num_fewshot=cfg.shots(),
                 limit=cfg.limit,
                 use_cache=use_cache,
                 cache_requests=request_dir is not None,
