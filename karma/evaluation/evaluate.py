@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from karma.core.errors import KarmaError
 from karma.core.io import read_json, write_json
@@ -20,7 +20,9 @@ from karma.core.stage import Stage, argument, input_path, output_path
 from karma.evaluation.lmeval import is_main, measure, model_row, run_meta
 from karma.evaluation.metrics import compare_runs, model_meta
 from karma.evaluation.settings import EvaluateConfig
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.parquet"
@@ -30,7 +32,10 @@ SAMPLES_FILE = "samples.parquet"
 class BenchmarkPaths:
     """Paths of the ``benchmark@<name>`` stage."""
 
-    model: str = argument("hub id or local model directory")
+    model: str | None = argument(
+        "hub id or local model directory (default: scores.measured[NAME] of the params)",
+        required=False,
+    )
     name: str | None = argument("model name in the row (default: MODEL)", required=False)
     out: Path | None = output_path("write the row here", ".json", required=False)
     samples: Path | None = output_path(
@@ -46,10 +51,16 @@ def write_frame(frame: Any, path: Path) -> None:
 def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
     """Stage ``benchmark@<name>``: one origin model's flat score row (+ per-item scores)."""
     cfg = params.benchmark
-    result = measure(paths.model, cfg, section="benchmark")
+    model = paths.model or params.scores.measured.get(paths.name or "")
+    if not model:
+        raise KarmaError(
+            "no model to benchmark", field="--model", value=paths.name,
+            expected="--model, or --name of a model in scores.measured",
+        )  # fmt: skip
+    result = measure(model, cfg, section="benchmark")
     if not is_main():
         return {}
-    row = model_row(result, cfg, paths.name or paths.model)
+    row = model_row(result, cfg, paths.name or model)
     if paths.out is not None:
         write_json(paths.out, row)
     if paths.samples is not None:
@@ -142,7 +153,7 @@ def launcher_prefix(section: str) -> Any:
 
 BENCHMARK = Stage(
     name="benchmark",
-    settings=("benchmark",),
+    settings=("benchmark", "scores.measured"),
     paths=BenchmarkPaths,
     run=run_benchmark,
     help="Runs the suite's six benchmarks through lm-eval's Python API and writes one row of "
