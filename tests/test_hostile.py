@@ -76,7 +76,7 @@ def build_workspace(ws: Path) -> None:
     """Inputs, earlier outputs of karma, foreign files and the hostile files of ``CASES``."""
     import polars as pl
 
-    from karma.evaluation.evaluate import ensure_punkt
+    from karma.evaluation.taskconfig import ensure_punkt
     from tests.fixtures import synthetic_pairs
 
     ws.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
+#: Returned and logged, never written to a versioned output (they vary between reruns).
+TIMINGS = ("tokens_per_second", "wall_time_s")
 
 
 def launcher_prefix(params: Params, paths: TrainPaths | None = None) -> list[str] | None:
@@ -383,8 +385,8 @@ def run_train(
             "method": cfg.method, "seed": seed, "recipe": cfg.recipe,
             "global_batch_size": cfg.global_batch_size, "lora": cfg.lora is not None,
         })  # fmt: skip
-        if paths.metrics is not None:
-            write_json(paths.metrics, metrics)
+        if paths.metrics is not None:  # timings vary between identical runs: logged only
+            write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in TIMINGS})
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
         log.info("%s: %d steps, loss %.4f, %.0f tokens/s, %.1f s", cfg.method, metrics["steps"],
