@@ -514,7 +514,7 @@ def test_only_the_main_process_touches_outputs(tmp_path: Path, monkeypatch: Any)
     paths = DemoPaths(src=tmp_path / "in.txt", out=tmp_path / "out")
     monkeypatch.setenv("RANK", "1")
     execute(stage, Params(), paths)
-    assert ran[-1].name == ".out.karma-tmp"  # the same staged paths as rank 0
+    assert ran[-1].name.startswith(".out.karma-tmp-rank-")  # the same staged paths as rank 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # nothing made or moved
     monkeypatch.setenv("RANK", "0")
     execute(stage, Params(), paths)
@@ -614,11 +614,11 @@ def test_atomic_file_removes_the_temporaries_of_dead_writers(tmp_path: Path) -> 
 #: kills leave the plot out (drawing it is most of a small run's time).
 OUTPUTS = ("prefs", "pm.json", "pp.png")
 COMMIT_OUTPUTS = OUTPUTS[:2]
-LEFTOVER = (".karma-tmp", ".karma-old", ".karma-journal")
+LEFTOVER = (".karma-tmp", ".karma-old", ".karma-journal", ".karma-lock")
 #: Where a run over the large input is killed: as soon as this path exists (``.`` at once; the
 #: staged output: reading and pairing; its pairs: writing; the card; the metrics; the plot).
-PHASES = (".", ".prefs.karma-tmp", ".prefs.karma-tmp/train_prefs.parquet",
-          ".prefs.karma-tmp/README.md", ".pm.karma-tmp.json", ".pp.karma-tmp.png")  # fmt: skip
+PHASES = (".", ".prefs.karma-tmp-*", ".prefs.karma-tmp-*/train_prefs.parquet",
+          ".prefs.karma-tmp-*/README.md", ".pm.karma-tmp-*.json", ".pp.karma-tmp-*.png")  # fmt: skip
 
 
 def _prefs(dataset: str, seed: int, *, plot: bool = True) -> list[str]:
@@ -643,8 +643,14 @@ def _outputs(ws: Path, names: tuple[str, ...] = OUTPUTS) -> dict[str, Any]:
 
 
 def _set_aside(name: str) -> str:
+    return f"{name} (set aside)"
+
+
+def _aside_state(ws: Path, name: str) -> Any:
+    """The content of an output's set-aside copy (``.<stem>.karma-old-<run><suffix>``)."""
     stem, dot, suffix = name.partition(".")
-    return f".{stem}.karma-old{dot}{suffix}"
+    found = sorted(ws.glob(f".{stem}.karma-old-*{dot}{suffix}"))
+    return _state(ws, found[0].name) if found else None
 
 
 def _arm(k: int) -> None:
@@ -686,7 +692,8 @@ def _fork(argv: list[str], kill_at: int = 0) -> int:
         try:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
-            os.dup2(null, 2)
+            log = os.environ.get("KARMA_TEST_CHILD_LOG")  # debugging: the children's stderr
+            os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if log else null, 2)
             if kill_at:
                 _arm(kill_at)
             main(argv)
@@ -732,7 +739,7 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
             (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name)
 
     def record(kind: str, point: float, result: str, names: tuple[str, ...]) -> dict[str, Any]:
-        aside = {_set_aside(n): _state(ws, _set_aside(n)) for n in names}
+        aside = {_set_aside(n): _aside_state(ws, n) for n in names}
         after_kill = {**_outputs(ws, names), **aside}
         nxt = _wait(_fork(_prefs("bad.jsonl", 2, plot=names == OUTPUTS)))
         listing = sorted(str(p.relative_to(ws)) for p in ws.rglob("*"))
@@ -756,7 +763,7 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
         restore()
         pid = _fork(_prefs("big.parquet", 1))
         result = ""
-        while not result and not (ws / phase).exists():
+        while not result and not (phase == "." or any(ws.glob(phase))):
             done, status = os.waitpid(pid, os.WNOHANG)
             result = f"exit {os.WEXITSTATUS(status)}" if done else ""
             time.sleep(0.002)
@@ -770,11 +777,17 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tests.fixtures import synthetic_records
-
     root = tmp_path_factory.mktemp("kill")
     ws, backup = root / "ws", root / "backup"
     ws.mkdir()
+    with pytest.MonkeyPatch.context() as mp:  # karma's record of what it wrote: one cache
+        mp.setenv("KARMA_CACHE_DIR", str(root / "cache"))
+        return _killed(root, ws, backup)
+
+
+def _killed(root: Path, ws: Path, backup: Path) -> dict[str, Any]:
+    from tests.fixtures import synthetic_records
+
     shutil.copy(REPO / "data/origin/scores.csv", ws / "scores.csv")
     _ok(["kinship", "--scores", "scores.csv", "--out", "kin"], ws)
     synthetic_records(200, ws / "old.parquet", seed=3)
@@ -838,8 +851,11 @@ def test_a_kill_during_a_run_over_a_large_input_loses_nothing(killed: dict[str, 
     assert any(k["result"] == "killed" and k["after_next"] == old for k in runs)
 
 
-def test_the_run_after_kills_writes_a_whole_new_set(killed: dict[str, Any]) -> None:
+def test_the_run_after_kills_writes_a_whole_new_set(
+    killed: dict[str, Any], monkeypatch: Any
+) -> None:
     ws = Path(killed["ws"])
+    monkeypatch.setenv("KARMA_CACHE_DIR", str(ws.parent / "cache"))
     _ok(_prefs("small.parquet", 1, plot=False), ws)
     assert _outputs(ws, COMMIT_OUTPUTS) == {n: killed["new_small"][n] for n in COMMIT_OUTPUTS}
     assert not [p for p in ws.rglob("*") if any(s in p.name for s in LEFTOVER)]

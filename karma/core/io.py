@@ -74,6 +74,52 @@ def tree_digest(path: str | os.PathLike[str], *, memo: bool = False) -> str:
     return digest
 
 
+def _record(path: Path) -> Path:
+    key = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+    return cache_root("written", key[:2], key)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_written(path: str | os.PathLike[str]) -> None:
+    """Remember that karma wrote this file with these bytes (in the cache; best effort).
+
+    The record keeps the digests of the last 100 versions written there, so that a restored
+    earlier output (a backup, a ``git checkout``) is still recognised.
+    """
+    p = Path(path)
+    with contextlib.suppress(OSError, ValueError):
+        digests = [d for d in _digests(p) if isinstance(d, str)]
+        digest = _file_digest(p)
+        digests = [*(d for d in digests if d != digest), digest][-100:]
+        with atomic_file(_record(p)) as tmp:
+            tmp.write_text(json.dumps({"path": str(p.resolve()), "sha256": digests}))
+
+
+def _digests(p: Path) -> list[Any]:
+    try:
+        data = json.loads(_record(p).read_text())
+    except (OSError, ValueError):
+        return []
+    ok = isinstance(data, dict) and data.get("path") == str(p.resolve())
+    return list(data.get("sha256") or []) if ok else []
+
+
+def was_written(path: str | os.PathLike[str]) -> bool:
+    """Whether karma wrote this file as it is now (a file the user changed since: no)."""
+    p = Path(path)
+    try:
+        return _file_digest(p) in _digests(p)
+    except (OSError, TypeError):
+        return False
+
+
 def _stat(f: Path) -> tuple[int, int, int]:
     st = f.stat()
     return st.st_size, st.st_mtime_ns, st.st_ino
