@@ -618,7 +618,8 @@ LEFTOVER = (".karma-tmp", ".karma-old", ".karma-journal", ".karma-lock")
 #: Where a run over the large input is killed: as soon as this path exists (``.`` at once; the
 #: staged output: reading and pairing; its pairs: writing; the card; the metrics; the plot).
 PHASES = (".", ".prefs.karma-tmp-*", ".prefs.karma-tmp-*/train_prefs.parquet",
-          ".prefs.karma-tmp-*/README.md", ".pm.karma-tmp-*.json", ".pp.karma-tmp-*.png")  # fmt: skip
+          ".prefs.karma-tmp-*/README.md", ".pm.karma-tmp-*.json",
+          ".pp.karma-tmp-*.png")  # fmt: skip
 
 
 def _prefs(dataset: str, seed: int, *, plot: bool = True) -> list[str]:
