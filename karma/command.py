@@ -18,7 +18,14 @@ import click
 import yaml
 
 from karma.core.errors import KarmaError
-from karma.core.settings import bounds, describe, is_operational, sources
+from karma.core.settings import (
+    bounds,
+    describe,
+    is_operational,
+    load_yaml,
+    sources,
+    yaml_problem,
+)
 from karma.core.stage import (
     ROLE_NAMES,
     Stage,
@@ -45,15 +52,19 @@ def _is_text(annotation: Any) -> bool:
     return str in args and args <= {str, type(None)}
 
 
-def parse_value(key: str, raw: str) -> Any:
-    """A command-line value for params key ``key``: text fields verbatim, others as YAML."""
+def parse_value(key: str, raw: str, label: str | None = None) -> Any:
+    """A command-line value for params key ``key``: text fields verbatim, others as YAML
+    (bounded: no aliases, no deep nesting, no huge integers, no duplicate keys)."""
     found = field_at(key)
     annotation = found[0].model_fields[found[1]].annotation if found else None
     is_leaf = found is not None and found[1] == key.rsplit(".", 1)[-1]
     if is_leaf and _is_text(annotation):
         return None if raw in ("null", "~") and type(None) in typing.get_args(annotation) else raw
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)
+    except yaml.constructor.ConstructorError as err:
+        raise KarmaError(yaml_problem(err, "refused").removeprefix("line 1: "),
+                         field=label or key) from None  # fmt: skip
     except yaml.YAMLError:
         return raw
 
@@ -155,13 +166,14 @@ def make_command(stage: Stage, command_name: str, short_help: str, *, settings: 
             for name, key in options.items():
                 raw = kwargs.get(name)
                 if raw is not None:
-                    value = raw if isinstance(raw, bool) else parse_value(key, raw)
+                    value = raw if isinstance(raw, bool) else parse_value(key, raw, _flag(name))
                     overrides.append((key, value, _flag(name)))
             for item in kwargs.get("assignments", ()):
                 key, sep, raw = item.partition("=")
                 if not sep or not key.strip():
                     raise KarmaError("expects KEY=VALUE", field="-S", value=item)
-                overrides.append((key.strip(), parse_value(key.strip(), raw), f"-S {key.strip()}"))
+                label = f"-S {key.strip()}"
+                overrides.append((key.strip(), parse_value(key.strip(), raw, label), label))
         else:
             file, overrides = "params.yaml", []
         params_obj = build_params(file, overrides)

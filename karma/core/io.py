@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from karma.core.errors import KarmaError
+from karma.core.errors import KarmaError, shorten
 
 #: The one environment variable that moves every karma cache (wheels, NLTK data, lm-eval
 #: responses, MAP margins).
@@ -185,11 +185,67 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     p.write_text(text)
 
 
+#: The most digits of an integer in a JSON or YAML input (Python refuses over 4300 anyway).
+MAX_INT_DIGITS = 40
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class BoundError(ValueError):
+    """An input past a parsing bound (duplicate key, huge integer, lone surrogate)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise BoundError(f"duplicate key {shorten(key)}")
+    return data
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BoundError(f"an integer of {len(text)} digits, more than {MAX_INT_DIGITS}")
+    return int(text)
+
+
+def lone_surrogate(data: Any, depth: int = 0) -> str | None:
+    """The first string (or key) of ``data`` holding a lone UTF-16 surrogate, or None."""
+    if isinstance(data, str):
+        return data if any("\ud800" <= c <= "\udfff" for c in data) else None
+    if isinstance(data, dict):
+        items: Any = [*data.keys(), *data.values()]
+    elif isinstance(data, (list, tuple)):
+        items = data
+    else:
+        return None
+    return next((bad for x in items if (bad := lone_surrogate(x, depth + 1)) is not None), None)
+
+
+def parse_json(text: str, file: object, where: str = "") -> Any:
+    """``json.loads`` within bounds: a duplicate key, an integer of more than 40 digits, nesting
+    past Python's recursion limit or a lone surrogate (``"\\ud800"``) is one line naming
+    ``file`` and ``where`` (``"line 3: "``). A syntax error is raised as ``JSONDecodeError``."""
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except RecursionError:
+        raise KarmaError(f"{where}JSON nested too deeply (more than about 1000 levels)",
+                         file=file) from None  # fmt: skip
+    except BoundError as err:
+        raise KarmaError(f"{where}not accepted JSON: {err}", file=file) from None
+    if _SURROGATE_ESCAPE.search(text):
+        bad = lone_surrogate(data)
+        if bad is not None:
+            raise KarmaError(f"{where}a string holds a lone surrogate (not valid Unicode)",
+                             file=file, value=bad[:40])  # fmt: skip
+    return data
+
+
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON object from ``path``, with one-line errors naming the file."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = parse_json(p.read_text(encoding="utf-8"), p)
     except FileNotFoundError:
         raise KarmaError("file not found", file=p) from None
     except (OSError, UnicodeDecodeError) as err:
