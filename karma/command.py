@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -206,13 +208,19 @@ def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) 
     An unexpected exception is a bug: one line too (its type and first line), with the
     traceback under ``KARMA_DEBUG=1``.
     """
+    old = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: as Ctrl-C
+        old = signal.signal(signal.SIGTERM, _terminate)
     try:
         command.main(args=list(argv) if argv is not None else None, prog_name=prog,
                      standalone_mode=False)  # fmt: skip
     except KarmaError as err:
         click.echo(f"karma: error: {err}", err=True)
         sys.exit(1)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click wraps Ctrl-C in Abort
+        if isinstance(err, Terminated) or isinstance(err.__cause__, Terminated):
+            click.echo("karma: aborted (SIGTERM); temporary outputs removed", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo("karma: aborted", err=True)
         sys.exit(130)
     except click.UsageError as err:
@@ -231,6 +239,19 @@ def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) 
         click.echo(f"karma: internal error: {type(err).__name__}: {short_reason(err)} "
                    "(KARMA_DEBUG=1 shows the traceback)", err=True)  # fmt: skip
         sys.exit(1)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, schedulers, ``docker stop``): unwinds like Ctrl-C, so every
+    temporary output is removed and the output locks released."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup is not interrupted
+    raise Terminated
 
 
 def stage_main(ref: str) -> None:

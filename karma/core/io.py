@@ -107,8 +107,10 @@ def _digests(p: Path) -> list[Any]:
         data = json.loads(_record(p).read_text())
     except (OSError, ValueError):
         return []
-    ok = isinstance(data, dict) and data.get("path") == str(p.resolve())
-    return list(data.get("sha256") or []) if ok else []
+    if not isinstance(data, dict) or data.get("path") != str(p.resolve()):
+        return []
+    digests = data.get("sha256") or []
+    return [digests] if isinstance(digests, str) else list(digests)
 
 
 def was_written(path: str | os.PathLike[str]) -> bool:
