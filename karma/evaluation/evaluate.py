@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
@@ -280,11 +281,27 @@ class _Resolved:
     fingerprint: str  # content hash of the local task configs and data
 
 
-def resolve_tasks(specs: Mapping[str, TaskSpec], *, where: str = "tasks") -> _Resolved:
+def uses_code(path: Path, depth: int = 0) -> bool:
+    """Whether a task YAML (or a file it includes) has a ``!function`` tag: Python that lm-eval
+    imports from beside the file."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    if "!function" in text:
+        return True
+    includes = re.findall(r"^include:\s*['\"]?([^'\"\n#]+?)['\"]?\s*(?:#.*)?$", text, re.M)
+    return depth < 8 and any(uses_code(path.parent / inc.strip(), depth + 1) for inc in includes)
+
+
+def resolve_tasks(
+    specs: Mapping[str, TaskSpec], *, where: str = "tasks", allow_code: bool = False
+) -> _Resolved:
     """Resolve each benchmark's task: an embedded name, a YAML path, or an lm-eval name.
 
     Unknown names raise :class:`KarmaError` with the closest known names. A metric that a local
-    task cannot produce is reported before any model runs.
+    task cannot produce is reported before any model runs. A task file of the user's that runs
+    Python (``!function``) is refused unless ``allow_code`` (``<section>.allow_code: true``).
     """
     if not specs:
         raise KarmaError("no benchmarks to run", file=where, expected="at least one")
@@ -301,6 +318,14 @@ def resolve_tasks(specs: Mapping[str, TaskSpec], *, where: str = "tasks") -> _Re
             path = embedded[name] if name in embedded else Path(name).expanduser()
             if is_yaml and not path.is_file():
                 raise KarmaError("task file not found", file=f"{where}.{bench}.task", value=name)
+            if name not in embedded and not allow_code and uses_code(path):
+                section = where.split(".")[0]
+                raise KarmaError(
+                    f"task file runs Python code (!function); allow it with "
+                    f"{section}.allow_code: true if you trust it",
+                    file=path,
+                    field=f"{where}.{bench}.task",
+                )
             cfg = load_task_config(path)
             task_name = str(cfg["task"])
             keys = _config_metric_keys(cfg)
@@ -549,7 +574,7 @@ def run_tasks(
     import polars as pl
 
     model = resolve_model(model, local_only=local_only, where="model")  # cheap checks first
-    resolved = resolve_tasks(specs, where=where)
+    resolved = resolve_tasks(specs, where=where, allow_code=cfg.allow_code)
     _prepare_ifeval()
     _warn_truncation(resolved.load, cfg.max_gen_toks)
 
