@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
@@ -21,6 +22,7 @@ import yaml
 
 from karma.core.errors import KarmaError
 from karma.core.settings import (
+    PARAMS_FILE,
     bounds,
     describe,
     is_operational,
@@ -254,9 +256,45 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+#: A measured model's name: what ``dvc.yaml`` may put in a path (never in a command).
+MEASURED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def measured_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The arguments of ``benchmark@<name>``: its name from DVC (``DVC_STAGE``), its model from
+    ``params.yaml`` (``scores.measured``), its outputs under the two directories ``argv`` gives
+    (``--measured-dir D --samples-dir S``). No value of params.yaml is ever shell text: a
+    ``dvc.yaml`` command holds only the fixed paths of its ``vars``.
+    """
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
+    stage = env.get("DVC_STAGE", "")
+    name = opts.get("--name") or stage.partition("@")[2]
+    if not MEASURED_NAME.fullmatch(name):
+        raise KarmaError("not a measured model's name", field="DVC_STAGE or --name",
+                         value=name or stage, expected="benchmark@<name>, name of [A-Za-z0-9_-]")
+    params = build_params(PARAMS_FILE)
+    model = params.scores.measured.get(name)
+    if model is None:
+        raise KarmaError("no such measured model", file=PARAMS_FILE,
+                         field=f"scores.measured.{name}")  # fmt: skip
+    missing = [k for k in ("--measured-dir", "--samples-dir") if not opts.get(k)]
+    if missing:
+        raise KarmaError("missing option", field=missing[0], expected="a directory")
+    return ["--name", name, "--model", model,
+            "--out", f"{opts['--measured-dir']}/{name}.json",
+            "--samples", f"{opts['--samples-dir']}/{name}.parquet"]  # fmt: skip
+
+
 def stage_main(ref: str) -> None:
     """Entry point of ``stages/<name>.py``: paths from ``dvc.yaml``, settings from params.yaml."""
     setup_logging()
     stage = load_stage(ref)
     command = make_command(stage, f"stages/{stage.name}", stage.help, settings=False)
-    run_click(command, sys.argv[1:], prog=f"stage {stage.name}")
+    argv = sys.argv[1:]
+    if stage.name == "benchmark" and "--measured-dir" in argv:  # dvc.yaml's benchmark@<name>
+        try:
+            argv = measured_argv(argv, os.environ)
+        except KarmaError as err:
+            click.echo(f"karma: error: {err}", err=True)
+            sys.exit(1)
+    run_click(command, argv, prog=f"stage {stage.name}")
