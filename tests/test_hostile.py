@@ -81,6 +81,7 @@ def build_workspace(ws: Path) -> None:
 
     ws.mkdir(parents=True, exist_ok=True)
     ensure_punkt()  # the cache lm-eval's IFEval needs: a first run writes it (and says so)
+    import trl  # noqa: F401  (paid once per session: the train cases time their checks only)
     shutil.copy(REPO / "data/origin/scores.csv", ws / "scores.csv")
     demo = DEMO.read_text().splitlines()
     (ws / "demo.jsonl").write_text("\n".join(demo[:40]) + "\n")
@@ -100,7 +101,24 @@ def build_workspace(ws: Path) -> None:
         (ws / "ro").mkdir()
         (ws / "ro").chmod(0o555)
 
+    # outputs of other stages that dvc.lock records, and files of the user's beside outputs
+    (ws / "metrics").mkdir(exist_ok=True)
+    for name in ("kinship", "preferences"):
+        (ws / f"metrics/{name}.json").write_text('{"n": 1}\n')
+    (ws / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  kinship:\n    cmd: x\n    outs:\n"
+        "    - path: metrics/kinship.json\n  preferences:\n    cmd: x\n    outs:\n"
+        "    - path: metrics/preferences.json\n"
+    )
+    (ws / "user.json").write_text('{"mine": true}\n')
+    (ws / "user.png").write_bytes(b"\x89PNG the user's picture")
+    os.symlink("user.json", ws / "link.json")
+    (ws / "myreport").mkdir(exist_ok=True)
+    (ws / "myreport/report.md").write_text("# my own report\n")
+    (ws / ".s.karma-tmp.csv").write_text((ws / "scores.csv").read_text())
+    (ws / ".d.karma-tmp.jsonl").write_text("\n".join(demo[:4]) + "\n")
     bad = ws / "bad"
+    os.mkfifo(ws / "fifo.csv")
     texts: dict[str, str | bytes] = {
         "unterminated.csv": 'model,ifeval\n"gpt-4,85\nclaude,80\n',
         "dupcol.csv": "model,ifeval,mmlu_pro,ifeval\na,1,2,3\nb,3,4,5\n",
@@ -127,10 +145,22 @@ def build_workspace(ws: Path) -> None:
         "big.yaml": "seed: 1\n" + "# padding\n" * 20,
         "task_trunc.yaml": "task: mine\ndataset_kwargs: [\n",
         "measured/x.json": "{",
+        "bomb.yaml": "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
+                     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b]\nscores: {aliases: {m: *c}}\n",
+        "dupkey.yaml": "seed: 1\nkinship: score\nseed: 2\n",
+        "seedtrue.yaml": "seed: true\n",
+        "deepyaml.yaml": "scores: {aliases: " + "[" * 60 + "]" * 60 + "}\n",
+        "dupkey.json": '[{"model": "a", "ifeval": 1, "ifeval": 2}, {"model": "b", "ifeval": 3}]',
+        "deep.json": "[" * 100_000 + "]" * 100_000,
+        "bigint.json": '[{"model": "a", "ifeval": 1' + "0" * 5000 + "}]",
+        "code.yaml": "task: mine\ndataset_path: json\nprocess_docs: !function utils.process\n",
     }
     rec = json.loads(demo[0])
     rec["completions"][1]["model"] = " " + rec["completions"][0]["model"].upper()
     texts["repeat.jsonl"] = json.dumps(rec) + "\n"
+    rec = json.loads(demo[1])
+    rec["completions"][0]["response"] = "broken \ud800 text"
+    texts["surrogate.jsonl"] = demo[0] + "\n" + json.dumps(rec) + "\n"  # \ud800 escaped
     for name, text in texts.items():
         p = bad / name
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -412,6 +442,72 @@ CASES = [
     Case("report-repo-missing", ("report", "--repo", "nope", "--out", "new/r"),
          "nope: cannot read DVC experiments"),
     Case("params-extra-argument", ("params", "extra"), "unexpected extra argument", code=2),
+    # ---- issue 21: what this stage did not write, temporaries, bounded parsing, names
+    Case("kinship-out-holds-other-stages-metrics",
+         ("kinship", "--scores", "scores.csv", "--out", "metrics"),
+         "metrics: field '--out': output directory holds the outputs of DVC stage "
+         "'preferences' (dvc.lock), not of 'kinship'", sub=True),
+    Case("kinship-metrics-foreign-file", (*KI, "scores.csv", "--metrics", "user.json"),
+         "user.json: field '--metrics': output file exists and was not written by karma"),
+    Case("kinship-metrics-symlink-to-foreign-file", (*KI, "scores.csv", "--metrics",
+                                                     "link.json"),
+         "user.json: field '--metrics': output file exists and was not written by karma"),
+    Case("prefs-plot-foreign-file", (*PR, "demo.jsonl", "--plot", "user.png"),
+         "user.png: field '--plot': output file exists and was not written by karma"),
+    Case("kinship-metrics-other-stage-in-dvc-lock",
+         (*KI, "scores.csv", "--metrics", "metrics/preferences.json"),
+         "metrics/preferences.json: field '--metrics': output file exists and was not written "
+         "by karma (no record of it, and dvc.lock does not assign it to stage 'kinship')"),
+    Case("report-out-holds-a-user-report", ("report", "--repo", "nope", "--out", "myreport"),
+         "myreport/report.md: field '--out': exists and was not written by karma"),
+    Case("kinship-input-named-like-a-temporary", (*KI, ".s.karma-tmp.csv"),
+         ".s.karma-tmp.csv: field '--scores': input is named like a karma temporary"),
+    Case("prefs-dataset-named-like-a-temporary", (*PR, ".d.karma-tmp.jsonl"),
+         ".d.karma-tmp.jsonl: field 'preferences.dataset': input is named like a karma "
+         "temporary"),
+    Case("kinship-scores-is-a-fifo", (*KI, "fifo.csv"),
+         "fifo.csv: field '--scores': input is a FIFO, not a regular file", sub=True),
+    Case("kinship-params-is-a-fifo", (*KI, "scores.csv", "--params", "fifo.csv"),
+         "fifo.csv: not a regular file"),
+    Case("kinship-out-empty", ("kinship", "--scores", "scores.csv", "--out", ""),
+         "field '--out': empty path"),
+    Case("kinship-out-too-long", ("kinship", "--scores", "scores.csv", "--out", "k" * 300),
+         "field '--out': a path component of 300 bytes, longer than the file system allows"),
+    Case("kinship-params-alias-bomb", (*KI, "scores.csv", "--params", "bad/bomb.yaml"),
+         "bad/bomb.yaml: line 2: refused: alias *a (aliases are not accepted in params)",
+         sub=True),
+    Case("kinship-set-alias-bomb",
+         (*KI, "scores.csv", "-S", "scores.aliases={a: &a [x, x], b: [*a, *a]}"),
+         "field '-S scores.aliases': refused: alias *a"),
+    Case("kinship-params-duplicate-key", (*KI, "scores.csv", "--params", "bad/dupkey.yaml"),
+         "bad/dupkey.yaml: line 3: refused: duplicate key 'seed'"),
+    Case("kinship-params-deep-nesting", (*KI, "scores.csv", "--params", "bad/deepyaml.yaml"),
+         "bad/deepyaml.yaml: line 1: refused: nested deeper than 32 levels"),
+    Case("kinship-params-seed-true", (*KI, "scores.csv", "--params", "bad/seedtrue.yaml"),
+         "bad/seedtrue.yaml: field 'seed': wrong type (got 'true'; expected int)"),
+    Case("prefs-seed-true", (*PR, "demo.jsonl", "-S", "seed=true"),
+         "-S seed: wrong type (got 'true'; expected int)"),
+    Case("kinship-set-5000-digit-integer", (*KI, "scores.csv", "-S", "seed=1" + "0" * 5000),
+         "field '-S seed': refused: an integer of 5001 digits, more than 40"),
+    Case("scores-json-duplicate-key", (*SC, "--reported", "bad/dupkey.json"),
+         "bad/dupkey.json: not accepted JSON: duplicate key 'ifeval'"),
+    Case("scores-json-nested-100k-deep", (*SC, "--reported", "bad/deep.json"),
+         "bad/deep.json: JSON nested too deeply", sub=True),
+    Case("scores-json-5000-digit-integer", (*SC, "--reported", "bad/bigint.json"),
+         "bad/bigint.json: not accepted JSON: an integer of 5001 digits, more than 40"),
+    Case("prefs-lone-surrogate", (*PR, "bad/surrogate.jsonl"),
+         "bad/surrogate.jsonl: line 2: a string holds a lone surrogate (not valid Unicode)"),
+    Case("scores-two-set-keys-of-equal-length",
+         (*SC, "-S", "scores.scale.ifeval=1", "-S", "scores.scale.arc_easy=-1"),
+         "-S scores.scale.arc_easy: out of range"),
+    Case("train-trl-max-steps-not-a-number", (*TR, "-S", "train.trl.max_steps=many"),
+         "-S train.trl.max_steps: wrong type (got 'many'; expected int)"),
+    Case("train-trl-negative-learning-rate", (*TR, "-S", "train.trl.learning_rate=-1"),
+         "-S train.trl.learning_rate: out of range (got -1; expected learning_rate > 0)"),
+    Case("evaluate-task-file-runs-code",
+         ("evaluate", "--model", "fakemodel", "--out", "new/e",
+          "-S", "evaluate.tasks={mine: {task: bad/code.yaml, metric: acc}}"),
+         "task file runs Python code (!function); allow it with evaluate.allow_code: true"),
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip
@@ -426,6 +522,8 @@ def snapshot(*roots: Path) -> dict[str, tuple[Any, ...]]:
                 p = Path(dirpath, name)
                 if p.is_symlink():
                     out[str(p)] = ("link", os.readlink(p))
+                elif not p.is_dir() and not p.is_file():  # a FIFO: never opened
+                    out[str(p)] = ("special", p.stat().st_mode)
                 elif p.is_dir():
                     out[str(p)] = ("dir", p.stat().st_mode)
                 else:

@@ -25,7 +25,6 @@ error; with dataclasses each check is hand-written in ``__post_init__``.
 
 from __future__ import annotations
 
-import stat
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -349,6 +348,9 @@ def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, An
     p = Path(path)
     if p.is_dir():
         raise KarmaError("is a directory", file=p, expected="a YAML file")
+    if p.exists() and not p.is_file():
+        raise KarmaError("not a regular file (a FIFO or device)", file=p,
+                         expected="a YAML file")  # fmt: skip
     if not p.is_file():
         what = "a dangling symlink" if p.is_symlink() else "not found"
         raise KarmaError(f"params file {what}", file=p, expected="an existing YAML file")
@@ -360,9 +362,6 @@ def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, An
             "with -S limits.max_yaml_bytes=N or in params.yaml)",
             file=p,
         )
-    if not stat.S_ISREG(p.stat().st_mode):
-        raise KarmaError("not a regular file (a FIFO or device)", file=p,
-                         expected="a YAML file")  # fmt: skip
     try:
         data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.constructor.ConstructorError as err:  # a bound of BoundedLoader

@@ -161,6 +161,8 @@ def check_paths(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str
         value: Any = params
         for part in key.split("."):
             value = getattr(value, part)
+        if value is not None and TEMP_NAME.search(Path(str(value)).name):
+            _check_name(str(value), key, "in")
         if value is not None and Path(value).exists():
             inputs.append((key, Path(value).resolve()))
     for name, value in values.items():
