@@ -1,7 +1,7 @@
 """Hostile runs (issue 21): races, signals, settings that must not destroy, params as shell.
 
 * Races: pairs of ``karma preferences`` (40k records) and of ``karma kinship`` on one output,
-  started 0-300 ms apart (forked after the imports, in a subprocess: ``python -m
+  started 0-200 ms apart (forked after the imports, in a subprocess: ``python -m
   tests.test_hostile_races --race-driver``). Every pair leaves one run's whole output set,
   never a mix; a run that loses the race says so in one line naming the other's pid.
 * SIGTERM (``timeout``, schedulers, ``docker stop``) behaves as Ctrl-C: one line, exit 143,
@@ -137,7 +137,12 @@ def _wait(pid: int) -> int:
 
 def race_driver(ws: Path, pairs: int) -> dict[str, Any]:
     """Run the pairs of every race (children forked after the imports) and record each end."""
-    import karma.kinship.kinship  # imported once: children start at once
+    import scipy.cluster.hierarchy  # imported once: children start at once
+    import scipy.spatial.distance
+    import scipy.stats  # noqa: F401
+
+    import karma.kinship.clusters
+    import karma.kinship.kinship
     import karma.pairing.preferences  # noqa: F401
 
     os.chdir(ws)
@@ -159,7 +164,7 @@ def race_driver(ws: Path, pairs: int) -> dict[str, Any]:
             first, second = (race.a, race.b) if k % 2 == 0 else (race.b, race.a)
             errs = [logs / f"{name}-{k}-{j}.err" for j in (1, 2)]
             p1 = _fork(first, errs[0])
-            time.sleep(rng.uniform(0, 0.3))
+            time.sleep(rng.uniform(0, 0.2))
             p2 = _fork(second, errs[1])
             codes = [_wait(p1), _wait(p2)]
             runs.append({
