@@ -22,7 +22,6 @@ import yaml
 
 from karma.core.errors import KarmaError
 from karma.core.settings import (
-    PARAMS_FILE,
     bounds,
     describe,
     is_operational,
@@ -106,78 +105,78 @@ def _setting_options(stage: Stage) -> dict[str, str]:
     return out
 
 
-def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
-    """The click command of a stage: path options, and with ``settings`` the params options."""
-    params: list[click.Parameter] = []
-    path_names = {f.name for f in path_fields(stage.paths)}
+def _path_options(stage: Stage) -> list[click.Parameter]:
     required = required_fields(stage.paths)
+    out: list[click.Parameter] = []
     for f in path_fields(stage.paths):
         meta = f.metadata
         kind = meta["role"]
         metavar = "TEXT" if kind == "arg" else ("DIR" if meta["is_dir"] else "FILE")
-        params.append(
-            click.Option(
-                [_flag(f.name)],
-                metavar=metavar,
-                required=f.name in required,
-                help=f"{meta['help']} ({ROLE_NAMES[kind]})",
-            )
+        out.append(click.Option([_flag(f.name)], metavar=metavar, required=f.name in required,
+                                help=f"{meta['help']} ({ROLE_NAMES[kind]})"))  # fmt: skip
+    return out
+
+
+def _settings_params(options: dict[str, str]) -> list[click.Parameter]:
+    out: list[click.Parameter] = [
+        click.Option(
+            ["--params", "params_file"],
+            metavar="FILE",
+            help="Read settings from this params file (default: the built-in defaults, "
+            "which are those of the committed params.yaml). Flags override it.",
         )
+    ]
+    for name, key in options.items():
+        info = field_info(key)
+        if info.annotation is bool:
+            decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
+            out.append(click.Option(decls, default=None, help=_help(key)))
+        else:
+            out.append(click.Option([_flag(name)], metavar=_metavar(info.annotation),
+                                    default=None, help=_help(key)))  # fmt: skip
+    out.append(
+        click.Option(
+            ["-S", "--set", "assignments"],
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
+        )
+    )
+    return out
+
+
+def _overrides(options: dict[str, str], kwargs: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """``(key, value, flag)`` of every setting given on the command line."""
+    out: list[tuple[str, Any, str]] = []
+    for name, key in options.items():
+        raw = kwargs.get(name)
+        if raw is not None:
+            value = raw if isinstance(raw, bool) else parse_value(key, raw, _flag(name))
+            out.append((key, value, _flag(name)))
+    for item in kwargs.get("assignments", ()):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise KarmaError("expects KEY=VALUE", field="-S", value=item)
+        label = f"-S {key.strip()}"
+        out.append((key.strip(), parse_value(key.strip(), raw, label), label))
+    return out
+
+
+def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
+    """The click command of a stage: path options, and with ``settings`` the params options."""
+    path_names = {f.name for f in path_fields(stage.paths)}
     options = _setting_options(stage) if settings else {}
     clash = set(options) & path_names
     if clash:
         raise KarmaError("a setting and a path share an option name", value=sorted(clash))
-    if settings:
-        params.append(
-            click.Option(
-                ["--params", "params_file"],
-                metavar="FILE",
-                help="Read settings from this params file (default: the built-in defaults, "
-                "which are those of the committed params.yaml). Flags override it.",
-            )
-        )
-        for name, key in options.items():
-            info = field_info(key)
-            if info.annotation is bool:
-                decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
-                params.append(click.Option(decls, default=None, help=_help(key)))
-            else:
-                params.append(
-                    click.Option(
-                        [_flag(name)],
-                        metavar=_metavar(info.annotation),
-                        default=None,
-                        help=_help(key),
-                    )
-                )
-        params.append(
-            click.Option(
-                ["-S", "--set", "assignments"],
-                multiple=True,
-                metavar="KEY=VALUE",
-                help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
-            )
-        )
+    params = _path_options(stage) + (_settings_params(options) if settings else [])
 
     def callback(**kwargs: Any) -> None:
         flags = {f.name: _flag(f.name) for f in path_fields(stage.paths)}
         flags.update({key: _flag(name) for name, key in options.items()})
-        values = {k: kwargs.pop(k) for k in path_names}
-        paths = stage.paths(**values)
+        paths = stage.paths(**{k: kwargs.pop(k) for k in path_names})
         if settings:
-            overrides: list[tuple[str, Any, str]] = []
-            file = kwargs.pop("params_file")
-            for name, key in options.items():
-                raw = kwargs.get(name)
-                if raw is not None:
-                    value = raw if isinstance(raw, bool) else parse_value(key, raw, _flag(name))
-                    overrides.append((key, value, _flag(name)))
-            for item in kwargs.get("assignments", ()):
-                key, sep, raw = item.partition("=")
-                if not sep or not key.strip():
-                    raise KarmaError("expects KEY=VALUE", field="-S", value=item)
-                label = f"-S {key.strip()}"
-                overrides.append((key.strip(), parse_value(key.strip(), raw, label), label))
+            file, overrides = kwargs.pop("params_file"), _overrides(options, kwargs)
         else:
             file, overrides = "params.yaml", []
         params_obj = build_params(file, overrides)
@@ -261,27 +260,21 @@ MEASURED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def measured_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """The arguments of ``benchmark@<name>``: its name from DVC (``DVC_STAGE``), its model from
-    ``params.yaml`` (``scores.measured``), its outputs under the two directories ``argv`` gives
-    (``--measured-dir D --samples-dir S``). No value of params.yaml is ever shell text: a
-    ``dvc.yaml`` command holds only the fixed paths of its ``vars``.
+    """The arguments of ``benchmark@<name>``: its name from DVC (``DVC_STAGE``), its outputs
+    under the two directories ``argv`` gives (``--measured-dir D --samples-dir S``); the stage
+    reads the model from params (``scores.measured.<name>``). No value of params.yaml is ever
+    shell text: the ``dvc.yaml`` command holds only the fixed paths of its ``vars``.
     """
     opts = dict(zip(argv[::2], argv[1::2], strict=False))
     stage = env.get("DVC_STAGE", "")
-    name = opts.get("--name") or stage.partition("@")[2]
+    name = stage.partition("@")[2]
     if not MEASURED_NAME.fullmatch(name):
-        raise KarmaError("not a measured model's name", field="DVC_STAGE or --name",
-                         value=name or stage, expected="benchmark@<name>, name of [A-Za-z0-9_-]")
-    params = build_params(PARAMS_FILE)
-    model = params.scores.measured.get(name)
-    if model is None:
-        raise KarmaError("no such measured model", file=PARAMS_FILE,
-                         field=f"scores.measured.{name}")  # fmt: skip
+        raise KarmaError("not a measured model's name", field="DVC_STAGE", value=stage or None,
+                         expected="benchmark@<name>, name of [A-Za-z0-9_-]")  # fmt: skip
     missing = [k for k in ("--measured-dir", "--samples-dir") if not opts.get(k)]
     if missing:
         raise KarmaError("missing option", field=missing[0], expected="a directory")
-    return ["--name", name, "--model", model,
-            "--out", f"{opts['--measured-dir']}/{name}.json",
+    return ["--name", name, "--out", f"{opts['--measured-dir']}/{name}.json",
             "--samples", f"{opts['--samples-dir']}/{name}.parquet"]  # fmt: skip
 
 

@@ -508,6 +508,7 @@ CASES = [
          ("evaluate", "--model", "fakemodel", "--out", "new/e",
           "-S", "evaluate.tasks={mine: {task: bad/code.yaml, metric: acc}}"),
          "task file runs Python code (!function); allow it with evaluate.allow_code: true"),
+    Case("dvc-yaml-extra-argument", ("dvc-yaml", "extra"), "unexpected extra argument", code=2),
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip

@@ -402,32 +402,35 @@ def test_no_params_value_is_shell_text_in_dvc_yaml() -> None:
             used = _interpolations(cmd)
             assert set(used) <= fixed, (name, cmd)
     assert commands["benchmark"] == [
-        "python stages/benchmark.py --measured-dir ${path.measured} "
+        "python -m stages.benchmark --measured-dir ${path.measured} "
         "--samples-dir ${path.benchmark_samples}"
     ]
     assert "scores.measured.${key}" in spec["stages"]["benchmark"]["do"]["params"]
 
 
-def test_a_measured_name_is_checked_and_its_model_read_from_params(tmp_path: Path, monkeypatch):
+def test_a_measured_name_comes_from_dvc_and_is_checked(tmp_path: Path) -> None:
     from karma.command import measured_argv
     from karma.core.errors import KarmaError
+    from karma.params import build_params
+    from karma.registry import PIPELINE, Wiring
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("scores:\n  measured: {tiny-1: org/tiny}\n")
     dirs = ["--measured-dir", "m", "--samples-dir", "s"]
     assert measured_argv(dirs, {"DVC_STAGE": "benchmark@tiny-1"}) == [
-        "--name", "tiny-1", "--model", "org/tiny", "--out", "m/tiny-1.json",
-        "--samples", "s/tiny-1.parquet",
+        "--name", "tiny-1", "--out", "m/tiny-1.json", "--samples", "s/tiny-1.parquet",
     ]  # fmt: skip
-    with pytest.raises(KarmaError, match=r"not a measured model's name"):
-        measured_argv(dirs, {"DVC_STAGE": "benchmark@x; touch FILE #"})
-    with pytest.raises(KarmaError, match=r"params\.yaml: field 'scores\.measured\.other'"):
-        measured_argv(dirs, {"DVC_STAGE": "benchmark@other"})
-    from karma.params import build_params
-
-    for bad in ("x; touch FILE #", "a.b", "-x"):
+    for stage in ("benchmark@x; touch FILE #", "benchmark@$(id)", "benchmark", ""):
+        with pytest.raises(KarmaError, match=r"DVC_STAGE'?: not a measured model's name"):
+            measured_argv(dirs, {"DVC_STAGE": stage})
+    for bad in ("x; touch FILE #", "a.b", "-x", "$(id)"):
         with pytest.raises(KarmaError, match=r"scores\.measured"):
             build_params(None, [("scores.measured", {bad: "m"}, "-S scores.measured")])
+    # the generator refuses a wiring that would put a params value in a command
+    from karma.dvcyaml import stage_entry
+
+    bench = next(w for w in PIPELINE if w.name == "benchmark")
+    unsafe = Wiring(**{**bench.__dict__, "cmd_args": None})
+    with pytest.raises(ValueError, match="a params value in the command"):
+        stage_entry(unsafe)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+#: The most digits of an integer in a JSON or YAML input (Python refuses over 4300 anyway).
+MAX_INT_DIGITS = 40
+
 
 class KarmaError(Exception):
     """Bad input or params. ``str(err)`` is one line; the CLI prints it and exits non-zero.

@@ -22,14 +22,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.stage import Stage, output_path
 from karma.pairing.ultrafeedback import _HUB_ID, UltraFeedback, from_frame, read_ultrafeedback
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 
