@@ -265,32 +265,45 @@ def validation_error(
 
 #: The deepest nesting of mappings and lists accepted in a params file or a -S value.
 MAX_YAML_DEPTH = 32
+#: The most values a params document may hold with its aliases expanded (a 300-byte alias bomb
+#: expands to billions: refused before anything is built or printed).
+MAX_YAML_NODES = 100_000
 
 
 class BoundedLoader(yaml.SafeLoader):
-    """YAML for params: no aliases (a 300-byte alias bomb expands to gigabytes), nesting at
-    most ``MAX_YAML_DEPTH``, integers of at most ``MAX_INT_DIGITS`` digits, no duplicate key,
-    no lone surrogate. A refusal is a ``ConstructorError`` with the line."""
+    """YAML for params: aliases expanding to at most ``MAX_YAML_NODES`` values, nesting at most
+    ``MAX_YAML_DEPTH``, integers of at most ``MAX_INT_DIGITS`` digits, no duplicate key, no lone
+    surrogate. A refusal is a ``ConstructorError`` with the line."""
 
-    depth = 0
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+
+    def _refuse(self, problem: str) -> None:
+        raise yaml.constructor.ConstructorError(None, None, problem, self.peek_event().start_mark)
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.constructor.ConstructorError(
-                None, None, f"alias *{event.anchor[:40]} (aliases are not accepted in params)",
-                event.start_mark,
-            )
+            return super().compose_node(parent, index)  # its size: the anchored node's
         self.depth += 1
         try:
             if self.depth > MAX_YAML_DEPTH:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
-                    self.peek_event().start_mark,
-                )
-            return super().compose_node(parent, index)
+                self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            node = super().compose_node(parent, index)
         finally:
             self.depth -= 1
+        children = node.value if isinstance(node, yaml.CollectionNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in children for n in pair]
+        size = 1 + sum(self.sizes.get(id(n), 1) for n in children)
+        if size > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"aliases expand to more than {MAX_YAML_NODES} values",
+                node.start_mark,
+            )
+        self.sizes[id(node)] = size
+        return node
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[Any] = set()
