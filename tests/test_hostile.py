@@ -81,11 +81,14 @@ def build_workspace(ws: Path) -> None:
 
     ws.mkdir(parents=True, exist_ok=True)
     ensure_punkt()  # the cache lm-eval's IFEval needs: a first run writes it (and says so)
-    import trl  # noqa: F401  (paid once per session: the train cases time their checks only)
+    # paid once per session (torch + transformers: 4 s idle, 14 s on a loaded 2-core machine):
+    # the train cases time their checks only
+    from trl import DPOConfig  # noqa: F401
     shutil.copy(REPO / "data/origin/scores.csv", ws / "scores.csv")
     demo = DEMO.read_text().splitlines()
     (ws / "demo.jsonl").write_text("\n".join(demo[:40]) + "\n")
-    for d in ("measured", "model", "mine", "bad/adir.csv", "bad/cdir.jsonl", "bad/jdir.json"):
+    for d in ("measured", "model", "mine", "bad/adir.csv", "bad/cdir.jsonl", "bad/jdir.json",
+              "bad/emptyds"):  # fmt: skip
         (ws / d).mkdir(parents=True, exist_ok=True)
     (ws / "mine/notes.txt").write_text("the user's own notes\n")
     (ws / "fakemodel").mkdir(exist_ok=True)  # looks like a model dir: the task file fails first
@@ -367,6 +370,8 @@ CASES = [
          "'fetch.dataset': dataset not found"),
     Case("fetch-hub-id-without-revision", (*FE, "openbmb/UltraFeedback"),
          "field 'fetch.revision': a hub dataset needs a pinned revision"),
+    Case("fetch-local-directory-without-data", (*FE, "bad/emptyds"),
+         "bad/emptyds: field 'fetch.dataset': local dataset directory holds no data files"),
     Case("fetch-out-suffix", ("fetch", "--out", "new/c.jsonl", "--dataset", "demo.jsonl"),
          "new/c.jsonl: field '--out': wrong output suffix"),
     Case("fetch-out-is-the-dataset", ("fetch", "--out", "demo.jsonl", "--dataset",
