@@ -90,7 +90,7 @@ def _skip(paths: BenchmarkPaths, reason: str) -> dict[str, Any]:
     if paths.out is not None:
         write_json(paths.out, row)
     if paths.samples is not None:
-        _write_frame(pl.DataFrame({"item": pl.Series([], dtype=pl.Int64)}), paths.samples)
+        write_frame(pl.DataFrame({"item": pl.Series([], dtype=pl.Int64)}), paths.samples)
     return row
 
 
