@@ -4,6 +4,7 @@ local test server (retries, failed rows, resume), the vllm install hint, and bad
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,11 +19,19 @@ from karma.core.errors import KarmaError
 from karma.generation.generate import PROMPT_SCHEMA, SCHEMA, generate_all, select_prompts
 from karma.generation.settings import GenerateConfig, PoolModel
 
-PROMPTS = pl.DataFrame({
-    "prompt_id": [f"p{i}" for i in range(5)],
-    "prompt": ["What is the capital of France?", "Name a color.", "Count to three.",
-               "Write one word about water.", "Say hello to the city of Rome and Paris."],
-})  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = pl.DataFrame(
+    {
+        "prompt_id": [f"p{i}" for i in range(5)],
+        "prompt": [
+            "What is the capital of France?",
+            "Name a color.",
+            "Count to three.",
+            "Write one word about water.",
+            "Say hello to the city of Rome and Paris.",
+        ],
+    }
+)
 
 
 def _hf(tiny: Path, **kw: Any) -> tuple[PoolModel, GenerateConfig]:
@@ -61,10 +70,11 @@ def test_hf_greedy_logprob_is_the_models_own(tiny_model_dir: Path) -> None:
 
     entry, cfg = _hf(tiny_model_dir)
     eng = HFEngine(entry, cfg)
-    (c,), = eng.generate([[{"role": "user", "content": PROMPTS["prompt"][0]}]], 0)
+    ((c,),) = eng.generate([[{"role": "user", "content": PROMPTS["prompt"][0]}]], 0)
     enc = eng.encode([[{"role": "user", "content": PROMPTS["prompt"][0]}]])
-    out = eng.model.generate(**enc, max_new_tokens=12, do_sample=False,
-                             pad_token_id=eng.tok.pad_token_id)  # fmt: skip
+    out = eng.model.generate(
+        **enc, max_new_tokens=12, do_sample=False, pad_token_id=eng.tok.pad_token_id
+    )
     new = out[0, enc["input_ids"].shape[1] :][: c.tokens]
     full = torch.cat([enc["input_ids"][0], new])[None]
     with torch.no_grad():
@@ -123,10 +133,20 @@ class Server:
                     return
                 text = "echo: " + body["messages"][-1]["content"]
                 lps = [{"token": w, "logprob": -0.5} for w in text.split()]
-                self._send(200, {"choices": [
-                    {"index": k, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "stop", "logprobs": {"content": lps}}
-                    for k in range(body["n"])]})  # fmt: skip
+                self._send(
+                    200,
+                    {
+                        "choices": [
+                            {
+                                "index": k,
+                                "message": {"role": "assistant", "content": text},
+                                "finish_reason": "stop",
+                                "logprobs": {"content": lps},
+                            }
+                            for k in range(body["n"])
+                        ]
+                    },
+                )
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -151,8 +171,9 @@ def server() -> Iterator[Any]:
 
 
 def _oa(url: str, **kw: Any) -> tuple[PoolModel, GenerateConfig]:
-    cfg = GenerateConfig(engine="openai", base_url=url, backoff=0.01, batch_size=2,
-                         concurrency=2, **kw)  # fmt: skip
+    cfg = GenerateConfig(
+        engine="openai", base_url=url, backoff=0.01, batch_size=2, concurrency=2, **kw
+    )
     return PoolModel(model="served"), cfg
 
 
@@ -233,16 +254,26 @@ def test_generate_stage_and_bad_input(karma_cli: Any, tiny_model_dir: Path, tmp_
     code, _, err = karma_cli(*base, "-S", "generate.n=0", "--name", "tiny", "--out", str(out))
     assert error_line(code, err) == "-S generate.n: out of range (got 0; expected 1 <= n)"
     empty = _prompts_file(tmp_path / "e", [])
-    code, _, err = karma_cli("generate", "--prompts", str(empty), "-S", pool, "-S",
-                             "completions=pool", "--name", "tiny", "--out", str(out))  # fmt: skip
+    code, _, err = karma_cli(
+        "generate",
+        "--prompts",
+        str(empty),
+        "-S",
+        pool,
+        "-S",
+        "completions=pool",
+        "--name",
+        "tiny",
+        "--out",
+        str(out),
+    )
     assert "empty prompt set" in error_line(code, err, logs_before=True)
     assert out.read_bytes() == kept  # earlier outputs kept
 
 
-def test_model_without_chat_template_is_one_line(karma_cli: Any, tiny_model_dir: Path,
-                                                 tmp_path: Path) -> None:  # fmt: skip
-    import shutil
-
+def test_model_without_chat_template_is_one_line(
+    karma_cli: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from tests.fixtures import error_line
 
     bare = tmp_path / "bare"
@@ -256,8 +287,118 @@ def test_model_without_chat_template_is_one_line(karma_cli: Any, tiny_model_dir:
             f.write_text(json.dumps(data))
     prompts = _prompts_file(tmp_path, ["Name a color."])
     code, _, err = karma_cli(
-        "generate", "--prompts", str(prompts), "--name", "bare", "--out", str(tmp_path / "o.parquet"),
-        "-S", f"scores.measured={{bare: {{model: {bare}}}}}", "-S", "completions=pool",
-    )  # fmt: skip
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--name",
+        "bare",
+        "--out",
+        str(tmp_path / "o.parquet"),
+        "-S",
+        f"scores.measured={{bare: {{model: {bare}}}}}",
+        "-S",
+        "completions=pool",
+    )
     line = error_line(code, err, logs_before=True)
     assert "scores.measured: field 'bare.chat_template'" in line and "no chat template" in line
+
+
+# --------------------------------------------------------------------------- DVC: one pool
+
+
+def _resolve(text: str, key: str, params: dict[str, Any]) -> str:
+    import re
+
+    import yaml
+
+    paths = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["path"]
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name == "key":
+            return key
+        if name.startswith("path."):
+            return str(paths[name[5:]])
+        node: Any = params
+        for part in name.split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([\w.]+)\}", value, text)
+
+
+def _dvc_status(root: Path) -> dict[str, Any]:
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout or "{}")
+
+
+def test_adding_a_pool_model_runs_only_its_stages(tmp_path: Path) -> None:
+    """One pool (scores.measured) feeds benchmark@ and generate@: adding a model leaves every
+    other model's instances up to date; what reads all of them (scores, judge) re-runs."""
+    import subprocess
+
+    import yaml
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["scores"]["measured"] = {"a": "org/a", "b": {"model": "org/b", "modes": ["pool"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True
+    )
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    files: set[str] = set()
+    for spec in stages.values():
+        keys = list(params["scores"]["measured"]) if "foreach" in spec else [""]
+        body = spec.get("do", spec)
+        for key in keys:
+            for kind in ("deps", "outs", "metrics", "plots"):
+                for item in body.get(kind, []):
+                    path = _resolve(
+                        next(iter(item)) if isinstance(item, dict) else item, key, params
+                    )
+                    files.add(path)
+    for rel in sorted(files):
+        p = tmp_path / rel
+        if any(f.startswith(rel + "/") for f in files):  # a directory holding other paths
+            p.mkdir(parents=True, exist_ok=True)
+            (p / ".gitkeep").touch()
+        elif not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("x")
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "-q"], cwd=tmp_path, check=True)
+    before = _dvc_status(tmp_path)
+    assert before == {}, before
+    params["scores"]["measured"]["c"] = {"model": "org/c", "modes": ["pool"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    after = _dvc_status(tmp_path)
+    assert set(after) == {"benchmark@c", "generate@c", "scores", "judge"}, after
+    # the new instances have never run; the readers of the whole pool see a changed param
+    assert "scores.measured" in json.dumps(after["judge"])
+
+
+def test_scores_follow_the_completions_mode(karma_cli: Any, tmp_path: Path) -> None:
+    """dataset: the reported table (+ dataset-mode rows); pool: the pool's measured rows only."""
+    measured = tmp_path / "measured"
+    measured.mkdir()
+    row = {"arc_easy": 0.5, "hellaswag": 0.4, "meta.protocol": "loglik"}
+    (measured / "p1.json").write_text(json.dumps({"model": "p1", **row}))
+    (measured / "p2.json").write_text(json.dumps({"model": "p2", **row, "arc_easy": 0.7}))
+    pool = "scores.measured={p1: {model: x, modes: [pool]}, p2: {model: y, modes: [pool]}}"
+    out = tmp_path / "scores.csv"
+    args = ["scores", "--measured-dir", str(measured), "--out", str(out), "-S", pool]
+    code, _, err = karma_cli(*args)
+    assert code == 0, err
+    dataset = pl.read_csv(out)
+    assert dataset.height == 16 and "p1" not in dataset["model"].to_list()
+    code, _, err = karma_cli(*args, "-S", "completions=pool")
+    assert code == 0, err
+    assert pl.read_csv(out)["model"].to_list() == ["p1", "p2"]

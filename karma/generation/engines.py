@@ -81,8 +81,9 @@ class HFEngine:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.version = f"transformers {transformers.__version__}, torch {torch.__version__}"
-        self.model, self.tok = load_pool_model(entry, dtype=cfg.dtype, device=cfg.device,
-                                               where=where)  # fmt: skip
+        self.model, self.tok = load_pool_model(
+            entry, dtype=cfg.dtype, device=cfg.device, where=where
+        )
         self.tok.padding_side = "left"
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
@@ -94,17 +95,25 @@ class HFEngine:
         c = self.cfg
         sample = c.temperature > 0
         return GenerationConfig(
-            max_new_tokens=c.max_new_tokens, do_sample=sample, num_return_sequences=c.n,
-            temperature=c.temperature if sample else None, top_p=c.top_p if sample else None,
-            top_k=0 if sample else None, pad_token_id=self.tok.pad_token_id,
-            eos_token_id=sorted(self.eos), stop_strings=list(c.stop) or None,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
+            max_new_tokens=c.max_new_tokens,
+            do_sample=sample,
+            num_return_sequences=c.n,
+            temperature=c.temperature if sample else None,
+            top_p=c.top_p if sample else None,
+            top_k=0 if sample else None,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=sorted(self.eos),
+            stop_strings=list(c.stop) or None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
 
     def encode(self, chats: Sequence[Chat]) -> Any:
         """Left-padded input ids and attention mask of the chats' generation prompts."""
-        texts = [self.tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in chats]  # fmt: skip
+        texts = [
+            self.tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in chats
+        ]
         return self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
     def generate(self, chats: Sequence[Chat], seed: int) -> list[list[Completion]]:

@@ -32,11 +32,20 @@ from karma.params import Params
 log = logging.getLogger(__name__)
 
 SCHEMA = {
-    "prompt_id": pl.String, "prompt": pl.String, "model": pl.String, "sample": pl.Int64,
-    "text": pl.String, "tokens": pl.Int64, "logprob_sum": pl.Float64,
-    "logprob_mean": pl.Float64, "finish_reason": pl.String, "status": pl.String,
-    "error": pl.String, "engine": pl.String, "engine_version": pl.String,
-}  # fmt: skip
+    "prompt_id": pl.String,
+    "prompt": pl.String,
+    "model": pl.String,
+    "sample": pl.Int64,
+    "text": pl.String,
+    "tokens": pl.Int64,
+    "logprob_sum": pl.Float64,
+    "logprob_mean": pl.Float64,
+    "finish_reason": pl.String,
+    "status": pl.String,
+    "error": pl.String,
+    "engine": pl.String,
+    "engine_version": pl.String,
+}
 PROMPT_SCHEMA = {"prompt_id": pl.String, "prompt": pl.String}
 
 
@@ -57,27 +66,42 @@ def read_prompts(cfg: PromptsConfig) -> pl.DataFrame:
         try:
             frame = reader[suffix](path)
         except (pl.exceptions.PolarsError, ValueError, OSError) as err:
-            raise KarmaError(f"unreadable prompt file: {str(err)[:120]}", file=path,
-                             field="prompts.source") from None  # fmt: skip
+            raise KarmaError(
+                f"unreadable prompt file: {str(err)[:120]}", file=path, field="prompts.source"
+            ) from None
     elif not path.exists() and cfg.source.count("/") == 1 and not suffix:
         if not cfg.revision:
-            raise KarmaError("a hub dataset needs a pinned revision", field="prompts.revision",
-                             expected="a commit sha")  # fmt: skip
+            raise KarmaError(
+                "a hub dataset needs a pinned revision",
+                field="prompts.revision",
+                expected="a commit sha",
+            )
         import datasets
 
         try:
             ds = datasets.load_dataset(cfg.source, revision=cfg.revision, split=cfg.split)
         except Exception as err:
-            raise KarmaError(f"cannot fetch the prompts: {type(err).__name__}",
-                             file=cfg.source, field="prompts.source") from None  # fmt: skip
+            raise KarmaError(
+                f"cannot fetch the prompts: {type(err).__name__}",
+                file=cfg.source,
+                field="prompts.source",
+            ) from None
         frame = pl.from_arrow(ds.data.table)  # type: ignore[assignment]
     else:
-        raise KarmaError("prompt source not found", file=cfg.source, field="prompts.source",
-                         expected="a .jsonl/.json/.parquet file or a hub id")  # fmt: skip
+        raise KarmaError(
+            "prompt source not found",
+            file=cfg.source,
+            field="prompts.source",
+            expected="a .jsonl/.json/.parquet file or a hub id",
+        )
     column = next((c for c in ("instruction", "prompt") if c in frame.columns), None)
     if column is None or frame.schema[column] != pl.String:
-        raise KarmaError("no text column `instruction` or `prompt`", file=cfg.source,
-                         field="prompts.source", value=frame.columns[:8])  # fmt: skip
+        raise KarmaError(
+            "no text column `instruction` or `prompt`",
+            file=cfg.source,
+            field="prompts.source",
+            value=frame.columns[:8],
+        )
     return frame.select(pl.col(column).alias("prompt"))
 
 
@@ -92,8 +116,9 @@ def select_prompts(frame: pl.DataFrame, limit: int | None, seed: int, where: str
         .collect()
     )
     if out.height == 0:
-        raise KarmaError("empty prompt set (no non-blank instruction)", file=where,
-                         field="prompts.source")  # fmt: skip
+        raise KarmaError(
+            "empty prompt set (no non-blank instruction)", file=where, field="prompts.source"
+        )
     if limit is not None and out.height > limit:
         key = pl.concat_str(pl.lit(f"{seed}:"), "prompt_id").hash(seed=0)
         out = out.sort(key, "pos").head(limit).sort("pos")
@@ -126,17 +151,29 @@ def settings_for(params: Params, entry: PoolModel, name: str) -> GenerateConfig:
     try:
         return GenerateConfig.model_validate(merged)
     except ValueError as err:  # already validated on load; kept for direct callers
-        raise KarmaError(f"bad override: {str(err).splitlines()[0]}",
-                         field=f"scores.measured.{name}.generate") from None  # fmt: skip
+        raise KarmaError(
+            f"bad override: {str(err).splitlines()[0]}", field=f"scores.measured.{name}.generate"
+        ) from None
 
 
 def resume_dir(entry: PoolModel, cfg: GenerateConfig, prompts: Path) -> Path:
     """Where finished batches of this (model, prompts, settings) are kept between runs."""
     from karma.generation.pool import identity
 
-    ops = {"device", "threads", "base_url", "api_key_env", "concurrency", "retries", "timeout",
-           "backoff", "max_failed", "tensor_parallel_size", "data_parallel_size",
-           "gpu_memory_utilization"}  # fmt: skip
+    ops = {
+        "device",
+        "threads",
+        "base_url",
+        "api_key_env",
+        "concurrency",
+        "retries",
+        "timeout",
+        "backoff",
+        "max_failed",
+        "tensor_parallel_size",
+        "data_parallel_size",
+        "gpu_memory_utilization",
+    }
     key = {
         "model": identity(entry) if cfg.engine != "openai" else f"{entry.model}@{cfg.base_url}",
         "prompts": tree_digest(prompts),
@@ -146,22 +183,40 @@ def resume_dir(entry: PoolModel, cfg: GenerateConfig, prompts: Path) -> Path:
     return cache_root("generate", digest)
 
 
-def batch_rows(prompts: pl.DataFrame, comps: list[list[Any]], name: str,
-               engine: Any) -> list[dict[str, Any]]:  # fmt: skip
+def batch_rows(
+    prompts: pl.DataFrame, comps: list[list[Any]], name: str, engine: Any
+) -> list[dict[str, Any]]:
     """Rows of one batch's completions."""
     rows = []
     for (pid, text), samples in zip(prompts.iter_rows(), comps, strict=True):
         for k, c in enumerate(samples):
-            rows.append({"prompt_id": pid, "prompt": text, "model": name, "sample": k,
-                         "text": c.text, "tokens": c.tokens, "logprob_sum": c.logprob_sum,
-                         "logprob_mean": c.logprob_mean, "finish_reason": c.finish_reason,
-                         "status": c.status, "error": c.error, "engine": engine.name,
-                         "engine_version": engine.version})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": pid,
+                    "prompt": text,
+                    "model": name,
+                    "sample": k,
+                    "text": c.text,
+                    "tokens": c.tokens,
+                    "logprob_sum": c.logprob_sum,
+                    "logprob_mean": c.logprob_mean,
+                    "finish_reason": c.finish_reason,
+                    "status": c.status,
+                    "error": c.error,
+                    "engine": engine.name,
+                    "engine_version": engine.version,
+                }
+            )
     return rows
 
 
-def generate_all(entry: PoolModel, cfg: GenerateConfig, prompts: pl.DataFrame, name: str,
-                 resume: Path | None = None) -> pl.DataFrame:  # fmt: skip
+def generate_all(
+    entry: PoolModel,
+    cfg: GenerateConfig,
+    prompts: pl.DataFrame,
+    name: str,
+    resume: Path | None = None,
+) -> pl.DataFrame:
     """Every completion of ``entry`` on ``prompts``, batch by batch (resumed from ``resume``)."""
     from karma.generation.engines import open_engine
 
@@ -224,16 +279,18 @@ def run_generate(params: Params, paths: GeneratePaths) -> dict[str, Any]:
         first = frame.filter(pl.col("status") == "failed")["error"][0]
         raise KarmaError(
             f"{n_failed} of {frame.height} completions failed after retries (first: {first}); "
-            "the finished batches are kept: rerun to resume", field="generate.max_failed",
+            "the finished batches are kept: rerun to resume",
+            field="generate.max_failed",
             value=cfg.max_failed,
-        )  # fmt: skip
+        )
     frame.write_parquet(paths.out, statistics=False)
     ok = frame.filter(pl.col("status") == "ok")
     return {
-        "completions": frame.height, "failed": n_failed,
+        "completions": frame.height,
+        "failed": n_failed,
         "mean_tokens": round(float(ok["tokens"].mean() or 0), 3),
         "stopped": int((ok["finish_reason"] == "stop").sum()),
-    }  # fmt: skip
+    }
 
 
 PROMPTS = Stage(

@@ -44,9 +44,10 @@ def api_key(cfg: GenerateConfig) -> str | None:
     if not key and host not in LOCAL_HOSTS:
         raise KarmaError(
             f"missing API key: environment variable {cfg.api_key_env} is not set",
-            field="generate.api_key_env", value=cfg.api_key_env,
+            field="generate.api_key_env",
+            value=cfg.api_key_env,
             expected="the key in that variable (keys are never read from params)",
-        )  # fmt: skip
+        )
     return key or None
 
 
@@ -79,18 +80,26 @@ class OpenAIEngine:
                 return str(resp.headers.get("Server") or "server")
         except urllib.error.HTTPError as err:
             if err.code in (401, 403):
-                raise KarmaError(f"the server refused the API key (HTTP {err.code})",
-                                 field="generate.api_key_env", value=self.cfg.api_key_env) from None  # fmt: skip
+                raise KarmaError(
+                    f"the server refused the API key (HTTP {err.code})",
+                    field="generate.api_key_env",
+                    value=self.cfg.api_key_env,
+                ) from None
             return "server"  # /models missing is fine: chat completions may still work
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise KarmaError(f"server unreachable: {reason}", field="generate.base_url",
-                             value=self.cfg.base_url, expected="a running server") from None  # fmt: skip
+            raise KarmaError(
+                f"server unreachable: {reason}",
+                field="generate.base_url",
+                value=self.cfg.base_url,
+                expected="a running server",
+            ) from None
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.url}/chat/completions", data=data,
-                                     headers=self._headers(), method="POST")  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.url}/chat/completions", data=data, headers=self._headers(), method="POST"
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
                 return json.loads(resp.read())
@@ -104,10 +113,15 @@ class OpenAIEngine:
     def _one(self, chat: Chat, seed: int) -> list[Completion]:
         c = self.cfg
         body: dict[str, Any] = {
-            "model": self.model, "messages": chat, "max_tokens": c.max_new_tokens,
-            "temperature": c.temperature, "top_p": c.top_p, "n": c.n, "seed": seed,
+            "model": self.model,
+            "messages": chat,
+            "max_tokens": c.max_new_tokens,
+            "temperature": c.temperature,
+            "top_p": c.top_p,
+            "n": c.n,
+            "seed": seed,
             "logprobs": True,
-        }  # fmt: skip
+        }
         if c.stop:
             body["stop"] = list(c.stop)
         delay, reason = c.backoff, ""

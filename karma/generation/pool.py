@@ -33,9 +33,11 @@ def pool_entry(measured: Mapping[str, Any], name: str | None) -> PoolModel:
     if not name or name not in measured:
         hint = did_you_mean(name, measured)
         raise KarmaError(
-            f"unknown pool model{hint}", field="--name", value=name,
+            f"unknown pool model{hint}",
+            field="--name",
+            value=name,
             expected=f"a name in scores.measured ({', '.join(sorted(measured)) or 'empty'})",
-        )  # fmt: skip
+        )
     return as_pool_model(measured[name])
 
 
@@ -57,8 +59,11 @@ def identity(entry: PoolModel) -> str:
     """What the model's outputs depend on: weights digest (local) or id@revision, + overrides."""
     local = Path(entry.model)
     source = tree_digest(local, memo=True) if local.is_dir() else f"{entry.model}@{entry.revision}"
-    data = {"source": source, "chat_template": entry.chat_template,
-            "derive": entry.derive.model_dump() if entry.derive else None}  # fmt: skip
+    data = {
+        "source": source,
+        "chat_template": entry.chat_template,
+        "derive": entry.derive.model_dump() if entry.derive else None,
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -69,8 +74,12 @@ def derive_model(model: Any, spec: Derive) -> Any:
     if spec.layers is not None:
         layers = model.model.layers
         if spec.layers > len(layers):
-            raise KarmaError("derive.layers exceeds the model's layers", field="derive.layers",
-                             value=spec.layers, expected=f"<= {len(layers)}")  # fmt: skip
+            raise KarmaError(
+                "derive.layers exceeds the model's layers",
+                field="derive.layers",
+                value=spec.layers,
+                expected=f"<= {len(layers)}",
+            )
         model.model.layers = torch.nn.ModuleList(list(layers)[: spec.layers])
         model.config.num_hidden_layers = spec.layers
         if getattr(model.config, "layer_types", None):
@@ -86,19 +95,33 @@ def derive_model(model: Any, spec: Derive) -> Any:
     return model
 
 
-def load_pool_model(entry: PoolModel, *, dtype: str = "float32", device: str | None = None,
-                    where: str = "scores.measured") -> tuple[Any, Any]:  # fmt: skip
+def load_pool_model(
+    entry: PoolModel,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    where: str = "scores.measured",
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a pool entry, derived and with its chat template."""
     if entry.derive is not None and not Path(entry.model).is_dir():
-        raise KarmaError("a derived model needs a local model directory", field=f"{where}.model",
-                         value=entry.model, expected="an existing directory")  # fmt: skip
-    model, tok = load_causal_lm(entry.model, dtype=dtype, revision=entry.revision,
-                                chat_template=False)  # fmt: skip
+        raise KarmaError(
+            "a derived model needs a local model directory",
+            field=f"{where}.model",
+            value=entry.model,
+            expected="an existing directory",
+        )
+    model, tok = load_causal_lm(
+        entry.model, dtype=dtype, revision=entry.revision, chat_template=False
+    )
     if entry.chat_template:
         tok.chat_template = entry.chat_template
     if not getattr(tok, "chat_template", None):
-        raise KarmaError("the model has no chat template", field=f"{where}.chat_template",
-                         value=entry.model, expected="a Jinja chat template")  # fmt: skip
+        raise KarmaError(
+            "the model has no chat template",
+            field=f"{where}.chat_template",
+            value=entry.model,
+            expected="a Jinja chat template",
+        )
     if entry.derive is not None:
         derive_model(model, entry.derive)
     model.eval()

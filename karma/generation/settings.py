@@ -31,15 +31,17 @@ class Derive(Section):
 class PoolModel(Section):
     """One model of the pool (``scores.measured.<name>``)."""
 
-    model: str = setting(..., "hub id, local model directory, or served model name (openai)",
-                         min_length=1)  # fmt: skip
+    model: str = setting(
+        ..., "hub id, local model directory, or served model name (openai)", min_length=1
+    )
     revision: str | None = setting(None, "hub revision (a commit sha pins it)")
     chat_template: str | None = setting(None, "Jinja chat template replacing the tokenizer's")
     derive: Derive | None = setting(None, "derive a model from `model` (a local directory)")
     modes: list[Mode] = setting(
-        ["dataset", "pool"], "completions modes in which the model is benchmarked (pool: also "
-        "generates)", min_length=1,
-    )  # fmt: skip
+        ["dataset", "pool"],
+        "completions modes in which the model is benchmarked (pool: also generates)",
+        min_length=1,
+    )
     benchmark: dict[str, Any] = setting({}, "overrides of the benchmark section for this model")
     generate: dict[str, Any] = setting({}, "overrides of the generate section for this model")
 
@@ -68,46 +70,58 @@ class PromptsConfig(Section):
     )
     revision: str | None = setting(None, "hub revision: a commit sha (required for a hub id)")
     split: str = setting("train", "split of a hub dataset", min_length=1)
-    limit: int | None = setting(64, "prompts kept: a seeded sample (null: all)", ge=1)
+    limit: int | None = setting(48, "prompts kept: a seeded sample (null: all)", ge=1)
 
 
 class GenerateConfig(Section):
     """Stage ``generate@<name>``: completions of one pool model (per-model overrides:
     ``scores.measured.<name>.generate``)."""
 
-    engine: Engine = setting("hf", "hf (transformers, CPU/GPU) | vllm (GPU extra) | openai "
-                             "(any OpenAI-compatible server)")  # fmt: skip
+    engine: Engine = setting(
+        "hf",
+        "hf (transformers, CPU/GPU) | vllm (GPU extra) | openai (any OpenAI-compatible server)",
+    )
     n: int = setting(1, "samples per prompt", ge=1)
     temperature: float = setting(0.0, "0: greedy", ge=0)
     top_p: float = setting(1.0, "nucleus sampling mass", gt=0, le=1)
-    max_new_tokens: int = setting(48, "tokens generated at most per completion", ge=1)
+    max_new_tokens: int = setting(40, "tokens generated at most per completion", ge=1)
     seed: int = setting(0, "sampling seed", ge=0, lt=2**63)
     stop: list[Annotated[str, Field(min_length=1)]] = setting([], "stop strings")
-    batch_size: int = setting(16, "prompts per generate call (hf); padding can move floats",
-                              ge=1)  # fmt: skip
+    batch_size: int = setting(16, "prompts per generate call (hf); padding can move floats", ge=1)
     dtype: Dtype = setting("float32", "dtype the model is loaded in")
     device: str = setting("cpu", "torch device: cpu | cuda | cuda:N", operational=True)
-    threads: int | None = setting(None, "torch CPU threads (null: torch's default)", ge=1,
-                                  operational=True)  # fmt: skip
-    base_url: str = setting("http://127.0.0.1:8000/v1", "openai: the server's base URL",
-                            operational=True)  # fmt: skip
-    api_key_env: str = setting("OPENAI_API_KEY", "openai: environment variable holding the key "
-                               "(never written out)", operational=True)  # fmt: skip
+    threads: int | None = setting(
+        1, "torch CPU threads (null: torch's default; 1 avoids OpenMP stalls on a shared CPU)",
+        ge=1, operational=True,
+    )
+    base_url: str = setting(
+        "http://127.0.0.1:8000/v1", "openai: the server's base URL", operational=True
+    )
+    api_key_env: str = setting(
+        "OPENAI_API_KEY",
+        "openai: environment variable holding the key (never written out)",
+        operational=True,
+    )
     concurrency: int = setting(8, "openai: requests in flight", ge=1, operational=True)
-    retries: int = setting(4, "openai: retries on 429 / 5xx / timeouts (exponential backoff)",
-                           ge=0, operational=True)  # fmt: skip
+    retries: int = setting(
+        4, "openai: retries on 429 / 5xx / timeouts (exponential backoff)", ge=0, operational=True
+    )
     timeout: float = setting(60.0, "openai: seconds per request", gt=0, operational=True)
-    backoff: float = setting(1.0, "openai: first backoff in seconds (doubles)", ge=0,
-                             operational=True)  # fmt: skip
+    backoff: float = setting(
+        1.0, "openai: first backoff in seconds (doubles)", ge=0, operational=True
+    )
     max_failed: float = setting(
-        0.0, "share of failed rows (retries exhausted) tolerated; above it the stage fails and "
-        "the next run resumes from the finished rows", ge=0, le=1,
-    )  # fmt: skip
-    tensor_parallel_size: int = setting(1, "vllm: GPUs per model replica", ge=1,
-                                        operational=True)  # fmt: skip
+        0.0,
+        "share of failed rows (retries exhausted) tolerated; above it the stage fails and "
+        "the next run resumes from the finished rows",
+        ge=0,
+        le=1,
+    )
+    tensor_parallel_size: int = setting(1, "vllm: GPUs per model replica", ge=1, operational=True)
     data_parallel_size: int = setting(1, "vllm: model replicas", ge=1, operational=True)
-    gpu_memory_utilization: float = setting(0.9, "vllm: share of GPU memory", gt=0, le=1,
-                                            operational=True)  # fmt: skip
+    gpu_memory_utilization: float = setting(
+        0.9, "vllm: share of GPU memory", gt=0, le=1, operational=True
+    )
 
 
 #: The embedded CPU pool: SmolLM2-135M-Instruct (models/base) and three models derived from it,

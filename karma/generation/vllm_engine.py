@@ -25,8 +25,12 @@ def import_vllm() -> Any:
     try:
         import vllm
     except ImportError as err:
-        raise KarmaError(f"vllm is not installed ({err.name or err})", field="generate.engine",
-                         value="vllm", expected=INSTALL) from None  # fmt: skip
+        raise KarmaError(
+            f"vllm is not installed ({err.name or err})",
+            field="generate.engine",
+            value="vllm",
+            expected=INSTALL,
+        ) from None
     return vllm
 
 
@@ -42,10 +46,12 @@ class VLLMEngine:
         self.cfg = cfg
         self.version = f"vllm {vllm.__version__}"
         kwargs: dict[str, Any] = {
-            "model": materialize(entry, cfg.dtype), "dtype": cfg.dtype, "seed": cfg.seed,
+            "model": materialize(entry, cfg.dtype),
+            "dtype": cfg.dtype,
+            "seed": cfg.seed,
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        }  # fmt: skip
+        }
         if entry.revision and entry.derive is None:
             kwargs["revision"] = entry.revision
         if cfg.data_parallel_size > 1:
@@ -59,11 +65,18 @@ class VLLMEngine:
     def generate(self, chats: Sequence[Chat], seed: int) -> list[list[Completion]]:
         c = self.cfg
         params = self.vllm.SamplingParams(
-            n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_new_tokens,
-            seed=seed, stop=list(c.stop) or None, logprobs=0,
-        )  # fmt: skip
-        prompts = [self.tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-                   for chat in chats]  # fmt: skip
+            n=c.n,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            max_tokens=c.max_new_tokens,
+            seed=seed,
+            stop=list(c.stop) or None,
+            logprobs=0,
+        )
+        prompts = [
+            self.tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            for chat in chats
+        ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[self._row(o) for o in out.outputs] for out in outs]
 
@@ -75,8 +88,9 @@ class VLLMEngine:
         n = len(o.token_ids)
         text, _ = trim_stop(o.text, self.cfg.stop)
         reason = "length" if o.finish_reason == "length" else "stop"
-        return Completion(text.strip(), n, total, total / n if n and total is not None else None,
-                          reason)  # fmt: skip
+        return Completion(
+            text.strip(), n, total, total / n if n and total is not None else None, reason
+        )
 
     def close(self) -> None:
         del self.llm

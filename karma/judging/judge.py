@@ -34,9 +34,15 @@ from karma.params import Params
 log = logging.getLogger(__name__)
 
 SCORE_SCHEMA = {
-    "prompt_id": pl.String, "model": pl.String, "sample": pl.Int64, "aspect": pl.String,
-    "score": pl.Float64, "mass": pl.Float64, "reply": pl.String, "status": pl.String,
-}  # fmt: skip
+    "prompt_id": pl.String,
+    "model": pl.String,
+    "sample": pl.Int64,
+    "aspect": pl.String,
+    "score": pl.Float64,
+    "mass": pl.Float64,
+    "reply": pl.String,
+    "status": pl.String,
+}
 
 
 def read_generations(gen_dir: Path, names: list[str]) -> pl.DataFrame:
@@ -48,8 +54,11 @@ def read_generations(gen_dir: Path, names: list[str]) -> pl.DataFrame:
             raise KarmaError("completions not found (run generate@<name>)", file=f)
         frames.append(read_parquet(f, "completions"))
     if not frames:
-        raise KarmaError("no pool model generates under completions: pool",
-                         field="scores.measured", expected="entries whose modes include pool")  # fmt: skip
+        raise KarmaError(
+            "no pool model generates under completions: pool",
+            field="scores.measured",
+            expected="entries whose modes include pool",
+        )
     return pl.concat(frames, how="vertical")
 
 
@@ -65,16 +74,35 @@ def judge_llm(params: Params, comps: pl.DataFrame) -> pl.DataFrame:
         judge = WeightedJudge(cfg)
         scores = judge.score([judge.prompt(k[3], k[4], a) for k, a in jobs])
         for (k, a), (value, mass) in zip(jobs, scores, strict=True):
-            rows.append({"prompt_id": k[0], "model": k[1], "sample": k[2], "aspect": a,
-                         "score": value, "mass": mass, "reply": None, "status": "ok"})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": k[0],
+                    "model": k[1],
+                    "sample": k[2],
+                    "aspect": a,
+                    "score": value,
+                    "mass": mass,
+                    "reply": None,
+                    "status": "ok",
+                }
+            )
     else:
         gjudge = GenerateJudge(cfg)
         replies = gjudge.replies([judge_message(k[3], k[4], a) for k, a in jobs])
         for (k, a), reply in zip(jobs, replies, strict=True):
             value, status = parse_rating(reply)
-            rows.append({"prompt_id": k[0], "model": k[1], "sample": k[2], "aspect": a,
-                         "score": None if value is None else float(value), "mass": None,
-                         "reply": reply, "status": status})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": k[0],
+                    "model": k[1],
+                    "sample": k[2],
+                    "aspect": a,
+                    "score": None if value is None else float(value),
+                    "mass": None,
+                    "reply": reply,
+                    "status": status,
+                }
+            )
     return pl.DataFrame(rows, schema=SCORE_SCHEMA)
 
 
@@ -87,33 +115,51 @@ def judge_reward(params: Params, comps: pl.DataFrame) -> pl.DataFrame:
     texts = reward_texts(tok, list(zip(comps["prompt"], comps["text"], strict=True)))
     values = reward_scores(model, tok, texts, cfg.batch_size, cfg.max_length)
     return comps.select("prompt_id", "model", "sample").with_columns(
-        pl.lit("reward").alias("aspect"), pl.Series("score", values, pl.Float64),
-        pl.lit(None, pl.Float64).alias("mass"), pl.lit(None, pl.String).alias("reply"),
+        pl.lit("reward").alias("aspect"),
+        pl.Series("score", values, pl.Float64),
+        pl.lit(None, pl.Float64).alias("mass"),
+        pl.lit(None, pl.String).alias("reply"),
         pl.lit("ok").alias("status"),
-    )  # fmt: skip
+    )
 
 
 def records(comps: pl.DataFrame, scores: pl.DataFrame) -> list[dict[str, Any]]:
-    """UltraFeedback records: one per prompt, its completions in pool order."""
+    """UltraFeedback records: one per prompt and sample index (one completion per model, as
+    the schema requires), completions in pool order."""
     key = ["prompt_id", "model", "sample"]
     per = (
         scores.filter(pl.col("status") == "ok")
         .group_by(key)
-        .agg(pl.col("score").mean().alias("mean"),
-             pl.struct("aspect", "score").alias("raw"))  # fmt: skip
+        .agg(pl.col("score").mean().alias("mean"), pl.struct("aspect", "score").alias("raw"))
     )
     joined = comps.join(per, on=key, how="left", maintain_order="left")
     out = []
-    for (pid,), group in joined.group_by("prompt_id", maintain_order=True):
+    joined = joined.sort("sample", maintain_order=True)  # sample 0 of every prompt first
+    for (pid, sample), group in joined.group_by("prompt_id", "sample", maintain_order=True):
         comp = []
         for r in group.iter_rows(named=True):
             mean = None if r["mean"] is None else round(r["mean"], 6)
             raw = {d["aspect"]: d["score"] for d in (r["raw"] or [])}
-            comp.append({"model": r["model"], "response": r["text"], "overall_score": mean,
-                         "fine-grained_score": mean, "raw": raw, "sample": r["sample"],
-                         "logprob_mean": r["logprob_mean"]})  # fmt: skip
-        out.append({"source": "pool", "prompt_id": pid, "instruction": group["prompt"][0],
-                    "models": [c["model"] for c in comp], "completions": comp})  # fmt: skip
+            comp.append(
+                {
+                    "model": r["model"],
+                    "response": r["text"],
+                    "overall_score": mean,
+                    "fine-grained_score": mean,
+                    "raw": raw,
+                    "logprob_mean": r["logprob_mean"],
+                }
+            )
+        out.append(
+            {
+                "source": "pool",
+                "prompt_id": pid,
+                "sample": sample,
+                "instruction": group["prompt"][0],
+                "models": [c["model"] for c in comp],
+                "completions": comp,
+            }
+        )
     return out
 
 
@@ -121,12 +167,10 @@ def records(comps: pl.DataFrame, scores: pl.DataFrame) -> list[dict[str, Any]]:
 class JudgePaths:
     """Paths of the ``judge`` stage."""
 
-    generations: Path = input_path("the generate@<name> outputs: <name>.parquet each",
-                                   is_dir=True)  # fmt: skip
+    generations: Path = input_path("the generate@<name> outputs: <name>.parquet each", is_dir=True)
     out: Path = output_path("UltraFeedback-schema records (the fetch stage reads them)", ".jsonl")
     scores: Path | None = output_path("every raw score", ".parquet", required=False)
-    metrics: Path | None = output_path("counts and per-model mean scores", ".json",
-                                       required=False)  # fmt: skip
+    metrics: Path | None = output_path("counts and per-model mean scores", ".json", required=False)
 
 
 def run_judge(params: Params, paths: JudgePaths) -> dict[str, Any]:
@@ -134,8 +178,16 @@ def run_judge(params: Params, paths: JudgePaths) -> dict[str, Any]:
     from karma.generation.pool import active
 
     if params.completions != "pool":
-        return _write(paths, [], pl.DataFrame(schema=SCORE_SCHEMA),
-                      {"skipped": f"completions: {params.completions}"})  # fmt: skip
+        return _write(
+            paths,
+            [],
+            pl.DataFrame(schema=SCORE_SCHEMA),
+            {"skipped": f"completions: {params.completions}"},
+        )
+    if params.judge.threads is not None:
+        import torch
+
+        torch.set_num_threads(params.judge.threads)
     gens = read_generations(Path(paths.generations), active(params.scores.measured, "pool"))
     comps = gens.filter(pl.col("status") == "ok")
     scores = (judge_reward if params.judge.kind == "reward" else judge_llm)(params, comps)
@@ -143,23 +195,28 @@ def run_judge(params: Params, paths: JudgePaths) -> dict[str, Any]:
     count = dict(zip(counts["status"], counts["count"], strict=True))
     recs = records(comps, scores)
     metrics: dict[str, Any] = {
-        "judged": comps.height, "failed_generations": gens.height - comps.height,
-        "scores": scores.height, "malformed": int(count.get("malformed", 0)),
+        "judged": comps.height,
+        "failed_generations": gens.height - comps.height,
+        "scores": scores.height,
+        "malformed": int(count.get("malformed", 0)),
         "missing": int(count.get("missing", 0)),
         "out_of_range": int(count.get("out_of_range", 0)),
-        "unscored_completions": sum(c["overall_score"] is None
-                                    for r in recs for c in r["completions"]),
-        "meta.kind": params.judge.kind, "meta.method": params.judge.method,
+        "unscored_completions": sum(
+            c["overall_score"] is None for r in recs for c in r["completions"]
+        ),
+        "meta.kind": params.judge.kind,
+        "meta.method": params.judge.method,
         "meta.judge": params.judge.model,
-    }  # fmt: skip
+    }
     means = scores.filter(pl.col("status") == "ok").group_by("model").agg(pl.col("score").mean())
     for name, value in sorted(means.rows()):
         metrics[f"model.{name}.mean_score"] = round(float(value), 4)
     return _write(paths, recs, scores, metrics)
 
 
-def _write(paths: JudgePaths, recs: list[dict[str, Any]], scores: pl.DataFrame,
-           metrics: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _write(
+    paths: JudgePaths, recs: list[dict[str, Any]], scores: pl.DataFrame, metrics: dict[str, Any]
+) -> dict[str, Any]:
     with Path(paths.out).open("w", encoding="utf-8") as f:
         for r in recs:
             f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")

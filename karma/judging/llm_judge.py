@@ -73,22 +73,29 @@ class WeightedJudge:
         import torch
 
         self.cfg = cfg
-        self.model, self.tok = load_causal_lm(cfg.model, dtype=cfg.dtype, revision=cfg.revision,
-                                              device=cfg.device)  # fmt: skip
+        self.model, self.tok = load_causal_lm(
+            cfg.model, dtype=cfg.dtype, revision=cfg.revision, device=cfg.device
+        )
         self.model.eval()
         self.tok.padding_side = "left"
         ids = [self.tok(str(k), add_special_tokens=False)["input_ids"] for k in RATINGS]
         if any(len(i) != 1 for i in ids):
-            raise KarmaError("the judge's tokenizer splits the ratings 1-5",
-                             field="judge.method", value="weighted", expected="generate")  # fmt: skip
+            raise KarmaError(
+                "the judge's tokenizer splits the ratings 1-5",
+                field="judge.method",
+                value="weighted",
+                expected="generate",
+            )
         self.digits = torch.tensor([i[0] for i in ids])
 
     def prompt(self, instruction: str, response: str, aspect: str) -> str:
         budget = max(8, self.cfg.max_length - 160)
-        msg = judge_message(cut(self.tok, instruction, budget // 2),
-                            cut(self.tok, response, budget // 2), aspect)  # fmt: skip
-        text = self.tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
-                                            add_generation_prompt=True)  # fmt: skip
+        msg = judge_message(
+            cut(self.tok, instruction, budget // 2), cut(self.tok, response, budget // 2), aspect
+        )
+        text = self.tok.apply_chat_template(
+            [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
+        )
         return text + "Rating: "
 
     def score(self, texts: Sequence[str]) -> list[tuple[float, float]]:
@@ -97,16 +104,22 @@ class WeightedJudge:
 
         out = []
         for i in range(0, len(texts), self.cfg.batch_size):
-            enc = self.tok(list(texts[i : i + self.cfg.batch_size]), return_tensors="pt",
-                           padding=True, add_special_tokens=False).to(self.model.device)  # fmt: skip
+            enc = self.tok(
+                list(texts[i : i + self.cfg.batch_size]),
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(self.model.device)
             with torch.no_grad():
                 logits = self.model(**enc).logits[:, -1, :].float()
             probs = torch.softmax(logits, dim=-1)[:, self.digits.to(logits.device)]
             mass = probs.sum(-1)
             values = torch.tensor(RATINGS, dtype=torch.float32, device=probs.device)
             expected = (probs * values).sum(-1) / mass
-            out += [(round(float(e), 6), round(float(m), 6)) for e, m in zip(expected, mass,
-                                                                           strict=True)]  # fmt: skip
+            out += [
+                (round(float(e), 6), round(float(m), 6))
+                for e, m in zip(expected, mass, strict=True)
+            ]
         return out
 
 
@@ -117,16 +130,22 @@ class GenerateJudge:
         from karma.generation.engines import open_engine
         from karma.generation.settings import GenerateConfig, PoolModel
 
-        gen = GenerateConfig(engine=cfg.engine, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)  # fmt: skip
+        gen = GenerateConfig(
+            engine=cfg.engine,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            dtype=cfg.dtype,
+            device=cfg.device,
+        )
         self.cfg = cfg
-        self.engine = open_engine(PoolModel(model=cfg.model, revision=cfg.revision), gen,
-                                  "judge")  # fmt: skip
+        self.engine = open_engine(PoolModel(model=cfg.model, revision=cfg.revision), gen, "judge")
 
     def replies(self, messages: Sequence[str]) -> list[str | None]:
         out: list[str | None] = []
         for i in range(0, len(messages), self.cfg.batch_size):
-            chats = [[{"role": "user", "content": m}] for m in messages[i : i + self.cfg.batch_size]]
+            chats = [
+                [{"role": "user", "content": m}] for m in messages[i : i + self.cfg.batch_size]
+            ]
             for (c,) in self.engine.generate(chats, 0):
                 out.append(c.text if c.status == "ok" else None)
         return out
@@ -138,21 +157,30 @@ def load_reward_model(cfg: JudgeConfig) -> tuple[Any, Any]:
 
     extra = {"revision": cfg.revision} if cfg.revision else {}
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                            **extra)  # fmt: skip
+        tok = AutoTokenizer.from_pretrained(
+            cfg.model, trust_remote_code=cfg.trust_remote_code, **extra
+        )
         model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+            cfg.model,
+            dtype=torch_dtype(cfg.dtype),
+            trust_remote_code=cfg.trust_remote_code,
             **extra,
-        )  # fmt: skip
+        )
     except ValueError as err:
         if "trust_remote_code" in str(err):
-            raise KarmaError("the reward model needs its own code", field="judge.trust_remote_code",
-                             value=False, expected="true, if you trust its code") from None  # fmt: skip
-        raise KarmaError(f"cannot load the reward model: {str(err)[:200]}",
-                         file=cfg.model) from None  # fmt: skip
+            raise KarmaError(
+                "the reward model needs its own code",
+                field="judge.trust_remote_code",
+                value=False,
+                expected="true, if you trust its code",
+            ) from None
+        raise KarmaError(
+            f"cannot load the reward model: {str(err)[:200]}", file=cfg.model
+        ) from None
     except OSError as err:
-        raise KarmaError(f"cannot load the reward model: {str(err)[:200]}",
-                         file=cfg.model) from None  # fmt: skip
+        raise KarmaError(
+            f"cannot load the reward model: {str(err)[:200]}", file=cfg.model
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -163,22 +191,32 @@ def load_reward_model(cfg: JudgeConfig) -> tuple[Any, Any]:
 def reward_texts(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[str]:
     """Instruction + response through the chat template (plain text without one)."""
     if getattr(tok, "chat_template", None):
-        return [tok.apply_chat_template([{"role": "user", "content": p},
-                                         {"role": "assistant", "content": r}], tokenize=False)
-                for p, r in pairs]  # fmt: skip
+        return [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                tokenize=False,
+            )
+            for p, r in pairs
+        ]
     return [f"{p}\n\n{r}" for p, r in pairs]
 
 
-def reward_scores(model: Any, tok: Any, texts: Sequence[str], batch_size: int,
-                  max_length: int) -> list[float]:  # fmt: skip
+def reward_scores(
+    model: Any, tok: Any, texts: Sequence[str], batch_size: int, max_length: int
+) -> list[float]:
     """One scalar reward per text, batched (right padding; the model finds the last token)."""
     import torch
 
     tok.padding_side = "right"
     out: list[float] = []
     for i in range(0, len(texts), batch_size):
-        enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
-                  truncation=True, max_length=max_length).to(model.device)  # fmt: skip
+        enc = tok(
+            list(texts[i : i + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        ).to(model.device)
         with torch.no_grad():
             res = model(**enc)
         score = getattr(res, "score", None)

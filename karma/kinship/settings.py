@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from karma.generation.settings import EMBEDDED_POOL, PoolModel
 from karma.core.settings import (
     DEFAULT_GROUPS,
     PAPER_SCALE,
@@ -17,6 +16,7 @@ from karma.core.settings import (
     Similarity,
     setting,
 )
+from karma.generation.settings import EMBEDDED_POOL, PoolModel
 
 #: A measured model's name: a DVC stage key and a params key (no dot), never shell text.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"

@@ -62,6 +62,7 @@ from numba import njit
 
 from karma.core.errors import KarmaError, did_you_mean
 from karma.core.stage import Stage, input_path, output_path
+from karma.pairing.agreement import AgreementTally
 from karma.pairing.ultrafeedback import UltraFeedback
 
 if TYPE_CHECKING:
@@ -1090,6 +1091,7 @@ class PairStream:
         self.pool_counts = np.zeros((pool.m, pool.m), dtype=np.int64)
         self.changed = self.dropped = 0
         self.same = {s: 0 for s in STRATEGIES if s != strategy}
+        self.agreement = AgreementTally()  # every strategy's pairs vs the rating (diagnose)
 
     def add(self, data: UltraFeedback) -> tuple[Any, np.ndarray]:
         """Pair one batch; returns its flat pairs table (:func:`flat_pairs`) and whether each
@@ -1123,9 +1125,11 @@ class PairStream:
             c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
             self.changed += int(((chosen != c0) | (rejected != r0)).sum())
             self.dropped += int((~kept & (reason0 == KEPT)).sum())
+            self.agreement.add(self.strategy, prep.ratings[self.rating], chosen, rejected)
             for other in self.same:
                 co, ro, _ = search(prep, other, tau=self.tau, **kw)
                 self.same[other] += int((kept & (co == chosen) & (ro == rejected)).sum())
+                self.agreement.add(other, prep.ratings[self.rating], co, ro)
         return pairs, test
 
     def metrics(self) -> dict[str, Any]:
@@ -1183,6 +1187,7 @@ class PairStream:
         }
         for other, same in self.same.items():
             out[f"diag.overlap.{other}"] = _round(same / pairs) if pairs else None
+        out.update(self.agreement.metrics())
         out["diag.used.mean_kinship"] = used["mean_kinship"]
         out["diag.used.mean_abs_s_pref_gap"] = used["mean_abs_s_pref_gap"]
         for k, v in pool_stats(self.pool, self.pool_counts).items():
