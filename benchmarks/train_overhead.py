@@ -27,7 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from karma.params import Params
 from karma.training.settings import TrainConfig
-from karma.training.train import TrainPaths, run_train, trl_kwargs
+from karma.training.train import TrainPaths, run_train
+from karma.training.trl_config import trl_kwargs
 from tests.fixtures import build_tiny_model
 
 

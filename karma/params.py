@@ -58,6 +58,7 @@ MOVED = {
     "evaluate.cache_dir": "evaluate.cache",
     "benchmark.embedded": "karma/evaluation/tasks/suites.yaml (benchmark.suite, benchmark.tasks)",
     "evaluate.embedded": "karma/evaluation/tasks/suites.yaml (evaluate.suite, evaluate.tasks)",
+    "select.beta": "select.weight (the MAP authors' w)",
 }
 
 # --------------------------------------------------------------------------- field lookup

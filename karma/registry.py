@@ -32,6 +32,7 @@ PATHS: dict[str, str] = {
     "base": "models/base",
     "selected": "data/selected",
     "select_plot": "plots/select/margins.png",
+    "reference": "data/reference",
     "policy": "models/policy",
     "checkpoints": "checkpoints/train",
     "live": "dvclive/train",
@@ -145,16 +146,29 @@ PIPELINE: tuple[Wiring, ...] = (
         kinds={"metrics": DIAGNOSTIC},
     ),
     Wiring(
-        "train", "karma.training.train:STAGE", "Train a policy with TRL (DPO, SFT, ...).",
+        "reference", "karma.training.reference:STAGE",
+        "Reference log-probs of the pairs (TRL's precompute), stored once.",
+        {"data": "${path.selected}/pairs.parquet", "base": "${path.base}",
+         "eval_data": "${path.preferences}/test_prefs.parquet", "out": "${path.reference}"},
+        deps=("params/recipes",),
+        comment="The base model's log-probs of the training and held-out pairs (TRL's "
+        "precompute), computed once for every reference-model objective and rerun; train "
+        "reads them with train.reference: stored (and then loads no reference model).",
+    ),
+    Wiring(
+        "train", "karma.training.train:STAGE",
+        "Train a policy with a TRL objective (dpo, ipo, simpo, cpo, orpo, kto, sft).",
         {"data": "${path.selected}/pairs.parquet", "base": "${path.base}",
          "eval_data": "${path.preferences}/test_prefs.parquet", "out": "${path.policy}",
          "checkpoints": "${path.checkpoints}", "live_dir": "${path.live}",
-         "metrics": "diagnostics/train.json"},
+         "metrics": "diagnostics/train.json", "reference_logps": "${path.reference}"},
         deps=("params/recipes",),
         kinds={"metrics": DIAGNOSTIC,
                "live_dir": ("outs", {"subpath": "plots/metrics", "cache": False})},
-        comment="Held-out pairs (no prompt of them is trained on) give the preference metrics "
-        "before / after; checkpoints persist, so a killed run resumes from the last one.",
+        comment="Held-out pairs (no prompt of them is trained on) give the method's own "
+        "preference metrics before / after; checkpoints persist, so a killed run resumes from "
+        "the last one. The reference stage's log-probs are read only with train.reference: "
+        "stored.",
     ),
     Wiring(
         "evaluate_base", "karma.evaluation.evaluate:EVALUATE_BASE",

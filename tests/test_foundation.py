@@ -71,11 +71,11 @@ def test_override_errors_name_the_flag_not_the_file(tmp_path: Path) -> None:
         build_params(path, [("select.ratio", 0, "--ratio")])
     assert str(err.value) == "--ratio: out of range (got 0; expected 0 < ratio <= 1)"
     with pytest.raises(KarmaError) as err:
-        build_params(None, [("select.beta", -1, "-S select.beta")])
-    assert str(err.value).startswith("-S select.beta: out of range")
+        build_params(None, [("select.weight", -1, "-S select.weight")])
+    assert str(err.value).startswith("-S select.weight: out of range")
     # overrides win over the file, the file over the defaults
     p = build_params(path, [("seed", 3, "--seed")])
-    assert (p.select.ratio, p.seed, p.select.beta) == (0.5, 3, SelectConfig().beta)
+    assert (p.select.ratio, p.seed, p.select.weight) == (0.5, 3, SelectConfig().weight)
 
 
 def test_params_file_problems(tmp_path: Path) -> None:

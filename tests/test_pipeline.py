@@ -124,7 +124,10 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
     tracked = [k for k, info in iter_fields(Params) if not is_operational(info)]
     write(tracked)
     status = _status(tmp_path)
+    locked = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
     for name, spec in _dvc_stages().items():
+        if name not in locked:  # a stage never run (dvc status: new); dvc repro locks it
+            continue
         listed = {_resolve(k, "x") for k in spec.get("params", [])}
         assert status.get(name, set()) == listed, name
     seen = {k.removesuffix(".x") for k in set().union(*status.values())}

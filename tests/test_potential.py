@@ -95,7 +95,7 @@ def test_float_noise_is_not_signal() -> None:
 
 
 def test_map_scores_and_top_k_by_hand() -> None:
-    out = method_scores("map", EXPLICIT, IMPLICIT, beta=1.0)
+    out = method_scores("map", EXPLICIT, IMPLICIT, weight=1.0)
     np.testing.assert_allclose(out["z_explicit"], Z_E, atol=1e-6)
     np.testing.assert_allclose(out["z_implicit_abs"], Z_I, atol=1e-6)
     # map = z_e - z_i = [1.637935, -0.679131, -1.693887, 0.735083]
@@ -106,11 +106,11 @@ def test_map_scores_and_top_k_by_hand() -> None:
 
 
 def test_beta_weights_implicit_term() -> None:
-    # beta = 2: z_e - 2 z_i = [1.861656, 0.055952, -3.387774, 1.470166]
-    out = method_scores("map", EXPLICIT, IMPLICIT, beta=2.0)
+    # w = 2: z_e - 2 z_i = [1.861656, 0.055952, -3.387774, 1.470166]
+    out = method_scores("map", EXPLICIT, IMPLICIT, weight=2.0)
     np.testing.assert_allclose(out["score"], [1.861656, 0.055952, -3.387774, 1.470166], atol=1e-6)
-    # beta = 0 reduces map to the explicit ranking
-    out0 = method_scores("map", EXPLICIT, IMPLICIT, beta=0.0)
+    # w = 0 reduces map to the explicit ranking
+    out0 = method_scores("map", EXPLICIT, IMPLICIT, weight=0.0)
     np.testing.assert_allclose(out0["score"], Z_E, atol=1e-6)
 
 
@@ -184,8 +184,9 @@ def test_ratio_out_of_range_names_the_flag(ratio: float) -> None:
          " 'map'? (got 'mapp'; expected none | map | explicit | implicit | random)"),
         ("select.ratoi", 0.3, "-S select.ratoi", "-S select.ratoi: unknown key; did you mean"
          " 'ratio'?"),
-        ("select.beta", -1.0, "--beta", "--beta: out of range (got -1.0; expected 0 <= beta)"),
-        ("select.beta", math.inf, "--beta", "--beta: a finite number (got inf)"),
+        ("select.weight", -1.0, "--weight",
+         "--weight: out of range (got -1.0; expected 0 <= weight)"),
+        ("select.weight", math.inf, "--weight", "--weight: a finite number (got inf)"),
         ("select.dpo_beta", 0, "--dpo-beta", "--dpo-beta: out of range (got 0; expected 0 <"),
         ("select.batch_size", 0, "--batch-size", "--batch-size: out of range (got 0; expected"
          " 1 <= batch_size)"),
@@ -475,8 +476,8 @@ def test_cache_hit_loads_no_model_and_returns_identical_values(
     again = implicit_margins(pairs, tiny_model_dir, config=cfg, progress=False)
     assert again.equals(first)
     assert np.ptp(first["margin_implicit"].to_numpy()) > 1e-4  # real margins were cached
-    # ranking settings are not part of the key: ratio / beta / method reuse the scores
-    ranking = SelectConfig(method="explicit", ratio=0.9, beta=3.0, batch_size=4)
+    # ranking settings are not part of the key: ratio / weight / method reuse the scores
+    ranking = SelectConfig(method="explicit", ratio=0.9, weight=3.0, batch_size=4)
     assert implicit_margins(pairs, tiny_model_dir, config=ranking, progress=False).equals(first)
     assert len(loads) == 1
     # other data, other scoring settings, a reference model or cache off -> a miss (a load)
@@ -543,7 +544,7 @@ def test_cache_key_reads_the_model_once_per_change(
     new = margins.cache_key(pairs, model)
     assert margins.cache_key(pairs.reverse(), model) != new
     assert margins.cache_key(pairs, model, config=SelectConfig(max_tokens=4096)) != new
-    assert margins.cache_key(pairs, model, config=SelectConfig(ratio=0.9, beta=2.0)) == new
+    assert margins.cache_key(pairs, model, config=SelectConfig(ratio=0.9, weight=2.0)) == new
 
 
 def test_dpo_form_with_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -694,7 +695,7 @@ def test_cli_select(
         (["--method", "map", "--ratio", "0.05"], "--ratio: keeps zero of 10 pairs"),
         (["--ratio", "0"], "--ratio: out of range (got 0; expected 0 < ratio <= 1)"),
         (["--method", "mapp"], "--method: not one of the choices; did you mean 'map'?"),
-        (["-S", "select.bta=2"], "-S select.bta: unknown key; did you mean 'beta'?"),
+        (["-S", "select.wieght=2"], "-S select.wieght: unknown key; did you mean 'weight'?"),
     ]
     for extra, needle in cases:
         code, stdout, err = _cli([*args, *extra], capsys)
@@ -714,7 +715,9 @@ def test_stage_script_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
     (tmp_path / "data" / "preferences").mkdir(parents=True)
     synthetic_pairs(15).write_parquet(tmp_path / "data" / "preferences" / "pairs.parquet")
-    params = "seed: 3\nselect:\n  method: map\n  ratio: 0.4\n  beta: 1.0\n  explicit: s_pref_gap\n"
+    params = (
+        "seed: 3\nselect:\n  method: map\n  ratio: 0.4\n  weight: 1.0\n  explicit: s_pref_gap\n"
+    )
     (tmp_path / "params.yaml").write_text(params)
     env = {**os.environ, "KARMA_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [
@@ -750,3 +753,42 @@ def test_stage_script_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
         "karma: error: params.yaml: field 'select.ratio': keeps zero of 15 pairs"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_stored_logps_skip_the_forward_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pairs carrying the policy's stored mean log-probs get the logp_mean margin from them,
+    with no model loaded; the ranking is MAP's on that margin."""
+    monkeypatch.setattr(margins, "load_scorer", _no_model)
+    pairs = synthetic_pairs(8).with_columns(
+        chosen_logp_mean=pl.Series([-1.0, -2.0, -0.5, -3.0, -1.5, -2.5, -0.7, -1.1]),
+        rejected_logp_mean=pl.Series([-1.2, -1.0, -0.6, -3.5, -1.5, -2.0, -2.7, -1.0]),
+    )
+    src = tmp_path / "pairs.parquet"
+    pairs.write_parquet(src)
+    paths = SelectPaths(pairs=src, model=tmp_path / "no-model", out=tmp_path / "out")
+    cfg = SelectConfig(method="map", ratio=0.5, weight=2.0)
+    run_select(Params(select=cfg), paths)
+    scored = pl.read_parquet(tmp_path / "out" / "scores.parquet")
+    gap = (pairs["chosen_logp_mean"] - pairs["rejected_logp_mean"]).to_numpy()
+    np.testing.assert_allclose(scored["margin_implicit"].to_numpy(), gap)
+    assert scored["n_tokens_chosen"].null_count() == 8
+    expected = select(pairs, cfg, implicit=_implicit_frame(gap))
+    assert scored["rank"].to_list() == expected["rank"].to_list()
+    bad = pairs.with_columns(chosen_logp_mean=pl.lit(None, dtype=pl.Float64))
+    with pytest.raises(KarmaError, match="field 'chosen_logp_mean': stored log-probs must be"):
+        margins.stored_margins(bad)
+
+
+def test_implicit_form_and_reference_must_agree(tmp_path: Path) -> None:
+    """implicit_form dpo needs --reference; logp_mean refuses one (one line each)."""
+    src = tmp_path / "pairs.parquet"
+    synthetic_pairs(4).write_parquet(src)
+    paths = SelectPaths(pairs=src, model=tmp_path, out=tmp_path / "out")
+    dpo = SelectConfig(method="map", implicit_form="dpo", ratio=0.5)
+    with pytest.raises(KarmaError, match=r"'select\.implicit_form': the DPO-form .* needs a ref"):
+        run_select(Params(select=dpo), paths)
+    with_ref = SelectPaths(pairs=src, model=tmp_path, reference=tmp_path, out=tmp_path / "out")
+    with pytest.raises(KarmaError, match=r"'--reference': a reference model is used only by"):
+        run_select(Params(select=SelectConfig(method="map", ratio=0.5)), with_ref)

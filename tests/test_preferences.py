@@ -1085,7 +1085,7 @@ def test_h4_layout_concatenates_with_h4(demo: Demo, tmp_path: Path) -> None:
 
 def test_to_trl_reads_either_layout(demo: Demo, tmp_path: Path) -> None:
     from karma.selection.select import read_pairs
-    from karma.training.train import load_pairs
+    from karma.training.data import load_pairs
 
     trl_file = _stage(demo, tmp_path, "trl") / "train_prefs.parquet"
     h4_file = _stage(demo, tmp_path, "h4") / "train_prefs.parquet"
@@ -1104,8 +1104,8 @@ def test_to_trl_reads_either_layout(demo: Demo, tmp_path: Path) -> None:
         .select(P.OUTPUT_COLUMNS[:3])
         .equals(read_pairs(trl_file).select(P.OUTPUT_COLUMNS[:3]))
     )
-    for method in ("dpo", "sft"):
-        assert load_pairs(h4_file, method).to_list() == load_pairs(trl_file, method).to_list()
+    for shape in ("paired", "unpaired", "sft"):
+        assert load_pairs(h4_file, shape).to_list() == load_pairs(trl_file, shape).to_list()
 
 
 def test_h4_layout_trains_in_dpo_trainer(demo: Demo, tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -59,7 +59,6 @@ TAU_GRID = [round(-1 + 0.05 * i, 2) for i in range(41)]
 Dtype = Literal["float32", "bfloat16", "float16"]
 SelectMethod = Literal["none", "map", "explicit", "implicit", "random"]
 ExplicitMargin = Literal["s_pref_gap", "rating_gap"]
-TrainMethod = Literal["dpo", "sft"]
 
 #: How the multiple-choice benchmarks are scored (IFEval always by its own checks):
 #: ``loglik``: the log-likelihood of each option (lm-eval's default tasks);

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from karma.core import distributed
 from karma.core.errors import KarmaError
 from karma.core.io import use_limits
 from karma.core.settings import Section, field_at, is_operational, iter_fields, section_type
@@ -175,7 +176,8 @@ def load_stage(ref: str) -> Stage:
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a launched stage, or no launcher (:func:`karma.core.distributed.is_main`)."""
+    return distributed.is_main()
 
 
 def _inside(a: Path, b: Path) -> bool:

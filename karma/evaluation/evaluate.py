@@ -9,15 +9,16 @@ running lives in :mod:`karma.evaluation.lmeval`, task resolution in
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from karma.core import distributed
+from karma.core.distributed import is_main
 from karma.core.errors import KarmaError
 from karma.core.io import read_json, write_json
 from karma.core.stage import Stage, argument, input_path, output_path
-from karma.evaluation.lmeval import is_main, measure, model_row, run_meta
+from karma.evaluation.lmeval import measure, model_row, run_meta
 from karma.evaluation.metrics import compare_runs, model_meta
 from karma.evaluation.settings import EvaluateConfig
 
@@ -141,12 +142,7 @@ def launcher_prefix(section: str) -> Any:
 
     def prefix(params: Params, paths: Any = None) -> list[str] | None:
         n = getattr(params, section).num_processes
-        if n <= 1:
-            return None
-        return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(n), "--max_restarts", "0",
-        ]  # fmt: skip
+        return None if n <= 1 else distributed.torchrun_argv(n)
 
     return prefix
 

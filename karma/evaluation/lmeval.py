@@ -20,12 +20,12 @@ import importlib.util
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from karma.core import distributed
 from karma.core.errors import KarmaError
 from karma.core.io import cache_root, tree_digest
 from karma.evaluation.metrics import flat_key, flatten_metrics
@@ -102,11 +102,6 @@ def model_fingerprint(model: str, *extra: object) -> str:
     return hashlib.sha256(json.dumps([content, *map(str, extra)]).encode()).hexdigest()[:16]
 
 
-def is_main() -> bool:
-    """Rank 0 (or no distributed launch): the process that writes outputs."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def load_lm(model: str, cfg: RunConfig, *, section: str = "evaluate") -> Any:
     """The lm-eval model of ``cfg.backend``; data-parallel when launched with N processes."""
     if cfg.backend == "vllm":
@@ -140,7 +135,7 @@ def _cpu_accelerator() -> Any:
     """Under ``torch.distributed.run`` without CUDA: an accelerate MULTI_CPU state (gloo)."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+    if distributed.world_size() <= 1 or torch.cuda.is_available():
         return None
     from accelerate import Accelerator
 

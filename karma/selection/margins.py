@@ -8,7 +8,13 @@ prompt (SimPO-style, no reference model); with a reference model, the DPO form.
 The response starts after the prompt rendered *with* the generation prompt, so the assistant
 header is context, not scored (``cal_logp`` scores it as part of the response). Scores are
 cached by model content + data + scoring settings (:func:`cache_key`), so changing
-``select.ratio`` or ``select.beta`` does not score the pairs again.
+``select.ratio`` or ``select.weight`` does not score the pairs again.
+
+Two forms (``select.implicit_form``): ``logp_mean``, the authors' reference-free gap of mean
+log-probs under the current policy, and ``dpo``, ``dpo_beta`` times the gap of summed log-ratios
+against a reference model. Pairs that carry stored log-probs of the policy (the columns
+:data:`STORED_COLUMNS`, which a generation stage writes for its own samples) get the
+``logp_mean`` form from them, without a forward pass (:func:`stored_margins`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,44 @@ IMPLICIT_COLUMNS: dict[str, Any] = {
     "n_tokens_rejected": pl.Int64,
     "margin_implicit": pl.Float64,
 }
+
+
+#: Stored per-pair log-probs of the policy: mean log-prob of each response (required) and its
+#: token count (optional).
+STORED_COLUMNS = ("chosen_logp_mean", "rejected_logp_mean")
+STORED_COUNTS = ("chosen_n_tokens", "rejected_n_tokens")
+
+
+def stored_margins(pairs: pl.DataFrame, *, file: object = "pairs") -> pl.DataFrame | None:
+    """The ``logp_mean`` implicit margins from stored log-probs, or None when the pairs do not
+    carry both :data:`STORED_COLUMNS` (a column with a missing or non-finite value fails).
+
+    >>> pairs = pl.DataFrame({"chosen_logp_mean": [-1.0], "rejected_logp_mean": [-1.5]})
+    >>> stored_margins(pairs)["margin_implicit"].to_list()
+    [0.5]
+    """
+    if not all(c in pairs.columns for c in STORED_COLUMNS):
+        return None
+    values = {}
+    for col in STORED_COLUMNS:
+        v = pairs[col].cast(pl.Float64, strict=False)
+        if v.null_count() or not np.isfinite(v.to_numpy()).all():
+            raise KarmaError("stored log-probs must be finite numbers", file=file, field=col,
+                             expected="a mean log-prob per response (no nulls)")  # fmt: skip
+        values[col] = v.to_numpy()
+    counts = [pairs[c].cast(pl.Int64) if c in pairs.columns else pl.Series(c, [None] * pairs.height,
+              dtype=pl.Int64) for c in STORED_COUNTS]  # fmt: skip
+    chosen, rejected = values[STORED_COLUMNS[0]], values[STORED_COLUMNS[1]]
+    return pl.DataFrame(
+        {
+            "logp_chosen": chosen,
+            "logp_rejected": rejected,
+            "n_tokens_chosen": counts[0],
+            "n_tokens_rejected": counts[1],
+            "margin_implicit": chosen - rejected,
+        },
+        schema=IMPLICIT_COLUMNS,
+    )
 
 
 def load_scorer(path: str | os.PathLike[str], *, device: str = "auto") -> tuple[Any, Any]:
@@ -304,8 +348,9 @@ def implicit_margins(
     """Implicit margins of every pair under the model in ``model_dir``.
 
     Without a reference (SimPO-style): ``margin_implicit = mean logp(chosen) - mean logp(rejected)``
-    over response tokens. With ``reference_dir`` (the model is then the trained policy), the DPO
-    form ``dpo_beta * ((sum logp_pi - sum logp_ref)(chosen) - (same)(rejected))``.
+    over response tokens, from the pairs' stored log-probs when they carry them
+    (:func:`stored_margins`). With ``reference_dir`` (the model is then the trained policy), the
+    DPO form ``dpo_beta * ((sum logp_pi - sum logp_ref)(chosen) - (same)(rejected))``.
 
     Returns columns ``logp_chosen``, ``logp_rejected`` (token-averaged, under the model),
     ``n_tokens_chosen``, ``n_tokens_rejected``, ``margin_implicit``. Results are cached under
@@ -314,6 +359,11 @@ def implicit_margins(
     ``config.cache=False`` disables the cache.
     """
     config = config or SelectConfig()
+    stored = None if reference_dir is not None else stored_margins(pairs, file=file)
+    if stored is not None:
+        log.info("implicit margins: the pairs' stored log-probs (%s), no forward pass",
+                 ", ".join(STORED_COLUMNS))  # fmt: skip
+        return stored
     cache_dir = (
         (cache_root("margins") if cache_dir is None else cache_dir) if config.cache else None
     )
@@ -330,25 +380,11 @@ def implicit_margins(
         log.info("implicit margins: cache hit %s", key[:12])
         raw = {c: cached[c].to_numpy() for c in cached.columns}
     else:
-        raw = _score_model(
-            pairs,
-            model_dir,
-            file=file,
-            config=config,
-            device=device,
-            progress=progress,
-            desc="implicit margins",
-        )
+        kw: dict[str, Any] = {"file": file, "config": config, "device": device,
+                              "progress": progress}  # fmt: skip
+        raw = _score_model(pairs, model_dir, desc="implicit margins", **kw)
         if reference_dir is not None:
-            ref = _score_model(
-                pairs,
-                reference_dir,
-                file=file,
-                config=config,
-                device=device,
-                progress=progress,
-                desc="reference log-probs",
-            )
+            ref = _score_model(pairs, reference_dir, desc="reference log-probs", **kw)
             raw["ref_sum_chosen"] = ref["sum_chosen"]
             raw["ref_sum_rejected"] = ref["sum_rejected"]
         if cache_dir is not None:

@@ -3,7 +3,7 @@
 A pair is most useful when the annotation says chosen is much better (large *explicit* margin) and
 the model does not yet separate the two responses (small *implicit* margin)::
 
-    map = z(explicit margin) - beta * z(|implicit margin|)
+    map = z(explicit margin) - w * z(|implicit margin|)
 
 The top ``ratio`` of pairs by the method's score are kept.
 
@@ -11,7 +11,8 @@ Matched against the authors' code (Hesse73/Alignment-Potential-Metric):
 
 * ``metric_selection.py::get_top_score_idx``: z-scores use the population std (``np.std``, ddof=0)
   over the whole dataset; ``rm-xlogp`` = ``z(rm_margin) - logp_weight * z(logp_margin_norm_abs)``
-  (our ``map`` with ``beta``); ``rm_margin`` ranks by ``z(rm_margin)`` (our ``explicit``);
+  (our ``map`` with ``w``, ``select.weight``); ``rm_margin`` ranks by ``z(rm_margin)`` (our
+  ``explicit``);
   ``logp_margin_norm_abs`` ranks by ``-z(|logp margin|)`` ("negative logp margin is better",
   our ``implicit``); ``rand`` is a seeded random choice (our ``random``); the number kept is
   ``int(select_ratio * len(ds))`` (floor) and the top-k are the k largest scores.
@@ -135,7 +136,7 @@ def method_scores(
     explicit: np.ndarray | None,
     implicit: np.ndarray | None,
     *,
-    beta: float = 1.0,
+    weight: float = 1.0,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Z-scores, the MAP score and the ranking ``score`` of ``method`` (not for ``none``).
@@ -155,7 +156,7 @@ def method_scores(
     if implicit is not None:
         out["z_implicit_abs"] = zscore(np.abs(np.asarray(implicit, dtype=np.float64)))
     if "z_explicit" in out and "z_implicit_abs" in out:
-        out["map_score"] = out["z_explicit"] - beta * out["z_implicit_abs"]
+        out["map_score"] = out["z_explicit"] - weight * out["z_implicit_abs"]
     need = {"map": "map_score", "explicit": "z_explicit", "implicit": "z_implicit_abs"}
     if method in need and need[method] not in out:
         raise KarmaError(f"method {method!r} needs margins that were not computed", field="method")
@@ -253,10 +254,10 @@ def select(
                 field="implicit",
             )
         imp = implicit["margin_implicit"].to_numpy()
-        scores = method_scores(config.method, explicit, imp, beta=config.beta, seed=seed)
+        scores = method_scores(config.method, explicit, imp, weight=config.weight, seed=seed)
         rank, kept = top_k(scores["score"], config.ratio)
         cols.update(scores)
-        cols.update({c: implicit[c].to_numpy() for c in implicit.columns if c in SCORE_COLUMNS})
+        cols.update({c: implicit[c] for c in implicit.columns if c in SCORE_COLUMNS})
         cols["margin_explicit"] = explicit
         cols["rank"] = rank
         cols["kept"] = kept
@@ -330,6 +331,18 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
     return pairs
 
 
+def check_form(form: str, reference: object) -> None:
+    """The DPO form needs ``--reference``; the reference-free form must not get one."""
+    if form == "dpo" and reference is None:
+        raise KarmaError("the DPO-form implicit margin needs a reference model",
+                         field="select.implicit_form", value=form,
+                         expected="--reference MODEL_DIR, or implicit_form logp_mean")  # fmt: skip
+    if form == "logp_mean" and reference is not None:
+        raise KarmaError("a reference model is used only by select.implicit_form dpo",
+                         field="--reference", value=str(reference),
+                         expected="no --reference, or -S select.implicit_form=dpo")  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class SelectPaths:
     """Paths of the ``select`` stage."""
@@ -361,10 +374,11 @@ def run_select(params: Params, paths: SelectPaths) -> dict[str, Any]:
 
         explicit_margins(pairs, config.explicit, file=paths.pairs)  # fail fast, before the model
         n_keep(pairs.height, config.ratio)
+        check_form(config.implicit_form, paths.reference)
         implicit = implicit_margins(
             pairs,
             paths.model,
-            reference_dir=paths.reference,
+            reference_dir=paths.reference if config.implicit_form == "dpo" else None,
             dpo_beta=config.dpo_beta,
             config=config,
             file=paths.pairs,
@@ -380,7 +394,7 @@ def run_select(params: Params, paths: SelectPaths) -> dict[str, Any]:
     if paths.plot is not None:
         from karma.selection.figures import margins_scatter
 
-        title = f"select.method={config.method} ratio={config.ratio} beta={config.beta}"
+        title = f"select.method={config.method} ratio={config.ratio} weight={config.weight}"
         margins_scatter(scored, paths.plot, title=title,
                         explicit_label=f"explicit margin ({config.explicit})")  # fmt: skip
     log.info("select: kept %d of %d pairs (%s)", metrics["pairs_kept"], pairs.height, config.method)
@@ -392,6 +406,6 @@ STAGE = Stage(
     settings=("select", "seed"),
     paths=SelectPaths,
     run=run_select,
-    help="Rank pairs by map = z(explicit margin) - beta * z(|implicit margin|) (or one of the "
+    help="Rank pairs by map = z(explicit margin) - w * z(|implicit margin|) (or one of the "
     "margins, or at random) and keep the top ratio; method none keeps every pair.",
 )

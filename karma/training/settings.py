@@ -1,12 +1,20 @@
-"""Settings of the stage train."""
+"""Settings of the stage train.
+
+``train.method`` takes its choices from the training-method registry
+(:mod:`karma.training.objectives`), and each objective has its own ``train.<method>`` block of
+TRL fields (with the entry's defaults): adding an objective adds both.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import create_model, field_validator
 
-from karma.core.settings import Dtype, Section, TrainMethod, setting
+from karma.core.settings import Dtype, Section, setting
+from karma.training.objectives import NAMES, OBJECTIVES
+
+TrainMethod = Literal[NAMES]  # type: ignore[valid-type]
 
 TRL_RESERVED = {
     "output_dir": "karma (checkpoints go to the stage's checkpoint dir)",
@@ -17,12 +25,14 @@ TRL_RESERVED = {
 }
 
 
-class TrainConfig(Section):
-    """Stage ``train``: DPO or SFT with TRL (also reads ``seed``)."""
+class TrainBase(Section):
+    """Stage ``train``: a TRL objective of the registry (also reads ``seed``)."""
 
-    method: TrainMethod = setting("dpo", "dpo (with an explicit reference model) | sft (on chosen)")
+    method: TrainMethod = setting(
+        "dpo", " | ".join(NAMES) + " (the training-method registry, karma/training/objectives.py)"
+    )
     recipe: str | None = setting(
-        None, "a YAML file whose global_batch_size / trl / dpo / sft / lora / dtype override these"
+        None, "a YAML file whose global_batch_size / trl / <method> / lora / dtype override these"
     )
     global_batch_size: int | None = setting(
         4,
@@ -40,10 +50,13 @@ class TrainConfig(Section):
             "max_length": 256,
             "logging_steps": 1,
         },
-        "fields of TRL's DPOConfig / SFTConfig, for either method (the CPU default recipe)",
+        "fields of the method's TRL config, whichever the method (the CPU default recipe)",
     )
-    dpo: dict[str, Any] = setting({"beta": 0.1}, "fields for DPOConfig only")
-    sft: dict[str, Any] = setting({}, "fields for SFTConfig only")
+    reference: Literal["live", "stored"] = setting(
+        "live", "reference log-probs of a reference-model objective: live (the reference model "
+        "is loaded and scores each batch) | stored (the reference stage's, TRL's precompute: "
+        "computed once, no reference model loaded; dpo and ipo)",
+    )  # fmt: skip
     lora: dict[str, Any] | None = setting(
         None, "null, or peft LoraConfig fields, e.g. {r: 16, lora_alpha: 32}"
     )
@@ -70,10 +83,22 @@ class TrainConfig(Section):
         False, "keep the checkpoints after a successful run", operational=True
     )
 
-    @field_validator("trl", "dpo", "sft")
+    def method_args(self, name: str | None = None) -> dict[str, Any]:
+        """The ``train.<name>`` block (default: the chosen method's)."""
+        return dict(getattr(self, name or self.method))
+
+    @field_validator("*")
     @classmethod
-    def _not_reserved(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+    def _not_reserved(cls, value: Any, info: Any) -> Any:
+        if info.field_name != "trl" and info.field_name not in OBJECTIVES:
+            return value
+        objectives = OBJECTIVES.values() if info.field_name == "trl" else [
+            OBJECTIVES[info.field_name]]  # fmt: skip
         for key in value:
+            fixed = {o.name: o.fixed[key] for o in objectives if key in o.fixed}
+            if fixed:
+                raise ValueError(f"{key!r} is set by train.method ({fixed}); another value is "
+                                 "another entry of karma/training/objectives.py")
             if key in TRL_RESERVED:
                 raise ValueError(f"{key!r} is set by {TRL_RESERVED[key]}")
         if "gradient_accumulation_steps" in value and info.data.get("global_batch_size"):
@@ -82,3 +107,18 @@ class TrainConfig(Section):
                 "(set train.global_batch_size: null to choose it yourself)"
             )
         return value
+
+
+#: ``TrainBase`` plus one ``train.<method>`` block per registry entry (TRL fields for that
+#: method's config only, over the entry's defaults).
+TrainConfig = create_model(  # type: ignore[call-overload]
+    "TrainConfig",
+    __base__=TrainBase,
+    __module__=__name__,
+    **{
+        name: (dict[str, Any], setting(dict(o.defaults), f"fields for {o.config.split(':')[1]} "
+                                       f"of method {name} only"))
+        for name, o in OBJECTIVES.items()
+    },
+)
+TrainConfig.__doc__ = TrainBase.__doc__
