@@ -322,6 +322,8 @@ def resolve_tasks(
                 raise KarmaError("task file not found", file=f"{where}.{bench}.task", value=name)
             if name not in embedded and not allow_code and uses_code(path):
                 section = where.split(".")[0]
+                if section not in ("benchmark", "evaluate"):
+                    section = "evaluate or benchmark"
                 raise KarmaError(
                     f"task file runs Python code (!function); allow it with "
                     f"{section}.allow_code: true if you trust it",
