@@ -76,7 +76,7 @@ def build_workspace(ws: Path) -> None:
     """Inputs, earlier outputs of karma, foreign files and the hostile files of ``CASES``."""
     import polars as pl
 
-    from karma.evaluation.evaluate import ensure_punkt
+    from karma.evaluation.taskconfig import ensure_punkt
     from tests.fixtures import synthetic_pairs
 
     ws.mkdir(parents=True, exist_ok=True)
@@ -522,6 +522,9 @@ CASES = [
           "-S", "evaluate.tasks={mine: {task: bad/code.yaml, metric: acc}}"),
          "task file runs Python code (!function); allow it with evaluate.allow_code: true"),
     Case("dvc-yaml-extra-argument", ("dvc-yaml", "extra"), "unexpected extra argument", code=2),
+    Case("compare-extra-argument", ("compare", "main", "ws", "extra"), "unexpected extra argument",
+         code=2),
+    Case("headline-unknown-option", ("headline", "--bogus"), "No such option", code=2),
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip

@@ -64,13 +64,17 @@ TrainMethod = Literal["dpo", "sft"]
 #: How the multiple-choice benchmarks are scored (IFEval always by its own checks):
 #: ``loglik``: the log-likelihood of each option (lm-eval's default tasks);
 #: ``paper``: the KARMA paper's prompting: the model writes its reasoning and the answer letter
-#: is extracted (MMLU-Pro style); ``custom``: a ``tasks`` map of the user's.
-Protocol = Literal["loglik", "paper", "custom"]
+#: is extracted (MMLU-Pro style); ``mixed``: some of each (lm-eval's default suite: generative
+#: MMLU-Pro and IFEval, log-likelihood for the rest); ``custom``: a ``tasks`` map of the user's.
+Protocol = Literal["loglik", "paper", "mixed", "custom"]
 
 #: The six benchmark families, in the order of the KARMA paper's tables.
 BENCHMARKS = ("ifeval", "mmlu_stem", "mmlu_pro", "hellaswag", "arc_easy", "arc_challenge")
 #: lm-eval fraction -> the paper table's unit (percent; its MMLU-Pro column is a fraction).
 PAPER_SCALE = {b: (1.0 if b == "mmlu_pro" else 100.0) for b in BENCHMARKS}
+#: The paper's Table 2 (and Table 4) benchmarks, in its column order; its Total is their 0-1
+#: mean (HellaSwag is only in the origin-model table).
+TABLE2_BENCHMARKS = ("mmlu_stem", "mmlu_pro", "arc_easy", "arc_challenge", "ifeval")
 DEFAULT_GROUPS = {
     "knowledge": ["mmlu_stem", "mmlu_pro"],
     "reasoning": ["arc_easy", "arc_challenge", "hellaswag"],

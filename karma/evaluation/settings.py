@@ -38,6 +38,7 @@ class SuiteSpec(Section):
 
     protocol: Protocol = Field(description="how multiple-choice benchmarks are scored")
     max_gen_toks: int | None = Field(None, ge=1, description="cap on generated tokens")
+    num_fewshot: int | None = Field(None, ge=0, description="shots for every task of the suite")
     tasks: dict[str, TaskSpec] = Field(min_length=1, description="{benchmark: {task, metric}}")
 
 
@@ -166,6 +167,12 @@ class RunConfig(Section):
         if self.max_gen_toks is not None or self.tasks:
             return self.max_gen_toks
         return suites()[self.suite].max_gen_toks
+
+    def shots(self) -> int | None:
+        """Few-shot examples: ``num_fewshot``, else the suite's (each task's own for tasks)."""
+        if self.num_fewshot is not None or self.tasks:
+            return self.num_fewshot
+        return suites()[self.suite].num_fewshot
 
     def protocol_name(self) -> str:
         """The protocol of :meth:`task_map`: ``protocol``, else the suite's (custom for tasks)."""

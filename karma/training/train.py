@@ -86,6 +86,8 @@ TRL_DEFAULTS: dict[str, Any] = {
     "ddp_find_unused_parameters": False,
 }
 
+#: Returned and logged, never written to a versioned output (they vary between reruns).
+TIMINGS = ("tokens_per_second", "wall_time_s")
 # Metric names (as TRL logs them) written to the dvclive curves.
 CURVE_SKIP = (
     "train_runtime",
@@ -1105,8 +1107,8 @@ def run_train(
             "method": cfg.method, "seed": seed, "recipe": cfg.recipe,
             "global_batch_size": cfg.global_batch_size, "lora": cfg.lora is not None,
         })  # fmt: skip
-        if paths.metrics is not None:
-            write_json(paths.metrics, metrics)
+        if paths.metrics is not None:  # timings vary between identical runs: logged only
+            write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in TIMINGS})
         drop_stale(run_dir)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
