@@ -37,7 +37,7 @@ RATING_FIELDS: dict[str, str] = {
     "overall_score": "overall_score",
     "fine_grained_score": "fine-grained_score",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MISSING = {"n/a", "na", "none", ""}
 
 
@@ -584,7 +584,7 @@ def _read_source(source: str | Path, split: str) -> UltraFeedback:
         raise KarmaError("not a file", file=path, expected="a .jsonl/.json/.parquet file")
     if path.is_symlink():
         raise KarmaError("dataset is a dangling symlink", file=path, expected="an existing file")
-    if _HUB_ID.match(str(source)) and not path.suffix:
+    if HUB_ID.match(str(source)) and not path.suffix:
         return _read_hub(str(source), split)
     raise KarmaError(
         "dataset not found",
