@@ -91,10 +91,47 @@ def arrow_text(series: pl.Series) -> Any:
 
 
 def arrow_float(values: np.ndarray) -> Any:
-    """Float64 values as an Arrow array, NaN as null."""
+    """Float64 values as an Arrow array, NaN as null (built from buffers: ``pa.array`` would
+    import pandas to check its argument, a third of a second)."""
     import pyarrow as pa
 
-    return pa.array(values, type=pa.float64(), mask=np.isnan(values))
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    missing = np.isnan(values)
+    nulls = int(missing.sum())
+    if not nulls:
+        return pa.Array.from_buffers(pa.float64(), len(values), [None, pa.py_buffer(values)])
+    valid = pa.py_buffer(np.packbits(~missing, bitorder="little"))
+    data = pa.py_buffer(np.where(missing, 0.0, values))
+    return pa.Array.from_buffers(pa.float64(), len(values), [valid, data], nulls)
+
+
+def arrow_bool(values: np.ndarray) -> Any:
+    """A boolean numpy array as an Arrow array (from buffers: no pandas import)."""
+    import pyarrow as pa
+
+    bits = pa.py_buffer(np.packbits(np.asarray(values, dtype=np.bool_), bitorder="little"))
+    return pa.Array.from_buffers(pa.bool_(), len(values), [None, bits])
+
+
+def arrow_ints(values: np.ndarray) -> Any:
+    """An int32/int64 numpy array as an Arrow array (from buffers: no pandas import)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    kind = pa.int32() if values.dtype == np.int32 else pa.int64()
+    data = pa.py_buffer(values.astype(np.int64, copy=False) if kind == pa.int64() else values)
+    return pa.Array.from_buffers(kind, len(values), [None, data])
+
+
+def repeated_text(text: str, n: int) -> Any:
+    """An Arrow ``string`` array of ``n`` times ``text`` (``pa.repeat`` without ``pa.scalar``,
+    which imports pandas)."""
+    import pyarrow as pa
+
+    raw = text.encode("utf-8")
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(len(raw))
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(raw * n)]
+    return pa.Array.from_buffers(pa.string(), n, buffers)
 
 
 def conversation(parts: Sequence[tuple[str, Any]], order: tuple[str, str]) -> Any:
@@ -103,16 +140,17 @@ def conversation(parts: Sequence[tuple[str, Any]], order: tuple[str, str]) -> An
     import pyarrow as pa
 
     n, k = len(parts[0][1]), len(parts)
-    roles = [pa.repeat(pa.scalar(role, pa.string()), n) for role, _ in parts]
+    roles = [repeated_text(role, n) for role, _ in parts]
     texts = [text for _, text in parts]
     if k == 1:
         fields = {"role": roles[0], "content": texts[0]}
     else:  # interleave: message j of row i sits at k * i + j
-        idx = (np.arange(n)[:, None] + n * np.arange(k)[None, :]).reshape(-1)
+        idx = arrow_ints((np.arange(n)[:, None] + n * np.arange(k)[None, :]).reshape(-1))
         fields = {"role": pa.concat_arrays(roles).take(idx),
                   "content": pa.concat_arrays(texts).take(idx)}  # fmt: skip
     struct = pa.StructArray.from_arrays([fields[f] for f in order], names=list(order))
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, k * n + 1, k, dtype=np.int32)), struct)
+    offsets = arrow_ints(np.arange(0, k * n + 1, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, struct)
 
 
 def layout_of(flat: Any, layout: str) -> Any:

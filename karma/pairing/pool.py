@@ -98,9 +98,9 @@ class Pool:
 @dataclass(frozen=True)
 class Prepared:
     """A batch of instructions as the kernel's arrays against a :class:`Pool`: one entry per
-    completion (``model`` index or -1, ``nonempty``, ``ratings`` per field, a 64-bit
-    ``text_hash`` of the response);
-    ``row0`` is the global row of the batch's first instruction."""
+    completion (``model`` index or -1, ``nonempty``, ``ratings`` per field, the byte length
+    ``text_len`` of the response); ``row0`` is the global row of the batch's first
+    instruction."""
 
     data: UltraFeedback
     pool: Pool
@@ -108,7 +108,7 @@ class Prepared:
     model: np.ndarray
     nonempty: np.ndarray
     ratings: dict[str, np.ndarray]
-    text_hash: np.ndarray
+    text_len: np.ndarray
     row0: int = 0
 
     @property
@@ -149,7 +149,9 @@ def prepare(
     counts_per_row = np.bincount(rows, minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts_per_row, out=offsets[1:])
-    nonempty = (comps["response"].str.strip_chars().str.len_bytes() > 0).to_numpy()
+    response = comps["response"]
+    # not blank = some non-whitespace character (what strip_chars() would leave; no copy)
+    nonempty = response.str.contains(r"\S").to_numpy()
     ratings = {f: comps[f].fill_null(np.nan).to_numpy().astype(np.float64) for f in RATING_FIELDS}
     return Prepared(
         data=data,
@@ -158,8 +160,8 @@ def prepare(
         model=model_index(comps["model"], pool.names, aliases),
         nonempty=np.ascontiguousarray(nonempty, dtype=np.bool_),
         ratings=ratings,
-        # a fast 64-bit hash (polars'); equal hashes are confirmed on the text (search)
-        text_hash=comps["response"].hash(seed=0).to_numpy(),
+        # equal lengths are confirmed on the text (search)
+        text_len=response.str.len_bytes().to_numpy(),
         row0=row0,
     )
 
@@ -172,17 +174,22 @@ def search(
     seed: int,
     rating: str = "overall_score",
     pool: str = "scored",
+    check_text: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`pair_arrays` over a prepared batch, identical texts dropped:
-    ``(chosen, rejected, reason)`` per instruction."""
+    ``(chosen, rejected, reason)`` per instruction. ``check_text=False``: keep identical texts
+    (for a comparison with pairs already checked: an identical pair never equals one of
+    them)."""
     chosen, rejected, reason = pair_arrays(
         prep.offsets, prep.model, prep.nonempty, prep.ratings[rating], prep.s_pref, prep.kin,
         strategy=strategy, tau=tau, seed=seed, pool=pool, row0=prep.row0,
     )  # fmt: skip
+    if not check_text:
+        return chosen, rejected, reason
     kept = np.flatnonzero(reason == KEPT)
-    h = prep.text_hash
-    same = h[chosen[kept]] == h[rejected[kept]]
-    if same.any():  # confirm on the text itself (a hash collision is not an identical text)
+    length = prep.text_len
+    same = length[chosen[kept]] == length[rejected[kept]]
+    if same.any():  # confirm on the text itself
         cand = kept[same]
         resp = prep.data.completions["response"]
         equal = (resp.gather(chosen[cand]) == resp.gather(rejected[cand])).to_numpy()

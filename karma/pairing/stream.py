@@ -176,7 +176,7 @@ class PairStream:
             self.changed += int(((chosen != c0) | (rejected != r0)).sum())
             self.dropped += int((~kept & (reason0 == KEPT)).sum())
             for other in self.same:
-                co, ro, _ = search(prep, other, tau=self.tau, **kw)
+                co, ro, _ = search(prep, other, tau=self.tau, check_text=False, **kw)
                 self.same[other] += int((kept & (co == chosen) & (ro == rejected)).sum())
         return pairs, test
 

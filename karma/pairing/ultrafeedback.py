@@ -546,8 +546,26 @@ def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeed
     return data
 
 
+def model_keys(models: pl.Series) -> pl.Series:
+    """Each model name's case-insensitive key as a small integer (names are stripped and
+    lower-cased; the few distinct spellings are keyed once, then every row by one lookup)."""
+    spellings = models.unique()
+    canonical = spellings.str.strip_chars().str.to_lowercase()
+    ids = {c: i for i, c in enumerate(canonical.unique().sort().to_list())}
+    key = dict(zip(spellings.to_list(), [ids[c] for c in canonical.to_list()], strict=True))
+    return models.replace_strict(key, return_dtype=pl.Int64)
+
+
 def _no_repeated_model(data: UltraFeedback) -> None:
     """Refuse a record whose completions name one model twice (case-insensitive)."""
+    comps = data.completions
+    if comps.height < 2:
+        return
+    # fast check on integer keys; the error path below finds and names the first repeat
+    key = model_keys(comps["model"])
+    combined = comps["row"].cast(pl.Int64) * (int(key.max() or 0) + 1) + key  # type: ignore[operator]
+    if combined.n_unique() == comps.height:
+        return
     keyed = data.completions.select(
         "row", "pos", "model", key=pl.col("model").str.strip_chars().str.to_lowercase()
     )

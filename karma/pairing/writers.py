@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from karma.pairing.layouts import SPLITS, arrow_schema, flat_from_trl, layout_of, layout_table
+from karma.pairing.layouts import (
+    SPLITS,
+    arrow_bool,
+    arrow_schema,
+    flat_from_trl,
+    layout_of,
+    layout_table,
+)
 
 if TYPE_CHECKING:
     from karma.pairing.stream import PreferenceResult
@@ -84,7 +91,7 @@ class SplitWriter:
 
     def _write(self, flat: Any, test: np.ndarray) -> None:
         for name, mask in (("train_prefs", ~test), ("test_prefs", test)):
-            part = flat.filter(mask)
+            part = flat.filter(arrow_bool(mask))
             if part.num_rows:
                 self.files[name].write(layout_of(part, self.layout))
 
