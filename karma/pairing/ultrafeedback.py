@@ -97,6 +97,36 @@ def parse_rating(value: Any, *, file: object, field: str) -> float | None:
     )
 
 
+def _model_response(comp: Any, loc: str, cloc: str) -> tuple[str, str]:
+    """A completion's model name and response, checked (``cloc``: its place in the record)."""
+    if not isinstance(comp, dict):
+        raise KarmaError(
+            "completion is not an object",
+            file=loc,
+            field=cloc,
+            value=type(comp).__name__,
+            expected="{model, response, ...}",
+        )
+    model, resp = comp.get("model"), comp.get("response")
+    if not isinstance(model, str) or not model.strip():
+        raise KarmaError(
+            "completion without a model name",
+            file=loc,
+            field=f"{cloc}.model",
+            value=model,
+            expected="a model name",
+        )
+    if not isinstance(resp, str):
+        raise KarmaError(
+            "completion without a response",
+            file=loc,
+            field=f"{cloc}.response",
+            value=resp,
+            expected="a string",
+        )
+    return model, resp
+
+
 def from_records(
     records: Iterable[tuple[str, Any]], *, file: object, row0: int = 0
 ) -> UltraFeedback:
@@ -142,32 +172,7 @@ def from_records(
         p_source.append(None if src is None else str(src))
         size = len(instr.encode())
         for pos, comp in enumerate(comps):
-            cloc = f"completions[{pos}]"
-            if not isinstance(comp, dict):
-                raise KarmaError(
-                    "completion is not an object",
-                    file=loc,
-                    field=cloc,
-                    value=type(comp).__name__,
-                    expected="{model, response, ...}",
-                )
-            model, resp = comp.get("model"), comp.get("response")
-            if not isinstance(model, str) or not model.strip():
-                raise KarmaError(
-                    "completion without a model name",
-                    file=loc,
-                    field=f"{cloc}.model",
-                    value=model,
-                    expected="a model name",
-                )
-            if not isinstance(resp, str):
-                raise KarmaError(
-                    "completion without a response",
-                    file=loc,
-                    field=f"{cloc}.response",
-                    value=resp,
-                    expected="a string",
-                )
+            model, resp = _model_response(comp, loc, f"completions[{pos}]")
             size += len(resp.encode())
             if size > cap:
                 raise limit_error(loc, f"record of {size}+ bytes of text, more than",
@@ -177,7 +182,8 @@ def from_records(
             c_model.append(model)
             c_resp.append(resp)
             for col, key in RATING_FIELDS.items():
-                ratings[col].append(parse_rating(comp.get(key), file=loc, field=f"{cloc}.{key}"))
+                field = f"completions[{pos}].{key}"
+                ratings[col].append(parse_rating(comp.get(key), file=loc, field=field))
     if not p_instr:
         raise KarmaError(
             "no records (empty file)", file=file, expected="at least one UltraFeedback record"
@@ -251,9 +257,8 @@ def _rating_expr(frame_dtype: pl.DataType, key: str) -> pl.Expr:
     )
 
 
-def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedback:
-    """Validate and flatten a frame with the UltraFeedback columns (vectorised); ``row0``: the
-    row number of its first record (a batch of a larger file)."""
+def _completion_fields(df: pl.DataFrame, file: object) -> dict[str, pl.DataType]:
+    """Check the frame's columns and types; the completions' struct fields and their types."""
     for col in ("instruction", "completions"):
         if col not in df.columns:
             raise KarmaError(
@@ -300,6 +305,11 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
                 value=str(fields[key]),
                 expected="strings",
             )
+    return fields
+
+
+def _check_sizes(df: pl.DataFrame, file: object, row0: int) -> None:
+    """``limits.max_record_bytes``, naming a record of a batch by its global row."""
     try:
         check_record_bytes(df.select("instruction", "completions"), file)
     except KarmaError as err:  # a batch of a larger file: name the record by its global row
@@ -307,23 +317,11 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
             raise
         shift = lambda m: f"record {int(m.group(1)) + row0}"  # noqa: E731
         raise KarmaError(re.sub(r"\brecord (\d+)", shift, str(err), count=1)) from None
-    df = df.with_row_index("row", offset=row0)
-    bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
-    if bad.height:
-        r = bad.row(0, named=True)
-        field = "instruction" if r["instruction"] is None else "completions"
-        raise KarmaError(
-            "missing",
-            file=f"{file}: record {r['row']}",
-            field=field,
-            expected="the instruction text and a list of completions",
-        )
-    source = (
-        pl.col("source").cast(pl.String)
-        if "source" in df.columns
-        else pl.lit(None, dtype=pl.String)
-    )
-    prompts = df.select(pl.col("row"), pl.col("instruction"), source.alias("source"))
+
+
+def _exploded(df: pl.DataFrame, fields: dict[str, pl.DataType]) -> pl.DataFrame:
+    """One row per completion (``row``, ``pos``, ``model``, ``response``, the ratings as
+    Float64 and, for the check, their raw values as ``_raw_<rating>``)."""
     exploded = (
         df.lazy()
         .select("row", "completions")
@@ -338,28 +336,20 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
             ratings += [_rating_expr(fields[key], key).alias(col), raw.alias(f"_raw_{col}")]
         else:
             ratings += [pl.lit(None, dtype=pl.Float64).alias(col)]
-    comps = exploded.select(
+    return exploded.select(
         "row",
         "pos",
         pl.col("completions").struct.field("model").alias("model"),
         pl.col("completions").struct.field("response").alias("response"),
         *ratings,
     ).collect()
-    miss = comps.filter(
-        pl.col("model").is_null()
-        | (pl.col("model").str.strip_chars() == "")
-        | pl.col("response").is_null()
-    )
-    if miss.height:
-        r = miss.row(0, named=True)
-        key = "model" if not r["model"] or not r["model"].strip() else "response"
-        raise KarmaError(
-            f"completion without a {key}",
-            file=f"{file}: record {r['row']}",
-            field=f"completions[{r['pos']}].{key}",
-            value=r[key],
-            expected="a model name and a response string",
-        )
+
+
+def _checked_ratings(
+    comps: pl.DataFrame, fields: dict[str, pl.DataType], file: object
+) -> pl.DataFrame:
+    """Refuse a rating that is not a number ("N/A" is missing) or not finite; drop the raw
+    columns."""
     for col, key in RATING_FIELDS.items():
         raw = f"_raw_{col}"
         if raw not in comps.columns:
@@ -390,7 +380,48 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
             field=f"completions[{r['pos']}]",
             expected="a finite number",
         )
-    comps = comps.cast(COMPLETION_SCHEMA)  # type: ignore[arg-type]
+    return comps
+
+
+def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedback:
+    """Validate and flatten a frame with the UltraFeedback columns (vectorised); ``row0``: the
+    row number of its first record (a batch of a larger file)."""
+    fields = _completion_fields(df, file)
+    _check_sizes(df, file, row0)
+    df = df.with_row_index("row", offset=row0)
+    bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
+    if bad.height:
+        r = bad.row(0, named=True)
+        field = "instruction" if r["instruction"] is None else "completions"
+        raise KarmaError(
+            "missing",
+            file=f"{file}: record {r['row']}",
+            field=field,
+            expected="the instruction text and a list of completions",
+        )
+    source = (
+        pl.col("source").cast(pl.String)
+        if "source" in df.columns
+        else pl.lit(None, dtype=pl.String)
+    )
+    prompts = df.select(pl.col("row"), pl.col("instruction"), source.alias("source"))
+    comps = _exploded(df, fields)
+    miss = comps.filter(
+        pl.col("model").is_null()
+        | (pl.col("model").str.strip_chars() == "")
+        | pl.col("response").is_null()
+    )
+    if miss.height:
+        r = miss.row(0, named=True)
+        key = "model" if not r["model"] or not r["model"].strip() else "response"
+        raise KarmaError(
+            f"completion without a {key}",
+            file=f"{file}: record {r['row']}",
+            field=f"completions[{r['pos']}].{key}",
+            value=r[key],
+            expected="a model name and a response string",
+        )
+    comps = _checked_ratings(comps, fields, file).cast(COMPLETION_SCHEMA)  # type: ignore[arg-type]
     return UltraFeedback(prompts.cast(PROMPT_SCHEMA), comps, str(file))  # type: ignore[arg-type]
 
 
