@@ -543,10 +543,28 @@ def row_group_batches(sizes: Sequence[int], batch_records: int) -> list[tuple[in
     return out
 
 
+def parquet_frames(pf: Any, path: Path, batch_records: int) -> Iterator[pl.DataFrame]:
+    """The :data:`COLUMNS` of an open ``pyarrow.parquet.ParquetFile`` in frames of at most
+    ``batch_records`` rows: decoded by polars in slices of whole row groups (a quarter of the
+    CPU of pyarrow's record batches for nested columns), or as pyarrow's record batches when a
+    row group alone is larger than a batch."""
+    columns = [c for c in COLUMNS if c in pf.schema_arrow.names]
+    meta = pf.metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    slices = row_group_batches(sizes, batch_records)
+    if slices is None:
+        for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
+            frame = pl.from_arrow(batch)
+            assert isinstance(frame, pl.DataFrame)
+            yield frame
+        return
+    lazy = pl.scan_parquet(path).select(columns)
+    for offset, rows in slices:
+        yield lazy.slice(offset, rows).collect()
+
+
 def _parquet_batches(path: Path, batch_records: int) -> Iterator[UltraFeedback]:
-    """A Parquet file's records in batches (decoded by polars in slices of whole row groups,
-    a quarter of the CPU of pyarrow's record batches for nested columns; pyarrow's record
-    batches when a row group is larger than a batch)."""
+    """A Parquet file's records, validated, in batches (:func:`parquet_frames`), read ahead."""
     import pyarrow.parquet as pq
 
     try:  # pre_buffer would keep every row group read so far (memory grows with the file)
@@ -556,29 +574,13 @@ def _parquet_batches(path: Path, batch_records: int) -> Iterator[UltraFeedback]:
             f"cannot read Parquet: {' '.join(str(err).split())[:200]}", file=path
         ) from None
     names = pf.schema_arrow.names
-    columns = [c for c in COLUMNS if c in names]
     if pf.metadata.num_rows == 0 or "completions" not in names:
         yield _read_parquet(path)  # the in-memory reader names what is wrong
         return
-    meta = pf.metadata
-    slices = row_group_batches(
-        [meta.row_group(i).num_rows for i in range(meta.num_row_groups)], batch_records
-    )
-
-    def frames() -> Iterator[pl.DataFrame]:
-        if slices is None:
-            for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
-                frame = pl.from_arrow(batch)
-                assert isinstance(frame, pl.DataFrame)
-                yield frame
-            return
-        lazy = pl.scan_parquet(path).select(columns)
-        for offset, rows in slices:
-            yield lazy.slice(offset, rows).collect()
 
     def batches() -> Iterator[UltraFeedback]:
         row0 = 0
-        for frame in frames():
+        for frame in parquet_frames(pf, path, batch_records):
             yield from_frame(frame, file=path, row0=row0)
             row0 += frame.height
 
