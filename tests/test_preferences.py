@@ -73,7 +73,7 @@ from karma.pairing.rng import (
     splitmix64,
     stream_seed,
 )
-from karma.pairing.settings import PreferencesConfig, Strategy
+from karma.pairing.settings import STRATEGY_HELP, PreferencesConfig, Strategy
 from karma.pairing.split import (
     is_test,
     is_test_reference,
@@ -84,7 +84,10 @@ from karma.pairing.strategies import (
     KARMA_STRATEGIES,
     POOLS,
     RATING_FIELDS,
+    SPECS,
     STRATEGIES,
+    made_by,
+    spec,
     strategy_code,
 )
 from karma.pairing.stream import (
@@ -423,6 +426,39 @@ def test_splitmix_kernel_matches_python() -> None:
             seed=seed,
         )
         assert r[0] == 1 + splitmix64(stream_seed(seed, "rlaif"), 0) % 2
+
+
+# --------------------------------------------------------------------------- strategy table
+def test_the_strategy_table_drives_choices_help_codes_and_card(demo: Demo) -> None:
+    """One entry per strategy: the setting's choices and help, the kernel's codes, which
+    strategies tau constrains and the card's "made by" line all come from SPECS."""
+    assert typing.get_args(Strategy) == STRATEGIES == tuple(s.name for s in SPECS)
+    assert [s.code for s in SPECS] == list(range(len(SPECS)))
+    help_text = Params.model_fields["kinship"].description or ""
+    for s in SPECS:
+        assert s.name in STRATEGY_HELP and f"({s.kind})" in STRATEGY_HELP
+        assert s.name in help_text
+    assert KARMA_STRATEGIES == ("score", "sim", "score_sim")
+    assert [spec(s).karma for s in STRATEGIES] == [True, True, True, False, False]
+    for s in SPECS:
+        card = dataset_card(_demo_pairs(demo, s.name, tau=0.1), dataset="demo", params={})
+        assert " ".join(made_by(s.name, 0.1).split()) in " ".join(card.split())
+    with pytest.raises(KarmaError, match="did you mean 'score_sim'"):
+        spec("score-sim")
+
+
+def test_a_rule_that_returns_a_reason_drops_the_instruction() -> None:
+    """The reference applies a spec's rule: a reason string drops, a pair is ordered by S_pref
+    (equal S_pref: tie) unless the rule orders it."""
+    comps = [{"model": "a", "response": "x", "overall_score": 5.0},
+             {"model": "b", "response": "y", "overall_score": 3.0}]  # fmt: skip
+    s_pref, kin = {"a": 0.2, "b": 0.9}, {("a", "b"): 0.5, ("b", "a"): 0.5}
+    kw = {"tau": 0.1, "seed": 0, "row": 0}
+    assert reference_pair(comps, s_pref, kin, strategy="score", **kw) == (1, 0, "kept")
+    assert reference_pair(comps, s_pref, kin, strategy="rlaif", **kw) == (0, 1, "kept")
+    far = {("a", "b"): 0.0, ("b", "a"): 0.0}
+    assert reference_pair(comps, s_pref, far, strategy="sim", **kw) == (-1, -1, "no_eligible_pair")
+    assert reference_pair(comps, s_pref, far, strategy="random", **kw)[2] == "kept"
 
 
 # --------------------------------------------------------------------------- outputs

@@ -18,17 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from karma.core.errors import KarmaError
 from karma.core.stage import Stage, input_path, output_path
-from karma.pairing.card import dataset_card, summary
-from karma.pairing.kernel import REASONS
-from karma.pairing.pool import Pool, load_kinship_dir
 from karma.pairing.source import source_info
-from karma.pairing.stream import PairStream
-from karma.pairing.writers import SplitWriter
 from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.pairing.stream import PreferenceResult
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +60,26 @@ def gc_paused() -> Iterator[None]:
 
 def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
     """Stage ``preferences``: stream the completions batch by batch, pair them, write the splits
-    as they come, then the card and the metrics (memory does not grow with the data)."""
+    as they come, then the card and the metrics (memory does not grow with the data). The
+    pairing modules (Numba, polars, pyarrow) are imported here, with the collector paused."""
     with gc_paused():
-        return _run(params, paths)
+        result, order = _pair_and_write(params, paths)
+        return _card_and_metrics(params, paths, result, order)
 
 
-def _run(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
+def _pair_and_write(params: Params, paths: PreferencesPaths) -> tuple[PreferenceResult, list[str]]:
+    """Pair every batch and write both splits; the :class:`PreferenceResult` and the models in
+    the score table's order (the heatmap's)."""
     from tqdm.auto import tqdm
 
-    from karma.core.io import write_json
-    from karma.pairing.figures import pair_usage_heatmap
+    from karma.pairing.kernel import REASONS
+    from karma.pairing.pool import Pool, load_kinship_dir
+    from karma.pairing.stream import PairStream, warm_kernels_in_background
     from karma.pairing.ultrafeedback import count_records, iter_ultrafeedback
+    from karma.pairing.writers import SplitWriter
 
     cfg = params.preferences
+    warm = warm_kernels_in_background()
     models, kinship = load_kinship_dir(paths.kinship_dir)
     stream = PairStream(
         Pool.of(models.select("model", "s_pref"), kinship),
@@ -86,8 +91,7 @@ def _run(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
         baseline_pool=cfg.baseline_pool,
         test_fraction=cfg.test_fraction,
     )
-    out = Path(paths.out)
-    writer = SplitWriter(out, cfg.layout)
+    writer = SplitWriter(Path(paths.out), cfg.layout)
     total = count_records(cfg.dataset)
     bar = tqdm(total=total, desc="preferences", unit="instr", mininterval=10,
                disable=not total or total < 10**6)  # fmt: skip
@@ -99,6 +103,7 @@ def _run(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
     finally:
         bar.close()
         writer.close()
+        warm.join()
     result = stream.result()
     if result.counts["pairs"] == 0:
         c = result.counts
@@ -110,6 +115,18 @@ def _run(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
             value=params.kinship,
             expected=f"a strategy and tau ({params.similarity.tau}) that pair some responses",
         )
+    return result, models["model"].to_list()
+
+
+def _card_and_metrics(
+    params: Params, paths: PreferencesPaths, result: PreferenceResult, order: list[str]
+) -> dict[str, Any]:
+    """Write the dataset card, the metrics and the heatmap; the metrics."""
+    from karma.core.io import write_json
+    from karma.pairing.card import dataset_card, summary
+    from karma.pairing.figures import pair_usage_heatmap
+
+    cfg = params.preferences
     metrics = {
         **result.metrics,
         "meta.seed": params.seed,
@@ -131,16 +148,12 @@ def _run(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
     info = source_info(cfg.dataset)
     card = dataset_card(result, dataset=cfg.dataset, params=card_params, layout=cfg.layout,
                         license=info["license"], source=info.get("described"))  # fmt: skip
-    (out / "README.md").write_text(card)
+    (Path(paths.out) / "README.md").write_text(card)
     if paths.metrics is not None:
         write_json(paths.metrics, metrics)
     if paths.plot is not None:
-        pair_usage_heatmap(
-            result.model_pairs,
-            paths.plot,
-            order=models["model"].to_list(),
-            title=f"Model pairs used by '{params.kinship}'",
-        )
+        title = f"Model pairs used by '{params.kinship}'"
+        pair_usage_heatmap(result.model_pairs, paths.plot, order=order, title=title)
     log.info("%s", summary(result))
     return metrics
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -249,6 +250,29 @@ class PairStream:
         frame = pl.DataFrame(schema=FRAME_SCHEMA) if pairs is None else pairs
         return PreferenceResult(frame, counts, metrics, self.strategy, self.tau, self.seed, test,
                                 self.names)  # fmt: skip
+
+
+def warm_kernels() -> None:
+    """Load every Numba kernel of a batch from its cache (numba's first load in a process
+    initialises its compiler: about half a second, most of it in Python)."""
+    from karma.pairing.ultrafeedback import from_records
+
+    comps = [{"model": "a", "response": "x"}, {"model": "b", "response": "y"}]
+    data = from_records([("warm-up", {"instruction": "w", "completions": comps})], file="warm")
+    s_pref = pl.DataFrame({"model": ["a", "b"], "s_pref": [0.0, 1.0]})
+    kin = pl.DataFrame({"model_a": ["a"], "model_b": ["b"], "kinship": [1.0]})
+    try:
+        PairStream(Pool.of(s_pref, kin), test_fraction=0.5).add(data)
+    except Exception as err:  # the real batch meets (and reports) the same problem
+        log.debug("warming the kernels failed: %s", err)
+
+
+def warm_kernels_in_background() -> threading.Thread:
+    """:func:`warm_kernels` in a daemon thread, so that the loading overlaps reading the first
+    batch (a kernel called meanwhile waits for Numba's compiler lock, then runs)."""
+    thread = threading.Thread(target=warm_kernels, name="karma-warm-kernels", daemon=True)
+    thread.start()
+    return thread
 
 
 def make_pairs(
