@@ -26,6 +26,8 @@ repro: install
 
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/deptry karma
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-test

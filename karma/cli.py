@@ -14,41 +14,14 @@ import click
 
 from karma.command import load_stage, make_command, run_click, setup_logging
 from karma.core.errors import did_you_mean
+from karma.registry import commands
 
-#: command -> (stage reference, one-line help)
-STAGES: dict[str, tuple[str, str]] = {
-    "benchmark": (
-        "karma.evaluation.evaluate:BENCHMARK",
-        "Benchmark one model with lm-eval: a score row.",
-    ),
-    "scores": ("karma.kinship.scores:STAGE", "Merge reported and measured scores into one table."),
-    "kinship": ("karma.kinship.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
-    "fetch": (
-        "karma.pairing.fetch:STAGE",
-        "Fetch completions (hub id, dir or file) into a Parquet.",
-    ),
-    "preferences": (
-        "karma.pairing.preferences:STAGE",
-        "Pair responses by kinship (or the baselines).",
-    ),
-    "tau-sweep": (
-        "karma.pairing.tau_sweep:STAGE",
-        "What the kinship threshold does, over a tau grid.",
-    ),
-    "base-model": ("karma.models.base_model:STAGE", "Build the base model directory."),
-    "select": (
-        "karma.selection.select:STAGE",
-        "Select preference pairs by alignment potential (MAP).",
-    ),
-    "train": ("karma.training.train:STAGE", "Train a policy with TRL (DPO or SFT)."),
-    "evaluate": (
-        "karma.evaluation.evaluate:EVALUATE",
-        "Evaluate a model with lm-eval (vs a baseline).",
-    ),
-}
+#: Stage commands, from the registry: name -> (stage ref, short help).
+STAGES: dict[str, tuple[str, str]] = commands()
 OTHER = {
     "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",
     "params": "Print the default params.yaml (every setting with its help).",
+    "dvc-yaml": "Print dvc.yaml as the stage registry generates it (--write: write it).",
 }
 
 
@@ -105,6 +78,18 @@ def params_command() -> None:
     from karma.params import defaults_yaml
 
     click.echo(defaults_yaml(), nl=False)
+
+
+@cli.command("dvc-yaml", help=OTHER["dvc-yaml"])
+@click.option("--write", is_flag=True, help="write dvc.yaml and stages/*.py instead of printing")
+def dvc_yaml_command(write: bool) -> None:
+    from karma import dvcyaml
+
+    if write:
+        for path in dvcyaml.write():
+            click.echo(f"wrote {path}")
+    else:
+        click.echo(dvcyaml.render(), nl=False)
 
 
 @cli.command("report", short_help=OTHER["report"])

@@ -91,77 +91,77 @@ def _setting_options(stage: Stage) -> dict[str, str]:
     return out
 
 
-def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
-    """The click command of a stage: path options, and with ``settings`` the params options."""
-    params: list[click.Parameter] = []
-    path_names = {f.name for f in path_fields(stage.paths)}
+def _path_options(stage: Stage) -> list[click.Parameter]:
     required = required_fields(stage.paths)
+    out: list[click.Parameter] = []
     for f in path_fields(stage.paths):
         meta = f.metadata
         kind = meta["role"]
         metavar = "TEXT" if kind == "arg" else ("DIR" if meta["is_dir"] else "FILE")
-        params.append(
-            click.Option(
-                [_flag(f.name)],
-                metavar=metavar,
-                required=f.name in required,
-                help=f"{meta['help']} ({ROLE_NAMES[kind]})",
-            )
+        out.append(click.Option([_flag(f.name)], metavar=metavar, required=f.name in required,
+                                help=f"{meta['help']} ({ROLE_NAMES[kind]})"))  # fmt: skip
+    return out
+
+
+def _settings_params(options: dict[str, str]) -> list[click.Parameter]:
+    out: list[click.Parameter] = [
+        click.Option(
+            ["--params", "params_file"],
+            metavar="FILE",
+            help="Read settings from this params file (default: the built-in defaults, "
+            "which are those of the committed params.yaml). Flags override it.",
         )
+    ]
+    for name, key in options.items():
+        info = field_info(key)
+        if info.annotation is bool:
+            decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
+            out.append(click.Option(decls, default=None, help=_help(key)))
+        else:
+            out.append(click.Option([_flag(name)], metavar=_metavar(info.annotation),
+                                    default=None, help=_help(key)))  # fmt: skip
+    out.append(
+        click.Option(
+            ["-S", "--set", "assignments"],
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
+        )
+    )
+    return out
+
+
+def _overrides(options: dict[str, str], kwargs: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """``(key, value, flag)`` of every setting given on the command line."""
+    out: list[tuple[str, Any, str]] = []
+    for name, key in options.items():
+        raw = kwargs.get(name)
+        if raw is not None:
+            value = raw if isinstance(raw, bool) else parse_value(key, raw)
+            out.append((key, value, _flag(name)))
+    for item in kwargs.get("assignments", ()):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise KarmaError("expects KEY=VALUE", field="-S", value=item)
+        out.append((key.strip(), parse_value(key.strip(), raw), f"-S {key.strip()}"))
+    return out
+
+
+def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
+    """The click command of a stage: path options, and with ``settings`` the params options."""
+    path_names = {f.name for f in path_fields(stage.paths)}
     options = _setting_options(stage) if settings else {}
     clash = set(options) & path_names
     if clash:
         raise KarmaError("a setting and a path share an option name", value=sorted(clash))
-    if settings:
-        params.append(
-            click.Option(
-                ["--params", "params_file"],
-                metavar="FILE",
-                help="Read settings from this params file (default: the built-in defaults, "
-                "which are those of the committed params.yaml). Flags override it.",
-            )
-        )
-        for name, key in options.items():
-            info = field_info(key)
-            if info.annotation is bool:
-                decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
-                params.append(click.Option(decls, default=None, help=_help(key)))
-            else:
-                params.append(
-                    click.Option(
-                        [_flag(name)],
-                        metavar=_metavar(info.annotation),
-                        default=None,
-                        help=_help(key),
-                    )
-                )
-        params.append(
-            click.Option(
-                ["-S", "--set", "assignments"],
-                multiple=True,
-                metavar="KEY=VALUE",
-                help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
-            )
-        )
+    params = _path_options(stage) + (_settings_params(options) if settings else [])
 
     def callback(**kwargs: Any) -> None:
         flags = {f.name: _flag(f.name) for f in path_fields(stage.paths)}
         flags.update({key: _flag(name) for name, key in options.items()})
-        values = {k: kwargs.pop(k) for k in path_names}
-        paths = stage.paths(**values)
+        paths = stage.paths(**{k: kwargs.pop(k) for k in path_names})
         if settings:
-            overrides: list[tuple[str, Any, str]] = []
-            file = kwargs.pop("params_file")
-            for name, key in options.items():
-                raw = kwargs.get(name)
-                if raw is not None:
-                    value = raw if isinstance(raw, bool) else parse_value(key, raw)
-                    overrides.append((key, value, _flag(name)))
-            for item in kwargs.get("assignments", ()):
-                key, sep, raw = item.partition("=")
-                if not sep or not key.strip():
-                    raise KarmaError("expects KEY=VALUE", field="-S", value=item)
-                overrides.append((key.strip(), parse_value(key.strip(), raw), f"-S {key.strip()}"))
+            file, overrides = kwargs.pop("params_file"), _overrides(options, kwargs)
         else:
             file, overrides = "params.yaml", []
         params_obj = build_params(file, overrides)

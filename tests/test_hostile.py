@@ -412,6 +412,7 @@ CASES = [
     Case("report-repo-missing", ("report", "--repo", "nope", "--out", "new/r"),
          "nope: cannot read DVC experiments"),
     Case("params-extra-argument", ("params", "extra"), "unexpected extra argument", code=2),
+    Case("dvc-yaml-extra-argument", ("dvc-yaml", "extra"), "unexpected extra argument", code=2),
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip

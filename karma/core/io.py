@@ -13,7 +13,6 @@ the limit and how to raise it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from karma.core.errors import KarmaError
+from karma.core.settings import limits, use_limits  # noqa: F401  (re-exported)
 
 #: The one environment variable that moves every karma cache (wheels, NLTK data, lm-eval
 #: responses, MAP margins).
@@ -32,7 +32,6 @@ CACHE_ENV = "KARMA_CACHE_DIR"
 MARKER = ".written-by-karma"
 #: ``atomic_file``'s temporaries: ``.<name>.<pid>.karma-tmp`` (a later write removes dead ones)
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.karma-tmp$")
-_LIMITS: contextvars.ContextVar[Any] = contextvars.ContextVar("karma_limits", default=None)
 
 
 def cache_root(*parts: str) -> Path:
@@ -156,26 +155,6 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- input limits
-
-
-def limits() -> Any:
-    """The active :class:`karma.params.LimitsConfig` (the stage's, else the defaults)."""
-    active = _LIMITS.get()
-    if active is None:
-        from karma.core.settings import LimitsConfig
-
-        active = LimitsConfig()
-    return active
-
-
-@contextlib.contextmanager
-def use_limits(active: Any) -> Iterator[None]:
-    """Make ``active`` the limits of every reader inside the block."""
-    token = _LIMITS.set(active)
-    try:
-        yield
-    finally:
-        _LIMITS.reset(token)
 
 
 def limit_error(file: object, text: str, key: str) -> KarmaError:

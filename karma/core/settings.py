@@ -25,6 +25,8 @@ error; with dataclasses each check is hand-written in ``__post_init__``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -243,8 +245,6 @@ def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, An
 
     ``max_bytes``: the size cap (default ``limits.max_yaml_bytes`` of the running stage).
     """
-    from karma.core.io import limits
-
     p = Path(path)
     if p.is_dir():
         raise KarmaError("is a directory", file=p, expected="a YAML file")
@@ -372,3 +372,26 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+# --------------------------------------------------------------------------- input limits
+
+_LIMITS: contextvars.ContextVar[Any] = contextvars.ContextVar("karma_limits", default=None)
+
+
+def limits() -> Any:
+    """The active :class:`karma.params.LimitsConfig` (the stage's, else the defaults)."""
+    active = _LIMITS.get()
+    if active is None:
+        active = LimitsConfig()
+    return active
+
+
+@contextlib.contextmanager
+def use_limits(active: Any) -> Iterator[None]:
+    """Make ``active`` the limits of every reader inside the block."""
+    token = _LIMITS.set(active)
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)

@@ -127,6 +127,37 @@ class Stage:
         return out
 
 
+class SettingsView:
+    """The settings a stage declared, and nothing else.
+
+    ``view.select.ratio`` works when the stage declares ``select`` (or ``select.ratio``);
+    reading an undeclared key raises: DVC tracks only declared keys, so an undeclared read
+    would be a result that goes stale. ``limits`` (operational) is always readable.
+    """
+
+    def __init__(self, obj: Any, declared: frozenset[str], stage: str, prefix: str = "") -> None:
+        self._obj, self._declared, self._stage, self._prefix = obj, declared, stage, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._prefix + name
+        fields = getattr(type(self._obj), "model_fields", {})
+        if key in self._declared or key == "limits" or name not in fields:
+            return getattr(self._obj, name)  # a declared key, or a method of the section
+        if any(d.startswith(key + ".") for d in self._declared):
+            return SettingsView(getattr(self._obj, name), self._declared, self._stage, key + ".")
+        raise KarmaError(
+            f"stage {self._stage!r} reads a setting it does not declare (add it to its "
+            "Stage settings, so that DVC tracks it)", field=key,
+        )  # fmt: skip
+
+
+def settings_view(stage: Stage, params: Any) -> SettingsView:
+    """``params`` as ``stage`` may read it: its declared sections and keys only."""
+    return SettingsView(params, frozenset(stage.settings), stage.name)
+
+
 def load_stage(ref: str) -> Stage:
     """``"karma.kinship.kinship:STAGE"`` -> the Stage object."""
     module, _, attr = ref.partition(":")
@@ -292,6 +323,7 @@ def execute(stage: Stage, params: Any, paths: Any, *, flag: Callable[[str], str]
 
 
 def _execute(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str]) -> Any:
+    params = settings_view(stage, params)
     if os.environ.get(LAUNCHED_ENV):
         die_with_launcher()
     check_paths(stage, params, paths, flag)

@@ -39,7 +39,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -47,7 +47,9 @@ from karma.core.errors import KarmaError, did_you_mean
 from karma.core.io import cache_root, read_json, tree_digest, write_json
 from karma.core.stage import Stage, argument, input_path, output_path
 from karma.evaluation.settings import EvaluateConfig, RunConfig, TaskSpec
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -912,7 +914,10 @@ def compare_runs(
 class BenchmarkPaths:
     """Paths of the ``benchmark@<name>`` stage."""
 
-    model: str = argument("hub id or local model directory")
+    model: str | None = argument(
+        "hub id or local model directory (default: scores.measured[NAME] of the params)",
+        required=False,
+    )
     name: str | None = argument("model name in the row (default: MODEL)", required=False)
     out: Path | None = output_path("write the row here", ".json", required=False)
     samples: Path | None = output_path(
@@ -928,10 +933,16 @@ def _write_frame(frame: Any, path: Path) -> None:
 def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
     """Stage ``benchmark@<name>``: one origin model's flat score row (+ per-item scores)."""
     cfg = params.benchmark
-    result = measure(paths.model, cfg, section="benchmark")
+    model = paths.model or params.scores.measured.get(paths.name or "")
+    if not model:
+        raise KarmaError(
+            "no model to benchmark", field="--model", value=paths.name,
+            expected="--model, or --name of a model in scores.measured",
+        )  # fmt: skip
+    result = measure(model, cfg, section="benchmark")
     if not _is_main():
         return {}
-    row = _row(result, cfg, paths.name or paths.model)
+    row = _row(result, cfg, paths.name or model)
     if paths.out is not None:
         write_json(paths.out, row)
     if paths.samples is not None:
@@ -1024,7 +1035,7 @@ def launcher_prefix(section: str) -> Any:
 
 BENCHMARK = Stage(
     name="benchmark",
-    settings=("benchmark",),
+    settings=("benchmark", "scores.measured"),
     paths=BenchmarkPaths,
     run=run_benchmark,
     help="Runs the suite's six benchmarks through lm-eval's Python API and writes one row of "

@@ -33,8 +33,6 @@ class TaskSpec(Section):
         return metric if filt in ("", "none") else f"{metric}_{filt}"
 
 
-
-
 class SuiteSpec(Section):
     """One suite of ``karma/evaluation/tasks/suites.yaml``: its protocol and its benchmark map."""
 

@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from karma.kinship.kinship import KinshipResult
+    from karma.kinship.result import KinshipResult
 
 
 from karma.core.plotting import MAX_LABELLED_MODELS, PAIR_STYLE, pyplot, save_figure

@@ -22,7 +22,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -31,7 +31,9 @@ from karma.core.stage import Stage, output_path
 from karma.pairing.source import META_KEY, license_of
 from karma.pairing.ultrafeedback import HUB_ID, UltraFeedback, from_frame, read_ultrafeedback
 from karma.pairing.writers import write_table
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

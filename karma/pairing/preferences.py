@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 from karma.core.errors import KarmaError
 from karma.core.stage import Stage, input_path, output_path
 from karma.pairing.source import source_info
-from karma.params import Params
 
 if TYPE_CHECKING:
     from karma.pairing.stream import PreferenceResult
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

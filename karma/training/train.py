@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import yaml
@@ -59,8 +59,10 @@ from karma.core.io import tree_digest, write_json
 from karma.core.lm import load_causal_lm, provenance, write_provenance
 from karma.core.settings import read_yaml
 from karma.core.stage import Stage, die_with_launcher, input_path, output_path, state_path
-from karma.params import Params
 from karma.training.settings import TrainConfig
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +275,7 @@ def _int_arg(cls: type, args: dict[str, Any], name: str, block: str) -> int:
 def batch_plan(cfg: TrainConfig, world_size: int = 1) -> BatchPlan:
     """Derive gradient accumulation from ``train.global_batch_size`` and the process count.
 
+    >>> from karma.params import Params
     >>> from karma.training.settings import TrainConfig
     >>> cfg = TrainConfig(global_batch_size=96, trl={"per_device_train_batch_size": 6})
     >>> batch_plan(cfg, 4)
@@ -424,6 +427,7 @@ def launcher_prefix(params: Params, paths: TrainPaths | None = None) -> list[str
     underneath). With ``paths`` (the stage process, before launching), everything cheap is
     validated first, so a bad setting is one error line rather than one per process.
 
+    >>> from karma.params import Params
     >>> from karma.training.settings import TrainConfig
     >>> cfg = TrainConfig(launcher="torchrun", num_processes=2)
     >>> " ".join(launcher_prefix(Params(train=cfg))[1:])

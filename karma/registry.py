@@ -1,0 +1,176 @@
+"""The one list of pipeline stages: the ``karma`` commands, ``stages/*.py`` and dvc.yaml derive.
+
+A :class:`Wiring` names a stage's :class:`~karma.core.stage.Stage` object (by reference, so this
+module imports no stage code) and says how DVC runs it: which path each flag gets, extra data
+dependencies, and how an output is declared (out, metric or plot). Everything else is derived
+(:mod:`karma.dvcyaml`): the params each stage lists (its tracked settings), its code deps (the
+import closure of its module) and its inputs and outputs (from the roles of its paths class).
+
+Adding a stage: write its module with a ``STAGE`` (settings in its family's ``settings.py``), add
+one :class:`Wiring` here, then ``karma dvc-yaml --write``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Paths written once (dvc.yaml ``vars``); wiring refers to them as ``${path.NAME}``.
+PATHS: dict[str, str] = {
+    "reported_scores": "data/origin/scores.csv",
+    "measured": "data/benchmark/measured",
+    "benchmark_samples": "data/benchmark/samples",
+    "scores": "data/benchmark/scores.csv",
+    "protocols": "data/benchmark/protocols.json",
+    "kinship": "data/kinship",
+    "kinship_plots": "plots/kinship",
+    "completions": "data/completions.parquet",
+    "preferences": "data/preferences",
+    "tau_sweep": "plots/preferences/tau_sweep",
+    "preferences_plot": "plots/preferences/pairs.png",
+    "base": "models/base",
+    "selected": "data/selected",
+    "select_plot": "plots/select/margins.png",
+    "policy": "models/policy",
+    "checkpoints": "checkpoints/train",
+    "live": "dvclive/train",
+    "base_eval": "data/eval/base",
+    "policy_eval": "data/eval/policy",
+}
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """How DVC runs one stage.
+
+    ``args``: flag field -> value (``${path.x}``); inputs become deps, outputs outs.
+    ``kinds``: output field -> ``(section, options)`` where section is outs | metrics | plots
+    (default: ``metrics`` for a field named metrics, cache false; ``outs`` otherwise; persisted
+    state is ``outs`` with ``persist: true``). A plot option ``subpath`` declares a path inside
+    the output (dvclive's ``plots/metrics``).
+    """
+
+    name: str
+    ref: str
+    help: str
+    args: Mapping[str, str]
+    deps: tuple[str, ...] = ()
+    kinds: Mapping[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    foreach: str | None = None
+    param_deps: bool = True  # the stage's params that name input files are deps too
+    params: tuple[str, ...] = ()  # extra params entries (per instance: ``scores.measured.${key}``)
+    command: str | None = ""  # CLI command name ("" -> name with - for _; None: no command)
+    comment: str = ""
+
+    @property
+    def command_name(self) -> str | None:
+        return self.name.replace("_", "-") if self.command == "" else self.command
+
+
+NO_CACHE = {"cache": False}
+
+PIPELINE: tuple[Wiring, ...] = (
+    Wiring(
+        "benchmark", "karma.evaluation.evaluate:BENCHMARK",
+        "Benchmark one model with lm-eval: a score row.",
+        {"name": "${key}", "out": "${path.measured}/${key}.json",
+         "samples": "${path.benchmark_samples}/${key}.parquet"},
+        deps=("karma/evaluation/tasks",), foreach="${scores.measured}",
+        params=("scores.measured.${key}",),
+        comment="One instance per model in `scores.measured` (its name only reaches the command "
+        "line; the model comes from params): adding a model runs just that model. The row "
+        "records its protocol; the per-item scores stay in the DVC cache.",
+    ),
+    Wiring(
+        "scores", "karma.kinship.scores:STAGE",
+        "Merge reported and measured scores into one table.",
+        {"measured_dir": "${path.measured}", "out": "${path.scores}",
+         "protocols": "${path.protocols}"},
+        comment="Depends on the measured dir (kept in git by its .gitkeep): DVC links it to every "
+        "benchmark instance whose output lies inside, so it runs after them, and also with none.",
+    ),
+    Wiring(
+        "kinship", "karma.kinship.kinship:STAGE",
+        "S_pref, kinship matrix and global kin pairs.",
+        {"scores": "${path.scores}", "protocols": "${path.protocols}",
+         "out": "${path.kinship}", "plots": "${path.kinship_plots}",
+         "metrics": "metrics/kinship.json"},
+        kinds={"plots": ("plots", {})},
+    ),
+    Wiring(
+        "fetch", "karma.pairing.fetch:STAGE",
+        "Fetch completions (hub id, dir or file) into a Parquet.",
+        {"out": "${path.completions}"},
+        deps=("data/demo/ultrafeedback_demo.jsonl",), param_deps=False,
+        comment="The completions as a local Parquet that DVC hashes. The default source is the "
+        "embedded demo set (no hub); a real run pins a hub dataset: dvc exp run -S "
+        "fetch.dataset=openbmb/UltraFeedback -S fetch.revision=<commit sha> (a pinned revision "
+        "is a param, so the fetch re-runs exactly when dataset, revision or split change).",
+    ),
+    Wiring(
+        "preferences", "karma.pairing.preferences:STAGE",
+        "Pair responses by kinship (or the baselines).",
+        {"kinship_dir": "${path.kinship}", "out": "${path.preferences}",
+         "metrics": "metrics/preferences.json", "plot": "${path.preferences_plot}"},
+        kinds={"plot": ("plots", NO_CACHE)},
+    ),
+    Wiring(
+        "tau_sweep", "karma.pairing.tau_sweep:STAGE",
+        "What the kinship threshold does, over a tau grid.",
+        {"kinship_dir": "${path.kinship}", "out": "${path.tau_sweep}.csv",
+         "plot": "${path.tau_sweep}.png"},
+        kinds={"out": ("outs", NO_CACHE), "plot": ("plots", NO_CACHE)},
+        comment="What the kinship threshold does on these completions, over a grid of tau.",
+    ),
+    Wiring(
+        "base_model", "karma.models.base_model:STAGE", "Build the base model directory.",
+        {"out": "${path.base}"},
+    ),
+    Wiring(
+        "select", "karma.selection.select:STAGE",
+        "Select preference pairs by alignment potential (MAP).",
+        {"pairs": "${path.preferences}/train_prefs.parquet", "model": "${path.base}",
+         "out": "${path.selected}", "metrics": "metrics/select.json",
+         "plot": "${path.select_plot}"},
+        kinds={"plot": ("plots", {})},
+    ),
+    Wiring(
+        "train", "karma.training.train:STAGE", "Train a policy with TRL (DPO, SFT, ...).",
+        {"data": "${path.selected}/pairs.parquet", "base": "${path.base}",
+         "eval_data": "${path.preferences}/test_prefs.parquet", "out": "${path.policy}",
+         "checkpoints": "${path.checkpoints}", "live_dir": "${path.live}",
+         "metrics": "metrics/train.json"},
+        deps=("params/recipes",),
+        kinds={"live_dir": ("plots", {"subpath": "plots/metrics", "x": "step", "cache": False})},
+        comment="Held-out pairs (no prompt of them is trained on) give the preference metrics "
+        "before / after; checkpoints persist, so a killed run resumes from the last one.",
+    ),
+    Wiring(
+        "evaluate_base", "karma.evaluation.evaluate:EVALUATE_BASE",
+        "Evaluate the base model with lm-eval.",
+        {"model": "${path.base}", "out": "${path.base_eval}"},
+        deps=("karma/evaluation/tasks",), command=None,
+        comment="Per-item scores (samples.parquet) stay in the DVC cache.",
+    ),
+    Wiring(
+        "evaluate", "karma.evaluation.evaluate:EVALUATE",
+        "Evaluate a model with lm-eval (vs a baseline).",
+        {"model": "${path.policy}", "baseline": "${path.base_eval}",
+         "out": "${path.policy_eval}", "metrics": "metrics/eval.json"},
+        deps=("karma/evaluation/tasks",),
+    ),
+)  # fmt: skip
+
+
+def wiring(name: str) -> Wiring:
+    """The wiring of stage ``name``."""
+    for w in PIPELINE:
+        if w.name == name:
+            return w
+    raise KeyError(name)
+
+
+def commands() -> dict[str, tuple[str, str]]:
+    """CLI command name -> (stage ref, short help), in pipeline order."""
+    return {w.command_name: (w.ref, w.help) for w in PIPELINE if w.command_name}
