@@ -203,12 +203,12 @@ def run_streaming(data: Path, out: Path, strategy: str) -> dict:
 
 def run_floor(data: Path, out: Path) -> dict:
     """Read the input as the stage does (the same frames of the same columns, by the same
-    reader: :func:`karma.pairing.ultrafeedback.parquet_frames`) and write an output of the same
+    reader: :func:`karma.pairing.batching.parquet_frames`) and write an output of the same
     size with the same writer (the stage's files, read back batch by batch and written
     again)."""
     import pyarrow.parquet as pq
 
-    from karma.pairing.ultrafeedback import parquet_frames
+    from karma.pairing.batching import parquet_frames
     from karma.pairing.writers import RowGroupWriter
 
     t0 = time.perf_counter()

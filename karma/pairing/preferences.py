@@ -72,10 +72,11 @@ def _pair_and_write(params: Params, paths: PreferencesPaths) -> tuple[Preference
     the score table's order (the heatmap's)."""
     from tqdm.auto import tqdm
 
+    from karma.pairing.batching import count_records
     from karma.pairing.kernel import REASONS
     from karma.pairing.pool import Pool, load_kinship_dir
     from karma.pairing.stream import PairStream, warm_kernels_in_background
-    from karma.pairing.ultrafeedback import count_records, iter_ultrafeedback
+    from karma.pairing.ultrafeedback import iter_ultrafeedback
     from karma.pairing.writers import SplitWriter
 
     cfg = params.preferences

@@ -156,9 +156,10 @@ def run_sweep(params: Params, paths: SweepPaths) -> dict[str, Any]:
     """Stage ``tau_sweep``: the diagnostics of the KARMA strategies over ``sweep.taus``."""
     from tqdm.auto import tqdm
 
+    from karma.pairing.batching import count_records
     from karma.pairing.figures import tau_sweep_plot
     from karma.pairing.source import source_info
-    from karma.pairing.ultrafeedback import count_records, iter_ultrafeedback
+    from karma.pairing.ultrafeedback import iter_ultrafeedback
 
     cfg, sw = params.preferences, params.sweep
     models, kinship = load_kinship_dir(paths.kinship_dir)

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.io import check_record_bytes, check_size, limit_error, limits, text_lines
+from karma.pairing.batching import parquet_frames, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -452,115 +453,17 @@ def _read_hub(name: str, split: str) -> UltraFeedback:
     return from_frame(df, file=name)
 
 
-#: Columns read from a Parquet file (others, such as annotations, are never loaded).
-COLUMNS = ("source", "instruction", "completions")
-
-
-def count_records(source: str | Path) -> int | None:
-    """The number of records of a local Parquet file (from its footer), else None."""
-    path = Path(source)
-    if not (path.is_file() and path.suffix.lower() in (".parquet", ".pq")):
-        return None
-    import pyarrow.parquet as pq
-
-    try:
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    except Exception:  # the reader reports a broken file
-        return None
-
-
-def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
-    """The items of ``items``, produced ``depth`` ahead in a background thread (so that reading
-    and decoding, which release the GIL, overlap the caller's work); order and errors are
-    those of ``items``."""
-    import contextvars
-    import queue
-    import threading
-
-    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((False, None))
-        except BaseException as err:  # handed to the consumer, raised there
-            q.put((False, err))
-
-    context = (
-        contextvars.copy_context()
-    )  # the stage's limits (karma.core.io.use_limits) apply there
-    thread = threading.Thread(target=context.run, args=(produce,), name="karma-prefetch",
-                              daemon=True)  # fmt: skip
-    thread.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        stop.set()
-
-
 def iter_ultrafeedback(
     source: str | Path, *, split: str = "train", batch_records: int = 100_000
 ) -> Iterator[UltraFeedback]:
     """:func:`read_ultrafeedback` in batches of ``batch_records`` records, with global row
-    numbers: Parquet by record batches (only :data:`COLUMNS`), JSON lines by lines; other
-    sources (a .json file, a hub id) in one batch. Concatenated, the batches are what
-    :func:`read_ultrafeedback` returns, and they are checked as it checks (``limits``, one
-    completion per model and instruction)."""
+    numbers: Parquet by row groups (only :data:`~karma.pairing.batching.COLUMNS`), JSON lines
+    by lines; other sources (a .json file, a hub id) in one batch. Concatenated, the batches
+    are what :func:`read_ultrafeedback` returns, and they are checked as it checks
+    (``limits``, one completion per model and instruction)."""
     for batch in _batches(source, split, batch_records):
         _no_repeated_model(batch)
         yield batch
-
-
-def row_group_batches(sizes: Sequence[int], batch_records: int) -> list[tuple[int, int]] | None:
-    """``(offset, rows)`` slices of whole consecutive row groups of at most ``batch_records``
-    rows each; None when a row group alone is larger (then it would not bound memory)."""
-    if any(n > batch_records for n in sizes):
-        return None
-    out: list[tuple[int, int]] = []
-    start = rows = 0
-    for n in sizes:
-        if rows and rows + n > batch_records:
-            out.append((start, rows))
-            start, rows = start + rows, 0
-        rows += n
-    if rows:
-        out.append((start, rows))
-    return out
-
-
-def parquet_frames(pf: Any, path: Path, batch_records: int) -> Iterator[pl.DataFrame]:
-    """The :data:`COLUMNS` of an open ``pyarrow.parquet.ParquetFile`` in frames of at most
-    ``batch_records`` rows: decoded by polars in slices of whole row groups (a quarter of the
-    CPU of pyarrow's record batches for nested columns), or as pyarrow's record batches when a
-    row group alone is larger than a batch."""
-    columns = [c for c in COLUMNS if c in pf.schema_arrow.names]
-    meta = pf.metadata
-    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    slices = row_group_batches(sizes, batch_records)
-    if slices is None:
-        for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
-            frame = pl.from_arrow(batch)
-            assert isinstance(frame, pl.DataFrame)
-            yield frame
-        return
-    lazy = pl.scan_parquet(path).select(columns)
-    for offset, rows in slices:
-        yield lazy.slice(offset, rows).collect()
 
 
 def _parquet_batches(path: Path, batch_records: int) -> Iterator[UltraFeedback]:
