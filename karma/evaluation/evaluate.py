@@ -20,7 +20,7 @@ benchmark), from which each benchmark's ``score``, 95% interval and standard err
 and, against a baseline, the paired comparison (:func:`karma.core.stats.paired`).
 
 lm-eval is seeded as its command line does (:data:`LM_EVAL_SEEDS`); karma's IFEval tasks score
-each item from its own seed (:mod:`karma.evaluation.evaluate.ifeval`), so they score as ``lm_eval
+each item from its own seed (:mod:`karma.evaluation.ifeval`), so they score as ``lm_eval
 run`` does on the
 same task YAML, in any process count.
 """
@@ -234,7 +234,7 @@ def load_task_config(path: str | Path) -> dict[str, Any]:
         raise KarmaError("task file not found", file=path)
     check_size(path, "max_yaml_bytes", "task file")
     text = path.read_text()
-    if "lm_eval.tasks.ifeval" in text or "karma.evaluation.evaluate.ifeval" in text:
+    if "lm_eval.tasks.ifeval" in text or "karma.evaluation.ifeval" in text:
         _prepare_ifeval()
     try:
         cfg = load_yaml(path, resolve_func=True)

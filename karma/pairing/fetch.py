@@ -6,7 +6,7 @@ directory, both through ``datasets.load_dataset``, or a local .jsonl/.json/.parq
 :func:`karma.pairing.ultrafeedback.read_ultrafeedback`), validates it as UltraFeedback records and
 writes the columns the preferences stage reads (``source``, ``instruction``, ``completions`` =
 ``[{model, response, overall_score, fine-grained_score}]``, ratings parsed to numbers: "N/A" is
-null). Parquet key-value metadata ``karma.pairing.fetch`` records the source (dataset, revision,
+null). Parquet key-value metadata ``karma.fetch`` records the source (dataset, revision,
 split, license), which the preferences stage's dataset card states.
 
 The default source is the embedded demo set, so the default pipeline needs no hub.
@@ -62,7 +62,7 @@ def records_frame(data: UltraFeedback) -> pl.DataFrame:
 
 
 def write_records(data: UltraFeedback, info: dict[str, Any], path: str | Path) -> None:
-    """Write ``data`` as Parquet with the ``karma.pairing.fetch`` record (byte-deterministic)."""
+    """Write ``data`` as Parquet with the ``karma.fetch`` record (byte-deterministic)."""
     import pyarrow as pa
 
     table = records_frame(data).to_arrow(compat_level=pl.CompatLevel.oldest())
