@@ -58,6 +58,26 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class _NoBar:
+    """What :func:`progress_bar` returns below a million records."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int | None) -> Any:
+    """A progress bar over ``total`` instructions from a million on (tqdm, imported only
+    then), else one that shows nothing."""
+    if not total or total < 10**6:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="preferences", unit="instr", mininterval=10)
+
+
 def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
     """Stage ``preferences``: stream the completions batch by batch, pair them, write the splits
     as they come, then the card and the metrics (memory does not grow with the data). The
@@ -70,8 +90,6 @@ def run_preferences(params: Params, paths: PreferencesPaths) -> dict[str, Any]:
 def _pair_and_write(params: Params, paths: PreferencesPaths) -> tuple[PreferenceResult, list[str]]:
     """Pair every batch and write both splits; the :class:`PreferenceResult` and the models in
     the score table's order (the heatmap's)."""
-    from tqdm.auto import tqdm
-
     from karma.pairing.batching import count_records
     from karma.pairing.kernel import REASONS
     from karma.pairing.pool import Pool, load_kinship_dir
@@ -93,9 +111,7 @@ def _pair_and_write(params: Params, paths: PreferencesPaths) -> tuple[Preference
         test_fraction=cfg.test_fraction,
     )
     writer = SplitWriter(Path(paths.out), cfg.layout)
-    total = count_records(cfg.dataset)
-    bar = tqdm(total=total, desc="preferences", unit="instr", mininterval=10,
-               disable=not total or total < 10**6)  # fmt: skip
+    bar = progress_bar(count_records(cfg.dataset))
     try:
         batches = iter_ultrafeedback(cfg.dataset, split=cfg.split, batch_records=cfg.batch_records)
         for batch in batches:
