@@ -22,6 +22,7 @@ OTHER = {
     "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",
     "params": "Print the default params.yaml (every setting with its help).",
     "dvc-yaml": "Print dvc.yaml as the stage registry generates it (--write: write it).",
+    "compare": "Paired differences between two experiments' policies, as Markdown for a PR.",
 }
 
 
@@ -129,22 +130,62 @@ def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: in
     from karma.report import report
 
     if diff_rev:
-        click.echo(report.diff_markdown(report.metrics_diff(diff_rev, repo), diff_rev), nl=False)
+        from karma.report.compare import diff_markdown, metrics_diff
+
+        click.echo(diff_markdown(metrics_diff(diff_rev, repo), diff_rev), nl=False)
         return
     if plots_template:
-        from karma.core.io import atomic_file
+        from karma.report.plots import plots_template as template
 
-        text = report.plots_template(vega_dir)
-        with atomic_file(plots_template) as tmp:
-            Path(tmp).write_text(text, encoding="utf8")
+        _write_owned(plots_template, template(vega_dir), "--plots-template")
         click.echo(f"wrote {plots_template}: dvc plots show --html-template {plots_template}")
         return
+    for name in ("report.md", "report.html"):  # before the (slow) rendering
+        _check_owned(out / name, "--out")
     md, page, n = report.render(repo, workspace=workspace, seed=seed, n_boot=n_boot)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(page)
+    _write_owned(out / "report.md", md, "--out")
+    _write_owned(out / "report.html", page, "--out")
     click.echo(md, nl=False)
     click.echo(f"\nwrote {out / 'report.md'} and {out / 'report.html'} ({n} experiments)")
+
+
+@cli.command("compare", short_help=OTHER["compare"])
+@click.argument("a")
+@click.argument("b")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="The DVC project.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the bootstrap intervals.")  # fmt: skip
+@click.option("--n-boot", type=click.IntRange(100), default=2000, show_default=True,
+              help="Bootstrap resamples per comparison.")  # fmt: skip
+def compare_command(a: str, b: str, repo: Path, seed: int, n_boot: int) -> None:
+    """Compare experiment B with experiment A (names from `dvc exp show`, or git revisions;
+    `workspace` for the workspace): per benchmark the paired difference of the two policies on
+    the same items, with its interval and the test's p (Holm-adjusted across benchmarks), the
+    paper's Total, the held-out metrics and every headline number that changed. Markdown."""
+    from karma.report.compare import compare_markdown
+
+    click.echo(compare_markdown(repo, a, b, seed=seed, n_boot=n_boot), nl=False)
+def _check_owned(path: Path, flag: str) -> None:
+    """Refuse to overwrite a file karma did not write (a link: its target)."""
+    from karma.core.errors import KarmaError
+    from karma.core.io import was_written
+
+    target = path.resolve() if path.is_symlink() else path
+    if target.is_dir() or (target.exists() and not was_written(target)):
+        raise KarmaError("exists and was not written by karma; move it away or choose another "
+                         "path", file=path, field=flag)  # fmt: skip
+
+
+def _write_owned(path: Path, text: str, flag: str) -> None:
+    """Write ``text`` atomically (a symlink: into its target) and record that karma wrote it."""
+    from karma.core.io import atomic_file, record_written
+
+    _check_owned(path, flag)
+    target = path.resolve() if path.is_symlink() else path
+    with atomic_file(target) as tmp:
+        Path(tmp).write_text(text, encoding="utf8")
+    record_written(target)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from karma.core.stage import Stage, load_stage, path_fields
 from karma.params import Params
-from karma.registry import PATHS, PIPELINE, Wiring
+from karma.registry import PATHS, PIPELINE, PLOTS, Wiring
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
@@ -31,7 +32,9 @@ HEADER = """\
 # Each stage: its script in stages/, the import closure of its module as code deps, its data
 # deps, and, key by key, exactly the params that change its outputs (operational knobs such as
 # threads, caches and launchers are not listed: changing them never re-runs a stage).
-# Metrics are small flat JSON kept in git (cache: false).
+# Every stage's full flat metrics are diagnostics/<stage>.json (git-tracked outputs the report
+# reads); the `headline` stage picks the few a reviewer compares into metrics/headline.json, the
+# only DVC metrics file. Plots: only plottable files (top-level `plots:` at the end).
 """
 
 
@@ -116,7 +119,11 @@ def stage_entry(w: Wiring) -> dict[str, Any]:
     unknown = set(w.args) - set(roles)
     if unknown:
         raise ValueError(f"{w.name}: wiring names unknown fields {sorted(unknown)}")
-    cmd = [f"python -m stages.{w.name}"] + [f"{_flag(k)} {v}" for k, v in w.args.items()]
+    flags = w.args if w.cmd_args is None else w.cmd_args
+    cmd = [f"python -m stages.{w.name}"] + [f"{_flag(k)} {v}" for k, v in flags.items()]
+    for part in cmd:  # DVC runs the command through a shell: no params value may be in it
+        if any(not ref.startswith("path.") for ref in re.findall(r"\$\{([^}]*)\}", part)):
+            raise ValueError(f"{w.name}: a params value in the command ({part}); pass it by name")
     module = w.ref.partition(":")[0]
     closure = set(import_closure("karma.command")) | set(import_closure(module))
     code = [f"stages/{w.name}.py"] + [
@@ -208,7 +215,25 @@ def render() -> str:
             if entry.get(key):
                 out += list(_list(key, entry[key], indent))
         out.append("")
+    out += list(_plots())
     return "\n".join(out).rstrip() + "\n"
+
+
+def _plots() -> Iterator[str]:
+    """The top-level ``plots:`` (:data:`karma.registry.PLOTS`)."""
+    yield "plots:"
+    for item in PLOTS:
+        if isinstance(item, str):
+            yield f"  - {item}"
+            continue
+        name, opts = item
+        yield f"  - {name}:"
+        for key, value in opts.items():
+            if isinstance(value, dict):
+                yield f"      {key}:"
+                yield from (f"        {k}: {v}" for k, v in value.items())
+            else:
+                yield f"      {key}: {_scalar(value)}"
 
 
 def script(w: Wiring) -> str:
@@ -221,7 +246,7 @@ def script(w: Wiring) -> str:
         "# would shadow the standard library's select module: drop it (python -m stages.NAME\n"
         "# does not add it).\n"
         "HERE = Path(__file__).resolve().parent\n"
-        "sys.path[:] = [p for p in sys.path if Path(p or \".\").resolve() != HERE]\n\n"
+        'sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]\n\n'
         "from karma.command import stage_main  # noqa: E402\n\n"
         'if __name__ == "__main__":\n'
         f'    stage_main("{w.ref}")\n'

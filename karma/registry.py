@@ -61,6 +61,8 @@ class Wiring:
     param_deps: bool = True  # the stage's params that name input files are deps too
     params: tuple[str, ...] = ()  # extra params entries (per instance: ``scores.measured.${key}``)
     command: str | None = ""  # CLI command name ("" -> name with - for _; None: no command)
+    # the command line's flags when not ``args`` (per instance: no params value in a command)
+    cmd_args: Mapping[str, str] | None = None
     comment: str = ""
 
     @property
@@ -69,6 +71,11 @@ class Wiring:
 
 
 NO_CACHE = {"cache": False}
+#: A stage's full flat metrics: a git-tracked output the report reads, not a DVC metric (the
+#: ``headline`` stage picks the few that are).
+DIAGNOSTIC = ("outs", NO_CACHE)
+#: Code lm-eval loads from the task YAML (``!function``), outside the stages' import closure.
+TASK_DEPS = ("karma/evaluation/tasks", "karma/evaluation/ifeval.py", "karma/evaluation/extract.py")
 
 PIPELINE: tuple[Wiring, ...] = (
     Wiring(
@@ -76,11 +83,13 @@ PIPELINE: tuple[Wiring, ...] = (
         "Benchmark one model with lm-eval: a score row.",
         {"name": "${key}", "out": "${path.measured}/${key}.json",
          "samples": "${path.benchmark_samples}/${key}.parquet"},
-        deps=("karma/evaluation/tasks",), foreach="${scores.measured}",
+        deps=TASK_DEPS, foreach="${scores.measured}",
         params=("scores.measured.${key}",),
-        comment="One instance per model in `scores.measured` (its name only reaches the command "
-        "line; the model comes from params): adding a model runs just that model. The row "
-        "records its protocol; the per-item scores stay in the DVC cache.",
+        cmd_args={"measured_dir": "${path.measured}", "samples_dir": "${path.benchmark_samples}"},
+        comment="One instance per model in `scores.measured`: adding a model runs just that model. "
+        "No params value is shell text: the command holds fixed paths only; the stage takes its "
+        "name from DVC (DVC_STAGE=benchmark@<name>, checked [A-Za-z0-9_-]) and its model from "
+        "params. The row records its protocol; the per-item scores stay in the DVC cache.",
     ),
     Wiring(
         "scores", "karma.kinship.scores:STAGE",
@@ -95,8 +104,8 @@ PIPELINE: tuple[Wiring, ...] = (
         "S_pref, kinship matrix and global kin pairs.",
         {"scores": "${path.scores}", "protocols": "${path.protocols}",
          "out": "${path.kinship}", "plots": "${path.kinship_plots}",
-         "metrics": "metrics/kinship.json"},
-        kinds={"plots": ("plots", {})},
+         "metrics": "diagnostics/kinship.json"},
+        kinds={"metrics": DIAGNOSTIC},
     ),
     Wiring(
         "fetch", "karma.pairing.fetch:STAGE",
@@ -112,15 +121,15 @@ PIPELINE: tuple[Wiring, ...] = (
         "preferences", "karma.pairing.preferences:STAGE",
         "Pair responses by kinship (or the baselines).",
         {"kinship_dir": "${path.kinship}", "out": "${path.preferences}",
-         "metrics": "metrics/preferences.json", "plot": "${path.preferences_plot}"},
-        kinds={"plot": ("plots", NO_CACHE)},
+         "metrics": "diagnostics/preferences.json", "plot": "${path.preferences_plot}"},
+        kinds={"metrics": DIAGNOSTIC, "plot": ("outs", NO_CACHE)},
     ),
     Wiring(
         "tau_sweep", "karma.pairing.tau_sweep:STAGE",
         "What the kinship threshold does, over a tau grid.",
         {"kinship_dir": "${path.kinship}", "out": "${path.tau_sweep}.csv",
          "plot": "${path.tau_sweep}.png"},
-        kinds={"out": ("outs", NO_CACHE), "plot": ("plots", NO_CACHE)},
+        kinds={"out": ("outs", NO_CACHE), "plot": ("outs", NO_CACHE)},
         comment="What the kinship threshold does on these completions, over a grid of tau.",
     ),
     Wiring(
@@ -131,18 +140,19 @@ PIPELINE: tuple[Wiring, ...] = (
         "select", "karma.selection.select:STAGE",
         "Select preference pairs by alignment potential (MAP).",
         {"pairs": "${path.preferences}/train_prefs.parquet", "model": "${path.base}",
-         "out": "${path.selected}", "metrics": "metrics/select.json",
+         "out": "${path.selected}", "metrics": "diagnostics/select.json",
          "plot": "${path.select_plot}"},
-        kinds={"plot": ("plots", {})},
+        kinds={"metrics": DIAGNOSTIC},
     ),
     Wiring(
         "train", "karma.training.train:STAGE", "Train a policy with TRL (DPO, SFT, ...).",
         {"data": "${path.selected}/pairs.parquet", "base": "${path.base}",
          "eval_data": "${path.preferences}/test_prefs.parquet", "out": "${path.policy}",
          "checkpoints": "${path.checkpoints}", "live_dir": "${path.live}",
-         "metrics": "metrics/train.json"},
+         "metrics": "diagnostics/train.json"},
         deps=("params/recipes",),
-        kinds={"live_dir": ("plots", {"subpath": "plots/metrics", "x": "step", "cache": False})},
+        kinds={"metrics": DIAGNOSTIC,
+               "live_dir": ("outs", {"subpath": "plots/metrics", "cache": False})},
         comment="Held-out pairs (no prompt of them is trained on) give the preference metrics "
         "before / after; checkpoints persist, so a killed run resumes from the last one.",
     ),
@@ -150,16 +160,44 @@ PIPELINE: tuple[Wiring, ...] = (
         "evaluate_base", "karma.evaluation.evaluate:EVALUATE_BASE",
         "Evaluate the base model with lm-eval.",
         {"model": "${path.base}", "out": "${path.base_eval}"},
-        deps=("karma/evaluation/tasks",), command=None,
+        deps=TASK_DEPS, command=None,
         comment="Per-item scores (samples.parquet) stay in the DVC cache.",
     ),
     Wiring(
         "evaluate", "karma.evaluation.evaluate:EVALUATE",
         "Evaluate a model with lm-eval (vs a baseline).",
         {"model": "${path.policy}", "baseline": "${path.base_eval}",
-         "out": "${path.policy_eval}", "metrics": "metrics/eval.json"},
-        deps=("karma/evaluation/tasks",),
+         "out": "${path.policy_eval}", "metrics": "diagnostics/eval.json"},
+        deps=TASK_DEPS, kinds={"metrics": DIAGNOSTIC},
+        comment="diagnostics/eval.json: base.*, policy.*, delta.* (paired interval, exact test, "
+        "Holm-adjusted p), the paper's Total, meta.*.",
     ),
+    Wiring(
+        "headline", "karma.report.headline:STAGE",
+        "The headline metrics (dvc exp show) from the diagnostics.",
+        {"diagnostics": "diagnostics", "out": "metrics/headline.json"},
+        kinds={"out": ("metrics", NO_CACHE)},
+        comment="What a reviewer compares (at most ~40 keys): per benchmark the policy score, its "
+        "paired delta with interval and Holm-adjusted significance, the paper's Total, held-out "
+        "metrics, pairs. The only DVC metrics file; every stage's full metrics are diagnostics.",
+    ),
+)  # fmt: skip
+
+#: Top-level ``plots:`` of dvc.yaml: only plottable files, each with its template and axes (the
+#: PNGs are drawn as images). The MAP margin scatter is left out: the default run selects
+#: nothing, and ``karma report`` shows it when a run does.
+PLOTS: tuple[str | tuple[str, dict[str, Any]], ...] = (
+    "plots/kinship/kinship_heatmap.png",
+    "plots/kinship/pca.png",
+    "plots/kinship/dendrogram_all.png",
+    "plots/preferences/pairs.png",
+    "plots/preferences/tau_sweep.png",
+    ("training loss", {"template": "linear", "x": "step",
+                       "y": {"dvclive/train/plots/metrics/loss.tsv": "loss"}}),
+    ("reward accuracy (training batches)", {"template": "linear", "x": "step",
+     "y": {"dvclive/train/plots/metrics/rewards/accuracies.tsv": "accuracies"}}),
+    ("reward margin (training batches)", {"template": "linear", "x": "step",
+     "y": {"dvclive/train/plots/metrics/rewards/margins.tsv": "margins"}}),
 )  # fmt: skip
 
 

@@ -241,6 +241,19 @@ def test_every_stage_script_writes_what_its_command_writes(
             if out == "tm.json":  # wall time and throughput are measurements, not results
                 fa, fb = ({k: _no_timing(v) for k, v in f.items()} for f in (fa, fb))
             assert fa and fa == fb, (script, out, sorted(fa), sorted(fb))
+    # the headline stage reads the stages' diagnostics (here under their own names)
+    (a / "diag").mkdir()
+    for stage, name in (("kinship", "km"), ("preferences", "pm"), ("select", "sm"),
+                        ("train", "tm"), ("eval", "ep")):  # fmt: skip
+        shutil.copy(a / f"{name}.json", a / "diag" / f"{stage}.json")
+    _script("headline", ["--diagnostics", "diag", "--out", "hl.json"], a)
+    _command(["headline", "--params", pfile, "--diagnostics", "diag", "--out", str(b / "hl.json")])
+    assert (a / "hl.json").read_bytes() == (b / "hl.json").read_bytes()
+    headline = json.loads((a / "hl.json").read_text())
+    assert "pairs.trained" in headline and "arc_e.delta" in headline
+    assert not any(
+        "time" in k or "per_second" in k for k in json.loads((a / "tm.json").read_text())
+    )
 
 
 def _no_timing(raw: bytes) -> dict[str, Any]:
