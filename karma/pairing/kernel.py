@@ -9,6 +9,8 @@ on random instructions. A new strategy is a ``_pick_*`` function and a branch of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numba import njit
 
@@ -170,6 +172,40 @@ def _rlaif_row(lo, hi, cand, model, nonempty, rating, s_pref, pool_all, draw):  
 
 
 @njit(cache=True)
+def _pair_row(strategy, lo, hi, cand, model, nonempty, rating, s_pref, kin, tau, stream, row,
+              pool_all):  # type: ignore[no-untyped-def]  # fmt: skip
+    """One instruction (completions ``lo:hi``): (chosen, rejected, reason)."""
+    if strategy == RLAIF:
+        draw = splitmix64_nb(stream, np.uint64(row))
+        return _rlaif_row(lo, hi, cand, model, nonempty, rating, s_pref, pool_all, draw)
+    ncand = 0
+    nne = 0
+    for c in range(lo, hi):
+        ok = False
+        if nonempty[c]:
+            nne += 1
+            if model[c] >= 0 and not np.isnan(s_pref[model[c]]):
+                ok = True
+                ncand += 1
+        cand[c] = ok
+    if ncand < 2:
+        return -1, -1, UNKNOWN if nne >= 2 else TOO_FEW
+    draw = np.uint64(0)
+    if strategy == RANDOM:
+        draw = splitmix64_nb(stream, np.uint64(row))
+    a, b = _pick(strategy, lo, hi, cand, ncand, model, s_pref, kin, tau, draw)
+    if a < 0:
+        return -1, -1, NO_ELIGIBLE
+    sa = s_pref[model[a]]
+    sb = s_pref[model[b]]
+    if sa == sb:
+        return -1, -1, TIE
+    if sa > sb:
+        return a, b, KEPT
+    return b, a, KEPT
+
+
+@njit(cache=True)
 def pair_kernel(
     offsets: np.ndarray,  # int64 (n+1,)  completions of instruction i: offsets[i]:offsets[i+1]
     model: np.ndarray,  # int64 (c,)  index into s_pref / kin, -1 = unknown
@@ -187,52 +223,44 @@ def pair_kernel(
     out_reason: np.ndarray,  # int8 (n,)
 ) -> None:
     """Pair every instruction (see :func:`pair_arrays`)."""
-    n = offsets.shape[0] - 1
     cand = np.zeros(model.shape[0], dtype=np.bool_)
-    for i in range(n):
-        lo = offsets[i]
-        hi = offsets[i + 1]
-        out_chosen[i] = -1
-        out_rejected[i] = -1
-        if strategy == RLAIF:
-            draw = splitmix64_nb(stream, np.uint64(row0 + i))
-            c, r, why = _rlaif_row(lo, hi, cand, model, nonempty, rating, s_pref, pool_all, draw)
-            out_chosen[i] = c
-            out_rejected[i] = r
-            out_reason[i] = why
+    for i in range(offsets.shape[0] - 1):
+        c, r, why = _pair_row(strategy, offsets[i], offsets[i + 1], cand, model, nonempty,
+                              rating, s_pref, kin, tau, stream, row0 + i, pool_all)  # fmt: skip
+        out_chosen[i] = c
+        out_rejected[i] = r
+        out_reason[i] = why
+
+
+@njit(cache=True)
+def same_pair_kernel(
+    offsets: np.ndarray,
+    model: np.ndarray,
+    nonempty: np.ndarray,
+    rating: np.ndarray,
+    s_pref: np.ndarray,
+    kin: np.ndarray,
+    strategies: np.ndarray,  # int64 (k,) strategy codes
+    streams: np.ndarray,  # uint64 (k,) their random streams
+    tau: float,
+    row0: int,
+    pool_all: bool,
+    chosen: np.ndarray,  # int64 (n,) the pairs to compare with (-1: none)
+    rejected: np.ndarray,
+    out: np.ndarray,  # int64 (k,) += instructions where strategy k makes the same pair
+) -> None:
+    """How often each strategy makes the same (chosen, rejected) pair, over the instructions
+    with a pair (identical texts need no check: such a pair is never among the given ones)."""
+    cand = np.zeros(model.shape[0], dtype=np.bool_)
+    for i in range(offsets.shape[0] - 1):
+        if chosen[i] < 0:
             continue
-        ncand = 0
-        nne = 0
-        for c in range(lo, hi):
-            ok = False
-            if nonempty[c]:
-                nne += 1
-                if model[c] >= 0 and not np.isnan(s_pref[model[c]]):
-                    ok = True
-                    ncand += 1
-            cand[c] = ok
-        if ncand < 2:
-            out_reason[i] = UNKNOWN if nne >= 2 else TOO_FEW
-            continue
-        draw = np.uint64(0)
-        if strategy == RANDOM:
-            draw = splitmix64_nb(stream, np.uint64(row0 + i))
-        a, b = _pick(strategy, lo, hi, cand, ncand, model, s_pref, kin, tau, draw)
-        if a < 0:
-            out_reason[i] = NO_ELIGIBLE
-            continue
-        sa = s_pref[model[a]]
-        sb = s_pref[model[b]]
-        if sa == sb:
-            out_reason[i] = TIE
-            continue
-        if sa > sb:
-            out_chosen[i] = a
-            out_rejected[i] = b
-        else:
-            out_chosen[i] = b
-            out_rejected[i] = a
-        out_reason[i] = KEPT
+        for k in range(strategies.shape[0]):
+            c, r, _ = _pair_row(strategies[k], offsets[i], offsets[i + 1], cand, model,
+                                nonempty, rating, s_pref, kin, tau, streams[k], row0 + i,
+                                pool_all)  # fmt: skip
+            if c == chosen[i] and r == rejected[i]:
+                out[k] += 1
 
 
 @njit(cache=True)
@@ -296,3 +324,44 @@ def pair_arrays(
         reason,
     )
     return chosen, rejected, reason
+
+
+def same_pairs(
+    offsets: np.ndarray,
+    model: np.ndarray,
+    nonempty: np.ndarray,
+    rating: np.ndarray,
+    s_pref: np.ndarray,
+    kin: np.ndarray,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    *,
+    strategies: Sequence[str],
+    tau: float = 0.1,
+    seed: int = 0,
+    pool: str = "scored",
+    row0: int = 0,
+) -> dict[str, int]:
+    """For each of ``strategies``: on how many instructions it makes the pair ``(chosen[i],
+    rejected[i])`` (instructions without one are skipped); one pass, what comparing
+    :func:`pair_arrays` of each strategy with the pairs would count."""
+    codes = np.array([strategy_code(s) for s in strategies], dtype=np.int64)
+    streams = np.array([stream_seed(seed, s) for s in strategies], dtype=np.uint64)
+    out = np.zeros(len(strategies), dtype=np.int64)
+    same_pair_kernel(
+        np.ascontiguousarray(offsets, dtype=np.int64),
+        np.ascontiguousarray(model, dtype=np.int64),
+        np.ascontiguousarray(nonempty, dtype=np.bool_),
+        np.ascontiguousarray(rating, dtype=np.float64),
+        np.ascontiguousarray(s_pref, dtype=np.float64),
+        np.ascontiguousarray(kin, dtype=np.float64),
+        codes,
+        streams,
+        float(tau),
+        int(row0),
+        pool == "all",
+        np.ascontiguousarray(chosen, dtype=np.int64),
+        np.ascontiguousarray(rejected, dtype=np.int64),
+        out,
+    )
+    return dict(zip(strategies, out.tolist(), strict=True))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from karma.pairing.kernel import KEPT, REASONS
+from karma.pairing.kernel import KEPT, REASONS, same_pairs
 from karma.pairing.layouts import FRAME_SCHEMA, arrow_float, arrow_text, trl_frame
 from karma.pairing.pool import (
     Pool,
@@ -176,9 +176,13 @@ class PairStream:
             c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
             self.changed += int(((chosen != c0) | (rejected != r0)).sum())
             self.dropped += int((~kept & (reason0 == KEPT)).sum())
-            for other in self.same:
-                co, ro, _ = search(prep, other, tau=self.tau, check_text=False, **kw)
-                self.same[other] += int((kept & (co == chosen) & (ro == rejected)).sum())
+            same = same_pairs(
+                prep.offsets, prep.model, prep.nonempty, prep.ratings[self.rating], prep.s_pref,
+                prep.kin, chosen, rejected, strategies=list(self.same), tau=self.tau,
+                seed=self.seed, pool=self.baseline_pool, row0=prep.row0,
+            )  # fmt: skip
+            for other, n in same.items():
+                self.same[other] += n
         return pairs, test
 
     def metrics(self) -> dict[str, Any]:
