@@ -279,20 +279,27 @@ def measured_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
             "--samples", f"{opts['--samples-dir']}/{name}.parquet"]  # fmt: skip
 
 
-def generate_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """The arguments of ``generate@<name>``, as :func:`measured_argv`: the name from DVC
-    (``DVC_STAGE``), the output under ``--generations-dir``, the prompts as given."""
+def generations_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The arguments of ``generate@<name>``: its name from DVC (``DVC_STAGE``), its output in
+    ``--generations-dir``; the model comes from params (as :func:`measured_argv`)."""
     opts = dict(zip(argv[::2], argv[1::2], strict=False))
     stage = env.get("DVC_STAGE", "")
     name = stage.partition("@")[2]
     if not MEASURED_NAME.fullmatch(name):
-        raise KarmaError("not a measured model's name", field="DVC_STAGE", value=stage or None,
+        raise KarmaError("not a pool model's name", field="DVC_STAGE", value=stage or None,
                          expected="generate@<name>, name of [A-Za-z0-9_-]")  # fmt: skip
-    missing = [k for k in ("--generations-dir", "--prompts") if not opts.get(k)]
+    missing = [k for k in ("--prompts", "--generations-dir") if not opts.get(k)]
     if missing:
         raise KarmaError("missing option", field=missing[0], expected="a path")
     return ["--name", name, "--prompts", opts["--prompts"],
             "--out", f"{opts['--generations-dir']}/{name}.parquet"]  # fmt: skip
+
+
+#: Stage instances whose name reaches them only through DVC: stage -> (marker flag, argv).
+INSTANCE_ARGV = {
+    "benchmark": ("--measured-dir", measured_argv),
+    "generate": ("--generations-dir", generations_argv),
+}
 
 
 def stage_main(ref: str) -> None:
@@ -301,13 +308,9 @@ def stage_main(ref: str) -> None:
     stage = load_stage(ref)
     command = make_command(stage, f"stages/{stage.name}", stage.help, settings=False)
     argv = sys.argv[1:]
-    dvc_instance = {
-        "benchmark": ("--measured-dir", measured_argv),
-        "generate": ("--generations-dir", generate_argv),
-    }.get(stage.name)
-    if dvc_instance is not None and dvc_instance[0] in argv:  # dvc.yaml's <stage>@<name>
+    if stage.name in INSTANCE_ARGV and INSTANCE_ARGV[stage.name][0] in argv:  # <stage>@<name>
         try:
-            argv = dvc_instance[1](argv, os.environ)
+            argv = INSTANCE_ARGV[stage.name][1](argv, os.environ)
         except KarmaError as err:
             click.echo(f"karma: error: {err}", err=True)
             sys.exit(1)

@@ -18,13 +18,19 @@ from typing import Any
 
 from karma.core import settings
 from karma.core.errors import KarmaError
-from karma.core.settings import PARAMS_FILE, LimitsConfig, Section, Strategy, setting
+from karma.core.settings import PARAMS_FILE, LimitsConfig, Section, setting
 from karma.evaluation.settings import BenchmarkConfig, EvaluateConfig
 from karma.generation.settings import Completions, GenerateConfig, PromptsConfig
 from karma.judging.settings import JudgeConfig
 from karma.kinship.settings import ScoresConfig, SimilarityConfig
 from karma.models.settings import BaseModelConfig
-from karma.pairing.settings import FetchConfig, PreferencesConfig, SweepConfig
+from karma.pairing.settings import (
+    STRATEGY_HELP,
+    FetchConfig,
+    PreferencesConfig,
+    Strategy,
+    SweepConfig,
+)
 from karma.selection.settings import SelectConfig
 from karma.selfplay.settings import MAX_ROUNDS, SelfplayConfig
 from karma.training.settings import TrainConfig
@@ -33,10 +39,7 @@ from karma.training.settings import TrainConfig
 class Params(Section):
     """The whole ``params.yaml``: two top-level keys and one section per stage."""
 
-    kinship: Strategy = setting(
-        "score", "pairing strategy: score | sim | score_sim (KARMA) | rlaif (AI-feedback "
-        "baseline) | random (ablation); dvc exp run -S kinship=sim"
-    )  # fmt: skip
+    kinship: Strategy = setting("score", STRATEGY_HELP)
     seed: int = setting(0, "one seed for every random choice in the pipeline", ge=0, lt=2**63)
     completions: Completions = setting(
         "dataset", "dataset (fetch: UltraFeedback-schema completions) | pool (the pool in "

@@ -125,10 +125,12 @@ PIPELINE: tuple[Wiring, ...] = (
         kinds={"metrics": DIAGNOSTIC},
     ),
     Wiring(
-        "prompts", "karma.generation.generate:PROMPTS", "The pool's prompt set (seeded sample).",
+        "prompts", "karma.generation.generate:PROMPTS",
+        "The pool's prompt set (a seeded sample).",
         {"out": "${path.prompts}"},
-        comment="The pool's prompt set (completions: pool, and the self-play rounds): a seeded "
-        "sample of UltraFeedback instructions.",
+        deps=("data/demo/ultrafeedback_demo.jsonl",), param_deps=False,
+        comment="The pool's prompt set (completions: pool): a seeded sample of UltraFeedback "
+        "instructions (the embedded demo set, a local file or a hub id at a pinned revision).",
     ),
     Wiring(
         "generate", "karma.generation.generate:STAGE",
@@ -138,8 +140,10 @@ PIPELINE: tuple[Wiring, ...] = (
         deps=("${path.base}",), foreach="${scores.measured}",
         params=("scores.measured.${key}",),
         cmd_args={"prompts": "${path.prompts}", "generations_dir": "${path.generations}"},
-        comment="One instance per pool model (scores.measured): under completions: dataset each "
-        "writes an empty table without loading a model.",
+        comment="One instance per pool model (scores.measured): adding a model runs just its "
+        "benchmark and generation and what reads the whole pool. Under completions: dataset "
+        "each writes an empty table without loading a model. Derived pool models are built from "
+        "the base model. Scale-out: dvc exp run --queue, then dvc queue start -j N.",
     ),
     Wiring(
         "judge", "karma.judging.judge:STAGE",
@@ -147,8 +151,9 @@ PIPELINE: tuple[Wiring, ...] = (
         {"generations": "${path.generations}", "out": "${path.judged}",
          "scores": "${path.judge_scores}", "metrics": "diagnostics/judge.json"},
         deps=("${path.base}",), kinds={"metrics": DIAGNOSTIC},
-        comment="Scores every pool completion; depends on the generations dir (kept in git by "
-        "its .gitkeep), so it runs after every generate instance.",
+        comment="Scores every pool completion (the default judge is the base model); depends on "
+        "the generations dir (kept in git by its .gitkeep), so it runs after every generate "
+        "instance.",
     ),
     Wiring(
         "fetch", "karma.pairing.fetch:STAGE",
@@ -158,7 +163,8 @@ PIPELINE: tuple[Wiring, ...] = (
         comment="The completions as a local Parquet that DVC hashes. The default source is the "
         "embedded demo set (no hub); a real run pins a hub dataset: dvc exp run -S "
         "fetch.dataset=openbmb/UltraFeedback -S fetch.revision=<commit sha> (a pinned revision "
-        "is a param, so the fetch re-runs exactly when dataset, revision or split change).",
+        "is a param, so the fetch re-runs exactly when dataset, revision or split change). With "
+        "completions: pool it reads the judge stage's records instead.",
     ),
     Wiring(
         "preferences", "karma.pairing.preferences:STAGE",
@@ -228,6 +234,15 @@ PIPELINE: tuple[Wiring, ...] = (
         comment="diagnostics/eval.json: base.*, policy.*, delta.* (paired interval, exact test, "
         "Holm-adjusted p), the paper's Total, meta.*.",
     ),
+    Wiring(
+        "headline", "karma.report.headline:STAGE",
+        "The headline metrics (dvc exp show) from the diagnostics.",
+        {"diagnostics": "diagnostics", "out": "metrics/headline.json"},
+        kinds={"out": ("metrics", NO_CACHE)},
+        comment="What a reviewer compares (at most ~40 keys): per benchmark the policy score, its "
+        "paired delta with interval and Holm-adjusted significance, the paper's Total, held-out "
+        "metrics, pairs. The only DVC metrics file; every stage's full metrics are diagnostics.",
+    ),
     *(
         Wiring(
             f"sp_{step}", ref, help, args, deps=deps, foreach="${sp_rounds}", kinds=kinds,
@@ -268,15 +283,6 @@ PIPELINE: tuple[Wiring, ...] = (
              "metrics/selfplay/round_<k>.json: the round's judge score, pairs made and kept, "
              "held-out metrics, benchmark deltas with intervals, weight hashes."),
         )
-    ),
-    Wiring(
-        "headline", "karma.report.headline:STAGE",
-        "The headline metrics (dvc exp show) from the diagnostics.",
-        {"diagnostics": "diagnostics", "out": "metrics/headline.json"},
-        kinds={"out": ("metrics", NO_CACHE)},
-        comment="What a reviewer compares (at most ~40 keys): per benchmark the policy score, its "
-        "paired delta with interval and Holm-adjusted significance, the paper's Total, held-out "
-        "metrics, pairs. The only DVC metrics file; every stage's full metrics are diagnostics.",
     ),
 )  # fmt: skip
 

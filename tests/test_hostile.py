@@ -519,6 +519,10 @@ CASES = [
     Case("scores-two-set-keys-of-equal-length",
          (*SC, "-S", "scores.scale.ifeval=1", "-S", "scores.scale.arc_easy=-1"),
          "-S scores.scale.arc_easy: out of range"),
+    Case("evaluate-section-error-names-both-flags",
+         (*EV, "-S", "evaluate.backend=vllm", "-S", "evaluate.num_processes=2"),
+         "-S evaluate.backend or -S evaluate.num_processes: num_processes must be 1 with backend "
+         "vllm"),
     Case("train-trl-max-steps-not-a-number", (*TR, "-S", "train.trl.max_steps=many"),
          "-S train.trl.max_steps: wrong type (got 'many'; expected int)"),
     Case("train-trl-negative-learning-rate", (*TR, "-S", "train.trl.learning_rate=-1"),
@@ -842,13 +846,13 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
     import matplotlib.pyplot  # noqa: F401  (imported before the forks: children start at once)
 
     import karma.pairing.figures
-    import karma.pairing.preferences
+    import karma.pairing.kernel
 
     with contextlib.suppress(Exception):  # load numba's compiled kernels once, for every child
         import numpy as np
 
         one = np.array([1.0, 2.0])
-        karma.pairing.preferences.pair_arrays(np.array([0, 2]), np.array([0, 1]), one > 0, one, one,
+        karma.pairing.kernel.pair_arrays(np.array([0, 2]), np.array([0, 1]), one > 0, one, one,
                                       np.eye(2), strategy="score")  # fmt: skip
     os.chdir(ws)
 

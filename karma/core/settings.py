@@ -47,7 +47,6 @@ PARAMS_FILE = "params.yaml"
 
 # --------------------------------------------------------------------------- names
 
-Strategy = Literal["score", "sim", "score_sim", "rlaif", "random"]
 Similarity = Literal["cosine", "pearson", "euclidean"]
 Rating = Literal["overall_score", "fine_grained_score"]
 Layout = Literal["trl", "h4"]

@@ -212,7 +212,47 @@ def trl_kwargs(
         )
     if torch.accelerator.current_accelerator() is None:
         kwargs.setdefault("use_cpu", True)
-    return _coerce_numbers(obj.config_class(), kwargs)
+    kwargs = _coerce_numbers(obj.config_class(), kwargs)
+    method_args = cfg.method_args()
+    for key in {**cfg.trl, **method_args}:
+        where = f"train.{cfg.method if key in method_args else 'trl'}.{key}"
+        check_value(obj.config_class(), key, kwargs[key], where)
+    return kwargs
+
+
+#: TRL fields whose value must be positive (TRL accepts a negative rate, then fails mid-run).
+POSITIVE = {"learning_rate", "beta", "gradient_accumulation_steps", "save_steps", "logging_steps"}
+NON_NEGATIVE = {"weight_decay", "warmup_ratio", "warmup_steps", "num_train_epochs",
+                "max_grad_norm", "label_smoothing"}  # fmt: skip
+
+
+def check_value(cls: type, key: str, value: Any, where: str) -> None:
+    """A TRL setting of the field's type (int, float, bool, text) and sign, named by its key."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+    if field is None or isinstance(field.type, str):
+        return
+    kinds = set(typing.get_args(field.type)) or {field.type}
+    if value is None and type(None) in kinds:
+        return
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }
+    checks = [ok[k] for k in kinds if k in ok]
+    if checks and len(checks) == len(kinds - {type(None)}) and not any(c(value) for c in checks):
+        names = " | ".join(sorted("null" if k is type(None) else getattr(k, "__name__", str(k))
+                                  for k in kinds))  # fmt: skip
+        raise KarmaError("wrong type", field=where, value=value, expected=names)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key in POSITIVE and not value > 0:
+            raise KarmaError("out of range", field=where, value=value, expected=f"{key} > 0")
+        if key in NON_NEGATIVE and not value >= 0:
+            raise KarmaError("out of range", field=where, value=value, expected=f"{key} >= 0")
+        if key == "max_steps" and (value == 0 or value < -1):
+            raise KarmaError("out of range", field=where, value=value,
+                             expected="max_steps > 0, or -1 (train by epochs)")  # fmt: skip
 
 
 def _user_block(cfg: TrainConfig, key: str) -> str:
