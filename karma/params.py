@@ -62,7 +62,7 @@ class Params(Section):
     select: SelectConfig = setting(SelectConfig, "stage select")
     train: TrainConfig = setting(TrainConfig, "stage train")
     evaluate: EvaluateConfig = setting(EvaluateConfig, "stages evaluate_base and evaluate")
-    selfplay: SelfplayConfig = setting(SelfplayConfig, "stages sp_plan and sp_<step>_<round>")
+    selfplay: SelfplayConfig = setting(SelfplayConfig, "stages sp_<step>@r<k> (self-play rounds)")
     limits: LimitsConfig = setting(LimitsConfig, "input limits of every stage (operational)")
 
 

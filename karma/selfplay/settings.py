@@ -1,4 +1,4 @@
-"""Settings of MAP's self-play rounds (stages ``sp_plan`` and ``sp_<step>_<k>``).
+"""Settings of MAP's self-play rounds (stages ``sp_<step>@r<k>``).
 
 ``rounds`` itself is a top-level param (``dvc exp run -S rounds=2``); this section holds what a
 round does. :data:`MAX_ROUNDS` is how many rounds ``dvc.yaml`` unrolls (DVC templates cannot
