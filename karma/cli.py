@@ -135,18 +135,16 @@ def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: in
         click.echo(diff_markdown(metrics_diff(diff_rev, repo), diff_rev), nl=False)
         return
     if plots_template:
-        from karma.core.io import atomic_file
         from karma.report.plots import plots_template as template
 
-        text = template(vega_dir)
-        with atomic_file(plots_template) as tmp:
-            Path(tmp).write_text(text, encoding="utf8")
+        _write_owned(plots_template, template(vega_dir), "--plots-template")
         click.echo(f"wrote {plots_template}: dvc plots show --html-template {plots_template}")
         return
+    for name in ("report.md", "report.html"):  # before the (slow) rendering
+        _check_owned(out / name, "--out")
     md, page, n = report.render(repo, workspace=workspace, seed=seed, n_boot=n_boot)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(page)
+    _write_owned(out / "report.md", md, "--out")
+    _write_owned(out / "report.html", page, "--out")
     click.echo(md, nl=False)
     click.echo(f"\nwrote {out / 'report.md'} and {out / 'report.html'} ({n} experiments)")
 
@@ -168,6 +166,26 @@ def compare_command(a: str, b: str, repo: Path, seed: int, n_boot: int) -> None:
     from karma.report.compare import compare_markdown
 
     click.echo(compare_markdown(repo, a, b, seed=seed, n_boot=n_boot), nl=False)
+def _check_owned(path: Path, flag: str) -> None:
+    """Refuse to overwrite a file karma did not write (a link: its target)."""
+    from karma.core.errors import KarmaError
+    from karma.core.io import was_written
+
+    target = path.resolve() if path.is_symlink() else path
+    if target.is_dir() or (target.exists() and not was_written(target)):
+        raise KarmaError("exists and was not written by karma; move it away or choose another "
+                         "path", file=path, field=flag)  # fmt: skip
+
+
+def _write_owned(path: Path, text: str, flag: str) -> None:
+    """Write ``text`` atomically (a symlink: into its target) and record that karma wrote it."""
+    from karma.core.io import atomic_file, record_written
+
+    _check_owned(path, flag)
+    target = path.resolve() if path.is_symlink() else path
+    with atomic_file(target) as tmp:
+        Path(tmp).write_text(text, encoding="utf8")
+    record_written(target)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,11 @@ def stage_entry(w: Wiring) -> dict[str, Any]:
     unknown = set(w.args) - set(roles)
     if unknown:
         raise ValueError(f"{w.name}: wiring names unknown fields {sorted(unknown)}")
-    cmd = [f"python -m stages.{w.name}"] + [f"{_flag(k)} {v}" for k, v in w.args.items()]
+    flags = w.args if w.cmd_args is None else w.cmd_args
+    cmd = [f"python -m stages.{w.name}"] + [f"{_flag(k)} {v}" for k, v in flags.items()]
+    for part in cmd:  # DVC runs the command through a shell: no params value may be in it
+        if any(not ref.startswith("path.") for ref in re.findall(r"\$\{([^}]*)\}", part)):
+            raise ValueError(f"{w.name}: a params value in the command ({part}); pass it by name")
     module = w.ref.partition(":")[0]
     closure = set(import_closure("karma.command")) | set(import_closure(module))
     code = [f"stages/{w.name}.py"] + [

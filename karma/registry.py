@@ -62,6 +62,8 @@ class Wiring:
     param_deps: bool = True  # the stage's params that name input files are deps too
     params: tuple[str, ...] = ()  # extra params entries (per instance: ``scores.measured.${key}``)
     command: str | None = ""  # CLI command name ("" -> name with - for _; None: no command)
+    # the command line's flags when not ``args`` (per instance: no params value in a command)
+    cmd_args: Mapping[str, str] | None = None
     comment: str = ""
 
     @property
@@ -84,9 +86,11 @@ PIPELINE: tuple[Wiring, ...] = (
          "samples": "${path.benchmark_samples}/${key}.parquet"},
         deps=TASK_DEPS, foreach="${scores.measured}",
         params=("scores.measured.${key}",),
-        comment="One instance per model in `scores.measured` (its name only reaches the command "
-        "line; the model comes from params): adding a model runs just that model. The row "
-        "records its protocol; the per-item scores stay in the DVC cache.",
+        cmd_args={"measured_dir": "${path.measured}", "samples_dir": "${path.benchmark_samples}"},
+        comment="One instance per model in `scores.measured`: adding a model runs just that model. "
+        "No params value is shell text: the command holds fixed paths only; the stage takes its "
+        "name from DVC (DVC_STAGE=benchmark@<name>, checked [A-Za-z0-9_-]) and its model from "
+        "params. The row records its protocol; the per-item scores stay in the DVC cache.",
     ),
     Wiring(
         "scores", "karma.kinship.scores:STAGE",

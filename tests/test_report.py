@@ -526,6 +526,10 @@ def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
                                       str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "| ARC-E | +2.0 |" in result.output and "(mcnemar)" in result.output
+    # a git revision names the experiment of that commit (the baseline: score, seed 0)
+    result = CliRunner().invoke(cli, ["compare", "HEAD", names["sim"], "--repo", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "| ARC-E | -18.0 |" in result.output  # sim 21 of 50 vs score 30 of 50
 
 
 def test_dvc_plots_show_offline_template(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -207,7 +207,7 @@ def run_tasks(
     import polars as pl
 
     model = resolve_model(model, local_only=local_only, where="model")  # cheap checks first
-    resolved = resolve_tasks(specs, where=where)
+    resolved = resolve_tasks(specs, where=where, allow_code=cfg.allow_code)
     prepare_ifeval()
     warn_truncation(resolved.load, cfg.max_gen_toks)
 

@@ -111,6 +111,10 @@ class RunConfig(Section):
         None, "cap on generated tokens (null: the suite's cap, else each task's own length)", ge=1
     )
     bootstrap_iters: int = setting(0, "lm-eval's bootstrap iterations for stderr", ge=0)
+    allow_code: bool = setting(
+        False, "let a task YAML of yours run Python (lm-eval's !function tags import code from "
+        "beside the file): true only for task files you trust", operational=True,
+    )  # fmt: skip
     num_processes: int = setting(
         1, "data-parallel processes (hf backend; launched with python -m torch.distributed.run)",
         ge=1, operational=True,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -175,7 +176,22 @@ class Resolved:
     fingerprint: str  # content hash of the local task configs and data
 
 
-def resolve_tasks(specs: Mapping[str, TaskSpec], *, where: str = "tasks") -> Resolved:
+def uses_code(path: Path, depth: int = 0) -> bool:
+    """Whether a task YAML (or a file it includes) has a ``!function`` tag: Python that lm-eval
+    imports from beside the file."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    if "!function" in text:
+        return True
+    includes = re.findall(r"^include:\s*['\"]?([^'\"\n#]+?)['\"]?\s*(?:#.*)?$", text, re.M)
+    return depth < 8 and any(uses_code(path.parent / inc.strip(), depth + 1) for inc in includes)
+
+
+def resolve_tasks(
+    specs: Mapping[str, TaskSpec], *, where: str = "tasks", allow_code: bool = False
+) -> Resolved:
     """Resolve each benchmark's task: an embedded name, a YAML path, or an lm-eval name.
 
     Unknown names raise :class:`KarmaError` with the closest known names. A metric that a local
@@ -196,6 +212,14 @@ def resolve_tasks(specs: Mapping[str, TaskSpec], *, where: str = "tasks") -> Res
             path = embedded[name] if name in embedded else Path(name).expanduser()
             if is_yaml and not path.is_file():
                 raise KarmaError("task file not found", file=f"{where}.{bench}.task", value=name)
+            if name not in embedded and not allow_code and uses_code(path):
+                section = where.split(".")[0]
+                raise KarmaError(
+                    f"task file runs Python code (!function); allow it with "
+                    f"{section}.allow_code: true if you trust it",
+                    file=path,
+                    field=f"{where}.{bench}.task",
+                )
             cfg = load_task_config(path)
             task_name = str(cfg["task"])
             keys = _config_metric_keys(cfg)

@@ -36,6 +36,7 @@ from karma.core.io import (
     check_size,
     limit_error,
     limits,
+    parse_json,
     read_json,
     read_parquet,
     short_reason,
@@ -101,7 +102,7 @@ def _read_raw(path: Path) -> tuple[list[str], list[list[Any]]]:
 
 def _json(text: str, path: Path, lineno: int | None) -> Any:
     try:
-        return json.loads(text)
+        return parse_json(text, path, "" if lineno is None else f"line {lineno}: ")
     except json.JSONDecodeError as err:
         line = lineno if lineno is not None else err.lineno
         raise KarmaError(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from karma.core.errors import KarmaError
+from karma.core.io import cache_root
 from karma.core.stage import Stage, output_path
 from karma.pairing.ultrafeedback import _HUB_ID, UltraFeedback, from_frame, read_ultrafeedback
 
@@ -118,20 +119,26 @@ def write_records(data: UltraFeedback, info: dict[str, Any], path: str | Path) -
     write_table(table.cast(schema).replace_schema_metadata(schema.metadata), path)
 
 
+#: What ``datasets.load_dataset`` reads from a local directory.
+DATA_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt", ".tsv"}
+
+
 def _load(dataset: str, revision: str | None, split: str) -> tuple[UltraFeedback, str | None]:
     """Read through ``datasets.load_dataset``: (records, license of its card or None)."""
     import datasets
 
     log.debug("loading %s (revision %s, split %s) with datasets", dataset, revision, split)
-    try:
-        ds = datasets.load_dataset(dataset, revision=revision, split=split)
+    local = Path(dataset).is_dir()
+    try:  # its cache under KARMA_CACHE_DIR, as every karma cache
+        ds = datasets.load_dataset(dataset, revision=revision, split=split,
+                                   cache_dir=str(cache_root("datasets")))  # fmt: skip
     except Exception as err:
         reason = " ".join(str(err).split())[:160] or type(err).__name__
         raise KarmaError(
-            f"cannot fetch the dataset: {type(err).__name__}: {reason}",
+            f"cannot {'read' if local else 'fetch'} the dataset: {type(err).__name__}: {reason}",
             file=dataset,
-            expected="the hub reachable (offline? no network, or HF_HUB_OFFLINE set) and the "
-            "id, revision and split to exist",
+            expected=f"the split {split!r} in its data files" if local else "the hub reachable "
+            "(offline? no network, or HF_HUB_OFFLINE set) and the id, revision and split to exist",
         ) from None
     keep = [c for c in ("source", "instruction", "completions") if c in ds.column_names]
     frame = pl.from_arrow(ds.select_columns(keep).data.table)
@@ -147,6 +154,10 @@ def fetch(dataset: str, *, revision: str | None = None, split: str = "train") ->
     if path.is_file():
         data, found = read_ultrafeedback(path), None
     elif path.is_dir():
+        if not any(f.suffix in DATA_SUFFIXES for f in path.rglob("*") if f.is_file()):
+            raise KarmaError("local dataset directory holds no data files", file=path,
+                             field="fetch.dataset",
+                             expected=" / ".join(sorted(DATA_SUFFIXES)) + " files")  # fmt: skip
         data, found = _load(str(path), revision, split)
     elif _HUB_ID.match(dataset) and not path.suffix:
         if revision is None:

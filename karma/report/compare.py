@@ -30,16 +30,22 @@ from karma.report.tables import TOTAL
 HELDOUT = ("loss", "reward_accuracy", "reward_margin")
 
 
+def _sha(repo: Path, rev: str) -> str:
+    done = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{rev}^{{commit}}"],
+                          cwd=repo, capture_output=True, text=True, check=False)  # fmt: skip
+    return done.stdout.strip()
+
+
 def find_run(rows: Sequence[Row], name: str, repo: Path) -> Row:
-    """The experiment named ``name`` (or whose rev starts with it, or a git revision)."""
+    """The experiment named ``name`` (or whose rev starts with it, or the same commit as the git
+    revision ``name``: ``HEAD``, a branch, a sha)."""
     for row in rows:
         if name in (row["name"], row.get("rev")) or str(row.get("rev") or "").startswith(name):
             return row
-    done = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{name}^{{commit}}"],
-                          cwd=repo, capture_output=True, text=True, check=False)  # fmt: skip
-    sha = done.stdout.strip()
+    sha = _sha(repo, name)
     for row in rows:
-        if sha and row.get("rev") == sha:
+        rev = str(row.get("rev") or "")
+        if sha and rev not in ("", "workspace") and _sha(repo, rev) == sha:
             return row
     known = ", ".join(r["name"] for r in rows[:12])
     raise KarmaError(f"no experiment or revision {name!r}", expected=f"one of: {known}")

@@ -9,6 +9,7 @@ complete checkpoint (every process's RNG state written).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -78,21 +79,40 @@ def last_checkpoint(run_dir: str | Path, world_size: int = 1) -> Path | None:
 def prepare_run_dir(
     root: str | Path, fp: dict[str, Any], world_size: int = 1
 ) -> tuple[Path, Path | None]:
-    """Return ``(run_dir, checkpoint to resume or None)``; stale runs under ``root`` are removed.
+    """Return ``(run_dir, checkpoint to resume or None)``. Stale runs under ``root`` stay until
+    this run has saved its first checkpoint (:func:`drop_stale`): a run that fails first (a bad
+    setting, a crash while loading) loses nothing.
 
     Under several processes only the main one calls this
     (:meth:`karma.core.distributed.Ranks.on_main`).
     """
     root = Path(root)
     run_dir = root / fp["id"]
-    if root.is_dir():
-        for child in root.iterdir():
-            if child != run_dir:
-                log.info("removing stale checkpoints %s (inputs or params changed)", child)
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / FINGERPRINT_FILE, fp)
     return run_dir, last_checkpoint(run_dir, world_size)
+
+
+def drop_stale(run_dir: str | Path) -> None:
+    """Remove the other runs' checkpoints beside ``run_dir`` (inputs or params changed)."""
+    run_dir = Path(run_dir)
+    with contextlib.suppress(OSError):
+        for child in run_dir.parent.iterdir():
+            if child != run_dir:
+                log.info("removing stale checkpoints %s (inputs or params changed)", child)
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def drop_stale_callback(run_dir: Path) -> Any:
+    """A callback: :func:`drop_stale` once the main process has saved a checkpoint."""
+    from transformers import TrainerCallback
+
+    class DropStale(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero:
+                drop_stale(run_dir)
+
+    return DropStale()
 
 
 def curve_callback(live_dir: str | Path) -> Any:

@@ -42,7 +42,14 @@ from karma.core.io import write_json
 from karma.core.lm import load_causal_lm, provenance, write_provenance
 from karma.core.stage import Stage, die_with_launcher, input_path, output_path, state_path
 from karma.training.card import base_summary, model_card
-from karma.training.checkpoints import curve_callback, final_metrics, fingerprint, prepare_run_dir
+from karma.training.checkpoints import (
+    curve_callback,
+    drop_stale,
+    drop_stale_callback,
+    final_metrics,
+    fingerprint,
+    prepare_run_dir,
+)
 from karma.training.data import load_pairs
 from karma.training.heldout import heldout_logps, heldout_summary, pair_metrics
 from karma.training.objectives import objective
@@ -355,7 +362,8 @@ def run_train(
     # TRL's log printer (print / tqdm.write) goes to stdout, which holds only the metrics JSON
     with contextlib.redirect_stdout(sys.stderr):
         trainer = make_trainer(cfg, paths.base, seed=seed, output_dir=run_dir, dataset=dataset,
-                               callbacks=[*live, *callbacks], eval_dataset=heldout,
+                               callbacks=[*live, drop_stale_callback(run_dir), *callbacks],
+                               eval_dataset=heldout,
                                world_size=world, stored=stored)  # fmt: skip
         if trainer.accelerator.num_processes != world:
             raise KarmaError(f"accelerate sees {trainer.accelerator.num_processes} processes, "
@@ -387,6 +395,7 @@ def run_train(
         })  # fmt: skip
         if paths.metrics is not None:  # timings vary between identical runs: logged only
             write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in TIMINGS})
+        drop_stale(run_dir)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
         log.info("%s: %d steps, loss %.4f, %.0f tokens/s, %.1f s", cfg.method, metrics["steps"],
