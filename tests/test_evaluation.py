@@ -334,7 +334,7 @@ def test_bad_params_file_one_line(tmp_path: Path, data: dict, key: str, match: s
         (["benchmark", "--model", "org/m", "--suite", "nope"], "--suite",
          "embedded | embedded_paper | lm_eval | paper"),
         (["evaluate", "--model", ".", "--backend", "vllm", "--num-processes", "2"],
-         "--num-processes", "num_processes must be 1 with backend vllm"),
+         "--backend or --num-processes", "num_processes must be 1 with backend vllm"),
         (["benchmark", "--model", "org/m", "--dtype", "int3"], "--dtype", "not one of"),
         (["benchmark", "--model", "org/m", "--tasks", "{arc: {task: x}}"], "--tasks", "required"),
         (["benchmark", "--model", "org/m", "-S", "benchmark.sutie=x"], "-S benchmark.sutie",
@@ -1023,7 +1023,8 @@ def test_ifeval_scores_equal_lm_evals_command_line(
         key=lambda r: r["doc_id"],
     )
     spec = {"ifeval": TaskSpec(task=str(task), metric="prompt_level_strict_acc")}
-    cfg = EvaluateConfig(max_gen_toks=24, cache=False, samples_dir=str(tmp_path / "ours"))
+    cfg = EvaluateConfig(max_gen_toks=24, cache=False, samples_dir=str(tmp_path / "ours"),
+                         allow_code=True)  # the task file's !function: lm-eval's own IFEval
     ours = lmeval.run_tasks(str(model), spec, cfg)
     for key in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
                 "inst_level_loose_acc"):  # fmt: skip

@@ -519,6 +519,10 @@ CASES = [
     Case("scores-two-set-keys-of-equal-length",
          (*SC, "-S", "scores.scale.ifeval=1", "-S", "scores.scale.arc_easy=-1"),
          "-S scores.scale.arc_easy: out of range"),
+    Case("evaluate-section-error-names-both-flags",
+         (*EV, "-S", "evaluate.backend=vllm", "-S", "evaluate.num_processes=2"),
+         "-S evaluate.backend or -S evaluate.num_processes: num_processes must be 1 with backend "
+         "vllm"),
     Case("train-trl-max-steps-not-a-number", (*TR, "-S", "train.trl.max_steps=many"),
          "-S train.trl.max_steps: wrong type (got 'many'; expected int)"),
     Case("train-trl-negative-learning-rate", (*TR, "-S", "train.trl.learning_rate=-1"),
