@@ -941,7 +941,6 @@ def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
             expected="--model, or --name of a model in scores.measured",
         )  # fmt: skip
     if entry is not None:
-        from karma.evaluation.settings import BenchmarkConfig
         from karma.generation.pool import materialize
         from karma.generation.settings import as_pool_model
 
@@ -949,7 +948,7 @@ def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
         if params.completions not in pool.modes:  # not an origin model in this mode
             return _skip(paths, f"modes {pool.modes} lack completions: {params.completions}")
         if pool.benchmark:
-            cfg = BenchmarkConfig.model_validate({**cfg.model_dump(), **pool.benchmark})
+            cfg = benchmark_overrides(cfg, pool.benchmark, paths.name or "")
         model = materialize(pool)
     assert model is not None
     result = measure(model, cfg, section="benchmark")
@@ -961,6 +960,21 @@ def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
     if paths.samples is not None:
         _write_frame(result.samples, paths.samples)
     return row
+
+
+def benchmark_overrides(cfg: Any, overrides: dict[str, Any], name: str) -> Any:
+    """The benchmark section with a pool model's overrides, a bad key or value in one line."""
+    from pydantic import ValidationError
+
+    from karma.evaluation.settings import BenchmarkConfig
+
+    try:
+        return BenchmarkConfig.model_validate({**cfg.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise KarmaError(err["msg"], field=f"scores.measured.{name}.benchmark.{key}",
+                         value=err.get("input")) from None  # fmt: skip
 
 
 def _skip(paths: BenchmarkPaths, reason: str) -> dict[str, Any]:

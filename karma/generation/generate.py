@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -27,7 +27,9 @@ from karma.core.errors import KarmaError
 from karma.core.io import cache_root, read_parquet, tree_digest
 from karma.core.stage import Stage, argument, input_path, output_path
 from karma.generation.settings import GenerateConfig, PoolModel, PromptsConfig
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

@@ -47,10 +47,7 @@ class PoolModel(Section):
 
     @model_validator(mode="after")
     def _overrides(self) -> PoolModel:
-        from karma.evaluation.settings import BenchmarkConfig
-
-        BenchmarkConfig.model_validate(self.benchmark)
-        GenerateConfig.model_validate(self.generate)
+        GenerateConfig.model_validate(self.generate)  # benchmark: checked by its stage
         return self
 
 
@@ -91,8 +88,10 @@ class GenerateConfig(Section):
     dtype: Dtype = setting("float32", "dtype the model is loaded in")
     device: str = setting("cpu", "torch device: cpu | cuda | cuda:N", operational=True)
     threads: int | None = setting(
-        1, "torch CPU threads (null: torch's default; 1 avoids OpenMP stalls on a shared CPU)",
-        ge=1, operational=True,
+        1,
+        "torch CPU threads (null: torch's default; 1 avoids OpenMP stalls on a shared CPU)",
+        ge=1,
+        operational=True,
     )
     base_url: str = setting(
         "http://127.0.0.1:8000/v1", "openai: the server's base URL", operational=True

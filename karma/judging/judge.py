@@ -22,14 +22,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.io import read_parquet, write_json
 from karma.core.stage import Stage, input_path, output_path
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

@@ -204,14 +204,18 @@ def reward_texts(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[str]:
 def reward_scores(
     model: Any, tok: Any, texts: Sequence[str], batch_size: int, max_length: int
 ) -> list[float]:
-    """One scalar reward per text, batched (right padding; the model finds the last token)."""
+    """One scalar reward per text, in order; batched by length (little padding: right padding,
+    the model finds each sequence's last token)."""
     import torch
 
     tok.padding_side = "right"
-    out: list[float] = []
-    for i in range(0, len(texts), batch_size):
+    lengths = [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    out: list[float] = [0.0] * len(texts)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
         enc = tok(
-            list(texts[i : i + batch_size]),
+            [texts[j] for j in idx],
             return_tensors="pt",
             padding=True,
             truncation=True,
@@ -221,5 +225,6 @@ def reward_scores(
             res = model(**enc)
         score = getattr(res, "score", None)
         values = (score if score is not None else res.logits[:, 0]).float().reshape(-1)
-        out += [round(float(v), 6) for v in values]
+        for j, v in zip(idx, values.tolist(), strict=True):
+            out[j] = round(float(v), 6)
     return out

@@ -42,6 +42,8 @@ class JudgeConfig(Section):
     dtype: Dtype = setting("float32", "dtype the judge is loaded in")
     device: str = setting("cpu", "torch device: cpu | cuda | cuda:N", operational=True)
     threads: int | None = setting(
-        1, "torch CPU threads (null: torch's default; 1 avoids OpenMP stalls on a shared CPU)",
-        ge=1, operational=True,
+        1,
+        "torch CPU threads (null: torch's default; 1 avoids OpenMP stalls on a shared CPU)",
+        ge=1,
+        operational=True,
     )
