@@ -36,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from karma.kinship.kinship import pairwise_similarity, pairwise_similarity_numpy
+from karma.kinship.similarity import pairwise_similarity, pairwise_similarity_numpy
 
 CDIST = {"cosine": "cosine", "pearson": "correlation", "euclidean": "euclidean"}
 

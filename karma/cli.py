@@ -14,47 +14,15 @@ import click
 
 from karma.command import load_stage, make_command, run_click, setup_logging
 from karma.core.errors import did_you_mean
+from karma.registry import commands
 
-#: command -> (stage reference, one-line help)
-STAGES: dict[str, tuple[str, str]] = {
-    "benchmark": (
-        "karma.evaluation.evaluate:BENCHMARK",
-        "Benchmark one model with lm-eval: a score row.",
-    ),
-    "scores": ("karma.kinship.scores:STAGE", "Merge reported and measured scores into one table."),
-    "kinship": ("karma.kinship.kinship:STAGE", "S_pref, kinship matrix and global kin pairs."),
-    "prompts": ("karma.generation.generate:PROMPTS", "The pool's prompt set (seeded sample)."),
-    "generate": (
-        "karma.generation.generate:STAGE",
-        "Completions of one pool model (hf | vllm | openai).",
-    ),
-    "judge": ("karma.judging.judge:STAGE", "Score pool completions into UltraFeedback records."),
-    "fetch": (
-        "karma.pairing.fetch:STAGE",
-        "Fetch completions (hub id, dir or file) into a Parquet.",
-    ),
-    "preferences": (
-        "karma.pairing.preferences:STAGE",
-        "Pair responses by kinship (or the baselines).",
-    ),
-    "tau-sweep": (
-        "karma.pairing.tau_sweep:STAGE",
-        "What the kinship threshold does, over a tau grid.",
-    ),
-    "base-model": ("karma.models.base_model:STAGE", "Build the base model directory."),
-    "select": (
-        "karma.selection.select:STAGE",
-        "Select preference pairs by alignment potential (MAP).",
-    ),
-    "train": ("karma.training.train:STAGE", "Train a policy with TRL (DPO or SFT)."),
-    "evaluate": (
-        "karma.evaluation.evaluate:EVALUATE",
-        "Evaluate a model with lm-eval (vs a baseline).",
-    ),
-}
+#: Stage commands, from the registry: name -> (stage ref, short help).
+STAGES: dict[str, tuple[str, str]] = commands()
 OTHER = {
     "report": "The paper's tables of the experiments, as Markdown and one offline HTML page.",
     "params": "Print the default params.yaml (every setting with its help).",
+    "dvc-yaml": "Print dvc.yaml as the stage registry generates it (--write: write it).",
+    "compare": "Paired differences between two experiments' policies, as Markdown for a PR.",
 }
 
 
@@ -113,6 +81,18 @@ def params_command() -> None:
     click.echo(defaults_yaml(), nl=False)
 
 
+@cli.command("dvc-yaml", help=OTHER["dvc-yaml"])
+@click.option("--write", is_flag=True, help="write dvc.yaml and stages/*.py instead of printing")
+def dvc_yaml_command(write: bool) -> None:
+    from karma import dvcyaml
+
+    if write:
+        for path in dvcyaml.write():
+            click.echo(f"wrote {path}")
+    else:
+        click.echo(dvcyaml.render(), nl=False)
+
+
 @cli.command("report", short_help=OTHER["report"])
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="The DVC project.")  # fmt: skip
@@ -150,22 +130,62 @@ def report_command(repo: Path, out: Path, workspace: bool, seed: int, n_boot: in
     from karma.report import report
 
     if diff_rev:
-        click.echo(report.diff_markdown(report.metrics_diff(diff_rev, repo), diff_rev), nl=False)
+        from karma.report.compare import diff_markdown, metrics_diff
+
+        click.echo(diff_markdown(metrics_diff(diff_rev, repo), diff_rev), nl=False)
         return
     if plots_template:
-        from karma.core.io import atomic_file
+        from karma.report.plots import plots_template as template
 
-        text = report.plots_template(vega_dir)
-        with atomic_file(plots_template) as tmp:
-            Path(tmp).write_text(text, encoding="utf8")
+        _write_owned(plots_template, template(vega_dir), "--plots-template")
         click.echo(f"wrote {plots_template}: dvc plots show --html-template {plots_template}")
         return
+    for name in ("report.md", "report.html"):  # before the (slow) rendering
+        _check_owned(out / name, "--out")
     md, page, n = report.render(repo, workspace=workspace, seed=seed, n_boot=n_boot)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(page)
+    _write_owned(out / "report.md", md, "--out")
+    _write_owned(out / "report.html", page, "--out")
     click.echo(md, nl=False)
     click.echo(f"\nwrote {out / 'report.md'} and {out / 'report.html'} ({n} experiments)")
+
+
+@cli.command("compare", short_help=OTHER["compare"])
+@click.argument("a")
+@click.argument("b")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="The DVC project.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the bootstrap intervals.")  # fmt: skip
+@click.option("--n-boot", type=click.IntRange(100), default=2000, show_default=True,
+              help="Bootstrap resamples per comparison.")  # fmt: skip
+def compare_command(a: str, b: str, repo: Path, seed: int, n_boot: int) -> None:
+    """Compare experiment B with experiment A (names from `dvc exp show`, or git revisions;
+    `workspace` for the workspace): per benchmark the paired difference of the two policies on
+    the same items, with its interval and the test's p (Holm-adjusted across benchmarks), the
+    paper's Total, the held-out metrics and every headline number that changed. Markdown."""
+    from karma.report.compare import compare_markdown
+
+    click.echo(compare_markdown(repo, a, b, seed=seed, n_boot=n_boot), nl=False)
+def _check_owned(path: Path, flag: str) -> None:
+    """Refuse to overwrite a file karma did not write (a link: its target)."""
+    from karma.core.errors import KarmaError
+    from karma.core.io import was_written
+
+    target = path.resolve() if path.is_symlink() else path
+    if target.is_dir() or (target.exists() and not was_written(target)):
+        raise KarmaError("exists and was not written by karma; move it away or choose another "
+                         "path", file=path, field=flag)  # fmt: skip
+
+
+def _write_owned(path: Path, text: str, flag: str) -> None:
+    """Write ``text`` atomically (a symlink: into its target) and record that karma wrote it."""
+    from karma.core.io import atomic_file, record_written
+
+    _check_owned(path, flag)
+    target = path.resolve() if path.is_symlink() else path
+    with atomic_file(target) as tmp:
+        Path(tmp).write_text(text, encoding="utf8")
+    record_written(target)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,16 +9,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
 import yaml
 
 from karma.core.errors import KarmaError
-from karma.core.settings import bounds, describe, is_operational, plain, sources
+from karma.core.settings import (
+    bounds,
+    describe,
+    is_operational,
+    load_yaml,
+    plain,
+    sources,
+    yaml_problem,
+)
 from karma.core.stage import (
     ROLE_NAMES,
     Stage,
@@ -45,15 +56,19 @@ def _is_text(annotation: Any) -> bool:
     return str in args and args <= {str, type(None)}
 
 
-def parse_value(key: str, raw: str) -> Any:
-    """A command-line value for params key ``key``: text fields verbatim, others as YAML."""
+def parse_value(key: str, raw: str, label: str | None = None) -> Any:
+    """A command-line value for params key ``key``: text fields verbatim, others as YAML
+    (bounded: no aliases, no deep nesting, no huge integers, no duplicate keys)."""
     found = field_at(key)
     annotation = found[0].model_fields[found[1]].annotation if found else None
     is_leaf = found is not None and found[1] == key.rsplit(".", 1)[-1]
     if is_leaf and _is_text(annotation):
         return None if raw in ("null", "~") and type(None) in typing.get_args(annotation) else raw
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)
+    except yaml.constructor.ConstructorError as err:
+        raise KarmaError(yaml_problem(err, "refused").removeprefix("line 1: "),
+                         field=label or key) from None  # fmt: skip
     except yaml.YAMLError:
         return raw
 
@@ -91,77 +106,78 @@ def _setting_options(stage: Stage) -> dict[str, str]:
     return out
 
 
-def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
-    """The click command of a stage: path options, and with ``settings`` the params options."""
-    params: list[click.Parameter] = []
-    path_names = {f.name for f in path_fields(stage.paths)}
+def _path_options(stage: Stage) -> list[click.Parameter]:
     required = required_fields(stage.paths)
+    out: list[click.Parameter] = []
     for f in path_fields(stage.paths):
         meta = f.metadata
         kind = meta["role"]
         metavar = "TEXT" if kind == "arg" else ("DIR" if meta["is_dir"] else "FILE")
-        params.append(
-            click.Option(
-                [_flag(f.name)],
-                metavar=metavar,
-                required=f.name in required,
-                help=f"{meta['help']} ({ROLE_NAMES[kind]})",
-            )
+        out.append(click.Option([_flag(f.name)], metavar=metavar, required=f.name in required,
+                                help=f"{meta['help']} ({ROLE_NAMES[kind]})"))  # fmt: skip
+    return out
+
+
+def _settings_params(options: dict[str, str]) -> list[click.Parameter]:
+    out: list[click.Parameter] = [
+        click.Option(
+            ["--params", "params_file"],
+            metavar="FILE",
+            help="Read settings from this params file (default: the built-in defaults, "
+            "which are those of the committed params.yaml). Flags override it.",
         )
+    ]
+    for name, key in options.items():
+        info = field_info(key)
+        if info.annotation is bool:
+            decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
+            out.append(click.Option(decls, default=None, help=_help(key)))
+        else:
+            out.append(click.Option([_flag(name)], metavar=_metavar(info.annotation),
+                                    default=None, help=_help(key)))  # fmt: skip
+    out.append(
+        click.Option(
+            ["-S", "--set", "assignments"],
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
+        )
+    )
+    return out
+
+
+def _overrides(options: dict[str, str], kwargs: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """``(key, value, flag)`` of every setting given on the command line."""
+    out: list[tuple[str, Any, str]] = []
+    for name, key in options.items():
+        raw = kwargs.get(name)
+        if raw is not None:
+            value = raw if isinstance(raw, bool) else parse_value(key, raw, _flag(name))
+            out.append((key, value, _flag(name)))
+    for item in kwargs.get("assignments", ()):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise KarmaError("expects KEY=VALUE", field="-S", value=item)
+        label = f"-S {key.strip()}"
+        out.append((key.strip(), parse_value(key.strip(), raw, label), label))
+    return out
+
+
+def make_command(stage: Stage, command_name: str, short_help: str, *, settings: bool) -> Any:
+    """The click command of a stage: path options, and with ``settings`` the params options."""
+    path_names = {f.name for f in path_fields(stage.paths)}
     options = _setting_options(stage) if settings else {}
     clash = set(options) & path_names
     if clash:
         raise KarmaError("a setting and a path share an option name", value=sorted(clash))
-    if settings:
-        params.append(
-            click.Option(
-                ["--params", "params_file"],
-                metavar="FILE",
-                help="Read settings from this params file (default: the built-in defaults, "
-                "which are those of the committed params.yaml). Flags override it.",
-            )
-        )
-        for name, key in options.items():
-            info = field_info(key)
-            if info.annotation is bool:
-                decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
-                params.append(click.Option(decls, default=None, help=_help(key)))
-            else:
-                params.append(
-                    click.Option(
-                        [_flag(name)],
-                        metavar=_metavar(info.annotation),
-                        default=None,
-                        help=_help(key),
-                    )
-                )
-        params.append(
-            click.Option(
-                ["-S", "--set", "assignments"],
-                multiple=True,
-                metavar="KEY=VALUE",
-                help="Set any params key, e.g. -S train.trl.max_steps=20 (as dvc exp run -S).",
-            )
-        )
+    params = _path_options(stage) + (_settings_params(options) if settings else [])
 
     def callback(**kwargs: Any) -> None:
         flags = {f.name: _flag(f.name) for f in path_fields(stage.paths)}
         flags.update({key: _flag(name) for name, key in options.items()})
-        values = {k: kwargs.pop(k) for k in path_names}
-        paths = stage.paths(**values)
+        paths = stage.paths(**{k: kwargs.pop(k) for k in path_names})
         if settings:
-            overrides: list[tuple[str, Any, str]] = []
-            file = kwargs.pop("params_file")
-            for name, key in options.items():
-                raw = kwargs.get(name)
-                if raw is not None:
-                    value = raw if isinstance(raw, bool) else parse_value(key, raw)
-                    overrides.append((key, value, _flag(name)))
-            for item in kwargs.get("assignments", ()):
-                key, sep, raw = item.partition("=")
-                if not sep or not key.strip():
-                    raise KarmaError("expects KEY=VALUE", field="-S", value=item)
-                overrides.append((key.strip(), parse_value(key.strip(), raw), f"-S {key.strip()}"))
+            file, overrides = kwargs.pop("params_file"), _overrides(options, kwargs)
         else:
             file, overrides = "params.yaml", []
         params_obj = build_params(file, overrides)
@@ -194,13 +210,19 @@ def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) 
     An unexpected exception is a bug: one line too (its type and first line), with the
     traceback under ``KARMA_DEBUG=1``.
     """
+    old = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: as Ctrl-C
+        old = signal.signal(signal.SIGTERM, _terminate)
     try:
         command.main(args=list(argv) if argv is not None else None, prog_name=prog,
                      standalone_mode=False)  # fmt: skip
     except KarmaError as err:
         click.echo(f"karma: error: {err}", err=True)
         sys.exit(1)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click wraps Ctrl-C in Abort
+        if isinstance(err, Terminated) or isinstance(err.__cause__, Terminated):
+            click.echo("karma: aborted (SIGTERM); temporary outputs removed", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo("karma: aborted", err=True)
         sys.exit(130)
     except click.UsageError as err:
@@ -219,6 +241,65 @@ def run_click(command: click.Command, argv: Sequence[str] | None, *, prog: str) 
         click.echo(f"karma: internal error: {type(err).__name__}: {short_reason(err)} "
                    "(KARMA_DEBUG=1 shows the traceback)", err=True)  # fmt: skip
         sys.exit(1)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, schedulers, ``docker stop``): unwinds like Ctrl-C, so every
+    temporary output is removed and the output locks released."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup is not interrupted
+    raise Terminated
+
+
+#: A measured model's name: what ``dvc.yaml`` may put in a path (never in a command).
+MEASURED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def measured_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The arguments of ``benchmark@<name>``: its name from DVC (``DVC_STAGE``), its outputs
+    under the two directories ``argv`` gives (``--measured-dir D --samples-dir S``); the stage
+    reads the model from params (``scores.measured.<name>``). No value of params.yaml is ever
+    shell text: the ``dvc.yaml`` command holds only the fixed paths of its ``vars``.
+    """
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
+    stage = env.get("DVC_STAGE", "")
+    name = stage.partition("@")[2]
+    if not MEASURED_NAME.fullmatch(name):
+        raise KarmaError("not a measured model's name", field="DVC_STAGE", value=stage or None,
+                         expected="benchmark@<name>, name of [A-Za-z0-9_-]")  # fmt: skip
+    missing = [k for k in ("--measured-dir", "--samples-dir") if not opts.get(k)]
+    if missing:
+        raise KarmaError("missing option", field=missing[0], expected="a directory")
+    return ["--name", name, "--out", f"{opts['--measured-dir']}/{name}.json",
+            "--samples", f"{opts['--samples-dir']}/{name}.parquet"]  # fmt: skip
+
+
+def generations_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The arguments of ``generate@<name>``: its name from DVC (``DVC_STAGE``), its output in
+    ``--generations-dir``; the model comes from params (as :func:`measured_argv`)."""
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
+    stage = env.get("DVC_STAGE", "")
+    name = stage.partition("@")[2]
+    if not MEASURED_NAME.fullmatch(name):
+        raise KarmaError("not a pool model's name", field="DVC_STAGE", value=stage or None,
+                         expected="generate@<name>, name of [A-Za-z0-9_-]")  # fmt: skip
+    missing = [k for k in ("--prompts", "--generations-dir") if not opts.get(k)]
+    if missing:
+        raise KarmaError("missing option", field=missing[0], expected="a path")
+    return ["--name", name, "--prompts", opts["--prompts"],
+            "--out", f"{opts['--generations-dir']}/{name}.parquet"]  # fmt: skip
+
+
+#: Stage instances whose name reaches them only through DVC: stage -> (marker flag, argv).
+INSTANCE_ARGV = {
+    "benchmark": ("--measured-dir", measured_argv),
+    "generate": ("--generations-dir", generations_argv),
+}
 
 
 def stage_main(ref: str) -> None:
@@ -226,4 +307,11 @@ def stage_main(ref: str) -> None:
     setup_logging()
     stage = load_stage(ref)
     command = make_command(stage, f"stages/{stage.name}", stage.help, settings=False)
-    run_click(command, sys.argv[1:], prog=f"stage {stage.name}")
+    argv = sys.argv[1:]
+    if stage.name in INSTANCE_ARGV and INSTANCE_ARGV[stage.name][0] in argv:  # <stage>@<name>
+        try:
+            argv = INSTANCE_ARGV[stage.name][1](argv, os.environ)
+        except KarmaError as err:
+            click.echo(f"karma: error: {err}", err=True)
+            sys.exit(1)
+    run_click(command, argv, prog=f"stage {stage.name}")

@@ -20,19 +20,16 @@ import yaml
 
 from karma.core.errors import KarmaError
 from karma.core.settings import BENCHMARKS, PAPER_SCALE
-from karma.evaluation import evaluate as evaluation
-from karma.evaluation.evaluate import (
-    TASKS_DIR,
+from karma.evaluation import lmeval
+from karma.evaluation.lmeval import (
     benchmark_model,
-    compare_metrics,
     evaluate_model,
-    flat_key,
-    flatten_metrics,
     model_fingerprint,
     resolve_model,
-    resolve_tasks,
 )
+from karma.evaluation.metrics import compare_metrics, flat_key, flatten_metrics
 from karma.evaluation.settings import BenchmarkConfig, EvaluateConfig, TaskSpec, suites
+from karma.evaluation.taskconfig import TASKS_DIR, resolve_tasks
 from karma.kinship.scores import merge_scores, read_measured, read_scores
 from karma.kinship.settings import ScoresConfig
 from karma.params import Params, build_params, load_params
@@ -138,17 +135,17 @@ def test_compare_metrics_by_hand() -> None:
 
 
 def test_chat_template_groups() -> None:
-    from karma.evaluation.evaluate import _chat_groups
+    from karma.evaluation.lmeval import chat_groups
 
     gen = {"task": "g", "output_type": "generate_until"}
     mc = {"task": "m", "output_type": "multiple_choice"}
-    assert _chat_groups([gen, mc, "arc_easy"], True) == [([gen, mc, "arc_easy"], True)]
-    assert _chat_groups([gen, mc], False) == [([gen, mc], False)]
-    assert _chat_groups([gen, mc, "ifeval"], "generative") == [
+    assert chat_groups([gen, mc, "arc_easy"], True) == [([gen, mc, "arc_easy"], True)]
+    assert chat_groups([gen, mc], False) == [([gen, mc], False)]
+    assert chat_groups([gen, mc, "ifeval"], "generative") == [
         ([gen, "ifeval"], True),
         ([mc], False),
     ]
-    assert _chat_groups([mc], "generative") == [([mc], False)]
+    assert chat_groups([mc], "generative") == [([mc], False)]
 
 
 # ---------------------------------------------------------------- settings: suites and params
@@ -239,7 +236,6 @@ def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None
     files = {
         "mmlu_stem": "llama3/instruct/mmlu_cot/_mmlu_stem.yaml",
         "mmlu_pro": "mmlu_pro/_mmlu_pro.yaml",
-        "arc_challenge": "arc/arc_challenge_chat.yaml",
     }
     paper = SUITES["paper"].tasks
     for bench, rel in files.items():
@@ -258,7 +254,10 @@ def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None
         "ifeval": "karma_paper_hub_ifeval",
         "hellaswag": "karma_paper_hub_hellaswag",
         "arc_easy": "karma_paper_hub_arc_easy",
+        "arc_challenge": "karma_paper_hub_arc_challenge",  # MMLU-Pro's framework, not the chat task
     }
+    assert SUITES["paper"].num_fewshot == 0  # one shot count for every task, stated
+    assert SUITES["lm_eval"].protocol == "mixed"  # generative MMLU-Pro and IFEval
     # karma's IFEval copy is lm-eval's ifeval but for the per-item
     # seeding
     hub = REPO / "karma/evaluation/tasks/paper/hub"
@@ -314,7 +313,7 @@ def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None
         ({"evaluate": {"n_boot": 10}}, "evaluate.n_boot", "100 <= n_boot"),
         ({"evaluate": {"num_processes": 0}}, "evaluate.num_processes", "out of range"),
         ({"scores": {"reported_protocol": "prompted"}}, "scores.reported_protocol",
-         "loglik | paper | custom"),
+         "loglik | paper | mixed | custom"),
         ({"benchmark": {"suite": "papr"}}, "benchmark.suite", "did you mean 'paper'"),
     ],
 )  # fmt: skip
@@ -350,7 +349,7 @@ def test_bad_settings_on_the_command_line_one_line(
     args: list[str], flag: str, match: str, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     """Refused before any model or task is touched: a loader that fails loudly never runs."""
-    monkeypatch.setattr(evaluation, "run_tasks", _never)
+    monkeypatch.setattr(lmeval, "run_tasks", _never)
     code, out, err = _cli(args, capsys)
     assert code == 1 and out == ""
     line = _one_error_line(err)
@@ -362,7 +361,7 @@ def _never(*args: Any, **kwargs: Any) -> Any:
 
 
 def test_cli_bad_task_one_line(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
-    monkeypatch.setattr(evaluation, "_load_lm", _never)
+    monkeypatch.setattr(lmeval, "load_lm", _never)
     tasks = "{arc: {task: karma_arc_esy, metric: acc}}"
     code, _, err = _cli(["benchmark", "--model", "org/m", "--tasks", tasks], capsys)
     assert code == 1
@@ -485,7 +484,7 @@ def test_model_fingerprint_follows_content(tmp_path: Path) -> None:
 
 
 def test_missing_model_dir_fails_before_running(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(evaluation, "_load_lm", _never)
+    monkeypatch.setattr(lmeval, "load_lm", _never)
     with pytest.raises(KarmaError, match="model directory not found"):
         evaluate_model(str(tmp_path / "models" / "policy"), EvaluateConfig(cache=False))
 
@@ -514,7 +513,7 @@ def test_evaluate_paths_refused_one_line(
 ) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "m.json").write_text("{}")
-    monkeypatch.setattr(evaluation, "run_tasks", _never)
+    monkeypatch.setattr(lmeval, "run_tasks", _never)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code, out, err = _cli(["evaluate", *(a.format(tmp=tmp_path) for a in extra)], capsys)
     assert code == 1 and out == ""
@@ -707,7 +706,7 @@ def _frame(rows: dict[str, list[float]]) -> pl.DataFrame:
 
 def test_compare_runs_keys_by_hand_and_against_karma_stats() -> None:
     from karma.core import stats
-    from karma.evaluation.evaluate import compare_runs
+    from karma.evaluation.metrics import compare_runs
 
     base_items = {"ifeval": [1.0] * 16 + [0.0] * 33, "arc_easy": [1.0, 0.0, 1.0, 0.0]}
     policy_items = {"ifeval": [1.0] * 13 + [0.0] * 36, "arc_easy": [1.0, 1.0, 1.0, 1.0]}
@@ -717,6 +716,9 @@ def test_compare_runs_keys_by_hand_and_against_karma_stats() -> None:
     policy |= {f"ifeval.{k}": v for k, v in stats.estimate(policy_items["ifeval"]).items()}
     got = compare_runs(base, policy, _frame(base_items), _frame(policy_items), seed=5, n_boot=1000)
     ifeval = stats.paired(policy_items["ifeval"], base_items["ifeval"], seed=5, n_boot=1000)
+    # Holm across the comparison's two benchmarks: ifeval p 0.25, arc_easy p 0.5 -> 0.5, 0.5
+    assert got["delta.arc_easy.p"] == 0.5 and got["delta.ifeval.p_holm"] == 0.5
+    ifeval["p_holm"] = 0.5
     assert {k.removeprefix("delta.ifeval."): v for k, v in got.items()
             if k.startswith("delta.ifeval.") and k != "delta.ifeval.prompt_level_strict_acc"
             } == ifeval  # fmt: skip
@@ -764,7 +766,7 @@ def _refuse_to_compute(monkeypatch: pytest.MonkeyPatch, *, from_load: int) -> li
     (The model is still loaded on a full cache hit: lm-eval needs its tokenizer and chat
     template to build the requests that it looks up.)
     """
-    real = evaluation._load_lm
+    real = lmeval.load_lm
     loads: list[str] = []
 
     def refuse(requests: list, *args: Any, **kwargs: Any) -> list:
@@ -778,7 +780,7 @@ def _refuse_to_compute(monkeypatch: pytest.MonkeyPatch, *, from_load: int) -> li
                 setattr(lm, name, refuse)
         return lm
 
-    monkeypatch.setattr(evaluation, "_load_lm", load)
+    monkeypatch.setattr(lmeval, "load_lm", load)
     return loads
 
 
@@ -856,7 +858,7 @@ def test_evaluate_cli_eval_json_against_a_baseline(
     samples = {
         who: pl.read_parquet(tmp_path / who / "samples.parquet") for who in ("base", "policy")
     }
-    assert samples["base"].columns == list(evaluation.SAMPLE_SCHEMA)
+    assert samples["base"].columns == list(lmeval.SAMPLE_SCHEMA)
     assert {
         "meta.suite": "embedded",
         "meta.protocol": "loglik",
@@ -962,7 +964,7 @@ def test_vllm_backend_is_refused_without_vllm_and_passes_its_args(
         model_args={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8},
     )
     with pytest.raises(KarmaError, match="stop here"):
-        evaluation._load_lm(str(tiny_model_dir), cfg)
+        lmeval.load_lm(str(tiny_model_dir), cfg)
     assert seen == {
         "pretrained": str(tiny_model_dir),
         "dtype": "bfloat16",
@@ -1000,7 +1002,7 @@ def test_ifeval_scores_equal_lm_evals_command_line(
     any process, order and process count."""
     import nltk
 
-    from karma.evaluation.evaluate import ensure_punkt
+    from karma.evaluation.taskconfig import ensure_punkt
 
     monkeypatch.setenv("KARMA_CACHE_DIR", str(tmp_path / "cache"))
     model = varied_models[0]
@@ -1022,7 +1024,7 @@ def test_ifeval_scores_equal_lm_evals_command_line(
     )
     spec = {"ifeval": TaskSpec(task=str(task), metric="prompt_level_strict_acc")}
     cfg = EvaluateConfig(max_gen_toks=24, cache=False, samples_dir=str(tmp_path / "ours"))
-    ours = evaluation.run_tasks(str(model), spec, cfg)
+    ours = lmeval.run_tasks(str(model), spec, cfg)
     for key in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
                 "inst_level_loose_acc"):  # fmt: skip
         assert ours.metrics["ifeval"][key] == cli[f"{key},none"], key
@@ -1033,8 +1035,8 @@ def test_ifeval_scores_equal_lm_evals_command_line(
     assert ours.samples["score"].to_list() == [float(r["prompt_level_strict_acc"]) for r in mine]
     assert len({r["resps"][0][0] for r in mine}) > 1  # varied answers, not one repeated text
     # lm-eval's random seed does not reach the per-item seeded checks
-    monkeypatch.setitem(evaluation.LM_EVAL_SEEDS, "random_seed", 12345)
-    again = evaluation.run_tasks(str(model), spec, cfg.model_copy(update={"samples_dir": None}))
+    monkeypatch.setitem(lmeval.LM_EVAL_SEEDS, "random_seed", 12345)
+    again = lmeval.run_tasks(str(model), spec, cfg.model_copy(update={"samples_dir": None}))
     assert again.samples.equals(ours.samples)
 
 
@@ -1129,8 +1131,9 @@ def test_benchmark_tiny_model_feeds_scores_and_kinship(
     assert all((row[b] * 4).is_integer() for b in BENCHMARKS)
     logs = {p.name: p.read_text().splitlines() for p in samples.iterdir()}
     assert sorted(logs) == sorted(f"{s.task}.jsonl" for s in PAPER_MINI.values())
-    # one logged sample per item and filter (the paper tasks have two filters)
-    assert all(len(lines) in (4, 8) for lines in logs.values())
+    # one logged sample per item and filter (the paper tasks have three: custom-extract,
+    # strict-extract, flexible-extract; IFEval one)
+    assert all(len(lines) in (4, 12) for lines in logs.values())
     assert all("doc" in json.loads(line) for lines in logs.values() for line in lines)
 
     measured = tmp_path / "measured"

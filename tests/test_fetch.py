@@ -120,7 +120,7 @@ def test_fetch_is_a_dvc_stage_that_preferences_depends_on() -> None:
     path = dvc["vars"][0]["path"]["completions"]
     stage = dvc["stages"]["fetch"]
     assert (
-        stage["cmd"].startswith("python stages/fetch.py") and "${path.completions}" in stage["outs"]
+        stage["cmd"].startswith("python -m stages.fetch") and "${path.completions}" in stage["outs"]
     )
     assert Params().preferences.dataset == path
     assert "${preferences.dataset}" in dvc["stages"]["preferences"]["deps"]

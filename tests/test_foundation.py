@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from karma.core.errors import KarmaError
-from karma.core.io import MARKER, atomic_file, cache_root, tree_digest
+from karma.core.io import MARKER, atomic_file, cache_root, record_written, tree_digest
 from karma.core.settings import iter_fields
 from karma.core.stage import Stage, execute, input_path, output_path
 from karma.params import Params, build_params, defaults_yaml, load_params
@@ -158,6 +158,7 @@ def test_outputs_appear_together_only_after_success(tmp_path: Path) -> None:
     (out / "data.txt").write_text("OLD")
     (out / MARKER).write_text('{"by": "karma", "files": ["data.txt"]}')  # an earlier output
     metrics.write_text("old")
+    record_written(metrics)  # an earlier output of karma's
     with pytest.raises(KarmaError, match="boom"):
         execute(_demo(fail_after=True), Params(), DemoPaths(src=src, out=out, metrics=metrics))
     assert (out / "data.txt").read_text() == "OLD" and metrics.read_text() == "old"

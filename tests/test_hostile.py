@@ -76,15 +76,19 @@ def build_workspace(ws: Path) -> None:
     """Inputs, earlier outputs of karma, foreign files and the hostile files of ``CASES``."""
     import polars as pl
 
-    from karma.evaluation.evaluate import ensure_punkt
+    from karma.evaluation.taskconfig import ensure_punkt
     from tests.fixtures import synthetic_pairs
 
     ws.mkdir(parents=True, exist_ok=True)
     ensure_punkt()  # the cache lm-eval's IFEval needs: a first run writes it (and says so)
+    # paid once per session (torch + transformers: 4 s idle, 14 s on a loaded 2-core machine):
+    # the train cases time their checks only
+    from trl import DPOConfig  # noqa: F401
     shutil.copy(REPO / "data/origin/scores.csv", ws / "scores.csv")
     demo = DEMO.read_text().splitlines()
     (ws / "demo.jsonl").write_text("\n".join(demo[:40]) + "\n")
-    for d in ("measured", "model", "mine", "bad/adir.csv", "bad/cdir.jsonl", "bad/jdir.json"):
+    for d in ("measured", "model", "mine", "bad/adir.csv", "bad/cdir.jsonl", "bad/jdir.json",
+              "bad/emptyds"):  # fmt: skip
         (ws / d).mkdir(parents=True, exist_ok=True)
     (ws / "mine/notes.txt").write_text("the user's own notes\n")
     (ws / "fakemodel").mkdir(exist_ok=True)  # looks like a model dir: the task file fails first
@@ -100,7 +104,24 @@ def build_workspace(ws: Path) -> None:
         (ws / "ro").mkdir()
         (ws / "ro").chmod(0o555)
 
+    # outputs of other stages that dvc.lock records, and files of the user's beside outputs
+    (ws / "metrics").mkdir(exist_ok=True)
+    for name in ("kinship", "preferences"):
+        (ws / f"metrics/{name}.json").write_text('{"n": 1}\n')
+    (ws / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  kinship:\n    cmd: x\n    outs:\n"
+        "    - path: metrics/kinship.json\n  preferences:\n    cmd: x\n    outs:\n"
+        "    - path: metrics/preferences.json\n"
+    )
+    (ws / "user.json").write_text('{"mine": true}\n')
+    (ws / "user.png").write_bytes(b"\x89PNG the user's picture")
+    os.symlink("user.json", ws / "link.json")
+    (ws / "myreport").mkdir(exist_ok=True)
+    (ws / "myreport/report.md").write_text("# my own report\n")
+    (ws / ".s.karma-tmp.csv").write_text((ws / "scores.csv").read_text())
+    (ws / ".d.karma-tmp.jsonl").write_text("\n".join(demo[:4]) + "\n")
     bad = ws / "bad"
+    os.mkfifo(ws / "fifo.csv")
     texts: dict[str, str | bytes] = {
         "unterminated.csv": 'model,ifeval\n"gpt-4,85\nclaude,80\n',
         "dupcol.csv": "model,ifeval,mmlu_pro,ifeval\na,1,2,3\nb,3,4,5\n",
@@ -127,10 +148,21 @@ def build_workspace(ws: Path) -> None:
         "big.yaml": "seed: 1\n" + "# padding\n" * 20,
         "task_trunc.yaml": "task: mine\ndataset_kwargs: [\n",
         "measured/x.json": "{",
+        "bomb.yaml": BOMB + "scores: {aliases: {m: *i}}\n",  # 10^9 values in 300 bytes
+        "dupkey.yaml": "seed: 1\nkinship: score\nseed: 2\n",
+        "seedtrue.yaml": "seed: true\n",
+        "deepyaml.yaml": "scores: {aliases: " + "[" * 60 + "]" * 60 + "}\n",
+        "dupkey.json": '[{"model": "a", "ifeval": 1, "ifeval": 2}, {"model": "b", "ifeval": 3}]',
+        "deep.json": "[" * 100_000 + "]" * 100_000,
+        "bigint.json": '[{"model": "a", "ifeval": 1' + "0" * 5000 + "}]",
+        "code.yaml": "task: mine\ndataset_path: json\nprocess_docs: !function utils.process\n",
     }
     rec = json.loads(demo[0])
     rec["completions"][1]["model"] = " " + rec["completions"][0]["model"].upper()
     texts["repeat.jsonl"] = json.dumps(rec) + "\n"
+    rec = json.loads(demo[1])
+    rec["completions"][0]["response"] = "broken \ud800 text"
+    texts["surrogate.jsonl"] = demo[0] + "\n" + json.dumps(rec) + "\n"  # \ud800 escaped
     for name, text in texts.items():
         p = bad / name
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +195,12 @@ class Case:
     sub: bool = False  # also run as a subprocess (python -m karma.cli)
 
 
+#: A YAML alias bomb: each line holds ten of the previous (10^9 values in 400 bytes; printing
+#: the issue's 308-byte one ran past 60 s and 1.8 GB).
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n"
+    for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
 SC = ("scores", "--measured-dir", "measured", "--out", "new/s.csv")
 KI = ("kinship", "--out", "new/k", "--scores")
 PR = ("preferences", "--kinship-dir", "kin", "--out", "new/p", "--dataset")
@@ -332,6 +370,8 @@ CASES = [
          "'fetch.dataset': dataset not found"),
     Case("fetch-hub-id-without-revision", (*FE, "openbmb/UltraFeedback"),
          "field 'fetch.revision': a hub dataset needs a pinned revision"),
+    Case("fetch-local-directory-without-data", (*FE, "bad/emptyds"),
+         "bad/emptyds: field 'fetch.dataset': local dataset directory holds no data files"),
     Case("fetch-out-suffix", ("fetch", "--out", "new/c.jsonl", "--dataset", "demo.jsonl"),
          "new/c.jsonl: field '--out': wrong output suffix"),
     Case("fetch-out-is-the-dataset", ("fetch", "--out", "demo.jsonl", "--dataset",
@@ -412,6 +452,75 @@ CASES = [
     Case("report-repo-missing", ("report", "--repo", "nope", "--out", "new/r"),
          "nope: cannot read DVC experiments"),
     Case("params-extra-argument", ("params", "extra"), "unexpected extra argument", code=2),
+    # ---- issue 21: what this stage did not write, temporaries, bounded parsing, names
+    Case("kinship-out-holds-other-stages-metrics",
+         ("kinship", "--scores", "scores.csv", "--out", "metrics"),
+         "metrics: field '--out': output directory holds the outputs of DVC stage "
+         "'preferences' (dvc.lock), not of 'kinship'", sub=True),
+    Case("kinship-metrics-foreign-file", (*KI, "scores.csv", "--metrics", "user.json"),
+         "user.json: field '--metrics': output file exists and was not written by karma"),
+    Case("kinship-metrics-symlink-to-foreign-file", (*KI, "scores.csv", "--metrics",
+                                                     "link.json"),
+         "user.json: field '--metrics': output file exists and was not written by karma"),
+    Case("prefs-plot-foreign-file", (*PR, "demo.jsonl", "--plot", "user.png"),
+         "user.png: field '--plot': output file exists and was not written by karma"),
+    Case("kinship-metrics-other-stage-in-dvc-lock",
+         (*KI, "scores.csv", "--metrics", "metrics/preferences.json"),
+         "metrics/preferences.json: field '--metrics': output file exists and was not written "
+         "by karma (no record of it, and dvc.lock does not assign it to stage 'kinship')"),
+    Case("report-out-holds-a-user-report", ("report", "--repo", "nope", "--out", "myreport"),
+         "myreport/report.md: field '--out': exists and was not written by karma"),
+    Case("kinship-input-named-like-a-temporary", (*KI, ".s.karma-tmp.csv"),
+         ".s.karma-tmp.csv: field '--scores': input is named like a karma temporary"),
+    Case("prefs-dataset-named-like-a-temporary", (*PR, ".d.karma-tmp.jsonl"),
+         ".d.karma-tmp.jsonl: field 'preferences.dataset': input is named like a karma "
+         "temporary"),
+    Case("kinship-scores-is-a-fifo", (*KI, "fifo.csv"),
+         "fifo.csv: field '--scores': input is a FIFO, not a regular file", sub=True),
+    Case("kinship-params-is-a-fifo", (*KI, "scores.csv", "--params", "fifo.csv"),
+         "fifo.csv: not a regular file"),
+    Case("kinship-out-empty", ("kinship", "--scores", "scores.csv", "--out", ""),
+         "field '--out': empty path"),
+    Case("kinship-out-too-long", ("kinship", "--scores", "scores.csv", "--out", "k" * 300),
+         "field '--out': a path component of 300 bytes, longer than the file system allows"),
+    Case("kinship-params-alias-bomb", (*KI, "scores.csv", "--params", "bad/bomb.yaml"),
+         "bad/bomb.yaml: line 5: refused: aliases expand to more than 100000 values", sub=True),
+    Case("kinship-set-alias-bomb",
+         (*KI, "scores.csv", "-S", "scores.aliases={" + BOMB.replace("\n", ", ") + "m: *i}"),
+         "field '-S scores.aliases': refused: aliases expand to more than 100000 values"),
+    Case("kinship-params-duplicate-key", (*KI, "scores.csv", "--params", "bad/dupkey.yaml"),
+         "bad/dupkey.yaml: line 3: refused: duplicate key 'seed'"),
+    Case("kinship-params-deep-nesting", (*KI, "scores.csv", "--params", "bad/deepyaml.yaml"),
+         "bad/deepyaml.yaml: line 1: refused: nested deeper than 32 levels"),
+    Case("kinship-params-seed-true", (*KI, "scores.csv", "--params", "bad/seedtrue.yaml"),
+         "bad/seedtrue.yaml: field 'seed': wrong type (got 'true'; expected int)"),
+    Case("prefs-seed-true", (*PR, "demo.jsonl", "-S", "seed=true"),
+         "-S seed: wrong type (got 'true'; expected int)"),
+    Case("kinship-set-5000-digit-integer", (*KI, "scores.csv", "-S", "seed=1" + "0" * 5000),
+         "field '-S seed': refused: an integer of 5001 digits, more than 40"),
+    Case("scores-json-duplicate-key", (*SC, "--reported", "bad/dupkey.json"),
+         "bad/dupkey.json: not accepted JSON: duplicate key 'ifeval'"),
+    Case("scores-json-nested-100k-deep", (*SC, "--reported", "bad/deep.json"),
+         "bad/deep.json: JSON nested too deeply", sub=True),
+    Case("scores-json-5000-digit-integer", (*SC, "--reported", "bad/bigint.json"),
+         "bad/bigint.json: not accepted JSON: an integer of 5001 digits, more than 40"),
+    Case("prefs-lone-surrogate", (*PR, "bad/surrogate.jsonl"),
+         "bad/surrogate.jsonl: line 2: a string holds a lone surrogate (not valid Unicode)"),
+    Case("scores-two-set-keys-of-equal-length",
+         (*SC, "-S", "scores.scale.ifeval=1", "-S", "scores.scale.arc_easy=-1"),
+         "-S scores.scale.arc_easy: out of range"),
+    Case("train-trl-max-steps-not-a-number", (*TR, "-S", "train.trl.max_steps=many"),
+         "-S train.trl.max_steps: wrong type (got 'many'; expected int)"),
+    Case("train-trl-negative-learning-rate", (*TR, "-S", "train.trl.learning_rate=-1"),
+         "-S train.trl.learning_rate: out of range (got -1; expected learning_rate > 0)"),
+    Case("evaluate-task-file-runs-code",
+         ("evaluate", "--model", "fakemodel", "--out", "new/e",
+          "-S", "evaluate.tasks={mine: {task: bad/code.yaml, metric: acc}}"),
+         "task file runs Python code (!function); allow it with evaluate.allow_code: true"),
+    Case("dvc-yaml-extra-argument", ("dvc-yaml", "extra"), "unexpected extra argument", code=2),
+    Case("compare-extra-argument", ("compare", "main", "ws", "extra"), "unexpected extra argument",
+         code=2),
+    Case("headline-unknown-option", ("headline", "--bogus"), "No such option", code=2),
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip
@@ -426,6 +535,8 @@ def snapshot(*roots: Path) -> dict[str, tuple[Any, ...]]:
                 p = Path(dirpath, name)
                 if p.is_symlink():
                     out[str(p)] = ("link", os.readlink(p))
+                elif not p.is_dir() and not p.is_file():  # a FIFO: never opened
+                    out[str(p)] = ("special", p.stat().st_mode)
                 elif p.is_dir():
                     out[str(p)] = ("dir", p.stat().st_mode)
                 else:
@@ -514,7 +625,7 @@ def test_only_the_main_process_touches_outputs(tmp_path: Path, monkeypatch: Any)
     paths = DemoPaths(src=tmp_path / "in.txt", out=tmp_path / "out")
     monkeypatch.setenv("RANK", "1")
     execute(stage, Params(), paths)
-    assert ran[-1].name == ".out.karma-tmp"  # the same staged paths as rank 0
+    assert ran[-1].name.startswith(".out.karma-tmp-rank-")  # the same staged paths as rank 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # nothing made or moved
     monkeypatch.setenv("RANK", "0")
     execute(stage, Params(), paths)
@@ -614,11 +725,12 @@ def test_atomic_file_removes_the_temporaries_of_dead_writers(tmp_path: Path) -> 
 #: kills leave the plot out (drawing it is most of a small run's time).
 OUTPUTS = ("prefs", "pm.json", "pp.png")
 COMMIT_OUTPUTS = OUTPUTS[:2]
-LEFTOVER = (".karma-tmp", ".karma-old", ".karma-journal")
+LEFTOVER = (".karma-tmp", ".karma-old", ".karma-journal", ".karma-lock")
 #: Where a run over the large input is killed: as soon as this path exists (``.`` at once; the
 #: staged output: reading and pairing; its pairs: writing; the card; the metrics; the plot).
-PHASES = (".", ".prefs.karma-tmp", ".prefs.karma-tmp/train_prefs.parquet",
-          ".prefs.karma-tmp/README.md", ".pm.karma-tmp.json", ".pp.karma-tmp.png")  # fmt: skip
+PHASES = (".", ".prefs.karma-tmp-*", ".prefs.karma-tmp-*/train_prefs.parquet",
+          ".prefs.karma-tmp-*/README.md", ".pm.karma-tmp-*.json",
+          ".pp.karma-tmp-*.png")  # fmt: skip
 
 
 def _prefs(dataset: str, seed: int, *, plot: bool = True) -> list[str]:
@@ -643,8 +755,14 @@ def _outputs(ws: Path, names: tuple[str, ...] = OUTPUTS) -> dict[str, Any]:
 
 
 def _set_aside(name: str) -> str:
+    return f"{name} (set aside)"
+
+
+def _aside_state(ws: Path, name: str) -> Any:
+    """The content of an output's set-aside copy (``.<stem>.karma-old-<run><suffix>``)."""
     stem, dot, suffix = name.partition(".")
-    return f".{stem}.karma-old{dot}{suffix}"
+    found = sorted(ws.glob(f".{stem}.karma-old-*{dot}{suffix}"))
+    return _state(ws, found[0].name) if found else None
 
 
 def _arm(k: int) -> None:
@@ -686,7 +804,8 @@ def _fork(argv: list[str], kill_at: int = 0) -> int:
         try:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
-            os.dup2(null, 2)
+            log = os.environ.get("KARMA_TEST_CHILD_LOG")  # debugging: the children's stderr
+            os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if log else null, 2)
             if kill_at:
                 _arm(kill_at)
             main(argv)
@@ -732,7 +851,7 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
             (shutil.copytree if src.is_dir() else shutil.copy)(src, ws / name)
 
     def record(kind: str, point: float, result: str, names: tuple[str, ...]) -> dict[str, Any]:
-        aside = {_set_aside(n): _state(ws, _set_aside(n)) for n in names}
+        aside = {_set_aside(n): _aside_state(ws, n) for n in names}
         after_kill = {**_outputs(ws, names), **aside}
         nxt = _wait(_fork(_prefs("bad.jsonl", 2, plot=names == OUTPUTS)))
         listing = sorted(str(p.relative_to(ws)) for p in ws.rglob("*"))
@@ -756,7 +875,7 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
         restore()
         pid = _fork(_prefs("big.parquet", 1))
         result = ""
-        while not result and not (ws / phase).exists():
+        while not result and not (phase == "." or any(ws.glob(phase))):
             done, status = os.waitpid(pid, os.WNOHANG)
             result = f"exit {os.WEXITSTATUS(status)}" if done else ""
             time.sleep(0.002)
@@ -770,11 +889,17 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tests.fixtures import synthetic_records
-
     root = tmp_path_factory.mktemp("kill")
     ws, backup = root / "ws", root / "backup"
     ws.mkdir()
+    with pytest.MonkeyPatch.context() as mp:  # karma's record of what it wrote: one cache
+        mp.setenv("KARMA_CACHE_DIR", str(root / "cache"))
+        return _killed(root, ws, backup)
+
+
+def _killed(root: Path, ws: Path, backup: Path) -> dict[str, Any]:
+    from tests.fixtures import synthetic_records
+
     shutil.copy(REPO / "data/origin/scores.csv", ws / "scores.csv")
     _ok(["kinship", "--scores", "scores.csv", "--out", "kin"], ws)
     synthetic_records(200, ws / "old.parquet", seed=3)
@@ -838,8 +963,11 @@ def test_a_kill_during_a_run_over_a_large_input_loses_nothing(killed: dict[str, 
     assert any(k["result"] == "killed" and k["after_next"] == old for k in runs)
 
 
-def test_the_run_after_kills_writes_a_whole_new_set(killed: dict[str, Any]) -> None:
+def test_the_run_after_kills_writes_a_whole_new_set(
+    killed: dict[str, Any], monkeypatch: Any
+) -> None:
     ws = Path(killed["ws"])
+    monkeypatch.setenv("KARMA_CACHE_DIR", str(ws.parent / "cache"))
     _ok(_prefs("small.parquet", 1, plot=False), ws)
     assert _outputs(ws, COMMIT_OUTPUTS) == {n: killed["new_small"][n] for n in COMMIT_OUTPUTS}
     assert not [p for p in ws.rglob("*") if any(s in p.name for s in LEFTOVER)]

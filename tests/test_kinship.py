@@ -17,22 +17,24 @@ from hypothesis.extra import numpy as hnp
 
 from karma.core.errors import KarmaError
 from karma.kinship.kinship import (
-    METRICS,
     KinshipPaths,
     compute_kinship,
     kinship_metrics,
     leave_one_out,
     normalise,
-    pairwise_similarity,
-    pairwise_similarity_numpy,
     run_kinship,
     sensitivity_metrics,
-    similarity_rows,
     summary,
     write_kinship,
 )
 from karma.kinship.scores import read_scores
 from karma.kinship.settings import SimilarityConfig
+from karma.kinship.similarity import (
+    METRICS,
+    pairwise_similarity,
+    pairwise_similarity_numpy,
+    similarity_rows,
+)
 from karma.params import Params, build_params, load_params
 from tests.fixtures import run_karma as _cli
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from karma.evaluation.evaluate import load_task_config, run_tasks
+from karma.evaluation.lmeval import run_tasks
 from karma.evaluation.settings import RunConfig, TaskSpec
+from karma.evaluation.taskconfig import load_task_config
 
 PAPER = Path(__file__).resolve().parents[1] / "karma" / "evaluation" / "tasks" / "paper"
 EMBEDDED = PAPER.parent / "embedded"
@@ -59,10 +60,10 @@ def _task(name: str):
 def _mmlu_pro_template() -> dict:
     import lm_eval
 
-    from karma.evaluation.evaluate import _TagLoader
+    from karma.evaluation.taskconfig import TagLoader
 
     path = Path(lm_eval.__file__).parent / "tasks" / "mmlu_pro" / "_default_template_yaml"
-    return yaml.load(path.read_text(), Loader=_TagLoader)
+    return yaml.load(path.read_text(), Loader=TagLoader)
 
 
 def test_the_paper_dir_holds_exactly_the_five_tasks() -> None:
@@ -78,9 +79,14 @@ def test_prompts_targets_and_settings(name: str) -> None:
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str(
         (EMBEDDED / f"{name}.jsonl").resolve()
     )
-    ref = _mmlu_pro_template()  # lm-eval's own mmlu_pro: same filter, stop and metric
-    assert cfg["filter_list"][:1] == ref["filter_list"]
-    assert [f["name"] for f in cfg["filter_list"]] == ["custom-extract", "flexible-extract"]
+    ref = _mmlu_pro_template()  # lm-eval's own mmlu_pro: its filter (our diagnostic), stop, metric
+    (strict,) = ref["filter_list"]
+    assert cfg["filter_list"][1] == {**strict, "name": "strict-extract"}
+    from karma.evaluation.extract import mmlu_pro_fallback
+
+    assert cfg["filter_list"][0]["filter"][0]["filter_fn"] is mmlu_pro_fallback
+    names = [f["name"] for f in cfg["filter_list"]]
+    assert names == ["custom-extract", "strict-extract", "flexible-extract"]
     assert cfg["metric_list"] == ref["metric_list"]
     assert cfg["generation_kwargs"]["until"] == ref["generation_kwargs"]["until"]
     assert cfg["generation_kwargs"]["max_gen_toks"] >= 256
@@ -115,11 +121,27 @@ def test_mmlu_pro_prompt_is_lm_evals_own() -> None:
         ("Step 1 ... so the answer is C", "C"),
         ("the answer is (J)", "J"),
         ("The answer is (A). Or the answer is (D).", "A"),  # first match, as lm-eval's mmlu_pro
-        ("The answer: B", "[invalid]"),  # lm-eval's custom-extract is that strict
+        ("The answer: B", "[invalid]"),  # lm-eval's pattern is that strict
         ("I think B.", "[invalid]"),
     ],
 )
-def test_custom_extract_filter(response: str, letter: str) -> None:
+def test_strict_extract_filter(response: str, letter: str) -> None:
+    """lm-eval's mmlu_pro pattern alone: kept as a diagnostic (``strict-extract``)."""
+    assert _extract(response, 1) == letter
+
+
+@pytest.mark.parametrize(
+    ("response", "letter"),
+    [
+        ("blah. The answer is (B).", "B"),
+        ("The answer is (A). Or the answer is (D).", "A"),  # the first 'answer is' wins
+        ("Reasoning...\nAnswer: B", "B"),  # MMLU-Pro's scripts' first fallback
+        ("I think B is right, not C", "C"),  # then the last standalone letter, as they do
+        ("no letter here", "[invalid]"),
+    ],
+)
+def test_custom_extract_is_mmlu_pros_extraction_with_fallbacks(response: str, letter: str) -> None:
+    """The score (``custom-extract``): MMLU-Pro's scripts' three steps."""
     assert _extract(response, 0) == letter
 
 
@@ -149,8 +171,8 @@ def _extract(response: str, which: int) -> str:
     ],
 )
 def test_flexible_extract_filter(response: str, letter: str) -> None:
-    """The lenient second filter (a diagnostic: format failures vs wrong answers)."""
-    assert _extract(response, 1) == letter
+    """The lenient third filter (a diagnostic: format failures vs wrong answers)."""
+    assert _extract(response, 2) == letter
 
 
 HUB = PAPER / "hub"

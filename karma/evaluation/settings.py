@@ -33,13 +33,12 @@ class TaskSpec(Section):
         return metric if filt in ("", "none") else f"{metric}_{filt}"
 
 
-
-
 class SuiteSpec(Section):
     """One suite of ``karma/evaluation/tasks/suites.yaml``: its protocol and its benchmark map."""
 
     protocol: Protocol = Field(description="how multiple-choice benchmarks are scored")
     max_gen_toks: int | None = Field(None, ge=1, description="cap on generated tokens")
+    num_fewshot: int | None = Field(None, ge=0, description="shots for every task of the suite")
     tasks: dict[str, TaskSpec] = Field(min_length=1, description="{benchmark: {task, metric}}")
 
 
@@ -112,6 +111,10 @@ class RunConfig(Section):
         None, "cap on generated tokens (null: the suite's cap, else each task's own length)", ge=1
     )
     bootstrap_iters: int = setting(0, "lm-eval's bootstrap iterations for stderr", ge=0)
+    allow_code: bool = setting(
+        False, "let a task YAML of yours run Python (lm-eval's !function tags import code from "
+        "beside the file): true only for task files you trust", operational=True,
+    )  # fmt: skip
     num_processes: int = setting(
         1, "data-parallel processes (hf backend; launched with python -m torch.distributed.run)",
         ge=1, operational=True,
@@ -164,6 +167,12 @@ class RunConfig(Section):
         if self.max_gen_toks is not None or self.tasks:
             return self.max_gen_toks
         return suites()[self.suite].max_gen_toks
+
+    def shots(self) -> int | None:
+        """Few-shot examples: ``num_fewshot``, else the suite's (each task's own for tasks)."""
+        if self.num_fewshot is not None or self.tasks:
+            return self.num_fewshot
+        return suites()[self.suite].num_fewshot
 
     def protocol_name(self) -> str:
         """The protocol of :meth:`task_map`: ``protocol``, else the suite's (custom for tasks)."""

@@ -13,32 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from karma.generation.completion import Chat, Completion, trim_stop
 from karma.generation.settings import GenerateConfig, PoolModel
 
 log = logging.getLogger(__name__)
-
-Chat = list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated completion (or a failed request)."""
-
-    text: str
-    tokens: int
-    logprob_sum: float | None
-    logprob_mean: float | None
-    finish_reason: str  # stop | length | error
-    status: str = "ok"  # ok | failed
-    error: str | None = None
-
-
-def failed(reason: str) -> Completion:
-    """A row whose request failed after its retries."""
-    return Completion("", 0, None, None, "error", status="failed", error=reason[:300])
 
 
 class Engine(Protocol):
@@ -54,16 +34,6 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the model or connections."""
         ...
-
-
-def trim_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``text`` cut before the first stop string, and whether one was found.
-
-    >>> trim_stop("Paris.\\nQ: next", ["\\nQ:"])
-    ('Paris.', True)
-    """
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 class HFEngine:

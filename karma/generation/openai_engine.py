@@ -24,7 +24,7 @@ from typing import Any
 
 from karma import __version__
 from karma.core.errors import KarmaError
-from karma.generation.engines import Chat, Completion, failed, trim_stop
+from karma.generation.completion import Chat, Completion, failed, trim_stop
 from karma.generation.settings import GenerateConfig, PoolModel
 
 log = logging.getLogger(__name__)

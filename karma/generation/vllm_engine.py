@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from karma.core.errors import KarmaError
-from karma.generation.engines import Chat, Completion, trim_stop
+from karma.generation.completion import Chat, Completion, trim_stop
 from karma.generation.settings import GenerateConfig, PoolModel
 
 log = logging.getLogger(__name__)

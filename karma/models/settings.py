@@ -6,6 +6,7 @@ from pydantic import field_validator
 
 from karma.core.errors import did_you_mean
 from karma.core.settings import Dtype, Section, setting
+from karma.models.embedded import EMBEDDED, EMBEDDED_PREFIX
 
 
 class BaseModelConfig(Section):
@@ -29,8 +30,6 @@ class BaseModelConfig(Section):
     @field_validator("source")
     @classmethod
     def _known_embedded(cls, value: str) -> str:
-        from karma.models.base_model import EMBEDDED, EMBEDDED_PREFIX
-
         name = value.removeprefix(EMBEDDED_PREFIX)
         if value.startswith(EMBEDDED_PREFIX) and name not in EMBEDDED:
             hint = did_you_mean(name, EMBEDDED, prefix=EMBEDDED_PREFIX)

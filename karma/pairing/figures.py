@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 from karma.core.plotting import MAX_LABELLED_MODELS, PAIR_STYLE, pyplot, save_figure
 
 log = logging.getLogger(__name__)

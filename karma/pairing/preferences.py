@@ -54,7 +54,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -64,7 +64,9 @@ from karma.core.errors import KarmaError, did_you_mean
 from karma.core.stage import Stage, input_path, output_path
 from karma.pairing.agreement import AgreementTally
 from karma.pairing.ultrafeedback import UltraFeedback
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -41,7 +41,9 @@ from karma.pairing.preferences import (
     write_table,
 )
 from karma.pairing.ultrafeedback import UltraFeedback
-from karma.params import Params
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +213,7 @@ STAGE = Stage(
         "preferences.rating",
         "preferences.aliases",
         "preferences.baseline_pool",
+        "preferences.batch_records",
         "sweep",
     ),
     paths=SweepPaths,

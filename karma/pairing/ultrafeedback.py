@@ -28,7 +28,14 @@ from typing import Any
 import polars as pl
 
 from karma.core.errors import KarmaError
-from karma.core.io import check_record_bytes, check_size, limit_error, limits, text_lines
+from karma.core.io import (
+    check_record_bytes,
+    check_size,
+    limit_error,
+    limits,
+    parse_json,
+    text_lines,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +205,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"line {lineno}", json.loads(line)
+            yield f"line {lineno}", parse_json(line, path, f"line {lineno}: ")
         except json.JSONDecodeError as err:
             raise KarmaError(
                 f"malformed JSON on line {lineno}: {err.msg} at column {err.colno}", file=path
@@ -211,7 +218,7 @@ def _read_json(path: Path) -> UltraFeedback:
     if not text.strip():
         raise KarmaError("empty file", file=path, expected="a JSON list of UltraFeedback records")
     try:
-        data = json.loads(text)
+        data = parse_json(text, path)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON lines in a .json file
             return from_records(_iter_jsonl(path), file=path)

@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 from karma.core.plotting import pyplot, save_figure
 
 log = logging.getLogger(__name__)

@@ -43,15 +43,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.stage import Stage, input_path, output_path
-from karma.params import Params
 from karma.selection.settings import SelectConfig
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import yaml
@@ -59,8 +59,10 @@ from karma.core.io import tree_digest, write_json
 from karma.core.lm import load_causal_lm, provenance, write_provenance
 from karma.core.settings import read_yaml
 from karma.core.stage import Stage, die_with_launcher, input_path, output_path, state_path
-from karma.params import Params
 from karma.training.settings import TrainConfig
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ TRL_DEFAULTS: dict[str, Any] = {
     "ddp_find_unused_parameters": False,
 }
 
+#: Returned and logged, never written to a versioned output (they vary between reruns).
+TIMINGS = ("tokens_per_second", "wall_time_s")
 # Metric names (as TRL logs them) written to the dvclive curves.
 CURVE_SKIP = (
     "train_runtime",
@@ -218,20 +222,39 @@ def last_checkpoint(run_dir: str | Path, world_size: int = 1) -> Path | None:
 def prepare_run_dir(
     root: str | Path, fp: dict[str, Any], world_size: int = 1
 ) -> tuple[Path, Path | None]:
-    """Return ``(run_dir, checkpoint to resume or None)``; stale runs under ``root`` are removed.
+    """Return ``(run_dir, checkpoint to resume or None)``. Stale runs under ``root`` stay until
+    this run has saved its first checkpoint (:func:`drop_stale`): a run that fails first (a bad
+    setting, a crash while loading) loses nothing.
 
     Under several processes only the main one calls this (:meth:`Ranks.on_main`).
     """
     root = Path(root)
     run_dir = root / fp["id"]
-    if root.is_dir():
-        for child in root.iterdir():
-            if child != run_dir:
-                log.info("removing stale checkpoints %s (inputs or params changed)", child)
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / FINGERPRINT_FILE, fp)
     return run_dir, last_checkpoint(run_dir, world_size)
+
+
+def drop_stale(run_dir: str | Path) -> None:
+    """Remove the other runs' checkpoints beside ``run_dir`` (inputs or params changed)."""
+    run_dir = Path(run_dir)
+    with contextlib.suppress(OSError):
+        for child in run_dir.parent.iterdir():
+            if child != run_dir:
+                log.info("removing stale checkpoints %s (inputs or params changed)", child)
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _drop_stale_callback(run_dir: Path) -> Any:
+    """A callback: :func:`drop_stale` once the main process has saved a checkpoint."""
+    from transformers import TrainerCallback
+
+    class DropStale(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero:
+                drop_stale(run_dir)
+
+    return DropStale()
 
 
 # ---------------------------------------------------------------- batch
@@ -273,6 +296,7 @@ def _int_arg(cls: type, args: dict[str, Any], name: str, block: str) -> int:
 def batch_plan(cfg: TrainConfig, world_size: int = 1) -> BatchPlan:
     """Derive gradient accumulation from ``train.global_batch_size`` and the process count.
 
+    >>> from karma.params import Params
     >>> from karma.training.settings import TrainConfig
     >>> cfg = TrainConfig(global_batch_size=96, trl={"per_device_train_batch_size": 6})
     >>> batch_plan(cfg, 4)
@@ -376,7 +400,49 @@ def trl_kwargs(
         )
     if torch.accelerator.current_accelerator() is None:
         kwargs.setdefault("use_cpu", True)
-    return _coerce_numbers(_config_class(cfg.method), kwargs)
+    kwargs = _coerce_numbers(_config_class(cfg.method), kwargs)
+    block = "dpo" if cfg.method == "dpo" else "sft"
+    for key in {**cfg.trl, **method_args}:
+        _check_value(_config_class(cfg.method), key, kwargs[key],
+                     f"train.{block if key in method_args else 'trl'}.{key}")  # fmt: skip
+    return kwargs
+
+
+#: TRL fields whose value must be positive (TRL accepts a negative rate, then fails mid-run).
+POSITIVE = {"learning_rate", "beta", "gradient_accumulation_steps", "save_steps", "logging_steps"}
+NON_NEGATIVE = {"weight_decay", "warmup_ratio", "warmup_steps", "num_train_epochs",
+                "max_grad_norm", "label_smoothing"}  # fmt: skip
+
+
+def _check_value(cls: type, key: str, value: Any, where: str) -> None:
+    """A TRL setting of the field's type (int, float, bool, text) and sign, named by its key."""
+    import typing
+
+    field = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+    if field is None or isinstance(field.type, str):
+        return
+    kinds = set(typing.get_args(field.type)) or {field.type}
+    if value is None and type(None) in kinds:
+        return
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }
+    checks = [ok[k] for k in kinds if k in ok]
+    if checks and len(checks) == len(kinds - {type(None)}) and not any(c(value) for c in checks):
+        names = " | ".join(sorted("null" if k is type(None) else getattr(k, "__name__", str(k))
+                                  for k in kinds))  # fmt: skip
+        raise KarmaError("wrong type", field=where, value=value, expected=names)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key in POSITIVE and not value > 0:
+            raise KarmaError("out of range", field=where, value=value, expected=f"{key} > 0")
+        if key in NON_NEGATIVE and not value >= 0:
+            raise KarmaError("out of range", field=where, value=value, expected=f"{key} >= 0")
+        if key == "max_steps" and (value == 0 or value < -1):
+            raise KarmaError("out of range", field=where, value=value,
+                             expected="max_steps > 0, or -1 (train by epochs)")  # fmt: skip
 
 
 def build_trl_config(
@@ -424,6 +490,7 @@ def launcher_prefix(params: Params, paths: TrainPaths | None = None) -> list[str
     underneath). With ``paths`` (the stage process, before launching), everything cheap is
     validated first, so a bad setting is one error line rather than one per process.
 
+    >>> from karma.params import Params
     >>> from karma.training.settings import TrainConfig
     >>> cfg = TrainConfig(launcher="torchrun", num_processes=2)
     >>> " ".join(launcher_prefix(Params(train=cfg))[1:])
@@ -933,7 +1000,8 @@ class TrainPaths:
 def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig, Any, Any]:
     """Validate everything cheap (before any model loads or any process is launched)."""
     cfg = apply_recipe(params.train)
-    trl_kwargs(cfg, seed=params.seed, output_dir=paths.checkpoints, world_size=world)
+    # every TRL field, as TRL itself checks it, before a checkpoint is touched or a model loads
+    build_trl_config(cfg, seed=params.seed, output_dir=paths.checkpoints, world_size=world)
     build_lora_config(cfg.lora)
     dataset = load_pairs(paths.data, cfg.method)
     heldout = None
@@ -983,7 +1051,7 @@ def run_train(
             seed=seed,
             output_dir=run_dir,
             dataset=dataset,
-            callbacks=[*live, *callbacks],
+            callbacks=[*live, _drop_stale_callback(run_dir), *callbacks],
             eval_dataset=heldout,
             world_size=world,
         )
@@ -1039,8 +1107,9 @@ def run_train(
             "method": cfg.method, "seed": seed, "recipe": cfg.recipe,
             "global_batch_size": cfg.global_batch_size, "lora": cfg.lora is not None,
         })  # fmt: skip
-        if paths.metrics is not None:
-            write_json(paths.metrics, metrics)
+        if paths.metrics is not None:  # timings vary between identical runs: logged only
+            write_json(paths.metrics, {k: v for k, v in metrics.items() if k not in TIMINGS})
+        drop_stale(run_dir)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
     if ranks.main:

@@ -1,0 +1,1 @@
+"""Generated DVC stage entry points (python -m stages.NAME)."""
