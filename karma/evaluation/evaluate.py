@@ -215,7 +215,7 @@ PAIRED = ("n_boot", "bootstrap_seed")
 #: evaluate_base: the evaluate settings without the paired bootstrap's (no baseline here), so
 #: changing them does not re-run the base model's evaluation.
 EVALUATE_BASE = Stage(
-    name="evaluate_base",  # the evaluate command without a baseline (its outputs say "evaluate")
+    name="evaluate",  # the evaluate command without a baseline (its outputs say "evaluate")
     settings=tuple(f"evaluate.{k}" for k in EvaluateConfig.model_fields if k not in PAIRED),
     paths=EvaluateBasePaths,
     run=run_evaluate,
