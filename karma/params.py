@@ -20,6 +20,8 @@ from karma.core import settings
 from karma.core.errors import KarmaError
 from karma.core.settings import PARAMS_FILE, LimitsConfig, Section, setting
 from karma.evaluation.settings import BenchmarkConfig, EvaluateConfig
+from karma.generation.settings import Completions, GenerateConfig, PromptsConfig
+from karma.judging.settings import JudgeConfig
 from karma.kinship.settings import ScoresConfig, SimilarityConfig
 from karma.models.settings import BaseModelConfig
 from karma.pairing.settings import (
@@ -38,9 +40,16 @@ class Params(Section):
 
     kinship: Strategy = setting("score", STRATEGY_HELP)
     seed: int = setting(0, "one seed for every random choice in the pipeline", ge=0, lt=2**63)
+    completions: Completions = setting(
+        "dataset", "dataset (fetch: UltraFeedback-schema completions) | pool (the pool in "
+        "scores.measured generates and the judge scores); dvc exp run -S completions=pool"
+    )  # fmt: skip
     benchmark: BenchmarkConfig = setting(BenchmarkConfig, "stage benchmark@<name>")
     scores: ScoresConfig = setting(ScoresConfig, "stage scores")
     similarity: SimilarityConfig = setting(SimilarityConfig, "stage kinship")
+    prompts: PromptsConfig = setting(PromptsConfig, "stage prompts")
+    generate: GenerateConfig = setting(GenerateConfig, "stage generate@<name>")
+    judge: JudgeConfig = setting(JudgeConfig, "stage judge")
     fetch: FetchConfig = setting(FetchConfig, "stage fetch")
     preferences: PreferencesConfig = setting(PreferencesConfig, "stage preferences")
     sweep: SweepConfig = setting(SweepConfig, "stage tau_sweep")

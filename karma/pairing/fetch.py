@@ -28,7 +28,7 @@ import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.io import cache_root
-from karma.core.stage import Stage, output_path
+from karma.core.stage import Stage, input_path, output_path
 from karma.pairing.source import META_KEY, license_of
 from karma.pairing.ultrafeedback import HUB_ID, UltraFeedback, from_frame, read_ultrafeedback
 from karma.pairing.writers import write_table
@@ -156,24 +156,35 @@ def fetch(dataset: str, *, revision: str | None = None, split: str = "train") ->
 
 @dataclass(frozen=True, kw_only=True)
 class FetchPaths:
-    """Paths of the ``fetch`` stage (the source is ``fetch.dataset``)."""
+    """Paths of the ``fetch`` stage (the source is ``fetch.dataset``, or with
+    ``completions: pool`` the judge stage's records)."""
 
     out: Path = output_path("the completions as Parquet (UltraFeedback records)", ".parquet")
+    pool: Path | None = input_path(
+        "the judge stage's records, read instead of fetch.dataset when completions: pool",
+        required=False,
+    )
 
 
 def run_fetch(params: Params, paths: FetchPaths) -> dict[str, Any]:
     """Stage ``fetch``: read the source, write the local Parquet."""
     cfg = params.fetch
-    data, info = fetch(cfg.dataset, revision=cfg.revision, split=cfg.split)
+    if params.completions == "pool":
+        if paths.pool is None:
+            raise KarmaError("completions: pool needs the judge's records", field="--pool")
+        data, info = fetch(str(paths.pool))
+        info["license"] = "the pool models' licenses"
+    else:
+        data, info = fetch(cfg.dataset, revision=cfg.revision, split=cfg.split)
     write_records(data, info, paths.out)
     log.info("fetched %d records (%d completions) from %s", info["records"],
-             info["completions"], cfg.dataset)  # fmt: skip
+             info["completions"], info["dataset"])  # fmt: skip
     return info
 
 
 STAGE = Stage(
     name="fetch",
-    settings=("fetch",),
+    settings=("fetch", "completions"),
     paths=FetchPaths,
     run=run_fetch,
     inputs=("fetch.dataset",),

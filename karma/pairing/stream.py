@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from karma.pairing.agreement import AgreementTally
 from karma.pairing.kernel import KEPT, REASONS, same_pairs
 from karma.pairing.layouts import FRAME_SCHEMA, arrow_float, arrow_text, trl_frame
 from karma.pairing.pool import (
@@ -143,6 +144,7 @@ class PairStream:
         self.pool_counts = np.zeros((pool.m, pool.m), dtype=np.int64)
         self.changed = self.dropped = 0
         self.same = {s: 0 for s in STRATEGIES if s != strategy}
+        self.agreement = AgreementTally()  # the strategy's pairs vs the instance rating
 
     def add(self, data: UltraFeedback) -> tuple[Any, np.ndarray]:
         """Pair one batch; returns its flat pairs table (:func:`flat_pairs`) and whether each
@@ -164,6 +166,7 @@ class PairStream:
         for row in names.group_by("chosen_model", "rejected_model").len().iter_rows():
             self.names[row[:2]] = self.names.get(row[:2], 0) + row[2]
         kept = chosen >= 0
+        self.agreement.add(self.strategy, prep.ratings[self.rating], chosen, rejected)
         for f in RATING_FIELDS:
             d = prep.ratings[f][chosen[kept]] - prep.ratings[f][rejected[kept]]
             values, n = np.unique(d[~np.isnan(d)], return_counts=True)
@@ -240,6 +243,7 @@ class PairStream:
         }
         for other, same in self.same.items():
             out[f"diag.overlap.{other}"] = round6(same / pairs) if pairs else None
+        out.update(self.agreement.metrics())
         out["diag.used.mean_kinship"] = used["mean_kinship"]
         out["diag.used.mean_abs_s_pref_gap"] = used["mean_abs_s_pref_gap"]
         for k, v in pool_stats(self.pool, self.pool_counts).items():
