@@ -26,6 +26,7 @@ from karma.core.settings import (
     describe,
     is_operational,
     load_yaml,
+    plain,
     sources,
     yaml_problem,
 )
@@ -77,7 +78,7 @@ def _help(key: str) -> str:
     found = field_at(key)
     assert found is not None
     default = getattr(found[0](), found[1])
-    shown = json.dumps(default.model_dump() if hasattr(default, "model_dump") else default)
+    shown = json.dumps(plain(default))
     extra = describe(info.annotation)
     rng = bounds(info, "x")
     text = f"{info.description} [{extra}{'; ' + rng if rng else ''}; default: {shown}]"
@@ -278,15 +279,38 @@ def measured_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
             "--samples", f"{opts['--samples-dir']}/{name}.parquet"]  # fmt: skip
 
 
+def generations_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The arguments of ``generate@<name>``: its name from DVC (``DVC_STAGE``), its output in
+    ``--generations-dir``; the model comes from params (as :func:`measured_argv`)."""
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
+    stage = env.get("DVC_STAGE", "")
+    name = stage.partition("@")[2]
+    if not MEASURED_NAME.fullmatch(name):
+        raise KarmaError("not a pool model's name", field="DVC_STAGE", value=stage or None,
+                         expected="generate@<name>, name of [A-Za-z0-9_-]")  # fmt: skip
+    missing = [k for k in ("--prompts", "--generations-dir") if not opts.get(k)]
+    if missing:
+        raise KarmaError("missing option", field=missing[0], expected="a path")
+    return ["--name", name, "--prompts", opts["--prompts"],
+            "--out", f"{opts['--generations-dir']}/{name}.parquet"]  # fmt: skip
+
+
+#: Stage instances whose name reaches them only through DVC: stage -> (marker flag, argv).
+INSTANCE_ARGV = {
+    "benchmark": ("--measured-dir", measured_argv),
+    "generate": ("--generations-dir", generations_argv),
+}
+
+
 def stage_main(ref: str) -> None:
     """Entry point of ``stages/<name>.py``: paths from ``dvc.yaml``, settings from params.yaml."""
     setup_logging()
     stage = load_stage(ref)
     command = make_command(stage, f"stages/{stage.name}", stage.help, settings=False)
     argv = sys.argv[1:]
-    if stage.name == "benchmark" and "--measured-dir" in argv:  # dvc.yaml's benchmark@<name>
+    if stage.name in INSTANCE_ARGV and INSTANCE_ARGV[stage.name][0] in argv:  # <stage>@<name>
         try:
-            argv = measured_argv(argv, os.environ)
+            argv = INSTANCE_ARGV[stage.name][1](argv, os.environ)
         except KarmaError as err:
             click.echo(f"karma: error: {err}", err=True)
             sys.exit(1)

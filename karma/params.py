@@ -18,11 +18,19 @@ from typing import Any
 
 from karma.core import settings
 from karma.core.errors import KarmaError
-from karma.core.settings import PARAMS_FILE, LimitsConfig, Section, Strategy, setting
+from karma.core.settings import PARAMS_FILE, LimitsConfig, Section, setting
 from karma.evaluation.settings import BenchmarkConfig, EvaluateConfig
+from karma.generation.settings import Completions, GenerateConfig, PromptsConfig
+from karma.judging.settings import JudgeConfig
 from karma.kinship.settings import ScoresConfig, SimilarityConfig
 from karma.models.settings import BaseModelConfig
-from karma.pairing.settings import FetchConfig, PreferencesConfig, SweepConfig
+from karma.pairing.settings import (
+    STRATEGY_HELP,
+    FetchConfig,
+    PreferencesConfig,
+    Strategy,
+    SweepConfig,
+)
 from karma.selection.settings import SelectConfig
 from karma.training.settings import TrainConfig
 
@@ -30,14 +38,18 @@ from karma.training.settings import TrainConfig
 class Params(Section):
     """The whole ``params.yaml``: two top-level keys and one section per stage."""
 
-    kinship: Strategy = setting(
-        "score", "pairing strategy: score | sim | score_sim (KARMA) | rlaif (AI-feedback "
-        "baseline) | random (ablation); dvc exp run -S kinship=sim"
-    )  # fmt: skip
+    kinship: Strategy = setting("score", STRATEGY_HELP)
     seed: int = setting(0, "one seed for every random choice in the pipeline", ge=0, lt=2**63)
+    completions: Completions = setting(
+        "dataset", "dataset (fetch: UltraFeedback-schema completions) | pool (the pool in "
+        "scores.measured generates and the judge scores); dvc exp run -S completions=pool"
+    )  # fmt: skip
     benchmark: BenchmarkConfig = setting(BenchmarkConfig, "stage benchmark@<name>")
     scores: ScoresConfig = setting(ScoresConfig, "stage scores")
     similarity: SimilarityConfig = setting(SimilarityConfig, "stage kinship")
+    prompts: PromptsConfig = setting(PromptsConfig, "stage prompts")
+    generate: GenerateConfig = setting(GenerateConfig, "stage generate@<name>")
+    judge: JudgeConfig = setting(JudgeConfig, "stage judge")
     fetch: FetchConfig = setting(FetchConfig, "stage fetch")
     preferences: PreferencesConfig = setting(PreferencesConfig, "stage preferences")
     sweep: SweepConfig = setting(SweepConfig, "stage tau_sweep")

@@ -26,6 +26,10 @@ PATHS: dict[str, str] = {
     "kinship": "data/kinship",
     "kinship_plots": "plots/kinship",
     "completions": "data/completions.parquet",
+    "prompts": "data/pool/prompts.parquet",
+    "generations": "data/pool/generations",
+    "judged": "data/pool/completions.jsonl",
+    "judge_scores": "data/pool/judge_scores.parquet",
     "preferences": "data/preferences",
     "tau_sweep": "plots/preferences/tau_sweep",
     "preferences_plot": "plots/preferences/pairs.png",
@@ -84,7 +88,7 @@ PIPELINE: tuple[Wiring, ...] = (
         "Benchmark one model with lm-eval: a score row.",
         {"name": "${key}", "out": "${path.measured}/${key}.json",
          "samples": "${path.benchmark_samples}/${key}.parquet"},
-        deps=TASK_DEPS, foreach="${scores.measured}",
+        deps=(*TASK_DEPS, "${path.base}"), foreach="${scores.measured}",
         params=("scores.measured.${key}",),
         cmd_args={"measured_dir": "${path.measured}", "samples_dir": "${path.benchmark_samples}"},
         comment="One instance per model in `scores.measured`: adding a model runs just that model. "
@@ -109,14 +113,46 @@ PIPELINE: tuple[Wiring, ...] = (
         kinds={"metrics": DIAGNOSTIC},
     ),
     Wiring(
+        "prompts", "karma.generation.generate:PROMPTS",
+        "The pool's prompt set (a seeded sample).",
+        {"out": "${path.prompts}"},
+        deps=("data/demo/ultrafeedback_demo.jsonl",), param_deps=False,
+        comment="The pool's prompt set (completions: pool): a seeded sample of UltraFeedback "
+        "instructions (the embedded demo set, a local file or a hub id at a pinned revision).",
+    ),
+    Wiring(
+        "generate", "karma.generation.generate:STAGE",
+        "Completions of one pool model (hf | vllm | openai).",
+        {"name": "${key}", "prompts": "${path.prompts}",
+         "out": "${path.generations}/${key}.parquet"},
+        deps=("${path.base}",), foreach="${scores.measured}",
+        params=("scores.measured.${key}",),
+        cmd_args={"prompts": "${path.prompts}", "generations_dir": "${path.generations}"},
+        comment="One instance per pool model (scores.measured): adding a model runs just its "
+        "benchmark and generation and what reads the whole pool. Under completions: dataset "
+        "each writes an empty table without loading a model. Derived pool models are built from "
+        "the base model. Scale-out: dvc exp run --queue, then dvc queue start -j N.",
+    ),
+    Wiring(
+        "judge", "karma.judging.judge:STAGE",
+        "Score pool completions into UltraFeedback records.",
+        {"generations": "${path.generations}", "out": "${path.judged}",
+         "scores": "${path.judge_scores}", "metrics": "diagnostics/judge.json"},
+        deps=("${path.base}",), kinds={"metrics": DIAGNOSTIC},
+        comment="Scores every pool completion (the default judge is the base model); depends on "
+        "the generations dir (kept in git by its .gitkeep), so it runs after every generate "
+        "instance.",
+    ),
+    Wiring(
         "fetch", "karma.pairing.fetch:STAGE",
         "Fetch completions (hub id, dir or file) into a Parquet.",
-        {"out": "${path.completions}"},
+        {"out": "${path.completions}", "pool": "${path.judged}"},
         deps=("data/demo/ultrafeedback_demo.jsonl",), param_deps=False,
         comment="The completions as a local Parquet that DVC hashes. The default source is the "
         "embedded demo set (no hub); a real run pins a hub dataset: dvc exp run -S "
         "fetch.dataset=openbmb/UltraFeedback -S fetch.revision=<commit sha> (a pinned revision "
-        "is a param, so the fetch re-runs exactly when dataset, revision or split change).",
+        "is a param, so the fetch re-runs exactly when dataset, revision or split change). With "
+        "completions: pool it reads the judge stage's records instead.",
     ),
     Wiring(
         "preferences", "karma.pairing.preferences:STAGE",

@@ -17,6 +17,7 @@ import yaml
 from karma.core.stage import execute
 from karma.pairing import fetch as F
 from karma.pairing.settings import FetchConfig
+from karma.pairing.source import source_info
 from karma.pairing.ultrafeedback import read_ultrafeedback
 from karma.params import Params
 from tests.fixtures import one_error_line as _one_line
@@ -46,10 +47,10 @@ def test_demo_default_round_trips_and_is_deterministic(tmp_path: Path) -> None:
     assert outs[0] == outs[1]
     _same(DEMO, tmp_path / "c0.parquet")
     assert info["records"] == 480 and info["license"] == "apache-2.0"
-    src = F.source_info(tmp_path / "c0.parquet")
+    src = source_info(tmp_path / "c0.parquet")
     assert src["dataset"] == str(DEMO) and src["license"] == "apache-2.0"
     assert "fetched from" in src["described"]
-    assert F.source_info(DEMO) == {"dataset": str(DEMO), "license": "apache-2.0"}
+    assert source_info(DEMO) == {"dataset": str(DEMO), "license": "apache-2.0"}
 
 
 def test_local_dataset_directory_through_datasets(tmp_path: Path) -> None:

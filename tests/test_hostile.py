@@ -846,13 +846,13 @@ def kill_driver(ws: Path, backup: Path) -> dict[str, Any]:
     import matplotlib.pyplot  # noqa: F401  (imported before the forks: children start at once)
 
     import karma.pairing.figures
-    import karma.pairing.preferences
+    import karma.pairing.kernel
 
     with contextlib.suppress(Exception):  # load numba's compiled kernels once, for every child
         import numpy as np
 
         one = np.array([1.0, 2.0])
-        karma.pairing.preferences.pair_arrays(np.array([0, 2]), np.array([0, 1]), one > 0, one, one,
+        karma.pairing.kernel.pair_arrays(np.array([0, 2]), np.array([0, 1]), one > 0, one, one,
                                       np.eye(2), strategy="score")  # fmt: skip
     os.chdir(ws)
 

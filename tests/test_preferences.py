@@ -20,17 +20,85 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import karma.pairing.stream
 import karma.pairing.ultrafeedback
+import karma.pairing.writers
 from karma.core import settings as config
 from karma.core.errors import KarmaError
 from karma.core.stage import execute
 from karma.kinship.kinship import compute_kinship, write_kinship
 from karma.kinship.scores import read_scores
 from karma.kinship.settings import SimilarityConfig
-from karma.pairing import preferences as P
-from karma.pairing.settings import PreferencesConfig
+from karma.pairing.card import (
+    dataset_card,
+)
+from karma.pairing.kernel import (
+    IDENTICAL,
+    KEPT,
+    NO_ELIGIBLE,
+    RANDOM,
+    REASONS,
+    RLAIF,
+    SCORE,
+    SCORE_SIM,
+    SIM,
+    TIE,
+    TOO_FEW,
+    UNKNOWN,
+    pair_arrays,
+)
+from karma.pairing.layouts import (
+    H4_COLUMNS,
+    LAYOUTS,
+    META_COLUMNS,
+    OUTPUT_COLUMNS,
+    SPLITS,
+    to_trl,
+)
+from karma.pairing.pool import (
+    pool_counts,
+    pool_stats,
+    prepare,
+    weighted_spearman,
+)
+from karma.pairing.preferences import (
+    STAGE,
+    PreferencesPaths,
+    run_preferences,
+)
+from karma.pairing.reference import (
+    reference_pair,
+)
+from karma.pairing.rng import (
+    splitmix64,
+    stream_seed,
+)
+from karma.pairing.settings import STRATEGY_HELP, PreferencesConfig, Strategy
+from karma.pairing.split import (
+    is_test,
+    is_test_reference,
+    prompt_id,
+    prompt_ids,
+)
+from karma.pairing.strategies import (
+    KARMA_STRATEGIES,
+    POOLS,
+    RATING_FIELDS,
+    SPECS,
+    STRATEGIES,
+    made_by,
+    spec,
+    strategy_code,
+)
+from karma.pairing.stream import (
+    PreferenceResult,
+    make_pairs,
+)
 from karma.pairing.tau_sweep import all_draws
 from karma.pairing.ultrafeedback import UltraFeedback, from_records, read_ultrafeedback
+from karma.pairing.writers import (
+    write_splits,
+)
 from karma.params import Params, build_params, load_params
 from tests.fixtures import one_error_line as _one_error_line
 from tests.fixtures import run_karma as _cli
@@ -138,7 +206,7 @@ EXPECTED = {  # instruction -> (chosen_model, rejected_model) or drop reason
 }
 
 
-def _outcomes(result: P.PreferenceResult, n: int) -> list[str]:
+def _outcomes(result: PreferenceResult, n: int) -> list[str]:
     by_prompt = {
         r["prompt"][0]["content"]: f"{r['chosen_model']}/{r['rejected_model']}"
         for r in result.pairs.iter_rows(named=True)
@@ -149,14 +217,14 @@ def _outcomes(result: P.PreferenceResult, n: int) -> list[str]:
 @pytest.mark.parametrize("strategy", ["score", "sim", "score_sim"])
 def test_hand_made_karma(strategy: str) -> None:
     data = from_records([(f"line {i}", r) for i, r in enumerate(HAND)], file="hand")
-    res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy=strategy, tau=0.1, seed=0)
+    res = make_pairs(data, _sp_frame(), _kin_frame(), strategy=strategy, tau=0.1, seed=0)
     got = _outcomes(res, len(HAND))
     want = EXPECTED[strategy]
     assert [g for g, w in zip(got, want, strict=True) if "/" in w] == [w for w in want if "/" in w]
     kept = [w for w in want if "/" in w]
     drops = [w for w in want if "/" not in w]
     assert res.counts["pairs"] == len(kept)
-    for reason in P.REASONS[1:]:
+    for reason in REASONS[1:]:
         assert res.counts[f"drop_{reason}"] == drops.count(reason), reason
     for g, w in zip(got, want, strict=True):
         if "/" not in w:
@@ -171,12 +239,12 @@ def test_hand_made_karma(strategy: str) -> None:
 def test_hand_made_tau_and_random() -> None:
     data = from_records([(f"line {i}", r) for i, r in enumerate(HAND)], file="hand")
     # tau 0.85: only B-C (.9) and B-E (.95) are kin
-    res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="score", tau=0.85)
+    res = make_pairs(data, _sp_frame(), _kin_frame(), strategy="score", tau=0.85)
     got = _outcomes(res, len(HAND))
     assert got[0] == "B/C"  # A-C is no longer kin
     assert res.counts["drop_no_eligible_pair"] == 5  # i2, i3, i6, i7, i8
     # random ignores kinship: i3 (A-B, not kin) is paired, ordered by S_pref
-    rnd = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="random", seed=0)
+    rnd = make_pairs(data, _sp_frame(), _kin_frame(), strategy="random", seed=0)
     out = _outcomes(rnd, len(HAND))
     assert out[3] == "A/B"
     assert rnd.counts["drop_no_eligible_pair"] == 0
@@ -184,12 +252,12 @@ def test_hand_made_tau_and_random() -> None:
     # i0 has 6 candidate pairs: across seeds every pair shows up, each seed is reproducible
     seen = set()
     for seed in range(60):
-        r = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="random", seed=seed)
+        r = make_pairs(data, _sp_frame(), _kin_frame(), strategy="random", seed=seed)
         o = _outcomes(r, len(HAND))[0]
         assert (
             o
             == _outcomes(
-                P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="random", seed=seed), 1
+                make_pairs(data, _sp_frame(), _kin_frame(), strategy="random", seed=seed), 1
             )[0]
         )
         seen.add(o)
@@ -207,11 +275,11 @@ def test_hand_made_rlaif() -> None:
     ]
     data = from_records([(f"line {i}", r) for i, r in enumerate(recs)], file="hand")
     # the models x..w have no S_pref: the default (scored) pool has nothing to pair
-    scored = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3)
+    scored = make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3)
     assert scored.counts["pairs"] == 0
     assert scored.counts["drop_unknown_models"] == 4  # r0, r1, r3, r4: two rated responses
     assert scored.counts["drop_too_few_candidates"] == 1  # r2: one rated response
-    res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3, pool="all")
+    res = make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=3, pool="all")
     rows = {r["prompt"][0]["content"]: r for r in res.pairs.iter_rows(named=True)}
     assert set(rows) == {"r0", "r3"}
     assert rows["r0"]["chosen"][0]["content"] == "b"
@@ -226,7 +294,7 @@ def test_hand_made_rlaif() -> None:
     many = _rec("r", ("a", "A", 9), ("b", "B", 1), ("c", "C", 2), ("d", "D", 3))
     d2 = from_records([("line 1", many)], file="m")
     picks = {
-        P.make_pairs(d2, {}, _kin_frame(), strategy="rlaif", seed=s, pool="all").pairs[
+        make_pairs(d2, {}, _kin_frame(), strategy="rlaif", seed=s, pool="all").pairs[
             "rejected_model"
         ][0]
         for s in range(40)
@@ -244,12 +312,12 @@ def test_rlaif_baseline_uses_the_scored_pool() -> None:
     data = from_records([(f"line {i}", r) for i, r in enumerate(recs)], file="hand")
     seen = set()
     for seed in range(20):
-        res = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed)
+        res = make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed)
         assert res.counts["pairs"] == 1 and res.counts["drop_unknown_models"] == 1
         row = res.pairs.row(0, named=True)
         assert row["chosen_model"] == "A" and row["rejected_model"] in {"C", "D"}
         seen.add(row["rejected_model"])
-        every = P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed,
+        every = make_pairs(data, _sp_frame(), _kin_frame(), strategy="rlaif", seed=seed,
                              pool="all")  # fmt: skip
         assert every.pairs["chosen_model"].to_list() == ["zz", "A"]
     assert seen == {"C", "D"}
@@ -258,19 +326,19 @@ def test_rlaif_baseline_uses_the_scored_pool() -> None:
 def test_random_and_rlaif_draw_independent_numbers() -> None:
     """Each strategy has its own stream: the draws of random and rlaif for the same rows are
     not the same numbers (they were, before streams)."""
-    assert len({P.stream_seed(0, s) for s in P.STRATEGIES}) == len(P.STRATEGIES)
+    assert len({stream_seed(0, s) for s in STRATEGIES}) == len(STRATEGIES)
     rows = range(200)
-    a = [P.splitmix64(P.stream_seed(7, "random"), r) % 6 for r in rows]
-    b = [P.splitmix64(P.stream_seed(7, "rlaif"), r) % 6 for r in rows]
+    a = [splitmix64(stream_seed(7, "random"), r) % 6 for r in rows]
+    b = [splitmix64(stream_seed(7, "rlaif"), r) % 6 for r in rows]
     assert sum(x == y for x, y in zip(a, b, strict=True)) < 60  # ~1/6 agree by chance
     # and the kernel follows the stream (one instruction, six candidate pairs)
     offsets = np.array([0, 4], dtype=np.int64)
     args = (offsets, np.arange(4), np.ones(4, bool), np.array([9.0, 1.0, 2.0, 3.0]),
             np.array([0.9, 0.7, 0.5, 0.3]), np.full((4, 4), 0.5))  # fmt: skip
     for seed in range(10):
-        c, r, _ = P.pair_arrays(*args, strategy="random", seed=seed)
+        c, r, _ = pair_arrays(*args, strategy="random", seed=seed)
         pairs = [(p, q) for p in range(4) for q in range(p + 1, 4)]
-        assert (c[0], r[0]) == pairs[P.splitmix64(P.stream_seed(seed, "random"), 0) % 6]
+        assert (c[0], r[0]) == pairs[splitmix64(stream_seed(seed, "random"), 0) % 6]
 
 
 # --------------------------------------------------------------------------- kernel vs reference
@@ -297,10 +365,10 @@ def _pools(draw: st.DrawFn) -> tuple:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     pool=_pools(),
-    strategy=st.sampled_from(P.STRATEGIES),
+    strategy=st.sampled_from(STRATEGIES),
     seed=st.integers(0, 2**40),
     tau=st.sampled_from([0.1, 0.3, -1.0, -math.inf]),
-    which=st.sampled_from(P.POOLS),
+    which=st.sampled_from(POOLS),
 )
 def test_kernel_matches_reference(
     pool: tuple, strategy: str, seed: int, tau: float, which: str
@@ -319,14 +387,14 @@ def test_kernel_matches_reference(
         schema=["model_a", "model_b", "kinship"],
         orient="row",
     )
-    res = P.make_pairs(data, _sp_frame(sp), kin_frame, strategy=strategy, tau=tau, seed=seed,
+    res = make_pairs(data, _sp_frame(sp), kin_frame, strategy=strategy, tau=tau, seed=seed,
                        pool=which)  # fmt: skip
     sp_ref = {k: v for k, v in sp.items() if not math.isnan(v)}
     got = {r["prompt"][0]["content"]: r for r in res.pairs.iter_rows(named=True)}
-    reasons = {r: 0 for r in P.REASONS}
+    reasons = {r: 0 for r in REASONS}
     for i, rec in enumerate(records):
         comps = rec["completions"]
-        a, b, why = P.reference_pair(
+        a, b, why = reference_pair(
             comps, sp_ref, kin, strategy=strategy, tau=tau, seed=seed, row=i, pool=which
         )
         reasons[why] += 1
@@ -340,14 +408,14 @@ def test_kernel_matches_reference(
         assert row["chosen_model"] == comps[a]["model"]
         assert row["rejected_model"] == comps[b]["model"]
     assert res.counts["pairs"] == reasons["kept"]
-    for r in P.REASONS[1:]:
+    for r in REASONS[1:]:
         assert res.counts[f"drop_{r}"] == reasons[r], r
 
 
 def test_splitmix_kernel_matches_python() -> None:
     offsets = np.array([0, 3], dtype=np.int64)
     for seed in (0, 1, 2**40 + 7):
-        _, r, _ = P.pair_arrays(
+        _, r, _ = pair_arrays(
             offsets,
             np.array([0, 1, 2]),
             np.ones(3, bool),
@@ -357,16 +425,49 @@ def test_splitmix_kernel_matches_python() -> None:
             strategy="rlaif",
             seed=seed,
         )
-        assert r[0] == 1 + P.splitmix64(P.stream_seed(seed, "rlaif"), 0) % 2
+        assert r[0] == 1 + splitmix64(stream_seed(seed, "rlaif"), 0) % 2
+
+
+# --------------------------------------------------------------------------- strategy table
+def test_the_strategy_table_drives_choices_help_codes_and_card(demo: Demo) -> None:
+    """One entry per strategy: the setting's choices and help, the kernel's codes, which
+    strategies tau constrains and the card's "made by" line all come from SPECS."""
+    assert typing.get_args(Strategy) == STRATEGIES == tuple(s.name for s in SPECS)
+    assert [s.code for s in SPECS] == list(range(len(SPECS)))
+    help_text = Params.model_fields["kinship"].description or ""
+    for s in SPECS:
+        assert s.name in STRATEGY_HELP and f"({s.kind})" in STRATEGY_HELP
+        assert s.name in help_text
+    assert KARMA_STRATEGIES == ("score", "sim", "score_sim")
+    assert [spec(s).karma for s in STRATEGIES] == [True, True, True, False, False]
+    for s in SPECS:
+        card = dataset_card(_demo_pairs(demo, s.name, tau=0.1), dataset="demo", params={})
+        assert " ".join(made_by(s.name, 0.1).split()) in " ".join(card.split())
+    with pytest.raises(KarmaError, match="did you mean 'score_sim'"):
+        spec("score-sim")
+
+
+def test_a_rule_that_returns_a_reason_drops_the_instruction() -> None:
+    """The reference applies a spec's rule: a reason string drops, a pair is ordered by S_pref
+    (equal S_pref: tie) unless the rule orders it."""
+    comps = [{"model": "a", "response": "x", "overall_score": 5.0},
+             {"model": "b", "response": "y", "overall_score": 3.0}]  # fmt: skip
+    s_pref, kin = {"a": 0.2, "b": 0.9}, {("a", "b"): 0.5, ("b", "a"): 0.5}
+    kw = {"tau": 0.1, "seed": 0, "row": 0}
+    assert reference_pair(comps, s_pref, kin, strategy="score", **kw) == (1, 0, "kept")
+    assert reference_pair(comps, s_pref, kin, strategy="rlaif", **kw) == (0, 1, "kept")
+    far = {("a", "b"): 0.0, ("b", "a"): 0.0}
+    assert reference_pair(comps, s_pref, far, strategy="sim", **kw) == (-1, -1, "no_eligible_pair")
+    assert reference_pair(comps, s_pref, far, strategy="random", **kw)[2] == "kept"
 
 
 # --------------------------------------------------------------------------- outputs
 def test_strategy_and_reason_codes() -> None:
-    assert [P.strategy_code(s) for s in P.STRATEGIES] == list(range(5))
-    named = [P.strategy_code(s) for s in ("score", "sim", "score_sim", "rlaif", "random")]
-    assert named == [P.SCORE, P.SIM, P.SCORE_SIM, P.RLAIF, P.RANDOM]
-    codes = (P.KEPT, P.TOO_FEW, P.UNKNOWN, P.NO_ELIGIBLE, P.TIE, P.IDENTICAL)
-    assert [P.REASONS[c] for c in codes] == [
+    assert [strategy_code(s) for s in STRATEGIES] == list(range(5))
+    named = [strategy_code(s) for s in ("score", "sim", "score_sim", "rlaif", "random")]
+    assert named == [SCORE, SIM, SCORE_SIM, RLAIF, RANDOM]
+    codes = (KEPT, TOO_FEW, UNKNOWN, NO_ELIGIBLE, TIE, IDENTICAL)
+    assert [REASONS[c] for c in codes] == [
         "kept",
         "too_few_candidates",
         "unknown_models",
@@ -375,10 +476,10 @@ def test_strategy_and_reason_codes() -> None:
         "identical_text",
     ]
     with pytest.raises(KarmaError, match=r"field 'kinship': unknown pairing strategy; did you "):
-        P.strategy_code("score-sim")
+        strategy_code("score-sim")
     data = from_records([("line 1", HAND[0])], file="hand")
     with pytest.raises(KarmaError, match="unknown pairing strategy; did you mean 'score_sim'"):
-        P.make_pairs(data, _sp_frame(), _kin_frame(), strategy="score-sim")
+        make_pairs(data, _sp_frame(), _kin_frame(), strategy="score-sim")
 
 
 # --------------------------------------------------------------------------- golden hashes
@@ -399,9 +500,9 @@ GOLDEN_PROMPT_IDS = {
 def test_prompt_id_golden_values() -> None:
     texts = list(GOLDEN_PROMPT_IDS)
     golden = list(GOLDEN_PROMPT_IDS.values())
-    assert [P.prompt_id(t) for t in texts] == golden  # the plain-Python reference
-    assert P.prompt_ids(pl.Series(texts, dtype=pl.String)).to_list() == golden  # the kernel
-    assert P.prompt_ids(pl.Series(texts, dtype=pl.String)).name == "prompt_id"
+    assert [prompt_id(t) for t in texts] == golden  # the plain-Python reference
+    assert prompt_ids(pl.Series(texts, dtype=pl.String)).to_list() == golden  # the kernel
+    assert prompt_ids(pl.Series(texts, dtype=pl.String)).name == "prompt_id"
     assert len(set(golden)) == len(golden)
 
 
@@ -409,11 +510,11 @@ def test_prompt_id_golden_values() -> None:
 @given(texts=st.lists(st.text(max_size=40), min_size=0, max_size=20))
 def test_prompt_ids_match_reference(texts: list[str]) -> None:
     s = pl.Series(texts, dtype=pl.String)
-    got = P.prompt_ids(s).to_list()
-    assert got == [P.prompt_id(t) for t in texts]
+    got = prompt_ids(s).to_list()
+    assert got == [prompt_id(t) for t in texts]
     assert all(len(h) == 32 and int(h, 16) >= 0 for h in got)
     if len(texts) > 2:  # a slice (non-zero arrow offset) hashes the same
-        assert P.prompt_ids(s.slice(1, 2)).to_list() == got[1:3]
+        assert prompt_ids(s.slice(1, 2)).to_list() == got[1:3]
 
 
 # --------------------------------------------------------------------------- demo data
@@ -436,15 +537,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     return Demo(out, result.models, result.kinship, read_ultrafeedback(DEMO))
 
 
-def _demo_pairs(demo: Demo, strategy: str, **kwargs: Any) -> P.PreferenceResult:
-    return P.make_pairs(demo.data, demo.models, demo.kinship, strategy=strategy, **kwargs)
+def _demo_pairs(demo: Demo, strategy: str, **kwargs: Any) -> PreferenceResult:
+    return make_pairs(demo.data, demo.models, demo.kinship, strategy=strategy, **kwargs)
 
 
 def test_demo_all_strategies(demo: Demo) -> None:
     from trl.data_utils import is_conversational
 
     results = {}
-    for strategy in P.STRATEGIES:
+    for strategy in STRATEGIES:
         res = _demo_pairs(demo, strategy, seed=0)
         results[strategy] = res
         assert res.counts["pairs"] >= 250, (strategy, res.counts)
@@ -459,7 +560,7 @@ def test_demo_all_strategies(demo: Demo) -> None:
         assert [m["role"] for m in ex["prompt"]] == ["user"]
         assert [m["role"] for m in ex["chosen"]] == ["assistant"]
         assert [m["role"] for m in ex["rejected"]] == ["assistant"]
-        assert list(res.pairs.columns) == list(P.OUTPUT_COLUMNS)
+        assert list(res.pairs.columns) == list(OUTPUT_COLUMNS)
         assert res.pairs["prompt_id"].n_unique() == res.pairs.height
         # the same pool for every strategy: no unscored model (ultralm-65b) in any pair
         used = set(res.pairs["chosen_model"]) | set(res.pairs["rejected_model"])
@@ -498,10 +599,10 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
     meta = {"meta.seed": 0, "meta.kinship": "score_sim", "meta.test_fraction": 0.2,
             "meta.layout": "trl"}  # fmt: skip
     runs = []
-    for k, runner in enumerate((P.run_preferences, partial(execute, P.STAGE))):
+    for k, runner in enumerate((run_preferences, partial(execute, STAGE))):
         d = tmp_path / f"run{k}"
         d.mkdir()
-        paths = P.PreferencesPaths(
+        paths = PreferencesPaths(
             kinship_dir=demo.kinship_dir,
             out=d / "prefs",
             metrics=d / "m.json",
@@ -531,14 +632,14 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
     assert (run / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import datasets
 
-    files = {s: str(run / "prefs" / f"{s}.parquet") for s in P.SPLITS}
+    files = {s: str(run / "prefs" / f"{s}.parquet") for s in SPLITS}
     ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "hf"))
     assert len(ds["train_prefs"]) + len(ds["test_prefs"]) == metrics["pairs"]
     assert len(ds["test_prefs"]) == metrics["split.test_pairs"] > 0
     ds = ds["train_prefs"]
     ex = ds[0]
     assert ex["prompt"][0]["role"] == "user" and isinstance(ex["chosen"][0]["content"], str)
-    assert set(P.OUTPUT_COLUMNS) == set(ds.column_names)
+    assert set(OUTPUT_COLUMNS) == set(ds.column_names)
 
 
 def test_chat_template_applies(demo: Demo, tiny_model_dir: Path) -> None:
@@ -590,8 +691,8 @@ def test_reads_real_layout_all_strategies(tmp_path: Path, demo: Demo) -> None:
     pl.DataFrame(recs).write_parquet(path)
     data = read_ultrafeedback(path)
     assert data.completions.height == 24
-    for strategy in P.STRATEGIES:
-        res = P.make_pairs(data, demo.models, demo.kinship, strategy=strategy)
+    for strategy in STRATEGIES:
+        res = make_pairs(data, demo.models, demo.kinship, strategy=strategy)
         assert res.counts["pairs"] == 6, strategy
         assert "ultralm-65b" not in set(res.pairs["rejected_model"]), strategy
         assert res.pairs["source"].to_list() == ["flan_v2_niv2"] * 6
@@ -615,17 +716,17 @@ def test_no_pair_at_all_is_an_error_not_an_empty_dataset(tmp_path: Path) -> None
     pl.DataFrame({"model_a": ["a"], "model_b": ["b"], "kinship": [0.05]}).write_parquet(
         kin_dir / "kinship.parquet"
     )
-    paths = P.PreferencesPaths(
+    paths = PreferencesPaths(
         kinship_dir=kin_dir, out=tmp_path / "prefs", metrics=tmp_path / "m.json"
     )
     prefs = PreferencesConfig(dataset=str(data), test_fraction=0.0)
     before = _files(tmp_path)
     with pytest.raises(KarmaError, match=r"no preference pair.*no_eligible_pair 1") as err:
-        execute(P.STAGE, Params(kinship="score", preferences=prefs), paths)
+        execute(STAGE, Params(kinship="score", preferences=prefs), paths)
     assert str(err.value).startswith(f"{data}: field 'kinship': ")
     assert _files(tmp_path) == before  # nothing written, no temporary left
     loose = Params(kinship="score", similarity=SimilarityConfig(tau=0.0), preferences=prefs)
-    ok = execute(P.STAGE, loose, paths)
+    ok = execute(STAGE, loose, paths)
     assert ok["pairs"] == 1 and json.loads(paths.metrics.read_text()) == ok
     train = pl.read_parquet(paths.out / "train_prefs.parquet")
     assert train["chosen_model"].to_list() == ["a"]
@@ -641,11 +742,11 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
     assert params.preferences.dataset == dvc["vars"][0]["path"]["completions"]
     assert "${path.completions}" in dvc["stages"]["fetch"]["outs"]
     assert len(read_ultrafeedback(REPO / params.fetch.dataset)) == 480
-    assert params.kinship in P.STRATEGIES
+    assert params.kinship in STRATEGIES
     # the config's choices are the library's
-    assert typing.get_args(config.Strategy) == P.STRATEGIES
-    assert typing.get_args(config.Rating) == P.RATING_FIELDS
-    assert P.STAGE.setting_keys(Params) == [
+    assert typing.get_args(Strategy) == STRATEGIES  # derived from the strategy table
+    assert typing.get_args(config.Rating) == RATING_FIELDS
+    assert STAGE.setting_keys(Params) == [
         "kinship",
         "seed",
         "similarity.tau",
@@ -658,10 +759,10 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
         "preferences.test_fraction",
         "preferences.batch_records",
     ]
-    assert "preferences.batch_records" not in P.STAGE.tracked_keys(Params)  # operational
-    assert P.STAGE.inputs == ("preferences.dataset",)
-    assert typing.get_args(config.Layout) == P.LAYOUTS
-    assert typing.get_args(config.BaselinePool) == P.POOLS
+    assert "preferences.batch_records" not in STAGE.tracked_keys(Params)  # operational
+    assert STAGE.inputs == ("preferences.dataset",)
+    assert typing.get_args(config.Layout) == LAYOUTS
+    assert typing.get_args(config.BaselinePool) == POOLS
     with pytest.raises(pydantic.ValidationError):
         PreferencesConfig(rating="stars")
     bad = tmp_path / "params.yaml"
@@ -695,7 +796,7 @@ def test_bad_settings_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(karma.pairing.ultrafeedback, "read_ultrafeedback", _never)
-    monkeypatch.setattr(P, "make_pairs", _never)
+    monkeypatch.setattr(karma.pairing.stream, "make_pairs", _never)
     argv = ["preferences", "--kinship-dir", str(tmp_path), "--out", str(tmp_path / "o")]
     code, out, err = _cli([*argv, *extra], capsys)
     assert code == 1 and out == ""
@@ -743,7 +844,7 @@ def test_cli_writes_what_make_pairs_makes(
             "meta.layout": "trl"}  # fmt: skip
     assert json.loads(stdout) == json.loads(metrics.read_text()) == {**expected.metrics, **meta}
     assert expected.metrics["strategy"] == "sim" and expected.metrics["instructions"] == 480
-    for split in P.SPLITS:
+    for split in SPLITS:
         assert pl.read_parquet(out / f"{split}.parquet").equals(expected.split(split)), split
     assert "- `seed`: `3`" in (out / "README.md").read_text()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -858,7 +959,7 @@ def _reference_outcomes(
             {"model": m, "response": r, "overall_score": s}
             for m, r, s in group.select("model", "response", "overall_score").iter_rows()
         ]
-        a, b, why = P.reference_pair(recs, sp, kin, strategy=strategy, tau=tau, seed=0, row=row)
+        a, b, why = reference_pair(recs, sp, kin, strategy=strategy, tau=tau, seed=0, row=row)
         out.append((start + a if a >= 0 else -1, start + b if b >= 0 else -1, why))
         start += group.height
     return out
@@ -869,8 +970,8 @@ def test_diagnostics_match_the_reference(demo: Demo, tau: float) -> None:
     """changed_by_tau, dropped_by_tau and the overlaps, counted from the plain-Python rules at
     tau and at tau = -inf (every candidate pair eligible)."""
     data = demo.data
-    ref = {s: _reference_outcomes(data, demo, s, tau) for s in P.STRATEGIES}
-    for strategy in P.KARMA_STRATEGIES:
+    ref = {s: _reference_outcomes(data, demo, s, tau) for s in STRATEGIES}
+    for strategy in KARMA_STRATEGIES:
         m = _demo_pairs(demo, strategy, tau=tau, seed=0).metrics
         mine, free = ref[strategy], _reference_outcomes(data, demo, strategy, -math.inf)
         changed = sum(a[:2] != b[:2] for a, b in zip(mine, free, strict=True))
@@ -879,7 +980,7 @@ def test_diagnostics_match_the_reference(demo: Demo, tau: float) -> None:
         assert m["diag.dropped_by_tau_n"] == dropped, (strategy, tau)
         assert m["diag.changed_by_tau"] == round(changed / 480, 6)
         kept = [o for o in mine if o[2] == "kept"]
-        for other in P.STRATEGIES:
+        for other in STRATEGIES:
             if other != strategy:
                 same = sum(o == p for o, p in zip(mine, ref[other], strict=True) if o[2] == "kept")
                 assert m[f"diag.overlap.{other}"] == round(same / len(kept), 6), other
@@ -892,7 +993,7 @@ def test_diagnostics_match_the_reference(demo: Demo, tau: float) -> None:
 def test_pool_statistics_match_a_plain_loop(demo: Demo) -> None:
     from scipy import stats
 
-    prep = P.prepare(demo.data, demo.models.select("model", "s_pref"), demo.kinship)
+    prep = prepare(demo.data, demo.models.select("model", "s_pref"), demo.kinship)
     sp = dict(demo.models.select("model", "s_pref").iter_rows())
     kin = {(a, b): v for a, b, v in demo.kinship.iter_rows()}
     kins, gaps = [], []
@@ -907,8 +1008,8 @@ def test_pool_statistics_match_a_plain_loop(demo: Demo) -> None:
                 if a != b:
                     kins.append(kin[(a, b)])
                     gaps.append(abs(sp[a] - sp[b]))
-    assert int(P.pool_counts(prep).sum()) == len(kins)
-    got = P.pool_stats(prep.pool, P.pool_counts(prep))
+    assert int(pool_counts(prep).sum()) == len(kins)
+    got = pool_stats(prep.pool, pool_counts(prep))
     assert got["candidate_pairs"] == len(kins)
     assert got["mean_kinship"] == pytest.approx(np.mean(kins), abs=1e-6)
     assert got["mean_abs_s_pref_gap"] == pytest.approx(np.mean(gaps), abs=1e-6)
@@ -933,7 +1034,7 @@ def test_weighted_spearman_is_spearman_of_the_expanded_sample(x: list[float], da
     w = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
     xs = np.repeat(x, w)
     ys = np.repeat(y, w)
-    got = P.weighted_spearman(np.array(x), np.array(y), np.array(w))
+    got = weighted_spearman(np.array(x), np.array(y), np.array(w))
     if len(xs) < 2 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
         assert got is None
     else:
@@ -956,11 +1057,11 @@ def test_on_the_papers_table_tau_0_1_changes_no_pair(demo: Demo) -> None:
     draws = all_draws(demo.models["model"].to_list(), 4, ["ultralm-65b"])
     assert len(draws) == math.comb(17, 4) == 2380
     for (strategy, tau), (changed, dropped) in PAPER_TABLE.items():
-        res = P.make_pairs(draws, demo.models, demo.kinship, strategy=strategy, tau=tau)
+        res = make_pairs(draws, demo.models, demo.kinship, strategy=strategy, tau=tau)
         m = res.metrics
         assert (m["diag.changed_by_tau_n"], m["diag.dropped_by_tau_n"]) == (changed, dropped)
         assert res.counts["pairs"] == 2380 - dropped
-        card = P.dataset_card(res, dataset="draws", params={})
+        card = dataset_card(res, dataset="draws", params={})
         if changed == 0:
             assert f"tau = {tau:g} changed no pair" in card
         else:
@@ -975,25 +1076,23 @@ def test_on_the_papers_table_tau_0_1_changes_no_pair(demo: Demo) -> None:
     fraction=st.sampled_from([0.0, 0.2, 0.5, 0.9]),
 )
 def test_split_kernel_matches_reference(texts: list[str], seed: int, fraction: float) -> None:
-    got = P.is_test(pl.Series(texts, dtype=pl.String), seed=seed, fraction=fraction)
-    want = [P.is_test_reference(t, seed=seed, fraction=fraction) for t in texts]
+    got = is_test(pl.Series(texts, dtype=pl.String), seed=seed, fraction=fraction)
+    want = [is_test_reference(t, seed=seed, fraction=fraction) for t in texts]
     assert got.tolist() == want
 
 
 def test_split_is_by_prompt_seeded_and_shared_by_strategies(demo: Demo, tmp_path: Path) -> None:
     texts = pl.Series([f"prompt {i}" for i in range(20_000)])
-    share = P.is_test(texts, seed=0, fraction=0.2).mean()
+    share = is_test(texts, seed=0, fraction=0.2).mean()
     assert 0.19 < share < 0.21
-    assert not (
-        P.is_test(texts, seed=0, fraction=0.2) == P.is_test(texts, seed=1, fraction=0.2)
-    ).all()
+    assert not (is_test(texts, seed=0, fraction=0.2) == is_test(texts, seed=1, fraction=0.2)).all()
     # the same prompt is always on the same side: duplicates, and every strategy
     dup = pl.Series(["same"] * 5 + ["other"] * 5)
-    assert len(set(P.is_test(dup, seed=3, fraction=0.5)[:5])) == 1
+    assert len(set(is_test(dup, seed=3, fraction=0.5)[:5])) == 1
     sides: dict[str, bool] = {}
-    for strategy in P.STRATEGIES:
+    for strategy in STRATEGIES:
         res = _demo_pairs(demo, strategy, test_fraction=0.2)
-        train, test = (set(res.split(s)["prompt_id"]) for s in P.SPLITS)
+        train, test = (set(res.split(s)["prompt_id"]) for s in SPLITS)
         assert not train & test and len(train) + len(test) == res.pairs.height
         assert abs(len(test) / res.pairs.height - 0.2) < 0.05
         for pid in test | train:
@@ -1006,7 +1105,7 @@ def _stage(demo: Demo, tmp_path: Path, layout: str, **prefs: Any) -> Path:
         kinship="score", preferences=PreferencesConfig(dataset=str(DEMO), layout=layout, **prefs)
     )
     out = tmp_path / f"prefs-{layout}"
-    execute(P.STAGE, params, P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out))
+    execute(STAGE, params, PreferencesPaths(kinship_dir=demo.kinship_dir, out=out))
     return out
 
 
@@ -1020,9 +1119,9 @@ def test_h4_layout_is_h4s_schema_and_ids(demo: Demo, tmp_path: Path) -> None:
 
     out = _stage(demo, tmp_path, "h4")
     table = pq.read_table(out / "train_prefs.parquet")
-    assert tuple(table.column_names) == P.H4_COLUMNS + P.META_COLUMNS
+    assert tuple(table.column_names) == H4_COLUMNS + META_COLUMNS
     features = datasets.Features.from_arrow_schema(table.schema)
-    assert datasets.Features({k: features[k] for k in P.H4_COLUMNS}) == h4_features()
+    assert datasets.Features({k: features[k] for k in H4_COLUMNS}) == h4_features()
     assert "large_string" not in str(table.schema)
     rows = table.to_pylist()
     res = _demo_pairs(demo, "score", test_fraction=0.2)
@@ -1059,19 +1158,19 @@ def test_h4_layout_concatenates_with_h4(demo: Demo, tmp_path: Path) -> None:
     out = _stage(demo, tmp_path, "h4")
     ours = datasets.load_dataset(
         "parquet",
-        data_files={s: str(out / f"{s}.parquet") for s in P.SPLITS},
+        data_files={s: str(out / f"{s}.parquet") for s in SPLITS},
         cache_dir=str(tmp_path / "hf"),
     )
     h4 = h4_dataset(4)
-    for split in P.SPLITS:
+    for split in SPLITS:
         both = datasets.concatenate_datasets([h4, ours[split]])
         assert len(both) == 4 + len(ours[split])
         assert both[0]["chosen_model"] is None and both[-1]["chosen_model"] is not None
-        only_h4 = ours[split].select_columns(list(P.H4_COLUMNS))
+        only_h4 = ours[split].select_columns(list(H4_COLUMNS))
         assert only_h4.features == h4_features()
         assert len(datasets.concatenate_datasets([only_h4, h4])) == len(only_h4) + 4
     # the check can fail: the same rows as polars writes them (large_string) do not align
-    frame = pl.read_parquet(out / "train_prefs.parquet").select(P.H4_COLUMNS)
+    frame = pl.read_parquet(out / "train_prefs.parquet").select(H4_COLUMNS)
     frame.write_parquet(tmp_path / "polars.parquet")
     loose = datasets.load_dataset(
         "parquet",
@@ -1090,19 +1189,19 @@ def test_to_trl_reads_either_layout(demo: Demo, tmp_path: Path) -> None:
     trl_file = _stage(demo, tmp_path, "trl") / "train_prefs.parquet"
     h4_file = _stage(demo, tmp_path, "h4") / "train_prefs.parquet"
     trl, h4 = pl.read_parquet(trl_file), pl.read_parquet(h4_file)
-    assert P.to_trl(trl).equals(trl)  # a TRL frame is left as it is
-    back = P.to_trl(h4)
+    assert to_trl(trl).equals(trl)  # a TRL frame is left as it is
+    back = to_trl(h4)
     assert back.columns[:3] == ["prompt", "chosen", "rejected"]
     assert back.select("prompt", "chosen", "rejected").equals(
         trl.select("prompt", "chosen", "rejected")
     )
-    assert back.select(P.META_COLUMNS).equals(trl.select(P.META_COLUMNS))
+    assert back.select(META_COLUMNS).equals(trl.select(META_COLUMNS))
     assert {"prompt_id", "messages", "score_chosen", "score_rejected"} <= set(back.columns)
     # the select stage's and the train stage's readers take either file
     assert (
         read_pairs(h4_file)
-        .select(P.OUTPUT_COLUMNS[:3])
-        .equals(read_pairs(trl_file).select(P.OUTPUT_COLUMNS[:3]))
+        .select(OUTPUT_COLUMNS[:3])
+        .equals(read_pairs(trl_file).select(OUTPUT_COLUMNS[:3]))
     )
     for shape in ("paired", "unpaired", "sft"):
         assert load_pairs(h4_file, shape).to_list() == load_pairs(trl_file, shape).to_list()
@@ -1178,14 +1277,14 @@ def test_tau_sweep_command(demo: Demo, tmp_path: Path, capsys: pytest.CaptureFix
     assert runs[0] == runs[1]  # byte-identical
     table = pl.read_csv(tmp_path / "s0.csv")
     assert table.height == len(taus) * 3
-    assert set(table["strategy"]) == set(P.KARMA_STRATEGIES)
+    assert set(table["strategy"]) == set(KARMA_STRATEGIES)
     for row in table.iter_rows(named=True):
         m = _demo_pairs(demo, row["strategy"], tau=row["tau"]).metrics
         assert row["pairs"] == m["pairs"]
         assert row["changed_by_tau"] == pytest.approx(m["diag.changed_by_tau"], abs=1e-6)
         assert row["dropped_by_tau"] == pytest.approx(m["diag.dropped_by_tau"], abs=1e-6)
         assert row["mean_kinship"] == pytest.approx(m["diag.used.mean_kinship"], abs=1e-6)
-        for o in P.KARMA_STRATEGIES:
+        for o in KARMA_STRATEGIES:
             want = 1.0 if o == row["strategy"] else m[f"diag.overlap.{o}"]
             assert row[f"overlap_{o}"] == pytest.approx(want, abs=1e-6)
     assert runs[0][2]["score.changed_by_tau"] == 0.0
@@ -1228,12 +1327,12 @@ def test_streamed_stage_writes_the_in_memory_bytes(
     the in-memory path, byte for byte; small row groups exercise the writer's carry-over."""
     from tests.fixtures import synthetic_records
 
-    monkeypatch.setattr(P, "ROW_GROUP", 97)
+    monkeypatch.setattr(karma.pairing.writers, "ROW_GROUP", 97)
     data = tmp_path / "uf.parquet"
     synthetic_records(1200, data, seed=2)
-    ref = P.make_pairs(read_ultrafeedback(data), demo.models, demo.kinship, strategy=strategy)
-    P.write_splits(ref, tmp_path / "memory", layout)
-    want = {s: (tmp_path / "memory" / f"{s}.parquet").read_bytes() for s in P.SPLITS}
+    ref = make_pairs(read_ultrafeedback(data), demo.models, demo.kinship, strategy=strategy)
+    write_splits(ref, tmp_path / "memory", layout)
+    want = {s: (tmp_path / "memory" / f"{s}.parquet").read_bytes() for s in SPLITS}
     import pyarrow.parquet as pq
 
     assert pq.ParquetFile(tmp_path / "memory" / "train_prefs.parquet").num_row_groups > 3
@@ -1242,11 +1341,11 @@ def test_streamed_stage_writes_the_in_memory_bytes(
         cfg = PreferencesConfig(dataset=str(data), layout=layout, batch_records=batch)
         out = tmp_path / f"b{batch}"
         metrics = execute(
-            P.STAGE,
+            STAGE,
             Params(kinship=strategy, preferences=cfg),
-            P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out),
+            PreferencesPaths(kinship_dir=demo.kinship_dir, out=out),
         )
-        assert {s: (out / f"{s}.parquet").read_bytes() for s in P.SPLITS} == want, batch
+        assert {s: (out / f"{s}.parquet").read_bytes() for s in SPLITS} == want, batch
         runs.append((metrics, (out / "README.md").read_text()))
     assert runs[0] == runs[1] == runs[2]
     meta = {k: v for k, v in runs[0][0].items() if k.startswith("meta.")}
@@ -1264,7 +1363,7 @@ def test_streamed_json_lines_and_errors_name_the_global_record(demo: Demo, tmp_p
     cfg = PreferencesConfig(dataset=str(DEMO), batch_records=50)
     out = tmp_path / "jsonl"
     m = execute(
-        P.STAGE, Params(preferences=cfg), P.PreferencesPaths(kinship_dir=demo.kinship_dir, out=out)
+        STAGE, Params(preferences=cfg), PreferencesPaths(kinship_dir=demo.kinship_dir, out=out)
     )
     ref = _demo_pairs(demo, "score")
     assert (

@@ -166,10 +166,8 @@ def test_stage_modules_read_no_file_at_import() -> None:
 
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
-#: Modules still being split (each should leave this list; the test fails once one is small).
-OVERSIZE: set[str] = {
-    "karma/pairing/preferences.py",
-}
+#: Modules allowed over the limit (none).
+OVERSIZE: set[str] = set()
 
 
 def _modules() -> list[Path]:
@@ -186,11 +184,8 @@ def _is_njit(node: ast.AST) -> bool:
     return any("njit" in ast.unparse(d) for d in getattr(node, "decorator_list", []))
 
 
-#: Functions still being split (TEMPORARY: each leaves this set with its split).
-LONG: set[str] = {
-    "karma/pairing/ultrafeedback.py:from_records",
-    "karma/pairing/ultrafeedback.py:from_frame",
-}
+#: Functions allowed over the limit (none).
+LONG: set[str] = set()
 
 
 def test_no_function_is_over_80_lines_but_numba_kernels() -> None:
@@ -217,8 +212,5 @@ def test_no_private_name_is_imported_from_another_module() -> None:
     assert set(used) <= PRIVATE, sorted(set(used) - PRIVATE)
 
 
-#: TEMPORARY: private names still crossing modules in the pairing family (being split).
-PRIVATE = {
-    "fetch.py: karma.pairing.ultrafeedback._HUB_ID",
-    "tau_sweep.py: karma.pairing.preferences._round",
-}
+#: Private names allowed to cross modules (none).
+PRIVATE: set[str] = set()

@@ -47,7 +47,6 @@ PARAMS_FILE = "params.yaml"
 
 # --------------------------------------------------------------------------- names
 
-Strategy = Literal["score", "sim", "score_sim", "rlaif", "random"]
 Similarity = Literal["cosine", "pearson", "euclidean"]
 Rating = Literal["overall_score", "fine_grained_score"]
 Layout = Literal["trl", "h4"]
@@ -472,9 +471,9 @@ def defaults_yaml(root: type[Section]) -> str:
                 yield f"{indent}{name}:"
                 yield from emit(sub, value, indent + "  ")
                 continue
-            plain = _plain(value)
-            flow = not isinstance(plain, dict) or not plain or len(plain) <= 1
-            text = yaml.safe_dump({name: plain}, default_flow_style=flow, sort_keys=False, width=90)
+            data = plain(value)
+            flow = not isinstance(data, dict) or not data or len(data) <= 1
+            text = yaml.safe_dump({name: data}, default_flow_style=flow, sort_keys=False, width=90)
             if flow:
                 text = text.strip().removeprefix("{").removesuffix("}") + "\n"
             yield f"{indent}# {note}"
@@ -485,11 +484,12 @@ def defaults_yaml(root: type[Section]) -> str:
     return head + "\n".join(emit(root, root(), "")).replace("\n\n\n", "\n\n") + "\n"
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump()
+def plain(value: Any) -> Any:
+    """A settings value as plain YAML data (a nested value model: only the keys it sets)."""
+    if isinstance(value, BaseModel):  # a value model (a pool entry): only what is set
+        return value.model_dump(exclude_defaults=True)
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 

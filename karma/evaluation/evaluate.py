@@ -52,12 +52,24 @@ def write_frame(frame: Any, path: Path) -> None:
 def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
     """Stage ``benchmark@<name>``: one origin model's flat score row (+ per-item scores)."""
     cfg = params.benchmark
-    model = paths.model or params.scores.measured.get(paths.name or "")
-    if not model:
+    model = paths.model
+    entry = params.scores.measured.get(paths.name or "") if not model else None
+    if not model and entry is None:
         raise KarmaError(
             "no model to benchmark", field="--model", value=paths.name,
             expected="--model, or --name of a model in scores.measured",
         )  # fmt: skip
+    if entry is not None:
+        from karma.generation.pool import materialize
+        from karma.generation.settings import as_pool_model
+
+        pool = as_pool_model(entry)
+        if params.completions not in pool.modes:  # not an origin model in this mode
+            return _skip(paths, f"modes {pool.modes} lack completions: {params.completions}")
+        if pool.benchmark:
+            cfg = benchmark_overrides(cfg, pool.benchmark, paths.name or "")
+        model = materialize(pool)
+    assert model is not None
     result = measure(model, cfg, section="benchmark")
     if not is_main():
         return {}
@@ -66,6 +78,33 @@ def run_benchmark(params: Params, paths: BenchmarkPaths) -> dict[str, Any]:
         write_json(paths.out, row)
     if paths.samples is not None:
         write_frame(result.samples, paths.samples)
+    return row
+
+
+def benchmark_overrides(cfg: Any, overrides: dict[str, Any], name: str) -> Any:
+    """The benchmark section with a pool model's overrides, a bad key or value in one line."""
+    from pydantic import ValidationError
+
+    from karma.evaluation.settings import BenchmarkConfig
+
+    try:
+        return BenchmarkConfig.model_validate({**cfg.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise KarmaError(err["msg"], field=f"scores.measured.{name}.benchmark.{key}",
+                         value=err.get("input")) from None  # fmt: skip
+
+
+def _skip(paths: BenchmarkPaths, reason: str) -> dict[str, Any]:
+    """A benchmark instance inactive in this completions mode: a marker row, no samples."""
+    import polars as pl
+
+    row = {"model": paths.name, "meta.skipped": reason}
+    if paths.out is not None:
+        write_json(paths.out, row)
+    if paths.samples is not None:
+        write_frame(pl.DataFrame({"item": pl.Series([], dtype=pl.Int64)}), paths.samples)
     return row
 
 
@@ -149,7 +188,7 @@ def launcher_prefix(section: str) -> Any:
 
 BENCHMARK = Stage(
     name="benchmark",
-    settings=("benchmark", "scores.measured"),
+    settings=("benchmark", "scores.measured", "completions"),
     paths=BenchmarkPaths,
     run=run_benchmark,
     help="Runs the suite's six benchmarks through lm-eval's Python API and writes one row of "

@@ -44,6 +44,7 @@ from karma.core.io import (
     write_json,
 )
 from karma.core.stage import Stage, input_path, output_path
+from karma.generation.settings import as_pool_model
 
 if TYPE_CHECKING:
     from karma.params import Params
@@ -536,12 +537,14 @@ class ScoresPaths:
 def run_scores(params: Params, paths: ScoresPaths) -> dict[str, Any]:
     """Stage ``scores``: the reported table + the measured rows -> one canonical table."""
     cfg = params.scores
-    reported = read_scores(cfg.reported, cfg.aliases) if cfg.reported else None
-    files = [Path(paths.measured_dir) / f"{name}.json" for name in cfg.measured]
+    pool = params.completions == "pool"  # the pool's measured rows alone: no reported table
+    reported = read_scores(cfg.reported, cfg.aliases) if cfg.reported and not pool else None
+    names = [n for n, e in cfg.measured.items() if params.completions in as_pool_model(e).modes]
+    files = [Path(paths.measured_dir) / f"{name}.json" for name in names]
     rows = [read_measured(f) for f in files]
     check_protocols(
         dict(zip(files, rows, strict=True)),
-        cfg.reported_protocol if cfg.reported else None,
+        cfg.reported_protocol if reported is not None else None,
         mix=cfg.mix_protocols,
     )
     table = merge_scores(reported, rows, scale=cfg.scale, aliases=cfg.aliases)
@@ -554,7 +557,7 @@ def run_scores(params: Params, paths: ScoresPaths) -> dict[str, Any]:
 
 STAGE = Stage(
     name="scores",
-    settings=("scores",),
+    settings=("scores", "completions"),
     paths=ScoresPaths,
     run=run_scores,
     inputs=("scores.reported",),

@@ -16,6 +16,7 @@ from karma.core.settings import (
     Similarity,
     setting,
 )
+from karma.generation.settings import EMBEDDED_POOL, PoolModel
 
 #: A measured model's name: a DVC stage key and a params key (no dot), never shell text.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -27,8 +28,12 @@ class ScoresConfig(Section):
     reported: str | None = setting(
         "data/origin/scores.csv", "scores reported elsewhere (the KARMA paper's table), or null"
     )
-    measured: dict[Annotated[str, Field(pattern=_NAME)], Annotated[str, Field(min_length=1)]] = (
-        setting({}, "{name: hub id or model dir}: origin models benchmarked by lm-eval")
+    measured: dict[
+        Annotated[str, Field(pattern=_NAME)], Annotated[str, Field(min_length=1)] | PoolModel
+    ] = setting(
+        EMBEDDED_POOL, "the pool: {name: hub id or model dir, or a mapping (model, revision, "
+        "chat_template, derive, modes, benchmark, generate)}: origin models benchmarked by "
+        "lm-eval (benchmark@<name>); with completions: pool also generate@<name>"
     )
     scale: dict[str, Annotated[float, Field(gt=0)]] = setting(
         PAPER_SCALE, "factor from lm-eval's fractions to the reported table's unit, per benchmark"

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def tau_sweep_plot(
     table: Any, path: str | os.PathLike[str], *, title: str, tau: float | None = None
 ) -> Path:
-    """The tau sweep (:func:`karma.pairing.preferences.sweep_table`): per KARMA strategy, the share
+    """The tau sweep (:func:`karma.pairing.tau_sweep.sweep_table`): per KARMA strategy, the share
     of
     instructions whose pair tau changed / dropped, and the mean kinship / |S_pref gap| of the
     pairs used against the whole candidate pool (dashed)."""

@@ -1,12 +1,19 @@
-"""Settings of the stages fetch, preferences and tau_sweep."""
+"""Settings of the stages fetch, preferences and tau_sweep (and the root ``kinship`` choice)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from karma.core.settings import TAU_GRID, BaselinePool, Layout, Rating, Section, setting
+from karma.pairing.strategies import STRATEGIES, strategy_help
+
+#: The ``kinship`` setting's choices: the names of the strategy table
+#: (:data:`karma.pairing.strategies.SPECS`).
+Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]
+#: The ``kinship`` setting's help, from the same table.
+STRATEGY_HELP = strategy_help()
 
 
 class FetchConfig(Section):

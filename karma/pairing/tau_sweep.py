@@ -1,7 +1,7 @@
 """Stage ``tau_sweep``: what the kinship threshold does, over a grid of tau.
 
 For each tau and each KARMA strategy, the diagnostics of
-:class:`karma.pairing.preferences.PairStream`
+:class:`karma.pairing.stream.PairStream`
 (share of instructions whose pair differs from the no-threshold pair, share dropped, overlap
 between the strategies, mean kinship and |S_pref gap| of the pairs used vs the pool), over the
 completions or over every K-model draw of the score table (:func:`all_draws`: the paper's
@@ -25,22 +25,22 @@ import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.stage import Stage, input_path, output_path
-from karma.pairing.preferences import (
-    KARMA_STRATEGIES,
-    KEPT,
+from karma.pairing.kernel import KEPT
+from karma.pairing.pool import (
     Pool,
     Prepared,
-    _round,
     load_kinship_dir,
     pair_model_counts,
     pool_counts,
     pool_stats,
     prepare,
+    round6,
     search,
     used_stats,
-    write_table,
 )
+from karma.pairing.strategies import KARMA_STRATEGIES
 from karma.pairing.ultrafeedback import UltraFeedback
+from karma.pairing.writers import write_table
 
 if TYPE_CHECKING:
     from karma.params import Params
@@ -91,14 +91,14 @@ class SweepTally:
                 "tau": float(tau),
                 "strategy": s,
                 "pairs": t["pairs"],
-                "changed_by_tau": _round(t["changed"] / n),
-                "dropped_by_tau": _round(t["dropped"] / n),
+                "changed_by_tau": round6(t["changed"] / n),
+                "dropped_by_tau": round6(t["dropped"] / n),
                 "mean_kinship": used["mean_kinship"],
                 "mean_abs_s_pref_gap": used["mean_abs_s_pref_gap"],
             }
             for o in KARMA_STRATEGIES:
                 same = self.same[(tau, s, o)]
-                row[f"overlap_{o}"] = _round(same / t["pairs"]) if t["pairs"] else None
+                row[f"overlap_{o}"] = round6(same / t["pairs"]) if t["pairs"] else None
             row["pool_mean_kinship"] = summary["mean_kinship"]
             row["pool_mean_abs_s_pref_gap"] = summary["mean_abs_s_pref_gap"]
             row["pool_spearman_kinship_gap"] = summary["spearman_kinship_gap"]
@@ -156,9 +156,10 @@ def run_sweep(params: Params, paths: SweepPaths) -> dict[str, Any]:
     """Stage ``tau_sweep``: the diagnostics of the KARMA strategies over ``sweep.taus``."""
     from tqdm.auto import tqdm
 
-    from karma.pairing.fetch import source_info
+    from karma.pairing.batching import count_records
     from karma.pairing.figures import tau_sweep_plot
-    from karma.pairing.ultrafeedback import count_records, iter_ultrafeedback
+    from karma.pairing.source import source_info
+    from karma.pairing.ultrafeedback import iter_ultrafeedback
 
     cfg, sw = params.preferences, params.sweep
     models, kinship = load_kinship_dir(paths.kinship_dir)

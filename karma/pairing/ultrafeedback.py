@@ -36,6 +36,7 @@ from karma.core.io import (
     parse_json,
     text_lines,
 )
+from karma.pairing.batching import parquet_frames, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ RATING_FIELDS: dict[str, str] = {
     "overall_score": "overall_score",
     "fine_grained_score": "fine-grained_score",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MISSING = {"n/a", "na", "none", ""}
 
 
@@ -104,6 +105,36 @@ def parse_rating(value: Any, *, file: object, field: str) -> float | None:
     )
 
 
+def _model_response(comp: Any, loc: str, cloc: str) -> tuple[str, str]:
+    """A completion's model name and response, checked (``cloc``: its place in the record)."""
+    if not isinstance(comp, dict):
+        raise KarmaError(
+            "completion is not an object",
+            file=loc,
+            field=cloc,
+            value=type(comp).__name__,
+            expected="{model, response, ...}",
+        )
+    model, resp = comp.get("model"), comp.get("response")
+    if not isinstance(model, str) or not model.strip():
+        raise KarmaError(
+            "completion without a model name",
+            file=loc,
+            field=f"{cloc}.model",
+            value=model,
+            expected="a model name",
+        )
+    if not isinstance(resp, str):
+        raise KarmaError(
+            "completion without a response",
+            file=loc,
+            field=f"{cloc}.response",
+            value=resp,
+            expected="a string",
+        )
+    return model, resp
+
+
 def from_records(
     records: Iterable[tuple[str, Any]], *, file: object, row0: int = 0
 ) -> UltraFeedback:
@@ -149,32 +180,7 @@ def from_records(
         p_source.append(None if src is None else str(src))
         size = len(instr.encode())
         for pos, comp in enumerate(comps):
-            cloc = f"completions[{pos}]"
-            if not isinstance(comp, dict):
-                raise KarmaError(
-                    "completion is not an object",
-                    file=loc,
-                    field=cloc,
-                    value=type(comp).__name__,
-                    expected="{model, response, ...}",
-                )
-            model, resp = comp.get("model"), comp.get("response")
-            if not isinstance(model, str) or not model.strip():
-                raise KarmaError(
-                    "completion without a model name",
-                    file=loc,
-                    field=f"{cloc}.model",
-                    value=model,
-                    expected="a model name",
-                )
-            if not isinstance(resp, str):
-                raise KarmaError(
-                    "completion without a response",
-                    file=loc,
-                    field=f"{cloc}.response",
-                    value=resp,
-                    expected="a string",
-                )
+            model, resp = _model_response(comp, loc, f"completions[{pos}]")
             size += len(resp.encode())
             if size > cap:
                 raise limit_error(loc, f"record of {size}+ bytes of text, more than",
@@ -184,7 +190,8 @@ def from_records(
             c_model.append(model)
             c_resp.append(resp)
             for col, key in RATING_FIELDS.items():
-                ratings[col].append(parse_rating(comp.get(key), file=loc, field=f"{cloc}.{key}"))
+                field = f"completions[{pos}].{key}"
+                ratings[col].append(parse_rating(comp.get(key), file=loc, field=field))
     if not p_instr:
         raise KarmaError(
             "no records (empty file)", file=file, expected="at least one UltraFeedback record"
@@ -258,9 +265,8 @@ def _rating_expr(frame_dtype: pl.DataType, key: str) -> pl.Expr:
     )
 
 
-def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedback:
-    """Validate and flatten a frame with the UltraFeedback columns (vectorised); ``row0``: the
-    row number of its first record (a batch of a larger file)."""
+def _completion_fields(df: pl.DataFrame, file: object) -> dict[str, pl.DataType]:
+    """Check the frame's columns and types; the completions' struct fields and their types."""
     for col in ("instruction", "completions"):
         if col not in df.columns:
             raise KarmaError(
@@ -307,6 +313,11 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
                 value=str(fields[key]),
                 expected="strings",
             )
+    return fields
+
+
+def _check_sizes(df: pl.DataFrame, file: object, row0: int) -> None:
+    """``limits.max_record_bytes``, naming a record of a batch by its global row."""
     try:
         check_record_bytes(df.select("instruction", "completions"), file)
     except KarmaError as err:  # a batch of a larger file: name the record by its global row
@@ -314,23 +325,11 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
             raise
         shift = lambda m: f"record {int(m.group(1)) + row0}"  # noqa: E731
         raise KarmaError(re.sub(r"\brecord (\d+)", shift, str(err), count=1)) from None
-    df = df.with_row_index("row", offset=row0)
-    bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
-    if bad.height:
-        r = bad.row(0, named=True)
-        field = "instruction" if r["instruction"] is None else "completions"
-        raise KarmaError(
-            "missing",
-            file=f"{file}: record {r['row']}",
-            field=field,
-            expected="the instruction text and a list of completions",
-        )
-    source = (
-        pl.col("source").cast(pl.String)
-        if "source" in df.columns
-        else pl.lit(None, dtype=pl.String)
-    )
-    prompts = df.select(pl.col("row"), pl.col("instruction"), source.alias("source"))
+
+
+def _exploded(df: pl.DataFrame, fields: dict[str, pl.DataType]) -> pl.DataFrame:
+    """One row per completion (``row``, ``pos``, ``model``, ``response``, the ratings as
+    Float64 and, for the check, their raw values as ``_raw_<rating>``)."""
     exploded = (
         df.lazy()
         .select("row", "completions")
@@ -345,28 +344,20 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
             ratings += [_rating_expr(fields[key], key).alias(col), raw.alias(f"_raw_{col}")]
         else:
             ratings += [pl.lit(None, dtype=pl.Float64).alias(col)]
-    comps = exploded.select(
+    return exploded.select(
         "row",
         "pos",
         pl.col("completions").struct.field("model").alias("model"),
         pl.col("completions").struct.field("response").alias("response"),
         *ratings,
     ).collect()
-    miss = comps.filter(
-        pl.col("model").is_null()
-        | (pl.col("model").str.strip_chars() == "")
-        | pl.col("response").is_null()
-    )
-    if miss.height:
-        r = miss.row(0, named=True)
-        key = "model" if not r["model"] or not r["model"].strip() else "response"
-        raise KarmaError(
-            f"completion without a {key}",
-            file=f"{file}: record {r['row']}",
-            field=f"completions[{r['pos']}].{key}",
-            value=r[key],
-            expected="a model name and a response string",
-        )
+
+
+def _checked_ratings(
+    comps: pl.DataFrame, fields: dict[str, pl.DataType], file: object
+) -> pl.DataFrame:
+    """Refuse a rating that is not a number ("N/A" is missing) or not finite; drop the raw
+    columns."""
     for col, key in RATING_FIELDS.items():
         raw = f"_raw_{col}"
         if raw not in comps.columns:
@@ -397,7 +388,48 @@ def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedbac
             field=f"completions[{r['pos']}]",
             expected="a finite number",
         )
-    comps = comps.cast(COMPLETION_SCHEMA)  # type: ignore[arg-type]
+    return comps
+
+
+def from_frame(df: pl.DataFrame, *, file: object, row0: int = 0) -> UltraFeedback:
+    """Validate and flatten a frame with the UltraFeedback columns (vectorised); ``row0``: the
+    row number of its first record (a batch of a larger file)."""
+    fields = _completion_fields(df, file)
+    _check_sizes(df, file, row0)
+    df = df.with_row_index("row", offset=row0)
+    bad = df.filter(pl.col("instruction").is_null() | pl.col("completions").is_null())
+    if bad.height:
+        r = bad.row(0, named=True)
+        field = "instruction" if r["instruction"] is None else "completions"
+        raise KarmaError(
+            "missing",
+            file=f"{file}: record {r['row']}",
+            field=field,
+            expected="the instruction text and a list of completions",
+        )
+    source = (
+        pl.col("source").cast(pl.String)
+        if "source" in df.columns
+        else pl.lit(None, dtype=pl.String)
+    )
+    prompts = df.select(pl.col("row"), pl.col("instruction"), source.alias("source"))
+    comps = _exploded(df, fields)
+    miss = comps.filter(
+        pl.col("model").is_null()
+        | (pl.col("model").str.strip_chars() == "")
+        | pl.col("response").is_null()
+    )
+    if miss.height:
+        r = miss.row(0, named=True)
+        key = "model" if not r["model"] or not r["model"].strip() else "response"
+        raise KarmaError(
+            f"completion without a {key}",
+            file=f"{file}: record {r['row']}",
+            field=f"completions[{r['pos']}].{key}",
+            value=r[key],
+            expected="a model name and a response string",
+        )
+    comps = _checked_ratings(comps, fields, file).cast(COMPLETION_SCHEMA)  # type: ignore[arg-type]
     return UltraFeedback(prompts.cast(PROMPT_SCHEMA), comps, str(file))  # type: ignore[arg-type]
 
 
@@ -428,107 +460,48 @@ def _read_hub(name: str, split: str) -> UltraFeedback:
     return from_frame(df, file=name)
 
 
-#: Columns read from a Parquet file (others, such as annotations, are never loaded).
-COLUMNS = ("source", "instruction", "completions")
-
-
-def count_records(source: str | Path) -> int | None:
-    """The number of records of a local Parquet file (from its footer), else None."""
-    path = Path(source)
-    if not (path.is_file() and path.suffix.lower() in (".parquet", ".pq")):
-        return None
-    import pyarrow.parquet as pq
-
-    try:
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    except Exception:  # the reader reports a broken file
-        return None
-
-
-def prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
-    """The items of ``items``, produced ``depth`` ahead in a background thread (so that reading
-    and decoding, which release the GIL, overlap the caller's work); order and errors are
-    those of ``items``."""
-    import contextvars
-    import queue
-    import threading
-
-    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((False, None))
-        except BaseException as err:  # handed to the consumer, raised there
-            q.put((False, err))
-
-    context = (
-        contextvars.copy_context()
-    )  # the stage's limits (karma.core.io.use_limits) apply there
-    thread = threading.Thread(target=context.run, args=(produce,), name="karma-prefetch",
-                              daemon=True)  # fmt: skip
-    thread.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        stop.set()
-
-
 def iter_ultrafeedback(
     source: str | Path, *, split: str = "train", batch_records: int = 100_000
 ) -> Iterator[UltraFeedback]:
     """:func:`read_ultrafeedback` in batches of ``batch_records`` records, with global row
-    numbers: Parquet by record batches (only :data:`COLUMNS`), JSON lines by lines; other
-    sources (a .json file, a hub id) in one batch. Concatenated, the batches are what
-    :func:`read_ultrafeedback` returns, and they are checked as it checks (``limits``, one
-    completion per model and instruction)."""
+    numbers: Parquet by row groups (only :data:`~karma.pairing.batching.COLUMNS`), JSON lines
+    by lines; other sources (a .json file, a hub id) in one batch. Concatenated, the batches
+    are what :func:`read_ultrafeedback` returns, and they are checked as it checks
+    (``limits``, one completion per model and instruction)."""
     for batch in _batches(source, split, batch_records):
         _no_repeated_model(batch)
         yield batch
+
+
+def _parquet_batches(path: Path, batch_records: int) -> Iterator[UltraFeedback]:
+    """A Parquet file's records, validated, in batches (:func:`parquet_frames`), read ahead."""
+    import pyarrow.parquet as pq
+
+    try:  # pre_buffer would keep every row group read so far (memory grows with the file)
+        pf = pq.ParquetFile(path, pre_buffer=False)
+    except Exception as err:
+        raise KarmaError(
+            f"cannot read Parquet: {' '.join(str(err).split())[:200]}", file=path
+        ) from None
+    names = pf.schema_arrow.names
+    if pf.metadata.num_rows == 0 or "completions" not in names:
+        yield _read_parquet(path)  # the in-memory reader names what is wrong
+        return
+
+    def batches() -> Iterator[UltraFeedback]:
+        row0 = 0
+        for frame in parquet_frames(pf, path, batch_records):
+            yield from_frame(frame, file=path, row0=row0)
+            row0 += frame.height
+
+    yield from prefetch(batches())
 
 
 def _batches(source: str | Path, split: str, batch_records: int) -> Iterator[UltraFeedback]:
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file() and path.stat().st_size and suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:  # pre_buffer would keep every row group read so far (memory grows with the file)
-            pf = pq.ParquetFile(path, pre_buffer=False)
-        except Exception as err:
-            raise KarmaError(
-                f"cannot read Parquet: {' '.join(str(err).split())[:200]}", file=path
-            ) from None
-        names = pf.schema_arrow.names
-        columns = [c for c in COLUMNS if c in names]
-        if pf.metadata.num_rows == 0 or "completions" not in names:
-            yield _read_parquet(path)  # the in-memory reader names what is wrong
-            return
-
-        def batches() -> Iterator[UltraFeedback]:
-            row0 = 0
-            for batch in pf.iter_batches(batch_size=batch_records, columns=columns):
-                frame = pl.from_arrow(batch)
-                assert isinstance(frame, pl.DataFrame)
-                yield from_frame(frame, file=path, row0=row0)
-                row0 += batch.num_rows
-
-        yield from prefetch(batches())
+        yield from _parquet_batches(path, batch_records)
     elif path.is_file() and path.stat().st_size and suffix in (".jsonl", ".ndjson"):
         row0 = 0
         chunk: list[tuple[str, Any]] = []
@@ -553,8 +526,26 @@ def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeed
     return data
 
 
+def model_keys(models: pl.Series) -> pl.Series:
+    """Each model name's case-insensitive key as a small integer (names are stripped and
+    lower-cased; the few distinct spellings are keyed once, then every row by one lookup)."""
+    spellings = models.unique()
+    canonical = spellings.str.strip_chars().str.to_lowercase()
+    ids = {c: i for i, c in enumerate(canonical.unique().sort().to_list())}
+    key = dict(zip(spellings.to_list(), [ids[c] for c in canonical.to_list()], strict=True))
+    return models.replace_strict(key, return_dtype=pl.Int64)
+
+
 def _no_repeated_model(data: UltraFeedback) -> None:
     """Refuse a record whose completions name one model twice (case-insensitive)."""
+    comps = data.completions
+    if comps.height < 2:
+        return
+    # fast check on integer keys; the error path below finds and names the first repeat
+    key = model_keys(comps["model"])
+    combined = comps["row"].cast(pl.Int64) * (int(key.max() or 0) + 1) + key  # type: ignore[operator]
+    if combined.n_unique() == comps.height:
+        return
     keyed = data.completions.select(
         "row", "pos", "model", key=pl.col("model").str.strip_chars().str.to_lowercase()
     )
@@ -591,7 +582,7 @@ def _read_source(source: str | Path, split: str) -> UltraFeedback:
         raise KarmaError("not a file", file=path, expected="a .jsonl/.json/.parquet file")
     if path.is_symlink():
         raise KarmaError("dataset is a dangling symlink", file=path, expected="an existing file")
-    if _HUB_ID.match(str(source)) and not path.suffix:
+    if HUB_ID.match(str(source)) and not path.suffix:
         return _read_hub(str(source), split)
     raise KarmaError(
         "dataset not found",

@@ -316,7 +316,7 @@ def read_pairs(path: str | os.PathLike[str]) -> pl.DataFrame:
         raise KarmaError(
             "preference pairs not found", file=p, expected="the preferences stage's output"
         )
-    from karma.pairing.preferences import to_trl
+    from karma.pairing.layouts import to_trl
 
     pairs = to_trl(read_parquet(p, "parquet file"))  # either layout (TRL's or H4's)
     for col in ("prompt", "chosen", "rejected"):

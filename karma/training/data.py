@@ -30,7 +30,7 @@ def load_pairs(path: str | Path, shape: Shape = "paired") -> Any:
             expected="a parquet file of preference pairs",
         )
     from karma.core.io import check_record_bytes, read_parquet
-    from karma.pairing.preferences import to_trl
+    from karma.pairing.layouts import to_trl
 
     frame = to_trl(read_parquet(p, "parquet file"))  # either layout (TRL's or H4's)
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]

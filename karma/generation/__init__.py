@@ -1,0 +1,1 @@
+"""Completions from the user's own model pool: prompts, engines (hf, vllm, openai), generate."""

@@ -1,0 +1,308 @@
+"""Pairing batch by batch: :class:`PairStream` pairs each batch, hands back its flat pairs
+table and the split, and keeps only exact tallies; :func:`make_pairs` is the in-memory path
+(one batch).
+
+>>> import polars as pl
+>>> from karma.pairing.ultrafeedback import from_records
+>>> data = from_records([("line 1", {"instruction": "Hi", "completions": [
+...     {"model": "a", "response": "x"}, {"model": "b", "response": "y"}]})], file="demo")
+>>> s_pref = pl.DataFrame({"model": ["a", "b"], "s_pref": [0.2, 0.9]})
+>>> kin = pl.DataFrame({"model_a": ["a", "b"], "model_b": ["b", "a"], "kinship": [0.5, 0.5]})
+>>> res = make_pairs(data, s_pref, kin, strategy="score")
+>>> res.pairs["chosen_model"].to_list(), res.counts["pairs"], res.metrics["diag.changed_by_tau"]
+(['b'], 1, 0.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from karma.pairing.agreement import AgreementTally
+from karma.pairing.kernel import KEPT, REASONS, same_pairs
+from karma.pairing.layouts import FRAME_SCHEMA, arrow_float, arrow_text, trl_frame
+from karma.pairing.pool import (
+    Pool,
+    Prepared,
+    pair_model_counts,
+    pool_counts,
+    pool_stats,
+    prepare,
+    round6,
+    search,
+    used_stats,
+)
+from karma.pairing.split import hash128, is_test, prompt_ids
+from karma.pairing.strategies import RATING_FIELDS, STRATEGIES, strategy_code
+from karma.pairing.ultrafeedback import UltraFeedback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreferenceResult:
+    """``pairs``: every pair as a TRL frame (see :data:`OUTPUT_COLUMNS`); ``test``: whether
+    each pair's prompt is in ``test_prefs``; ``counts``: per-reason counts; ``metrics``: the
+    flat metrics dict written for DVC (counts, agreement, diagnostics ``diag.*``, split)."""
+
+    pairs: pl.DataFrame
+    counts: dict[str, int]
+    metrics: dict[str, Any]
+    strategy: str
+    tau: float
+    seed: int
+    test: np.ndarray | None = None
+    #: how often each (chosen_model, rejected_model) pair was used, names as written
+    model_pairs: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+
+    def split(self, name: str) -> pl.DataFrame:
+        """The pairs of ``train_prefs`` or ``test_prefs``."""
+        test = np.zeros(self.pairs.height, bool) if self.test is None else self.test
+        return self.pairs.filter(pl.Series(test if name == "test_prefs" else ~test))
+
+
+def flat_pairs(
+    prep: Prepared,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    rating: str,
+    prompt_hash: np.ndarray | None = None,
+) -> Any:
+    """The kept pairs (instruction order) as a flat Arrow table: ``prompt``, ``chosen``,
+    ``rejected`` (texts), ``prompt_id`` and the metadata columns; :func:`layout_of` gives the
+    written layouts. ``prompt_hash``: the :func:`hash128` of the kept prompts, if computed."""
+    import pyarrow as pa
+
+    comps = prep.data.completions
+    kept = np.flatnonzero(chosen >= 0)
+    ci, ri = chosen[kept], rejected[kept]
+    sp_full = np.append(prep.s_pref, np.nan)  # index -1 -> NaN
+    m = prep.pool.m
+    kin_pad = np.full((m + 1, m + 1), np.nan)
+    kin_pad[:-1, :-1] = prep.kin
+    mc, mr = prep.model[ci], prep.model[ri]
+    prompt_text = prep.data.prompts["instruction"].gather(kept)
+    columns = {
+        "prompt": arrow_text(prompt_text),
+        "chosen": arrow_text(comps["response"].gather(ci)),
+        "rejected": arrow_text(comps["response"].gather(ri)),
+        "prompt_id": arrow_text(prompt_ids(prompt_text, prompt_hash)),
+        "chosen_model": arrow_text(comps["model"].gather(ci)),
+        "rejected_model": arrow_text(comps["model"].gather(ri)),
+        "kinship": arrow_float(kin_pad[mc, mr]),
+        "s_pref_chosen": arrow_float(sp_full[mc]),
+        "s_pref_rejected": arrow_float(sp_full[mr]),
+        "chosen_rating": arrow_float(prep.ratings[rating][ci]),
+        "rejected_rating": arrow_float(prep.ratings[rating][ri]),
+        "source": arrow_text(prep.data.prompts["source"].gather(kept)),
+    }
+    return pa.table(columns)
+
+
+class PairStream:
+    """Pair instructions batch by batch (:meth:`add`) and keep only exact, order-independent
+    tallies (integer counts per model pair, per reason, per rating difference), so that the
+    metrics of :meth:`result` are the same bytes however the data was batched, and memory does
+    not grow with the number of instructions.
+
+    ``diagnose``: also run the searches the diagnostics need (the strategy at tau = -inf and
+    every other strategy at tau) and tally the pool (see :func:`diagnostics_of`).
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        strategy: str = "score",
+        tau: float = 0.1,
+        seed: int = 0,
+        rating: str = "overall_score",
+        aliases: Mapping[str, str] | None = None,
+        baseline_pool: str = "scored",
+        test_fraction: float = 0.2,
+        diagnose: bool = True,
+    ) -> None:
+        strategy_code(strategy)
+        self.pool, self.strategy, self.tau, self.seed = pool, strategy, float(tau), seed
+        self.rating, self.aliases, self.baseline_pool = rating, aliases, baseline_pool
+        self.test_fraction, self.diagnose = test_fraction, diagnose
+        m1 = pool.m + 1
+        self.reasons = np.zeros(len(REASONS), dtype=np.int64)
+        self.counts = {"completions": 0, "completions_blank": 0, "completions_unknown_model": 0}
+        self.used = np.zeros((m1, m1), dtype=np.int64)
+        self.names: dict[tuple[str, str], int] = {}  # (chosen_model, rejected_model) as written
+        self.diffs: dict[str, dict[float, int]] = {f: {} for f in RATING_FIELDS}
+        self.test = 0
+        self.pool_counts = np.zeros((pool.m, pool.m), dtype=np.int64)
+        self.changed = self.dropped = 0
+        self.same = {s: 0 for s in STRATEGIES if s != strategy}
+        self.agreement = AgreementTally()  # the strategy's pairs vs the instance rating
+
+    def add(self, data: UltraFeedback) -> tuple[Any, np.ndarray]:
+        """Pair one batch; returns its flat pairs table (:func:`flat_pairs`) and whether each
+        pair is in ``test_prefs``."""
+        prep = prepare(data, self.pool, aliases=self.aliases)
+        kw = {"seed": self.seed, "rating": self.rating, "pool": self.baseline_pool}
+        chosen, rejected, reason = search(prep, self.strategy, tau=self.tau, **kw)
+        prompts = prep.data.prompts["instruction"].gather(np.flatnonzero(chosen >= 0))
+        h = hash128(prompts)
+        pairs = flat_pairs(prep, chosen, rejected, self.rating, h)
+        test = is_test(prompts, seed=self.seed, fraction=self.test_fraction, hashes=h)
+        self.reasons += np.bincount(reason.astype(np.int64), minlength=len(REASONS))
+        self.counts["completions"] += data.completions.height
+        self.counts["completions_blank"] += int((~prep.nonempty).sum())
+        self.counts["completions_unknown_model"] += int((prep.model < 0).sum())
+        self.used += pair_model_counts(prep, chosen, rejected)
+        names = pl.from_arrow(pairs.select(["chosen_model", "rejected_model"]))
+        assert isinstance(names, pl.DataFrame)
+        for row in names.group_by("chosen_model", "rejected_model").len().iter_rows():
+            self.names[row[:2]] = self.names.get(row[:2], 0) + row[2]
+        kept = chosen >= 0
+        self.agreement.add(self.strategy, prep.ratings[self.rating], chosen, rejected)
+        for f in RATING_FIELDS:
+            d = prep.ratings[f][chosen[kept]] - prep.ratings[f][rejected[kept]]
+            values, n = np.unique(d[~np.isnan(d)], return_counts=True)
+            tally = self.diffs[f]
+            for v, k in zip(values.tolist(), n.tolist(), strict=True):
+                tally[v] = tally.get(v, 0) + k
+        self.test += int(test.sum())
+        if self.diagnose:
+            self.pool_counts += pool_counts(prep)
+            c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
+            self.changed += int(((chosen != c0) | (rejected != r0)).sum())
+            self.dropped += int((~kept & (reason0 == KEPT)).sum())
+            same = same_pairs(
+                prep.offsets, prep.model, prep.nonempty, prep.ratings[self.rating], prep.s_pref,
+                prep.kin, chosen, rejected, strategies=list(self.same), tau=self.tau,
+                seed=self.seed, pool=self.baseline_pool, row0=prep.row0,
+            )  # fmt: skip
+            for other, n in same.items():
+                self.same[other] += n
+        return pairs, test
+
+    def metrics(self) -> dict[str, Any]:
+        """Counts, pair statistics, agreement with both rating fields, split and ``diag.*``."""
+        n = int(self.reasons.sum())
+        pairs = int(self.reasons[KEPT])
+        out: dict[str, Any] = {"instructions": n, "pairs": pairs, **self.counts}
+        out.update({f"drop_{r}": int(self.reasons[i]) for i, r in enumerate(REASONS) if i != KEPT})
+        used = used_stats(self.pool, self.used)
+        out.update({"strategy": self.strategy, "keep_rate": round6(pairs / max(n, 1)),
+                    "mean_kinship": used["mean_kinship"],
+                    "mean_s_pref_gap": used["mean_s_pref_gap"]})  # fmt: skip
+        agree = {}
+        for f in RATING_FIELDS:
+            tally = sorted(self.diffs[f].items())
+            nr = sum(k for _, k in tally)
+            up = sum(k for v, k in tally if v > 0)
+            tie = sum(k for v, k in tally if v == 0)
+            agree[f] = {
+                "rated_pairs": nr,
+                "agree": round6(up / nr) if nr else None,
+                "tie": round6(tie / nr) if nr else None,
+                "disagree": round6((nr - up - tie) / nr) if nr else None,
+                "mean_gap": round6(math.fsum(v * k for v, k in tally) / nr) if nr else None,
+            }
+        a = agree[self.rating]
+        out.update({"rated_pairs": a["rated_pairs"], "rating_agree": a["agree"],
+                    "rating_tie": a["tie"], "rating_disagree": a["disagree"],
+                    "mean_rating_gap": a["mean_gap"],
+                    "distinct_model_pairs": len(self.names)})  # fmt: skip
+        for f, values in agree.items():
+            out.update({f"rating.{f}.{k}": v for k, v in values.items()})
+        out.update({"split.train_pairs": pairs - self.test, "split.test_pairs": self.test,
+                    "split.test_share": round6(self.test / max(pairs, 1))})  # fmt: skip
+        if self.diagnose:
+            out.update(self.diagnostics(n, pairs, used))
+        return out
+
+    def diagnostics(self, n: int, pairs: int, used: dict[str, Any]) -> dict[str, Any]:
+        """What the kinship threshold did, as flat ``diag.*`` metrics.
+
+        ``changed_by_tau``: share of instructions whose outcome (pair or drop) differs from the
+        search without a threshold (tau = -inf: every candidate pair eligible);
+        ``dropped_by_tau``: share paired without the threshold but dropped with it;
+        ``overlap.<s>``: share of this strategy's pairs that strategy ``s`` also makes (same
+        chosen and rejected response); ``used.*`` vs ``pool.*``: mean kinship and |S_pref gap| of
+        the pairs used vs of every candidate pair, and the Spearman correlation of the two over
+        the pool.
+        """
+        out: dict[str, Any] = {
+            "diag.changed_by_tau": round6(self.changed / max(n, 1)),
+            "diag.changed_by_tau_n": self.changed,
+            "diag.dropped_by_tau": round6(self.dropped / max(n, 1)),
+            "diag.dropped_by_tau_n": self.dropped,
+        }
+        for other, same in self.same.items():
+            out[f"diag.overlap.{other}"] = round6(same / pairs) if pairs else None
+        out.update(self.agreement.metrics())
+        out["diag.used.mean_kinship"] = used["mean_kinship"]
+        out["diag.used.mean_abs_s_pref_gap"] = used["mean_abs_s_pref_gap"]
+        for k, v in pool_stats(self.pool, self.pool_counts).items():
+            out[f"diag.pool.{k}"] = v
+        return out
+
+    def result(self, pairs: pl.DataFrame | None = None, test: np.ndarray | None = None) -> Any:
+        """The :class:`PreferenceResult` (``pairs``/``test``: the collected frames, if kept)."""
+        metrics = self.metrics()
+        counts = {k: metrics[k] for k in ("instructions", "pairs", *self.counts)}
+        counts.update({f"drop_{r}": metrics[f"drop_{r}"] for r in REASONS[1:]})
+        frame = pl.DataFrame(schema=FRAME_SCHEMA) if pairs is None else pairs
+        return PreferenceResult(frame, counts, metrics, self.strategy, self.tau, self.seed, test,
+                                self.names)  # fmt: skip
+
+
+def warm_kernels() -> None:
+    """Load every Numba kernel of a batch from its cache (numba's first load in a process
+    initialises its compiler: about half a second, most of it in Python)."""
+    from karma.pairing.ultrafeedback import from_records
+
+    comps = [{"model": "a", "response": "x"}, {"model": "b", "response": "y"}]
+    data = from_records([("warm-up", {"instruction": "w", "completions": comps})], file="warm")
+    s_pref = pl.DataFrame({"model": ["a", "b"], "s_pref": [0.0, 1.0]})
+    kin = pl.DataFrame({"model_a": ["a"], "model_b": ["b"], "kinship": [1.0]})
+    try:
+        PairStream(Pool.of(s_pref, kin), test_fraction=0.5).add(data)
+    except Exception as err:  # the real batch meets (and reports) the same problem
+        log.debug("warming the kernels failed: %s", err)
+
+
+def warm_kernels_in_background() -> threading.Thread:
+    """:func:`warm_kernels` in a daemon thread, so that the loading overlaps reading the first
+    batch (a kernel called meanwhile waits for Numba's compiler lock, then runs)."""
+    thread = threading.Thread(target=warm_kernels, name="karma-warm-kernels", daemon=True)
+    thread.start()
+    return thread
+
+
+def make_pairs(
+    data: UltraFeedback,
+    s_pref: pl.DataFrame | Mapping[str, float],
+    kinship: pl.DataFrame,
+    *,
+    strategy: str = "score",
+    tau: float = 0.1,
+    seed: int = 0,
+    rating: str = "overall_score",
+    aliases: Mapping[str, str] | None = None,
+    pool: str = "scored",
+    test_fraction: float = 0.2,
+    diagnose: bool = True,
+) -> PreferenceResult:
+    """Pair every instruction of ``data`` by ``strategy`` (in memory: one batch of
+    :class:`PairStream`); returns the TRL frame, the train/test split, counts and metrics."""
+    stream = PairStream(
+        Pool.of(s_pref, kinship), strategy=strategy, tau=tau, seed=seed, rating=rating,
+        aliases=aliases, baseline_pool=pool, test_fraction=test_fraction, diagnose=diagnose,
+    )  # fmt: skip
+    flat, test = stream.add(data)
+    log.info("%s: %d of %d instructions paired", strategy, flat.num_rows, len(data))
+    return stream.result(trl_frame(flat), test)
