@@ -535,6 +535,10 @@ CASES = [
     Case("compare-extra-argument", ("compare", "main", "ws", "extra"), "unexpected extra argument",
          code=2),
     Case("headline-unknown-option", ("headline", "--bogus"), "No such option", code=2),
+    Case("prompts-unknown-option", ("prompts", "--bogus"), "No such option", code=2),
+    Case("generate-unknown-option", ("generate", "--bogus"), "No such option", code=2),
+    Case("judge-unknown-option", ("judge", "--bogus"), "No such option", code=2),
+    Case("reference-unknown-option", ("reference", "--bogus"), "No such option", code=2),
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip
