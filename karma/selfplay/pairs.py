@@ -21,15 +21,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.io import read_parquet, write_json
 from karma.core.stage import Stage, argument, input_path, output_path
-from karma.params import Params
 from karma.selfplay.markers import read_marker, round_number
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

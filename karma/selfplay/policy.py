@@ -20,16 +20,18 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from karma.core.errors import KarmaError
 from karma.core.io import read_json, read_parquet, write_json
 from karma.core.stage import Stage, argument, input_path, output_path, state_path
-from karma.params import Params
 from karma.selfplay.markers import policy_name, read_marker, round_number, weights_digest
 from karma.selfplay.pairs import METRICS_FILE, PAIRS_FILE
+
+if TYPE_CHECKING:
+    from karma.params import Params
 
 log = logging.getLogger(__name__)
 

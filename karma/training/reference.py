@@ -117,12 +117,20 @@ class ReferencePaths:
 def run_reference(params: Params, paths: ReferencePaths) -> dict[str, Any]:
     """Stage ``reference``: TRL's precompute of the reference log-probs, written per split."""
     import polars as pl
-    from trl import DPOTrainer
 
     train = params.train  # the declared keys only: the objective and its schedule do not matter
+    out = Path(paths.out)
+    if train.reference == "live":  # nothing reads them: empty tables, no model loaded
+        out.mkdir(parents=True, exist_ok=True)
+        schema = {KEY: pl.String, **dict.fromkeys(REF_COLUMNS, pl.Float32)}
+        for name in SPLITS.values():
+            pl.DataFrame(schema=schema).write_parquet(out / name)
+        write_json(out / "meta.json", {"skipped": "train.reference is live"})
+        return {"skipped": 1}
+    from trl import DPOTrainer
+
     cfg = apply_recipe(TrainConfig(method="dpo", trl=train.trl, recipe=train.recipe,
                                    dtype=train.dtype, global_batch_size=None))  # fmt: skip
-    out = Path(paths.out)
     scratch = tempfile.TemporaryDirectory(prefix="karma-reference-")
     args = build_trl_config(cfg, seed=params.seed, output_dir=scratch.name, world_size=1)
     args.precompute_ref_log_probs = True
@@ -152,9 +160,10 @@ def run_reference(params: Params, paths: ReferencePaths) -> dict[str, Any]:
 
 STAGE = Stage(
     name="reference",
-    settings=("train.trl", "train.recipe", "train.dtype", "seed"),
+    settings=("train.trl", "train.recipe", "train.dtype", "train.reference", "seed"),
     paths=ReferencePaths,
     run=run_reference,
     help="The base model's log-probs of the training and held-out pairs (TRL's precompute), "
-    "stored once for every reference-model objective (train.reference: stored).",
+    "stored once for every reference-model objective (train.reference: stored; with live, "
+    "empty tables: nothing reads them, no model is loaded).",
 )
