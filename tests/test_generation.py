@@ -317,6 +317,8 @@ def _resolve(text: str, key: str, params: dict[str, Any]) -> str:
         name = m.group(1)
         if name == "key":
             return key
+        if name.startswith("item."):  # the self-play round table: not a pool stage
+            return m.group(0)
         if name.startswith("path."):
             return str(paths[name[5:]])
         node: Any = params

@@ -539,6 +539,8 @@ CASES = [
     Case("generate-unknown-option", ("generate", "--bogus"), "No such option", code=2),
     Case("judge-unknown-option", ("judge", "--bogus"), "No such option", code=2),
     Case("reference-unknown-option", ("reference", "--bogus"), "No such option", code=2),
+    *[Case(f"{c}-unknown-option", (c, "--bogus"), "No such option", code=2)
+      for c in ("sp-plan", "sp-generate", "sp-judge", "sp-select", "sp-train", "sp-evaluate")],
     Case("unknown-command", ("kinsip",), "no such command 'kinsip'; did you mean 'kinship'?",
          code=2),
 ]  # fmt: skip

@@ -104,7 +104,8 @@ def test_dvc_status_ignores_operational_knobs_and_sees_every_other_param(tmp_pat
             (tmp_path / rel).write_text("x")
     subprocess.run([*dvc, "commit", "-f", "-q", "benchmark@x"], cwd=tmp_path, check=True)
     baseline = _status(tmp_path)
-    assert baseline == {"scores": {"scores.measured"}}, baseline
+    # scores and judge read the whole pool (scores.measured); benchmark@x only its own entry
+    assert baseline == {"scores": {"scores.measured"}, "judge": {"scores.measured"}}, baseline
 
     def write(keys: list[str]) -> None:
         data = yaml.safe_load(yaml.safe_dump(params))

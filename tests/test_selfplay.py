@@ -148,7 +148,7 @@ def test_two_reduced_rounds_then_an_inactive_one(tiny_model_dir: Path, tmp_path:
     held = tmp_path / "held.parquet"
     synthetic_pairs(6, seed=1).write_parquet(held)
     params = _params(
-        rounds=2, selfplay__n=3, selfplay__prompts=6, selfplay__max_new_tokens=8,
+        rounds=2, selfplay__n=3, selfplay__prompt_limit=6, selfplay__max_new_tokens=8,
         selfplay__max_steps=2, selfplay__evaluate=False, selfplay__temperature=1.5,
         judge__kind="reward", judge__model=str(tiny_model_dir), judge__max_length=64,
         selfplay__reference_model="base", select__ratio=0.5, train__global_batch_size=2,

@@ -115,7 +115,7 @@ def run_select(params: Params, paths: SelectPaths) -> dict[str, Any]:
     prompts = judged["prompt_id"].n_unique()
     if pairs.height < 2:
         raise KarmaError(f"{pairs.height} pairs from {prompts} prompts: too few to select from",
-                         file=paths.judged, field="selfplay.prompts",
+                         file=paths.judged, field="selfplay.prompt_limit",
                          expected="more prompts, or a larger selfplay.n")  # fmt: skip
     scored = map_select(pairs, params, paths.judged)
     kept = scored.filter(pl.col("kept")).sort("rank")

@@ -6,7 +6,7 @@ Round k (``sp_<step>@r<k>`` in ``dvc.yaml``) depends on its own marker (``sp_pla
 stages write constant placeholders without loading a model (cheap no-ops that DVC caches).
 
 * ``sp_generate@r<k>``: policy k-1 (round 1: the base model) samples ``selfplay.n`` completions
-  for each of the first ``selfplay.prompts`` prompts of the ``prompts`` stage, through the
+  for each of the first ``selfplay.prompt_limit`` prompts of the ``prompts`` stage, through the
   generation engines of :mod:`karma.generation` (``generate.engine``: hf on CPU, vllm on GPU);
   each row records the model that wrote it (``base`` or ``policy_<k-1>``) and its weights hash,
   and the summed and mean token log-probabilities MAP's implicit margin needs.
@@ -100,8 +100,8 @@ def run_generate(params: Params, paths: GeneratePaths) -> dict[str, Any]:
         pl.DataFrame(schema=sample_schema()).write_parquet(paths.out, statistics=False)
         return {"round": k, "active": False}
     prompts = read_parquet(paths.prompts, "prompt set").select(list(PROMPT_SCHEMA))
-    if params.selfplay.prompts is not None:
-        prompts = prompts.head(params.selfplay.prompts)
+    if params.selfplay.prompt_limit is not None:
+        prompts = prompts.head(params.selfplay.prompt_limit)
     if prompts.height == 0:
         raise KarmaError("empty prompt set", file=paths.prompts, expected="prompts")
     cfg = generation_settings(params, k)
@@ -183,7 +183,7 @@ GENERATE = Stage(
     name="sp_generate",
     settings=(
         "selfplay.n",
-        "selfplay.prompts",
+        "selfplay.prompt_limit",
         "selfplay.temperature",
         "selfplay.top_p",
         "selfplay.max_new_tokens",

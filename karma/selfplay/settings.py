@@ -21,7 +21,7 @@ class SelfplayConfig(Section):
     """Stages ``sp_*_<k>``: round k samples with policy k-1, judges, pairs, selects, trains."""
 
     n: int = setting(4, "samples per prompt drawn by the round's policy", ge=2)
-    prompts: int | None = setting(
+    prompt_limit: int | None = setting(
         16, "prompts of the prompts stage used per round (its first N; null: all)", ge=1
     )
     temperature: float = setting(0.8, "sampling temperature (> 0: the n samples differ)", gt=0)

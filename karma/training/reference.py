@@ -117,17 +117,10 @@ class ReferencePaths:
 def run_reference(params: Params, paths: ReferencePaths) -> dict[str, Any]:
     """Stage ``reference``: TRL's precompute of the reference log-probs, written per split."""
     import polars as pl
+    from trl import DPOTrainer
 
     train = params.train  # the declared keys only: the objective and its schedule do not matter
     out = Path(paths.out)
-    if train.reference == "live":  # nothing reads them: empty tables, no model loaded
-        out.mkdir(parents=True, exist_ok=True)
-        schema = {KEY: pl.String, **dict.fromkeys(REF_COLUMNS, pl.Float32)}
-        for name in SPLITS.values():
-            pl.DataFrame(schema=schema).write_parquet(out / name)
-        write_json(out / "meta.json", {"skipped": "train.reference is live"})
-        return {"skipped": 1}
-    from trl import DPOTrainer
 
     cfg = apply_recipe(TrainConfig(method="dpo", trl=train.trl, recipe=train.recipe,
                                    dtype=train.dtype, global_batch_size=None))  # fmt: skip
@@ -158,11 +151,27 @@ def run_reference(params: Params, paths: ReferencePaths) -> dict[str, Any]:
     return metrics
 
 
+def run_reference_stage(params: Params, paths: ReferencePaths) -> dict[str, Any]:
+    """Stage ``reference``: :func:`run_reference`, or with ``train.reference: live`` (nothing
+    reads them) empty tables, no model loaded."""
+    import polars as pl
+
+    if params.train.reference != "live":
+        return run_reference(params, paths)
+    out = Path(paths.out)
+    out.mkdir(parents=True, exist_ok=True)
+    schema = {KEY: pl.String, **dict.fromkeys(REF_COLUMNS, pl.Float32)}
+    for name in SPLITS.values():
+        pl.DataFrame(schema=schema).write_parquet(out / name)
+    write_json(out / "meta.json", {"skipped": "train.reference is live"})
+    return {"skipped": 1}
+
+
 STAGE = Stage(
     name="reference",
     settings=("train.trl", "train.recipe", "train.dtype", "train.reference", "seed"),
     paths=ReferencePaths,
-    run=run_reference,
+    run=run_reference_stage,
     help="The base model's log-probs of the training and held-out pairs (TRL's precompute), "
     "stored once for every reference-model objective (train.reference: stored; with live, "
     "empty tables: nothing reads them, no model is loaded).",
