@@ -711,7 +711,7 @@ def test_cli_select(
 
 @pytest.mark.slow
 def test_stage_script_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """``python stages/select_pairs.py`` as dvc.yaml runs it, settings from ./params.yaml."""
+    """``python stages/select.py`` (dvc.yaml: -m stages.select), settings from params.yaml."""
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
     (tmp_path / "data" / "preferences").mkdir(parents=True)
     synthetic_pairs(15).write_parquet(tmp_path / "data" / "preferences" / "pairs.parquet")
@@ -722,7 +722,7 @@ def test_stage_script_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "KARMA_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [
         sys.executable,
-        str(REPO / "stages" / "select_pairs.py"),
+        str(REPO / "stages" / "select.py"),
         "--pairs", "data/preferences/pairs.parquet",
         "--model", "models/base",
         "--out", "data/selected",
