@@ -17,6 +17,7 @@ from karma.training.objectives import OBJECTIVES
 from karma.training.settings import TrainConfig
 from karma.training.train import make_trainer
 from karma.training.trl_config import apply_recipe, build_trl_config, check_heldout_modelled
+from tests import test_training
 from tests.test_training import FAST_TRL, _state, make_pairs, torch_equal
 
 PREFERENCE = [name for name, o in OBJECTIVES.items() if o.heldout is not None]
@@ -24,25 +25,10 @@ PREFERENCE = [name for name, o in OBJECTIVES.items() if o.heldout is not None]
 TOL = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def karma_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("KARMA_CACHE_DIR", str(cache))
-    return cache
-
-
-@pytest.fixture
-def pairs_file(tmp_path: Path) -> Path:
-    path = tmp_path / "pairs.parquet"
-    make_pairs(16).write_parquet(path)
-    return path
-
-
-@pytest.fixture
-def test_file(tmp_path: Path) -> Path:
-    path = tmp_path / "test_prefs.parquet"
-    make_pairs(10, seed=7, offset=100).write_parquet(path)
-    return path
+# the training tests' fixtures: a per-test cache (autouse), 16 training and 10 held-out pairs
+karma_cache = test_training.karma_cache
+pairs_file = test_training.pairs_file
+test_file = test_training.test_file
 
 
 def _moved(trainer: Any, base: Path) -> int:
