@@ -200,6 +200,9 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = pad_id(tokenizer)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    # how it was loaded (offline or not, HF_HUB_OFFLINE) is not part of the model: one fixed value,
+    # so a fresh clone's base model has the committed bytes
+    tokenizer.init_kwargs["local_files_only"] = False
     tokenizer.save_pretrained(str(out_dir))
     write_provenance(out_dir, {"source": cfg.source, "resolved": described, "dtype": cfg.dtype})
     log.info("base model (%d parameters) saved to %s", model.num_parameters(), out_dir)
