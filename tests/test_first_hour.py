@@ -57,7 +57,9 @@ def test_first_hour(tmp_path: Path) -> None:
     # the fresh clone reproduced the committed results byte for byte (pinned dependencies,
     # no timings in any git-tracked output): nothing tracked changed
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], clone, env)
-    assert dirty.strip() == "", dirty
+    if dirty.strip():
+        diff = subprocess.run(["git", "diff"], cwd=clone, capture_output=True, text=True).stdout
+        pytest.fail(f"a fresh-clone repro changed tracked files:\n{dirty}\n{diff[:6000]}")
 
     _run(["git", "add", "-A"], clone, env)
     _run(["git", "commit", "-qm", "first run"], clone, env)
