@@ -104,6 +104,8 @@ configs:
     path: train_prefs.parquet
   - split: test_prefs
     path: test_prefs.parquet
+  - split: dev_prefs
+    path: dev_prefs.parquet
 ---
 """
 
@@ -146,9 +148,11 @@ Preference data in {fmt}.
 Made from {made_from} by {how}. One pair at most per instruction; same inputs and params
 give byte-identical files. License: `{license}` (that of the source data).
 
-Splits by prompt (no prompt in both): `train_prefs` {m.get("split.train_pairs")} pairs,
-`test_prefs` {m.get("split.test_pairs")} pairs (a prompt is in `test_prefs` when a hash of it,
-seeded by `seed`, falls below `preferences.test_fraction`).
+Splits by prompt (no prompt in two): `train_prefs` {m.get("split.train_pairs")} pairs,
+`dev_prefs` {m.get("split.dev_pairs")} pairs, `test_prefs` {m.get("split.test_pairs")} pairs.
+A seeded hash of the prompt (seed `seed`), as a fraction of its range, puts it in `test_prefs`
+below `preferences.test_fraction`, in `dev_prefs` in the next `preferences.dev_fraction`, else
+in `train_prefs`. Recipes are chosen on `dev_prefs`; results are reported on `test_prefs`.
 
 ## What the kinship threshold did
 

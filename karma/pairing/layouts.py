@@ -18,7 +18,8 @@ import numpy as np
 import polars as pl
 
 LAYOUTS = ("trl", "h4")
-SPLITS = ("train_prefs", "test_prefs")
+#: The written splits, in the order of their codes (:func:`karma.pairing.split.split_codes`).
+SPLITS = ("train_prefs", "test_prefs", "dev_prefs")
 OUTPUT_COLUMNS = (
     "prompt",
     "chosen",

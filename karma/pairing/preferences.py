@@ -37,7 +37,8 @@ class PreferencesPaths:
 
     kinship_dir: Path = input_path("the kinship stage's output directory", is_dir=True)
     out: Path = output_path(
-        "train_prefs.parquet, test_prefs.parquet + README.md (dataset card)", is_dir=True
+        "train_prefs.parquet, test_prefs.parquet, dev_prefs.parquet + README.md (dataset card)",
+        is_dir=True,
     )
     metrics: Path | None = output_path("flat metrics", ".json", required=False)
     plot: Path | None = output_path("model-pair heatmap", ".png", required=False)
@@ -109,6 +110,7 @@ def _pair_and_write(params: Params, paths: PreferencesPaths) -> tuple[Preference
         aliases=cfg.aliases,
         baseline_pool=cfg.baseline_pool,
         test_fraction=cfg.test_fraction,
+        dev_fraction=cfg.dev_fraction,
     )
     writer = SplitWriter(Path(paths.out), cfg.layout)
     bar = progress_bar(count_records(cfg.dataset))
@@ -149,6 +151,7 @@ def _card_and_metrics(
         "meta.seed": params.seed,
         "meta.kinship": params.kinship,
         "meta.test_fraction": cfg.test_fraction,
+        "meta.dev_fraction": cfg.dev_fraction,
         "meta.layout": cfg.layout,
     }
     result = dataclasses.replace(result, metrics=metrics)
@@ -161,6 +164,7 @@ def _card_and_metrics(
         "preferences.baseline_pool": cfg.baseline_pool,
         "preferences.layout": cfg.layout,
         "preferences.test_fraction": cfg.test_fraction,
+        "preferences.dev_fraction": cfg.dev_fraction,
     }
     info = source_info(cfg.dataset)
     card = dataset_card(result, dataset=cfg.dataset, params=card_params, layout=cfg.layout,
@@ -183,6 +187,6 @@ STAGE = Stage(
     inputs=("preferences.dataset",),
     help="Per instruction, pair two responses of kin models (kinship >= tau) and choose the one "
     "whose model has the higher S_pref (KARMA), or binarise by rating (rlaif), or pair at "
-    "random; train_prefs/test_prefs split by prompt, in TRL's conversational layout or H4's, "
+    "random; train_prefs/dev_prefs/test_prefs split by prompt, in TRL's conversational layout or H4's, "
     "with metadata columns and what the kinship threshold did (diag.* metrics, the card).",
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from karma.core.settings import TAU_GRID, BaselinePool, Layout, Rating, Section, setting
 from karma.pairing.strategies import STRATEGIES, strategy_help
@@ -56,12 +56,27 @@ class PreferencesConfig(Section):
         "ultrafeedback_binarized's columns and Arrow types, + our metadata)"
     )  # fmt: skip
     test_fraction: float = setting(
-        0.2, "share of prompts in test_prefs (seeded hash of the prompt)", ge=0, lt=1
-    )
+        0.2, "share of prompts in test_prefs (seeded hash of the prompt): the held-out pairs "
+        "results are reported on", ge=0, lt=1
+    )  # fmt: skip
+    dev_fraction: float = setting(
+        0.15, "share of prompts in dev_prefs, carved from the train side of the same hash (the "
+        "test prompts do not change): the held-out pairs recipes are chosen on; 0: none",
+        ge=0, lt=1,
+    )  # fmt: skip
     batch_records: int = setting(
         100_000, "records read and paired at a time (bounds memory; the outputs are the same)",
         ge=1, operational=True,
     )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> PreferencesConfig:
+        if self.test_fraction + self.dev_fraction >= 1:
+            raise ValueError(
+                f"test_fraction + dev_fraction must be < 1 (got {self.test_fraction} + "
+                f"{self.dev_fraction}): the rest is train_prefs"
+            )
+        return self
 
 
 class SweepConfig(Section):

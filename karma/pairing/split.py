@@ -1,9 +1,12 @@
-"""Prompt hashing and the train/test split by prompt.
+"""Prompt hashing and the train/dev/test split by prompt.
 
 ``prompt_id`` is a stable 128-bit hash of the instruction (32 hex digits), computed by a Numba
-kernel (:func:`hash128`; :func:`prompt_id` is its plain-Python reference). A prompt goes to
-``test_prefs`` when a seeded hash of its text falls below ``test_fraction``, so the same prompt
-is always on the same side, for every strategy.
+kernel (:func:`hash128`; :func:`prompt_id` is its plain-Python reference). A seeded hash of a
+prompt's text, as a fraction u of 2**64, decides its split (:func:`split_codes`):
+``test_prefs`` when u < ``test_fraction``, ``dev_prefs`` when ``test_fraction`` <= u <
+``test_fraction + dev_fraction``, else ``train_prefs``. The same prompt is always on the same
+side, for every strategy; the dev split is carved from the train side, so ``test_prefs`` does
+not depend on ``dev_fraction`` and ``dev_fraction = 0`` gives the two-way split.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import numpy as np
 import polars as pl
 from numba import njit
 
+from karma.pairing.layouts import SPLITS
 from karma.pairing.rng import MASK, SPLIT_STREAM, splitmix64, splitmix64_nb
 
 
@@ -100,6 +104,21 @@ def _split_kernel(h: np.ndarray, stream: np.uint64, threshold: np.uint64, out: n
         out[i] = splitmix64_nb(stream, h[i]) < threshold
 
 
+#: Split codes of :func:`split_codes`, indexing :data:`SPLIT_NAMES`.
+TRAIN, TEST, DEV = 0, 1, 2
+#: The written name of each split code.
+SPLIT_NAMES = SPLITS
+
+
+@njit(cache=True)
+def _codes_kernel(
+    h: np.ndarray, stream: np.uint64, test_end: np.uint64, dev_end: np.uint64, out: np.ndarray
+) -> None:
+    for i in range(h.shape[0]):
+        u = splitmix64_nb(stream, h[i])
+        out[i] = 1 if u < test_end else (2 if u < dev_end else 0)
+
+
 def _threshold(fraction: float) -> int:
     return min(int(fraction * 2.0**64), MASK)
 
@@ -122,3 +141,36 @@ def is_test_reference(prompt: str, *, seed: int, fraction: float) -> bool:
     """Plain-Python reference of :func:`is_test` for one prompt."""
     h = int(prompt_id(prompt)[:16], 16)
     return fraction > 0 and splitmix64(splitmix64(seed, SPLIT_STREAM), h) < _threshold(fraction)
+
+
+def split_codes(
+    prompts: pl.Series,
+    *,
+    seed: int,
+    test_fraction: float,
+    dev_fraction: float = 0.0,
+    hashes: np.ndarray | None = None,
+) -> np.ndarray:
+    """The split of each prompt as a uint8 code (:data:`TRAIN`, :data:`TEST`, :data:`DEV`):
+    the seeded hash of :func:`is_test` below ``test_fraction`` is test, below
+    ``test_fraction + dev_fraction`` dev, else train (test is exactly :func:`is_test`'s)."""
+    out = np.zeros(prompts.len(), dtype=np.uint8)
+    if (test_fraction > 0 or dev_fraction > 0) and prompts.len():
+        h = np.ascontiguousarray((hash128(prompts) if hashes is None else hashes)[:, 0])
+        stream = np.uint64(splitmix64(seed, SPLIT_STREAM))
+        test_end = _threshold(test_fraction) if test_fraction > 0 else 0
+        dev_end = _threshold(test_fraction + dev_fraction) if dev_fraction > 0 else test_end
+        _codes_kernel(h, stream, np.uint64(test_end), np.uint64(dev_end), out)
+    return out
+
+
+def split_code_reference(
+    prompt: str, *, seed: int, test_fraction: float, dev_fraction: float = 0.0
+) -> int:
+    """Plain-Python reference of :func:`split_codes` for one prompt."""
+    u = splitmix64(splitmix64(seed, SPLIT_STREAM), int(prompt_id(prompt)[:16], 16))
+    if test_fraction > 0 and u < _threshold(test_fraction):
+        return TEST
+    if dev_fraction > 0 and u < _threshold(test_fraction + dev_fraction):
+        return DEV
+    return TRAIN

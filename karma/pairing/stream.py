@@ -40,7 +40,7 @@ from karma.pairing.pool import (
     search,
     used_stats,
 )
-from karma.pairing.split import hash128, is_test, prompt_ids
+from karma.pairing.split import DEV, SPLIT_NAMES, TEST, hash128, prompt_ids, split_codes
 from karma.pairing.strategies import RATING_FIELDS, STRATEGIES, strategy_code
 from karma.pairing.ultrafeedback import UltraFeedback
 
@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreferenceResult:
-    """``pairs``: every pair as a TRL frame (see :data:`OUTPUT_COLUMNS`); ``test``: whether
-    each pair's prompt is in ``test_prefs``; ``counts``: per-reason counts; ``metrics``: the
+    """``pairs``: every pair as a TRL frame (see :data:`OUTPUT_COLUMNS`); ``codes``: the split
+    of each pair's prompt (:func:`~karma.pairing.split.split_codes`); ``counts``: per-reason counts; ``metrics``: the
     flat metrics dict written for DVC (counts, agreement, diagnostics ``diag.*``, split)."""
 
     pairs: pl.DataFrame
@@ -59,14 +59,14 @@ class PreferenceResult:
     strategy: str
     tau: float
     seed: int
-    test: np.ndarray | None = None
+    codes: np.ndarray | None = None
     #: how often each (chosen_model, rejected_model) pair was used, names as written
     model_pairs: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
     def split(self, name: str) -> pl.DataFrame:
-        """The pairs of ``train_prefs`` or ``test_prefs``."""
-        test = np.zeros(self.pairs.height, bool) if self.test is None else self.test
-        return self.pairs.filter(pl.Series(test if name == "test_prefs" else ~test))
+        """The pairs of ``train_prefs``, ``test_prefs`` or ``dev_prefs``."""
+        codes = np.zeros(self.pairs.height, np.uint8) if self.codes is None else self.codes
+        return self.pairs.filter(pl.Series(codes == SPLIT_NAMES.index(name)))
 
 
 def flat_pairs(
@@ -128,34 +128,37 @@ class PairStream:
         aliases: Mapping[str, str] | None = None,
         baseline_pool: str = "scored",
         test_fraction: float = 0.2,
+        dev_fraction: float = 0.0,
         diagnose: bool = True,
     ) -> None:
         strategy_code(strategy)
         self.pool, self.strategy, self.tau, self.seed = pool, strategy, float(tau), seed
         self.rating, self.aliases, self.baseline_pool = rating, aliases, baseline_pool
-        self.test_fraction, self.diagnose = test_fraction, diagnose
+        self.test_fraction, self.dev_fraction = test_fraction, dev_fraction
+        self.diagnose = diagnose
         m1 = pool.m + 1
         self.reasons = np.zeros(len(REASONS), dtype=np.int64)
         self.counts = {"completions": 0, "completions_blank": 0, "completions_unknown_model": 0}
         self.used = np.zeros((m1, m1), dtype=np.int64)
         self.names: dict[tuple[str, str], int] = {}  # (chosen_model, rejected_model) as written
         self.diffs: dict[str, dict[float, int]] = {f: {} for f in RATING_FIELDS}
-        self.test = 0
+        self.test = self.dev = 0
         self.pool_counts = np.zeros((pool.m, pool.m), dtype=np.int64)
         self.changed = self.dropped = 0
         self.same = {s: 0 for s in STRATEGIES if s != strategy}
         self.agreement = AgreementTally()  # the strategy's pairs vs the instance rating
 
     def add(self, data: UltraFeedback) -> tuple[Any, np.ndarray]:
-        """Pair one batch; returns its flat pairs table (:func:`flat_pairs`) and whether each
-        pair is in ``test_prefs``."""
+        """Pair one batch; returns its flat pairs table (:func:`flat_pairs`) and the split code
+        of each pair (:func:`~karma.pairing.split.split_codes`)."""
         prep = prepare(data, self.pool, aliases=self.aliases)
         kw = {"seed": self.seed, "rating": self.rating, "pool": self.baseline_pool}
         chosen, rejected, reason = search(prep, self.strategy, tau=self.tau, **kw)
         prompts = prep.data.prompts["instruction"].gather(np.flatnonzero(chosen >= 0))
         h = hash128(prompts)
         pairs = flat_pairs(prep, chosen, rejected, self.rating, h)
-        test = is_test(prompts, seed=self.seed, fraction=self.test_fraction, hashes=h)
+        codes = split_codes(prompts, seed=self.seed, test_fraction=self.test_fraction,
+                            dev_fraction=self.dev_fraction, hashes=h)  # fmt: skip
         self.reasons += np.bincount(reason.astype(np.int64), minlength=len(REASONS))
         self.counts["completions"] += data.completions.height
         self.counts["completions_blank"] += int((~prep.nonempty).sum())
@@ -173,7 +176,8 @@ class PairStream:
             tally = self.diffs[f]
             for v, k in zip(values.tolist(), n.tolist(), strict=True):
                 tally[v] = tally.get(v, 0) + k
-        self.test += int(test.sum())
+        self.test += int((codes == TEST).sum())
+        self.dev += int((codes == DEV).sum())
         if self.diagnose:
             self.pool_counts += pool_counts(prep)
             c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
@@ -186,7 +190,7 @@ class PairStream:
             )  # fmt: skip
             for other, n in same.items():
                 self.same[other] += n
-        return pairs, test
+        return pairs, codes
 
     def metrics(self) -> dict[str, Any]:
         """Counts, pair statistics, agreement with both rating fields, split and ``diag.*``."""
@@ -218,8 +222,11 @@ class PairStream:
                     "distinct_model_pairs": len(self.names)})  # fmt: skip
         for f, values in agree.items():
             out.update({f"rating.{f}.{k}": v for k, v in values.items()})
-        out.update({"split.train_pairs": pairs - self.test, "split.test_pairs": self.test,
-                    "split.test_share": round6(self.test / max(pairs, 1))})  # fmt: skip
+        out.update({"split.train_pairs": pairs - self.test - self.dev,
+                    "split.test_pairs": self.test,
+                    "split.test_share": round6(self.test / max(pairs, 1)),
+                    "split.dev_pairs": self.dev,
+                    "split.dev_share": round6(self.dev / max(pairs, 1))})  # fmt: skip
         if self.diagnose:
             out.update(self.diagnostics(n, pairs, used))
         return out
@@ -250,13 +257,13 @@ class PairStream:
             out[f"diag.pool.{k}"] = v
         return out
 
-    def result(self, pairs: pl.DataFrame | None = None, test: np.ndarray | None = None) -> Any:
-        """The :class:`PreferenceResult` (``pairs``/``test``: the collected frames, if kept)."""
+    def result(self, pairs: pl.DataFrame | None = None, codes: np.ndarray | None = None) -> Any:
+        """The :class:`PreferenceResult` (``pairs``/``codes``: the collected frames, if kept)."""
         metrics = self.metrics()
         counts = {k: metrics[k] for k in ("instructions", "pairs", *self.counts)}
         counts.update({f"drop_{r}": metrics[f"drop_{r}"] for r in REASONS[1:]})
         frame = pl.DataFrame(schema=FRAME_SCHEMA) if pairs is None else pairs
-        return PreferenceResult(frame, counts, metrics, self.strategy, self.tau, self.seed, test,
+        return PreferenceResult(frame, counts, metrics, self.strategy, self.tau, self.seed, codes,
                                 self.names)  # fmt: skip
 
 
@@ -295,14 +302,16 @@ def make_pairs(
     aliases: Mapping[str, str] | None = None,
     pool: str = "scored",
     test_fraction: float = 0.2,
+    dev_fraction: float = 0.0,
     diagnose: bool = True,
 ) -> PreferenceResult:
     """Pair every instruction of ``data`` by ``strategy`` (in memory: one batch of
-    :class:`PairStream`); returns the TRL frame, the train/test split, counts and metrics."""
+    :class:`PairStream`); returns the TRL frame, the train/test/dev split, counts and metrics."""
     stream = PairStream(
         Pool.of(s_pref, kinship), strategy=strategy, tau=tau, seed=seed, rating=rating,
-        aliases=aliases, baseline_pool=pool, test_fraction=test_fraction, diagnose=diagnose,
+        aliases=aliases, baseline_pool=pool, test_fraction=test_fraction,
+        dev_fraction=dev_fraction, diagnose=diagnose,
     )  # fmt: skip
-    flat, test = stream.add(data)
+    flat, codes = stream.add(data)
     log.info("%s: %d of %d instructions paired", strategy, flat.num_rows, len(data))
-    return stream.result(trl_frame(flat), test)
+    return stream.result(trl_frame(flat), codes)

@@ -1,7 +1,8 @@
 """Parquet writers whose bytes depend only on the rows: fixed row groups, snappy, no statistics.
 
 :func:`write_table` is the one way this package writes a Parquet table (the fetch stage's
-records too); :class:`SplitWriter` writes ``train_prefs`` / ``test_prefs`` batch by batch.
+records too); :class:`SplitWriter` writes ``train_prefs`` / ``test_prefs`` / ``dev_prefs`` batch
+by batch.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def write_table(table: Any, path: str | Path) -> None:
 
 
 class SplitWriter:
-    """``train_prefs.parquet`` and ``test_prefs.parquet`` in ``layout``, written batch by batch."""
+    """``train_prefs``, ``test_prefs`` and ``dev_prefs`` (``.parquet``) in ``layout``, written
+    batch by batch (a split without pairs is an empty file with the layout's schema)."""
 
     def __init__(self, out_dir: str | Path, layout: str = "trl", *, background: bool = True):
         from concurrent.futures import ThreadPoolExecutor
@@ -89,20 +91,21 @@ class SplitWriter:
         self.pool = ThreadPoolExecutor(max_workers=1) if background else None
         self.pending: Any = None
 
-    def _write(self, flat: Any, test: np.ndarray) -> None:
-        for name, mask in (("train_prefs", ~test), ("test_prefs", test)):
-            part = flat.filter(arrow_bool(mask))
+    def _write(self, flat: Any, codes: np.ndarray) -> None:
+        for code, name in enumerate(SPLITS):
+            part = flat.filter(arrow_bool(codes == code))
             if part.num_rows:
                 self.files[name].write(layout_of(part, self.layout))
 
-    def write(self, flat: Any, test: np.ndarray) -> None:
-        """Write a flat pairs table (``stream.flat_pairs``), each pair to its split."""
+    def write(self, flat: Any, codes: np.ndarray) -> None:
+        """Write a flat pairs table (``stream.flat_pairs``), each pair to its split (``codes``:
+        :func:`~karma.pairing.split.split_codes`)."""
         if self.pool is None:
-            self._write(flat, test)
+            self._write(flat, codes)
             return
         if self.pending is not None:
             self.pending.result()  # at most one batch in flight; its errors surface here
-        self.pending = self.pool.submit(self._write, flat, test)
+        self.pending = self.pool.submit(self._write, flat, codes)
 
     def close(self) -> None:
         try:
@@ -116,10 +119,10 @@ class SplitWriter:
 
 
 def write_splits(result: PreferenceResult, out_dir: str | Path, layout: str = "trl") -> None:
-    """Write ``train_prefs.parquet`` and ``test_prefs.parquet`` into ``out_dir``."""
+    """Write ``train_prefs``, ``test_prefs`` and ``dev_prefs`` (``.parquet``) into ``out_dir``."""
     writer = SplitWriter(out_dir, layout)
-    test = np.zeros(result.pairs.height, bool) if result.test is None else result.test
-    writer.write(flat_from_trl(result.pairs), test)
+    codes = np.zeros(result.pairs.height, np.uint8) if result.codes is None else result.codes
+    writer.write(flat_from_trl(result.pairs), codes)
     writer.close()
 
 
