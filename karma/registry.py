@@ -197,7 +197,8 @@ PIPELINE: tuple[Wiring, ...] = (
         "reference", "karma.training.reference:STAGE",
         "Reference log-probs of the pairs (TRL's precompute), stored once.",
         {"data": "${path.selected}/pairs.parquet", "base": "${path.base}",
-         "eval_data": "${path.preferences}/test_prefs.parquet", "out": "${path.reference}"},
+         "eval_data": "${path.preferences}/test_prefs.parquet",
+         "dev_data": "${path.preferences}/dev_prefs.parquet", "out": "${path.reference}"},
         deps=("params/recipes",),
         comment="The base model's log-probs of the training and held-out pairs (TRL's "
         "precompute), computed once for every reference-model objective and rerun; train "
@@ -207,14 +208,16 @@ PIPELINE: tuple[Wiring, ...] = (
         "train", "karma.training.train:STAGE",
         "Train a policy with a TRL objective (dpo, ipo, simpo, cpo, orpo, kto, sft).",
         {"data": "${path.selected}/pairs.parquet", "base": "${path.base}",
-         "eval_data": "${path.preferences}/test_prefs.parquet", "out": "${path.policy}",
+         "eval_data": "${path.preferences}/test_prefs.parquet",
+         "dev_data": "${path.preferences}/dev_prefs.parquet", "out": "${path.policy}",
          "checkpoints": "${path.checkpoints}", "live_dir": "${path.live}",
          "metrics": "diagnostics/train.json", "reference_logps": "${path.reference}"},
         deps=("params/recipes",),
         kinds={"metrics": DIAGNOSTIC,
                "live_dir": ("outs", {"subpath": "plots/metrics", "cache": False})},
         comment="Held-out pairs (no prompt of them is trained on) give the method's own "
-        "preference metrics before / after; checkpoints persist, so a killed run resumes from "
+        "preference metrics before / after: heldout.* on the test pairs (reported), "
+        "dev.heldout.* on the dev pairs (recipes are chosen on them); checkpoints persist, so a killed run resumes from "
         "the last one. The reference stage's log-probs are read only with train.reference: "
         "stored.",
     ),

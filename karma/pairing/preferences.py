@@ -187,6 +187,6 @@ STAGE = Stage(
     inputs=("preferences.dataset",),
     help="Per instruction, pair two responses of kin models (kinship >= tau) and choose the one "
     "whose model has the higher S_pref (KARMA), or binarise by rating (rlaif), or pair at "
-    "random; train_prefs/dev_prefs/test_prefs split by prompt, in TRL's conversational layout or H4's, "
-    "with metadata columns and what the kinship threshold did (diag.* metrics, the card).",
+    "random; train_prefs/dev_prefs/test_prefs split by prompt, in TRL's conversational layout "
+    "or H4's, with metadata columns and what the kinship threshold did (diag.* metrics, the card).",
 )

@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PreferenceResult:
     """``pairs``: every pair as a TRL frame (see :data:`OUTPUT_COLUMNS`); ``codes``: the split
-    of each pair's prompt (:func:`~karma.pairing.split.split_codes`); ``counts``: per-reason counts; ``metrics``: the
-    flat metrics dict written for DVC (counts, agreement, diagnostics ``diag.*``, split)."""
+    of each pair's prompt (:func:`~karma.pairing.split.split_codes`); ``counts``: per-reason
+    counts; ``metrics``: the flat metrics dict written for DVC (counts, agreement, diagnostics
+    ``diag.*``, split)."""
 
     pairs: pl.DataFrame
     counts: dict[str, int]

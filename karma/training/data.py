@@ -10,6 +10,18 @@ from karma.training.objectives import Shape
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
+
+def has_rows(path: str | Path) -> bool:
+    """False only for a readable Parquet file without rows (an empty split: no metrics); a
+    missing or unreadable file is True, so that :func:`load_pairs` reports it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows > 0
+    except (OSError, ValueError):
+        return True
+
+
 def load_pairs(path: str | Path, shape: Shape = "paired") -> Any:
     """Read preference pairs (TRL or H4 layout) into a ``datasets.Dataset`` in TRL's
     conversational format, in the registry's data ``shape``.

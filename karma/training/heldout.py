@@ -8,6 +8,11 @@ metric definition (:class:`karma.training.objectives.HeldoutSpec`) turns them in
 metrics whose means equal the trainer's own ``evaluate()`` (checked in the tests for every
 objective), and :func:`heldout_summary` gives means with 95 % intervals and a paired bootstrap
 interval of the change.
+
+The held-out set may hold two parts, the test pairs (results are reported on them) and the dev
+pairs (recipes are chosen on them): :func:`tagged` marks each row with its part
+(:data:`PART`), the trainer tokenizes both as one set, and :func:`heldout_logps` scores one
+part at a time, in the same batches as if it were alone.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from karma.training.objectives import HeldoutSpec, PairLogps
 N_BOOT = 10_000
 #: TRL's precomputed reference columns (see :mod:`karma.training.reference`).
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+#: Column naming the part of the held-out set a row belongs to (``test`` or ``dev``).
+PART = "heldout_part"
 #: Batch -> (chosen sums, rejected sums, chosen counts, rejected counts), torch tensors.
 Scorer = Callable[[Any, list[int]], tuple[Any, Any, Any, Any]]
 
@@ -64,6 +71,24 @@ def _labelled_logps(model: Any, batch: dict[str, Any], accelerator: Any) -> tupl
     token = logps.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
     sums, counts = (token * keep).sum(dim=1), keep.sum(dim=1).float()
     return (*sums.chunk(2, dim=0), *counts.chunk(2, dim=0))
+
+
+def tagged(parts: dict[str, Any]) -> Any:
+    """One held-out ``datasets.Dataset`` of the named parts (e.g. ``{"test": ..., "dev":
+    ...}``, in that order), each row marked with its part in :data:`PART`."""
+    import datasets
+
+    marked = [d.add_column(PART, [name] * len(d)) for name, d in parts.items()]
+    return marked[0] if len(marked) == 1 else datasets.concatenate_datasets(marked)
+
+
+def part_names(trainer: Any, spec: HeldoutSpec) -> list[str] | None:
+    """The part of each pair of the trainer's tokenized held-out set (None: not marked)."""
+    data = trainer.eval_dataset
+    if PART not in data.column_names:
+        return None
+    parts = list(data[PART])
+    return parts[0::2] if spec.tokens == "kto" else parts
 
 
 def _scorer(trainer: Any, spec: HeldoutSpec, stored: bool = False
@@ -115,9 +140,12 @@ def _scorer(trainer: Any, spec: HeldoutSpec, stored: bool = False
     return len(pairs), width, score_pairs
 
 
-def heldout_logps(trainer: Any, spec: HeldoutSpec, *, reference: bool = False) -> PairLogps:
+def heldout_logps(
+    trainer: Any, spec: HeldoutSpec, *, reference: bool = False, part: str | None = None
+) -> PairLogps:
     """Summed completion log-probs and lengths (chosen, rejected) of every held-out pair of the
-    trainer's ``eval_dataset`` under the policy, or the reference model, in dataset order.
+    trainer's ``eval_dataset`` (of ``part`` only, when given: see :func:`tagged`) under the
+    policy, or the reference model, in dataset order.
 
     Call on every process: each scores its share of the pairs (an equal number of forward
     passes, as sharded models need) and all receive the whole arrays. Batches are made of pairs
@@ -129,8 +157,12 @@ def heldout_logps(trainer: Any, spec: HeldoutSpec, *, reference: bool = False) -
     acc = trainer.accelerator
     stored = reference and spec.tokens == "dpo" and REF_COLUMNS[0] in trainer.eval_dataset.features
     n, width, score = _scorer(trainer, spec, stored)
+    names = part_names(trainer, spec) if part is not None else None
+    chosen = [i for i in range(n) if names is None or names[i] == part]
+    slot = {i: k for k, i in enumerate(chosen)}
     world, rank = acc.num_processes, acc.process_index
-    order = sorted(range(n), key=lambda i: (width[i], i))
+    order = sorted(chosen, key=lambda i: (width[i], i))
+    n = len(order)
     bs = int(trainer.args.per_device_eval_batch_size)
     model, adapter_off = trainer.model, contextlib.nullcontext()
     if reference and not stored:
@@ -139,6 +171,8 @@ def heldout_logps(trainer: Any, spec: HeldoutSpec, *, reference: bool = False) -
         else:
             adapter_off = acc.unwrap_model(trainer.model).disable_adapter()
     out = np.full((n, 4), np.nan)
+    if not n:
+        return PairLogps(out[:, :2], out[:, 2:])
     was_training = model.training
     model.eval()
     try:
@@ -155,7 +189,7 @@ def heldout_logps(trainer: Any, spec: HeldoutSpec, *, reference: bool = False) -
                     rows = acc.gather(rows)
                 for i, *vals in rows.cpu().numpy():
                     if i >= 0:
-                        out[int(i)] = vals
+                        out[slot[int(i)]] = vals
     finally:
         model.train(was_training)
     return PairLogps(out[:, :2], out[:, 2:])
@@ -172,10 +206,11 @@ def pair_metrics(
 
 
 def heldout_summary(
-    before: dict[str, np.ndarray], after: dict[str, np.ndarray], *, seed: int
+    before: dict[str, np.ndarray], after: dict[str, np.ndarray], *, seed: int, prefix: str = ""
 ) -> dict[str, float]:
     """The ``heldout.*`` keys of ``metrics/train.json``: before, after and the paired change of
-    each metric, each with ``.ci_low`` / ``.ci_high``, and ``heldout.n`` (pairs).
+    each metric, each with ``.ci_low`` / ``.ci_high``, and ``heldout.n`` (pairs); ``prefix``
+    goes before each key (``dev.``: the dev pairs' ``dev.heldout.*``).
 
     Intervals from :mod:`karma.core.stats` (95 %): Wilson for the accuracy, Student t otherwise;
     the change's is a paired bootstrap over the pairs seeded by ``seed`` (:data:`N_BOOT`
@@ -193,4 +228,4 @@ def heldout_summary(
         delta = float(np.mean(after[m] - before[m]))
         key = f"heldout.delta.{m}"
         out.update({key: delta, f"{key}.ci_low": low, f"{key}.ci_high": high})
-    return out
+    return {prefix + k: v for k, v in out.items()}

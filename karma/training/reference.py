@@ -26,7 +26,7 @@ from karma.core.errors import KarmaError
 from karma.core.io import tree_digest, write_json
 from karma.core.lm import load_causal_lm
 from karma.core.stage import Stage, input_path, output_path
-from karma.training.data import load_pairs
+from karma.training.data import has_rows, load_pairs
 from karma.training.settings import TrainConfig
 from karma.training.trl_config import apply_recipe, build_trl_config
 
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 KEY = "pair_sha"
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-#: File of each split in the stage's output directory (TRL's names of the two datasets).
-SPLITS = {"train": "train.parquet", "eval": "test.parquet"}
+#: File of each split in the stage's output directory (TRL's names of the datasets; ``dev``:
+#: the dev pairs, which the train stage scores in one held-out set with the test pairs).
+SPLITS = {"train": "train.parquet", "eval": "test.parquet", "dev": "dev.parquet"}
 
 
 def pair_keys(dataset: Any) -> list[str]:
@@ -96,7 +97,9 @@ def stored_trainer(cls: type, stored: dict[str, dict[str, tuple[float, float]]],
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             if name not in stored:
                 raise KarmaError(f"no stored reference log-probs of the {name} pairs", file=where)
-            return attach(dataset, stored[name], where)
+            # the held-out set holds the test and the dev pairs (keys are content hashes)
+            table = stored[name] if name != "eval" else {**stored.get("dev", {}), **stored[name]}
+            return attach(dataset, table, where)
 
     StoredReference.__name__ = cls.__name__
     return StoredReference
@@ -110,6 +113,8 @@ class ReferencePaths:
     base: Path = input_path("the reference model directory (the base model)", is_dir=True)
     eval_data: Path | None = input_path("held-out preference pairs (test_prefs.parquet)",
                                         required=False)  # fmt: skip
+    dev_data: Path | None = input_path("dev preference pairs (dev_prefs.parquet)",
+                                       required=False)  # fmt: skip
     out: Path = output_path(f"{', '.join(SPLITS.values())}: {KEY}, {', '.join(REF_COLUMNS)} per "
                             "pair; meta.json", is_dir=True)  # fmt: skip
 
@@ -128,12 +133,14 @@ def run_reference(params: Params, paths: ReferencePaths) -> dict[str, Any]:
     args = build_trl_config(cfg, seed=params.seed, output_dir=scratch.name, world_size=1)
     args.precompute_ref_log_probs = True
     data = {"train": with_keys(load_pairs(paths.data, "paired"))}
-    if paths.eval_data is not None:
-        data["eval"] = with_keys(load_pairs(paths.eval_data, "paired"))
+    for split, f in (("eval", paths.eval_data), ("dev", paths.dev_data)):
+        if f is not None and has_rows(f):
+            data[split] = with_keys(load_pairs(f, "paired"))
     model, tok = load_causal_lm(paths.base, dtype=cfg.dtype)
+    held = {k: v for k, v in data.items() if k != "train"}  # each precomputed by its name
     trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"],
-                         eval_dataset=data.get("eval"), processing_class=tok)  # fmt: skip
-    done = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+                         eval_dataset=held or None, processing_class=tok)  # fmt: skip
+    done = {"train": trainer.train_dataset, **(trainer.eval_dataset or {})}
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     for split in data:

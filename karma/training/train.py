@@ -5,7 +5,9 @@ The method's TRL config comes from params (:mod:`karma.training.trl_config`), th
 method's shape (:mod:`karma.training.data`); checkpoints and curves are in
 :mod:`karma.training.checkpoints`. With ``--eval-data`` (held-out pairs), the method's own
 held-out preference metrics are computed per pair before and after training and reported with
-95 % intervals and a paired bootstrap interval of the change (:mod:`karma.training.heldout`).
+95 % intervals and a paired bootstrap interval of the change (:mod:`karma.training.heldout`);
+with ``--dev-data`` (the dev pairs recipes are chosen on) the same metrics of those pairs, as
+``dev.heldout.*``.
 
 >>> from karma.params import Params
 >>> from karma.training.settings import TrainConfig
@@ -50,8 +52,8 @@ from karma.training.checkpoints import (
     fingerprint,
     prepare_run_dir,
 )
-from karma.training.data import load_pairs
-from karma.training.heldout import heldout_logps, heldout_summary, pair_metrics
+from karma.training.data import has_rows, load_pairs
+from karma.training.heldout import heldout_logps, heldout_summary, pair_metrics, tagged
 from karma.training.objectives import objective
 from karma.training.reference import read_stored, stored_trainer, with_keys
 from karma.training.settings import TrainConfig
@@ -239,6 +241,11 @@ class TrainPaths:
         "held-out preference metrics before and after training, with intervals",
         required=False,
     )
+    dev_data: Path | None = input_path(
+        "dev preference pairs (the preferences stage's dev_prefs.parquet): the same held-out "
+        "metrics (dev.heldout.*), to choose recipes on without looking at the test pairs",
+        required=False,
+    )
     live_dir: Path | None = output_path("dvclive curves (plots/metrics/*.tsv)", is_dir=True,
                                         required=False)  # fmt: skip
     metrics: Path | None = output_path("final training metrics", ".json", required=False)
@@ -264,6 +271,18 @@ def _stored(cfg: TrainConfig, paths: TrainPaths) -> Stored | None:
     return Stored(read_stored(paths.reference_logps), Path(paths.reference_logps))
 
 
+def heldout_files(paths: TrainPaths) -> dict[str, Path]:
+    """The held-out pairs by part, ``test`` (``--eval-data``) and ``dev`` (``--dev-data``); a
+    file without rows (``preferences.dev_fraction: 0``) has no metrics and is left out."""
+    files = {}
+    for part, f in (("test", paths.eval_data), ("dev", paths.dev_data)):
+        if f is not None and not has_rows(f):
+            log.warning("%s: no held-out pairs, no %s metrics", f, part)
+        elif f is not None:
+            files[part] = Path(f)
+    return files
+
+
 def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig, Any, Any, Any]:
     """Validate everything cheap (before any model loads or any process is launched)."""
     cfg = apply_recipe(params.train)
@@ -273,12 +292,13 @@ def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig,
     build_lora_config(cfg.lora)
     dataset = load_pairs(paths.data, obj.shape)
     heldout = None
-    if paths.eval_data is not None and obj.heldout is None:
-        log.warning("method %s has no held-out preference metrics: --eval-data is not used",
-                    cfg.method)  # fmt: skip
-    elif paths.eval_data is not None:
+    files = heldout_files(paths)
+    if files and obj.heldout is None:
+        log.warning("method %s has no held-out preference metrics: --eval-data / --dev-data "
+                    "are not used", cfg.method)  # fmt: skip
+    elif files:
         check_heldout_modelled(cfg, args)
-        heldout = load_pairs(paths.eval_data, obj.shape)
+        heldout = tagged({part: load_pairs(f, obj.shape) for part, f in files.items()})
     if stored is not None:
         dataset = with_keys(dataset)
         heldout = None if heldout is None else with_keys(heldout)
@@ -306,15 +326,18 @@ def _prepare(cfg: TrainConfig, paths: TrainPaths, seed: int, ranks: Ranks) -> tu
     return run_dir, resume
 
 
-def _fit(trainer: Any, cfg: TrainConfig, resume: Path | None, heldout: bool) -> dict[str, Any]:
-    """Train (resuming), with the held-out log-probs before and after; the run's numbers."""
+def _fit(trainer: Any, cfg: TrainConfig, resume: Path | None, parts: Sequence[str]
+         ) -> dict[str, Any]:  # fmt: skip
+    """Train (resuming), with the held-out log-probs of each part (``test``, ``dev``) before
+    and after; the run's numbers."""
     obj = objective(cfg.method)
     spec = obj.heldout
     # Before training the policy has the reference's weights (the same base; LoRA starts at
     # zero): for a reference objective the reference pass gives TRL's "before" metrics.
-    before = None
-    if heldout and spec is not None:
-        before = heldout_logps(trainer, spec, reference=obj.reference)
+    before = {}
+    if spec is not None:
+        before = {p: heldout_logps(trainer, spec, reference=obj.reference, part=p)
+                  for p in parts}  # fmt: skip
     start_step = start_tokens = 0
     if resume is not None:
         state = json.loads((resume / "trainer_state.json").read_text())
@@ -335,11 +358,12 @@ def _fit(trainer: Any, cfg: TrainConfig, resume: Path | None, heldout: bool) -> 
         tokens_per_second=tokens / wall if wall > 0 else 0.0,
         wall_time_s=wall,
     )
-    if before is not None and spec is not None:
-        after = heldout_logps(trainer, spec)
-        ref = before if obj.reference else None
-        metrics["_heldout"] = (pair_metrics(spec, before, ref, trainer.args),
-                               pair_metrics(spec, after, ref, trainer.args))  # fmt: skip
+    for part, logps in before.items():
+        assert spec is not None
+        after = heldout_logps(trainer, spec, part=part)
+        ref = logps if obj.reference else None
+        metrics[f"_heldout_{part}"] = (pair_metrics(spec, logps, ref, trainer.args),
+                                       pair_metrics(spec, after, ref, trainer.args))  # fmt: skip
     return metrics
 
 
@@ -368,12 +392,13 @@ def run_train(
         if trainer.accelerator.num_processes != world:
             raise KarmaError(f"accelerate sees {trainer.accelerator.num_processes} processes, "
                              f"{world} were launched", field="train.launcher")  # fmt: skip
-        metrics = _fit(trainer, cfg, resume, heldout is not None)
+        metrics = _fit(trainer, cfg, resume, [] if heldout is None else list(heldout_files(paths)))
     metrics["pairs"] = len(dataset) // (2 if objective(cfg.method).shape == "unpaired" else 1)
     metrics.update(batch_plan(cfg, world).metrics())
-    pair_values = metrics.pop("_heldout", None)
-    if pair_values is not None:
-        metrics.update(heldout_summary(*pair_values, seed=seed))
+    for part, prefix in (("test", ""), ("dev", "dev.")):
+        pair_values = metrics.pop(f"_heldout_{part}", None)
+        if pair_values is not None:
+            metrics.update(heldout_summary(*pair_values, seed=seed, prefix=prefix))
     base_prov = provenance(paths.base)
     metrics.update({"meta.base_model": str(base_prov.get("source", paths.base)),
                     "meta.seed": seed, "meta.train_method": cfg.method})  # fmt: skip
