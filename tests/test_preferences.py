@@ -75,10 +75,15 @@ from karma.pairing.rng import (
 )
 from karma.pairing.settings import STRATEGY_HELP, PreferencesConfig, Strategy
 from karma.pairing.split import (
+    DEV,
+    TEST,
+    TRAIN,
     is_test,
     is_test_reference,
     prompt_id,
     prompt_ids,
+    split_code_reference,
+    split_codes,
 )
 from karma.pairing.strategies import (
     KARMA_STRATEGIES,
@@ -597,7 +602,7 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
     run it) write the same bytes, and the same metrics as :func:`make_pairs`."""
     params = Params(kinship="score_sim", preferences=PreferencesConfig(dataset=str(DEMO)))
     meta = {"meta.seed": 0, "meta.kinship": "score_sim", "meta.test_fraction": 0.2,
-            "meta.layout": "trl"}  # fmt: skip
+            "meta.dev_fraction": 0.15, "meta.layout": "trl"}  # fmt: skip
     runs = []
     for k, runner in enumerate((run_preferences, partial(execute, STAGE))):
         d = tmp_path / f"run{k}"
@@ -615,6 +620,7 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
         "m.json",
         "p.png",
         "prefs/README.md",
+        "prefs/dev_prefs.parquet",
         "prefs/test_prefs.parquet",
         "prefs/train_prefs.parquet",
     ]
@@ -634,8 +640,10 @@ def test_byte_identical_and_hf_loadable(demo: Demo, tmp_path: Path) -> None:
 
     files = {s: str(run / "prefs" / f"{s}.parquet") for s in SPLITS}
     ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "hf"))
-    assert len(ds["train_prefs"]) + len(ds["test_prefs"]) == metrics["pairs"]
+    assert sum(len(ds[s]) for s in SPLITS) == metrics["pairs"]
     assert len(ds["test_prefs"]) == metrics["split.test_pairs"] > 0
+    assert len(ds["dev_prefs"]) == metrics["split.dev_pairs"] > 0
+    assert f"`dev_prefs` {metrics['split.dev_pairs']} pairs" in card
     ds = ds["train_prefs"]
     ex = ds[0]
     assert ex["prompt"][0]["role"] == "user" and isinstance(ex["chosen"][0]["content"], str)
@@ -757,6 +765,7 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
         "preferences.baseline_pool",
         "preferences.layout",
         "preferences.test_fraction",
+        "preferences.dev_fraction",
         "preferences.batch_records",
     ]
     assert "preferences.batch_records" not in STAGE.tracked_keys(Params)  # operational
@@ -841,7 +850,7 @@ def test_cli_writes_what_make_pairs_makes(
     assert code == 0, err
     expected = _demo_pairs(demo, "sim", tau=0.1, seed=3, test_fraction=0.2)  # --kinship wins
     meta = {"meta.seed": 3, "meta.kinship": "sim", "meta.test_fraction": 0.2,
-            "meta.layout": "trl"}  # fmt: skip
+            "meta.dev_fraction": 0.15, "meta.layout": "trl"}  # fmt: skip
     assert json.loads(stdout) == json.loads(metrics.read_text()) == {**expected.metrics, **meta}
     assert expected.metrics["strategy"] == "sim" and expected.metrics["instructions"] == 480
     for split in SPLITS:
@@ -853,6 +862,7 @@ def test_cli_writes_what_make_pairs_makes(
         "params.yaml",
         "plots/pairs.png",
         "prefs/README.md",
+        "prefs/dev_prefs.parquet",
         "prefs/test_prefs.parquet",
         "prefs/train_prefs.parquet",
     ]
@@ -1092,11 +1102,77 @@ def test_split_is_by_prompt_seeded_and_shared_by_strategies(demo: Demo, tmp_path
     sides: dict[str, bool] = {}
     for strategy in STRATEGIES:
         res = _demo_pairs(demo, strategy, test_fraction=0.2)
-        train, test = (set(res.split(s)["prompt_id"]) for s in SPLITS)
-        assert not train & test and len(train) + len(test) == res.pairs.height
+        train, test, dev = (set(res.split(s)["prompt_id"]) for s in SPLITS)
+        assert not train & test and not train & dev and not test & dev
+        assert len(train) + len(test) + len(dev) == res.pairs.height
         assert abs(len(test) / res.pairs.height - 0.2) < 0.05
-        for pid in test | train:
+        for pid in test | train | dev:
             assert sides.setdefault(pid, pid in test) == (pid in test)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    texts=st.lists(st.text(max_size=30), min_size=1, max_size=30),
+    seed=st.integers(0, 2**40),
+    fractions=st.sampled_from([(0.0, 0.0), (0.2, 0.0), (0.0, 0.3), (0.2, 0.15), (0.5, 0.4)]),
+)
+def test_split_codes_match_reference(
+    texts: list[str], seed: int, fractions: tuple[float, float]
+) -> None:
+    test, dev = fractions
+    got = split_codes(pl.Series(texts, dtype=pl.String), seed=seed, test_fraction=test,
+                      dev_fraction=dev)  # fmt: skip
+    want = [split_code_reference(t, seed=seed, test_fraction=test, dev_fraction=dev)
+            for t in texts]  # fmt: skip
+    assert got.tolist() == want
+
+
+def test_three_way_split_keeps_test_and_carves_dev_from_train() -> None:
+    """dev comes out of train: test is is_test's whatever dev_fraction; dev_fraction 0 is the
+    two-way split; shares roughly right; deterministic, seeded, by prompt."""
+    texts = pl.Series([f"prompt {i}" for i in range(20_000)])
+    codes = split_codes(texts, seed=0, test_fraction=0.2, dev_fraction=0.15)
+    assert set(np.unique(codes).tolist()) == {TRAIN, TEST, DEV}
+    assert 0.19 < (codes == TEST).mean() < 0.21 and 0.14 < (codes == DEV).mean() < 0.16
+    two_way = is_test(texts, seed=0, fraction=0.2)
+    assert np.array_equal(codes == TEST, two_way)  # the test prompts do not move
+    zero = split_codes(texts, seed=0, test_fraction=0.2, dev_fraction=0.0)
+    assert np.array_equal(zero, two_way.astype(np.uint8))  # no dev: today's train and test
+    assert np.array_equal(split_codes(texts, seed=0, test_fraction=0.2, dev_fraction=0.15),
+                          codes)  # fmt: skip
+    other = split_codes(texts, seed=1, test_fraction=0.2, dev_fraction=0.15)
+    assert not np.array_equal(other, codes)
+    more = split_codes(texts, seed=0, test_fraction=0.2, dev_fraction=0.3)
+    assert np.array_equal(more == TEST, two_way) and not (more[codes == DEV] == TRAIN).any()
+    dup = pl.Series(["same"] * 5 + ["other"] * 5)
+    assert len(set(split_codes(dup, seed=3, test_fraction=0.3, dev_fraction=0.4)[:5])) == 1
+
+
+def test_stage_dev_split(demo: Demo, tmp_path: Path) -> None:
+    """The stage's dev_prefs: no prompt in two splits; test_prefs byte-identical with and
+    without dev; dev_fraction 0 writes today's train_prefs (train + dev of the default) and
+    an empty dev_prefs; the count is in the metrics and the card."""
+    runs = {}
+    for dev in (0.15, 0.0):
+        params = Params(kinship="score", preferences=PreferencesConfig(dataset=str(DEMO),
+                                                                       dev_fraction=dev))
+        out = tmp_path / f"dev{dev}"
+        m = execute(STAGE, params, PreferencesPaths(kinship_dir=demo.kinship_dir, out=out))
+        runs[dev] = (out, m)
+    (out, m), (out0, m0) = runs[0.15], runs[0.0]
+    ids = {s: set(pl.read_parquet(out / f"{s}.parquet")["prompt_id"]) for s in SPLITS}
+    assert all(not ids[a] & ids[b] for a in SPLITS for b in SPLITS if a < b)
+    assert m["split.dev_pairs"] == len(ids["dev_prefs"]) > 0 and m["meta.dev_fraction"] == 0.15
+    assert m["split.train_pairs"] + m["split.dev_pairs"] == m0["split.train_pairs"]
+    assert f"`dev_prefs` {m['split.dev_pairs']} pairs" in (out / "README.md").read_text()
+    assert (out / "test_prefs.parquet").read_bytes() == (out0 / "test_prefs.parquet").read_bytes()
+    train0 = pl.read_parquet(out0 / "train_prefs.parquet")
+    assert set(train0["prompt_id"]) == ids["train_prefs"] | ids["dev_prefs"]
+    assert pl.read_parquet(out0 / "dev_prefs.parquet").height == m0["split.dev_pairs"] == 0
+    two_way = _demo_pairs(demo, "score", test_fraction=0.2, dev_fraction=0.0)
+    assert train0.equals(two_way.split("train_prefs"))
+    with pytest.raises(pydantic.ValidationError, match="test_fraction \\+ dev_fraction"):
+        PreferencesConfig(test_fraction=0.5, dev_fraction=0.5)
 
 
 # --------------------------------------------------------------------------- H4 layout

@@ -129,7 +129,7 @@ class PairStream:
         aliases: Mapping[str, str] | None = None,
         baseline_pool: str = "scored",
         test_fraction: float = 0.2,
-        dev_fraction: float = 0.0,
+        dev_fraction: float = 0.15,
         diagnose: bool = True,
     ) -> None:
         strategy_code(strategy)
@@ -303,7 +303,7 @@ def make_pairs(
     aliases: Mapping[str, str] | None = None,
     pool: str = "scored",
     test_fraction: float = 0.2,
-    dev_fraction: float = 0.0,
+    dev_fraction: float = 0.15,
     diagnose: bool = True,
 ) -> PreferenceResult:
     """Pair every instruction of ``data`` by ``strategy`` (in memory: one batch of
