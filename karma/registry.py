@@ -217,8 +217,8 @@ PIPELINE: tuple[Wiring, ...] = (
                "live_dir": ("outs", {"subpath": "plots/metrics", "cache": False})},
         comment="Held-out pairs (no prompt of them is trained on) give the method's own "
         "preference metrics before / after: heldout.* on the test pairs (reported), "
-        "dev.heldout.* on the dev pairs (recipes are chosen on them); checkpoints persist, so a killed run resumes from "
-        "the last one. The reference stage's log-probs are read only with train.reference: "
+        "dev.heldout.* on the dev pairs (recipes are chosen on them); checkpoints persist, so a "
+        "killed run resumes from the last one. The reference stage's log-probs are read only with train.reference: "
         "stored.",
     ),
     Wiring(

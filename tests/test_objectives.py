@@ -12,7 +12,7 @@ import pytest
 
 from karma.core.errors import KarmaError
 from karma.training.data import load_pairs
-from karma.training.heldout import heldout_logps, pair_metrics
+from karma.training.heldout import heldout_logps, pair_metrics, tagged
 from karma.training.objectives import OBJECTIVES
 from karma.training.settings import TrainConfig
 from karma.training.train import make_trainer
@@ -29,6 +29,7 @@ TOL = 2e-5
 karma_cache = test_training.karma_cache
 pairs_file = test_training.pairs_file
 test_file = test_training.test_file
+dev_file = test_training.dev_file
 
 
 def _moved(trainer: Any, base: Path) -> int:
@@ -92,6 +93,33 @@ def test_objective_trains_and_heldout_is_trls(
         assert ours["reward_margin"].mean() != pytest.approx(0.0, abs=1e-6)  # training moved it
     MEASURED[method] = worst
     print(f"{method}: max |ours - evaluate()| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("method", ["dpo", "cpo", "kto"])  # the three held-out layouts
+def test_heldout_parts_score_alone(
+    method: str, tiny_model_dir: Path, pairs_file: Path, test_file: Path, dev_file: Path,
+    tmp_path: Path,
+):  # fmt: skip
+    """Test and dev pairs tokenized as one held-out set (:func:`tagged`): each part is scored
+    on its own, the test part exactly as without the dev pairs."""
+    obj = OBJECTIVES[method]
+    spec = obj.heldout
+    assert spec is not None
+    parts = {"test": load_pairs(test_file, obj.shape), "dev": load_pairs(dev_file, obj.shape)}
+    scores = {}
+    for name, held in (("alone", parts["test"]), ("both", tagged(parts))):
+        data = load_pairs(pairs_file, obj.shape)
+        trainer = make_trainer(_config(method, 4), tiny_model_dir, seed=0, eval_dataset=held,
+                               output_dir=tmp_path / name, dataset=data)  # fmt: skip
+        scores[name] = {p: heldout_logps(trainer, spec, part=p) for p in ("test", "dev")}
+    alone, both = scores["alone"]["test"], scores["both"]
+    assert both["test"].policy.shape == (10, 2) and both["dev"].policy.shape == (8, 2)
+    np.testing.assert_array_equal(both["test"].policy, alone.policy)  # same batches, same bytes
+    np.testing.assert_array_equal(both["test"].counts, alone.counts)
+    assert np.isfinite(both["dev"].policy).all()
+    assert not np.isin(both["dev"].policy, both["test"].policy).all()
+    # an unmarked set has no parts: "dev" is then every pair
+    assert scores["alone"]["dev"].policy.shape == (10, 2)
 
 
 def test_sft_trains(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path):
@@ -224,6 +252,35 @@ def test_stored_reference_replaces_the_reference_model(
           f"train loss {loss:.6f} vs {live_loss:.6f}")
     np.testing.assert_array_equal(ref.counts, live_ref.counts)
     assert math.isfinite(loss) and loss == pytest.approx(live_loss, rel=1e-4) and moved > 10
+
+
+def test_stored_reference_of_the_dev_pairs(
+    tiny_model_dir: Path, pairs_file: Path, test_file: Path, dev_file: Path, tmp_path: Path
+):
+    """The reference stage stores the dev pairs' log-probs too (dev.parquet); a trainer whose
+    held-out set holds test and dev pairs attaches both."""
+    from karma.params import Params
+    from karma.training.reference import ReferencePaths, read_stored, run_reference, with_keys
+    from karma.training.train import Stored
+
+    out = tmp_path / "reference"
+    params = Params(train=_config("dpo", 5))
+    metrics = run_reference(params, ReferencePaths(data=pairs_file, base=tiny_model_dir,
+                                                   eval_data=test_file, dev_data=dev_file,
+                                                   out=out))  # fmt: skip
+    assert (metrics["train.pairs"], metrics["eval.pairs"], metrics["dev.pairs"]) == (16, 10, 8)
+    stored = read_stored(out)
+    held = tagged({"test": with_keys(load_pairs(test_file)),
+                   "dev": with_keys(load_pairs(dev_file))})  # fmt: skip
+    trainer = make_trainer(params.train, tiny_model_dir, seed=0, output_dir=tmp_path / "ck",
+                           dataset=with_keys(load_pairs(pairs_file)), eval_dataset=held,
+                           stored=Stored(stored, out))  # fmt: skip
+    spec = OBJECTIVES["dpo"].heldout
+    dev = heldout_logps(trainer, spec, reference=True, part="dev").policy
+    keys = list(with_keys(load_pairs(dev_file))["pair_sha"])
+    np.testing.assert_allclose(dev, [stored["dev"][k] for k in keys], rtol=0, atol=1e-6)
+    live = heldout_logps(trainer, spec, part="dev").policy  # the policy = the base: the same
+    np.testing.assert_allclose(dev, live, atol=1e-4)
 
 
 def test_stored_reference_must_match_the_pairs(

@@ -110,6 +110,14 @@ def test_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def dev_file(tmp_path: Path) -> Path:
+    """Dev pairs (prompts of neither the training nor the test pairs)."""
+    path = tmp_path / "dev_prefs.parquet"
+    make_pairs(8, seed=11, offset=200).write_parquet(path)
+    return path
+
+
 def _paths(tmp_path: Path, data: Path, base: Path, name: str = "run") -> TrainPaths:
     root = tmp_path / name
     return TrainPaths(
@@ -157,9 +165,11 @@ def _leftovers(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("method", ["dpo", "sft"])
 def test_tiny_model_trains(
-    method: str, tiny_model_dir: Path, pairs_file: Path, test_file: Path, tmp_path: Path
-):
-    paths = dataclasses.replace(_paths(tmp_path, pairs_file, tiny_model_dir), eval_data=test_file)
+    method: str, tiny_model_dir: Path, pairs_file: Path, test_file: Path, dev_file: Path,
+    tmp_path: Path,
+):  # fmt: skip
+    paths = dataclasses.replace(_paths(tmp_path, pairs_file, tiny_model_dir), eval_data=test_file,
+                                dev_data=dev_file)  # fmt: skip
     cfg = TrainConfig(method=method, global_batch_size=4, trl=FAST_TRL, checkpoint_steps=2)
     metrics = run_train(Params(seed=0, train=cfg), paths)
 
@@ -207,9 +217,15 @@ def test_tiny_model_trains(
         assert metrics["heldout.delta.loss.ci_high"] < 0
         assert metrics["heldout.after.loss"] < metrics["heldout.before.loss.ci_low"]
         assert "Held-out preference metrics (10 pairs" in (paths.out / "README.md").read_text()
+        # the dev pairs: the same metrics and intervals, under dev.
+        dev = {k.removeprefix("dev."): v for k, v in metrics.items() if k.startswith("dev.")}
+        assert set(dev) == {k for k in metrics if k.startswith("heldout.")}
+        assert dev["heldout.n"] == 8 and dev["heldout.delta.reward_margin.ci_low"] > 0
+        assert dev["heldout.after.loss"] != metrics["heldout.after.loss"]
+        assert written["dev.heldout.n"] == 8
     else:
         assert not (curves / "rewards").exists() and "rewards_margins" not in metrics
-        assert not [k for k in metrics if k.startswith("heldout.")]  # DPO's metrics only
+        assert not [k for k in metrics if "heldout." in k]  # DPO's metrics only
 
     from transformers import AutoTokenizer
 
