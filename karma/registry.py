@@ -218,8 +218,8 @@ PIPELINE: tuple[Wiring, ...] = (
         comment="Held-out pairs (no prompt of them is trained on) give the method's own "
         "preference metrics before / after: heldout.* on the test pairs (reported), "
         "dev.heldout.* on the dev pairs (recipes are chosen on them); checkpoints persist, so a "
-        "killed run resumes from the last one. The reference stage's log-probs are read only with train.reference: "
-        "stored.",
+        "killed run resumes from the last one. The reference stage's log-probs are read only "
+        "with train.reference: stored.",
     ),
     Wiring(
         "evaluate_base", "karma.evaluation.evaluate:EVALUATE_BASE",
