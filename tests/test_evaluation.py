@@ -1163,3 +1163,19 @@ def test_benchmark_tiny_model_feeds_scores_and_kinship(
         metrics
     )
     assert all("," not in k for k in metrics)
+
+
+def test_fast_task_index_equals_lm_eval_registry(tmp_path: Path) -> None:
+    """The line scan lists exactly lm-eval's own registry names (tasks, groups, tags, Python
+    tasks, names inherited through ``include``), so an unknown name fails in about a second."""
+    from lm_eval.tasks import TaskManager
+
+    from karma.evaluation.taskindex import names_in, registry_names
+
+    assert registry_names() == frozenset(TaskManager().all_tasks)
+    # the shapes the scan must read: quoted keys, block tag lists, an included tag, a group
+    (tmp_path / "base_yaml").write_text('"tag":\n- "fam"\n- other\n')
+    (tmp_path / "a.yaml").write_text('"include": base_yaml\n"task": "t_a"  # note\n')
+    (tmp_path / "g.yaml").write_text("group: grp\ntag: [nope]\ntask:\n  - t_a\n")
+    (tmp_path / "p.yaml").write_text("group: pyfam\ntask: t_py\nclass: !function task.T\n")
+    assert names_in(tmp_path) == {"t_a", "fam", "other", "grp", "t_py"}
