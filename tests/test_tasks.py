@@ -59,7 +59,7 @@ def test_each_suite_has_at_least_40_unique_items(name: str) -> None:
 def test_every_yaml_names_a_task_with_absolute_existing_data() -> None:
     tasks = embedded_tasks()
     paper = {f"karma_paper_{b}" for b in BENCHMARKS if b != "ifeval"}
-    hub = {f"karma_paper_hub_{b}" for b in ("ifeval", "arc_easy", "arc_challenge", "hellaswag")}
+    hub = {f"karma_paper_hub_{b}" for b in BENCHMARKS}  # the paper suite: every benchmark
     assert set(tasks) == {f"karma_{s}" for s in BENCHMARKS} | paper | hub
     for name, path in tasks.items():
         cfg = load_task_config(path)
@@ -96,6 +96,9 @@ def test_suites_yaml_is_the_config_and_every_suite_resolves() -> None:
     paper = resolve_tasks(SUITES["embedded_paper"].tasks, where="evaluate.suite=embedded_paper")
     assert not paper.needs_registry
     assert [cfg["output_type"] for cfg in paper.load] == ["generate_until"] * 6
+    full = resolve_tasks(SUITES["paper"].tasks, where="evaluate.suite=paper")  # karma's own tasks
+    assert not full.needs_registry and full.names == {b: f"karma_paper_hub_{b}" for b in BENCHMARKS}
+    assert [cfg["output_type"] for cfg in full.load] == ["generate_until"] * 6
     # the generation cap of the embedded suite is the old evaluate default (IFEval only)
     assert SUITES["embedded"].max_gen_toks == 64 and SUITES["embedded_paper"].max_gen_toks is None
 
