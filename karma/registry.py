@@ -92,7 +92,12 @@ NO_CACHE = {"cache": False}
 #: ``headline`` stage picks the few that are).
 DIAGNOSTIC = ("outs", NO_CACHE)
 #: Code lm-eval loads from the task YAML (``!function``), outside the stages' import closure.
-TASK_DEPS = ("karma/evaluation/tasks", "karma/evaluation/ifeval.py", "karma/evaluation/extract.py")
+TASK_DEPS = (
+    "karma/evaluation/tasks",
+    "karma/evaluation/ifeval.py",
+    "karma/evaluation/extract.py",
+    "karma/evaluation/mmlu.py",
+)
 #: what training reads besides its code: recipe files and TRL's field table
 TRAIN_DEPS = ("params/recipes", "karma/training/trl_fields.json")
 
