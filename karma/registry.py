@@ -92,7 +92,14 @@ NO_CACHE = {"cache": False}
 #: ``headline`` stage picks the few that are).
 DIAGNOSTIC = ("outs", NO_CACHE)
 #: Code lm-eval loads from the task YAML (``!function``), outside the stages' import closure.
-TASK_DEPS = ("karma/evaluation/tasks", "karma/evaluation/ifeval.py", "karma/evaluation/extract.py")
+TASK_DEPS = (
+    "karma/evaluation/tasks",
+    "karma/evaluation/ifeval.py",
+    "karma/evaluation/extract.py",
+    "karma/evaluation/mmlu.py",
+)
+#: what training reads besides its code: recipe files and TRL's field table
+TRAIN_DEPS = ("params/recipes", "karma/training/trl_fields.json")
 
 PIPELINE: tuple[Wiring, ...] = (
     Wiring(
@@ -199,7 +206,7 @@ PIPELINE: tuple[Wiring, ...] = (
         {"data": "${path.selected}/pairs.parquet", "base": "${path.base}",
          "eval_data": "${path.preferences}/test_prefs.parquet",
          "dev_data": "${path.preferences}/dev_prefs.parquet", "out": "${path.reference}"},
-        deps=("params/recipes",),
+        deps=TRAIN_DEPS,
         comment="The base model's log-probs of the training and held-out pairs (TRL's "
         "precompute), computed once for every reference-model objective and rerun; train "
         "reads them with train.reference: stored (and then loads no reference model).",
@@ -212,7 +219,7 @@ PIPELINE: tuple[Wiring, ...] = (
          "dev_data": "${path.preferences}/dev_prefs.parquet", "out": "${path.policy}",
          "checkpoints": "${path.checkpoints}", "live_dir": "${path.live}",
          "metrics": "diagnostics/train.json", "reference_logps": "${path.reference}"},
-        deps=("params/recipes",),
+        deps=TRAIN_DEPS,
         kinds={"metrics": DIAGNOSTIC,
                "live_dir": ("outs", {"subpath": "plots/metrics", "cache": False})},
         comment="Held-out pairs (no prompt of them is trained on) give the method's own "
@@ -273,7 +280,7 @@ PIPELINE: tuple[Wiring, ...] = (
               "eval_data": "${path.preferences}/test_prefs.parquet",
               "out": "models/selfplay/policy_${item.round}",
               "checkpoints": "checkpoints/selfplay/round_${item.round}",
-              "metrics": f"{_SP}/train.json"}, ("params/recipes",),
+              "metrics": f"{_SP}/train.json"}, TRAIN_DEPS,
              {"metrics": ("outs", {})}, ""),
             ("evaluate", "karma.selfplay.policy:EVALUATE", "Self-play: evaluate policy k.",
              {"round": "${item.round}", "marker": f"{_SP}/plan.json",

@@ -225,37 +225,28 @@ def test_real_task_names_and_metrics_exist_in_lm_eval() -> None:
             assert filt == "none"
 
 
-def test_paper_suite_names_lm_evals_generative_tasks_and_their_metrics() -> None:
-    """The paper suite's registry tasks exist in lm-eval with the chosen metric and filter, and
-    are generative; the rest are karma's hub tasks (karma/evaluation/tasks/paper/hub)."""
+def test_paper_suite_runs_karmas_hub_tasks_in_mmlu_pros_framework() -> None:
+    """Every benchmark of the paper suite is one of karma's hub tasks
+    (karma/evaluation/tasks/paper/hub), zero-shot; the multiple-choice ones are scored by
+    MMLU-Pro's extraction with its fallbacks (custom-extract), not a registry task's pattern."""
     import lm_eval
+
+    from karma.evaluation.extract import mmlu_pro_fallback
+    from karma.evaluation.taskconfig import embedded_tasks, load_task_config
 
     root = Path(lm_eval.__file__).parent / "tasks"
     loader = type("L", (yaml.SafeLoader,), {})
     loader.add_constructor("!function", lambda ld, node: None)
-    files = {
-        "mmlu_stem": "llama3/instruct/mmlu_cot/_mmlu_stem.yaml",
-        "mmlu_pro": "mmlu_pro/_mmlu_pro.yaml",
-    }
-    paper = SUITES["paper"].tasks
-    for bench, rel in files.items():
-        cfg = yaml.load((root / rel).read_text(), Loader=loader)
-        spec = paper[bench]
-        assert spec.task == cfg.get("group", cfg.get("task")), bench
-        metric, _, filt = spec.result_key.partition(",")
-        if "aggregate_metric_list" in cfg:  # a group
-            (agg,) = cfg["aggregate_metric_list"]
-            assert (agg["metric"], agg.get("filter_list")) == (metric, filt), bench
-        else:
-            assert cfg["output_type"] == "generate_until"
-            assert metric in [m["metric"] for m in cfg["metric_list"]]
-            assert filt in [f["name"] for f in cfg["filter_list"]]
-    assert {b: s.task for b, s in paper.items() if b not in files} == {
-        "ifeval": "karma_paper_hub_ifeval",
-        "hellaswag": "karma_paper_hub_hellaswag",
-        "arc_easy": "karma_paper_hub_arc_easy",
-        "arc_challenge": "karma_paper_hub_arc_challenge",  # MMLU-Pro's framework, not the chat task
-    }
+    paper, tasks = SUITES["paper"].tasks, embedded_tasks()
+    assert {b: s.task for b, s in paper.items()} == {b: f"karma_paper_hub_{b}" for b in paper}
+    for bench, spec in paper.items():
+        cfg = load_task_config(tasks[spec.task])
+        assert cfg["output_type"] == "generate_until" and cfg["num_fewshot"] == 0, bench
+        if bench == "ifeval":
+            continue
+        assert spec.result_key == "exact_match,custom-extract", bench
+        (custom, _) = cfg["filter_list"][0]["filter"]
+        assert custom["filter_fn"] is mmlu_pro_fallback, bench
     assert SUITES["paper"].num_fewshot == 0  # one shot count for every task, stated
     assert SUITES["lm_eval"].protocol == "mixed"  # generative MMLU-Pro and IFEval
     # karma's IFEval copy is lm-eval's ifeval but for the per-item
@@ -1163,3 +1154,19 @@ def test_benchmark_tiny_model_feeds_scores_and_kinship(
         metrics
     )
     assert all("," not in k for k in metrics)
+
+
+def test_fast_task_index_equals_lm_eval_registry(tmp_path: Path) -> None:
+    """The line scan lists exactly lm-eval's own registry names (tasks, groups, tags, Python
+    tasks, names inherited through ``include``), so an unknown name fails in about a second."""
+    from lm_eval.tasks import TaskManager
+
+    from karma.evaluation.taskindex import names_in, registry_names
+
+    assert registry_names() == frozenset(TaskManager().all_tasks)
+    # the shapes the scan must read: quoted keys, block tag lists, an included tag, a group
+    (tmp_path / "base_yaml").write_text('"tag":\n- "fam"\n- other\n')
+    (tmp_path / "a.yaml").write_text('"include": base_yaml\n"task": "t_a"  # note\n')
+    (tmp_path / "g.yaml").write_text("group: grp\ntag: [nope]\ntask:\n  - t_a\n")
+    (tmp_path / "p.yaml").write_text("group: pyfam\ntask: t_py\nclass: !function task.T\n")
+    assert names_in(tmp_path) == {"t_a", "fam", "other", "grp", "t_py"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,9 @@ def test_first_hour(tmp_path: Path) -> None:
     assert changed, diff  # the sim strategy pairs different models than score
     shown = _run([*dvc, "exp", "show", "--md"], clone, env)
     assert "sim" in shown and "score" in shown
+    # two real experiments, paired on the same items: every benchmark with an interval
+    karma = [sys.executable, "-m", "karma.cli"]
+    compared = _run([*karma, "compare", "HEAD", "workspace", "--n-boot", "500"], clone, env)
+    rows = [r for r in compared.splitlines() if r.startswith("| IFEval |")]
+    assert rows and re.search(r"\| \[[-+]\d+\.\d, [-+]\d+\.\d\] \|", rows[0]), compared
+    assert "| held-out" in compared, compared

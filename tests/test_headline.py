@@ -29,7 +29,9 @@ def _default_like() -> dict[str, dict]:
     train = {"steps": 16, "batch.global": 4, "pairs": 323, "heldout.after.loss": 0.68,
              "heldout.after.reward_accuracy": 0.62, "heldout.after.reward_margin": 0.38,
              "heldout.before.loss": 0.693, "grad_norm": 13.5, "tokens": 9342}  # fmt: skip
-    prefs = {"pairs": 400, "mean_kinship": 0.9165, "diag.pool.mean_kinship": 0.8, "drop_tie": 3}
+    prefs = {"pairs": 400, "mean_kinship": 0.9165, "diag.pool.mean_kinship": 0.8, "drop_tie": 3,
+             "agreement.score.agree": 0.62, "agreement.score.lo": 0.57, "agreement.score.hi": 0.67,
+             "agreement.score.n": 386, "rating.overall_score.agree": 200}  # fmt: skip
     kin = {f"loo.{b}.rank_spearman": 0.9 for b in BENCHMARKS} | {"mean_kinship": 0.8}
     return {"eval": ev, "train": train, "preferences": prefs, "select": {"pairs_kept": 323},
             "kinship": kin}  # fmt: skip
@@ -38,7 +40,8 @@ def _default_like() -> dict[str, dict]:
 def test_headline_keys_are_few_and_named_for_a_reviewer() -> None:
     diag = _default_like()
     out = headline(diag)
-    assert len(out) <= 41, len(out)  # 7 columns x 5 + 2 held-out + 3 pairs + mean_kinship
+    # 7 columns x 5 + 2 held-out + 3 pairs + mean_kinship + agreement with its interval
+    assert len(out) <= 44, len(out)
     assert sum(len(d) for d in diag.values()) > 2 * len(out)
     for b in [*BENCHMARKS, "total"]:
         short = SHORT[b]
@@ -46,6 +49,7 @@ def test_headline_keys_are_few_and_named_for_a_reviewer() -> None:
     assert out["ifeval.delta"] == 0.1 and out["mmlu.delta"] == 1.1  # Table 2 order first
     assert out["pairs.made"] == 400 and out["pairs.kept"] == 323
     assert out["pairs.trained"] == 64  # 16 steps x 4 pairs: what the optimizer saw
+    assert (out["agreement"], out["agreement.lo"], out["agreement.hi"]) == (0.62, 0.57, 0.67)
     assert "heldout.loss" not in out and not any("before" in k for k in out)  # definitional
     assert not any(k.startswith(("loo.", "meta.", "diag.")) for k in out)
     assert not any(w in k for k in out for w in ("time", "per_second"))
@@ -56,7 +60,7 @@ def test_committed_headline_matches_the_committed_diagnostics() -> None:
     """metrics/headline.json is what the headline stage makes of diagnostics/ (no timings)."""
     committed = json.loads((REPO / "metrics/headline.json").read_text())
     assert committed == headline(read_diagnostics(REPO / "diagnostics"))
-    assert len(committed) <= 41
+    assert len(committed) <= 44
     train = json.loads((REPO / "diagnostics/train.json").read_text())
     assert "wall_time_s" not in train and "tokens_per_second" not in train
     metrics_files = sorted(p.name for p in (REPO / "metrics").glob("*.json"))

@@ -439,3 +439,59 @@ def test_a_measured_name_comes_from_dvc_and_is_checked(tmp_path: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--race-driver"]:
         print(json.dumps(race_driver(Path(sys.argv[2]), int(sys.argv[3]))))
+
+
+# --------------------------------------------------------------------------- queued experiments
+
+QUEUED_DVC_YAML = """\
+stages:
+  kin:
+    cmd: python -m karma.cli kinship --scores scores.csv --out kin --params params.yaml
+    deps: [scores.csv]
+    params: [similarity.metric]
+    outs: [kin]
+"""
+
+
+def test_queued_experiments_run_in_separate_workspaces(tmp_path: Path) -> None:
+    """Two queued ``dvc exp`` runs of one stage with one ``--out`` and different params, run
+    together (``-j 2``): DVC gives each its own workspace, so each experiment's output is whole
+    and exactly what its own params give alone, and the user's workspace is untouched."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    run_env = {**env(tmp_path / "cache"), "PATH": f"{Path(sys.executable).parent}:"
+               f"{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e.com",
+               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e.com"}  # fmt: skip
+
+    def sh(*cmd: str, cwd: Path = proj) -> str:
+        proc = subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        return proc.stdout
+
+    dvc = (sys.executable, "-m", "dvc")
+    shutil.copy(REPO / "data/origin/scores.csv", proj / "scores.csv")
+    (proj / "params.yaml").write_text("similarity:\n  metric: cosine\n")
+    (proj / "dvc.yaml").write_text(QUEUED_DVC_YAML)
+    sh("git", "init", "-q")
+    sh(*dvc, "init", "-q")
+    sh(*dvc, "config", "core.analytics", "false")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "base")
+    metrics = ("pearson", "euclidean")
+    for metric in metrics:
+        sh(*dvc, "exp", "run", "--queue", "-S", f"similarity.metric={metric}")
+    sh(*dvc, "exp", "run", "--run-all", "-j", "2")
+    assert not (proj / "kin").exists()  # the experiments ran elsewhere
+    names = sh(*dvc, "exp", "list", "--name-only").split()
+    assert len(names) == 2, names
+    for name in names:
+        sh(*dvc, "exp", "apply", name)
+        metric = yaml.safe_load((proj / "params.yaml").read_text())["similarity"]["metric"]
+        alone = tmp_path / f"alone-{metric}"
+        sh(sys.executable, "-m", "karma.cli", "kinship", "--scores", "scores.csv", "--out",
+           str(alone), "--metric", metric)  # fmt: skip
+        got = {p.name: p.read_bytes() for p in sorted((proj / "kin").iterdir())}
+        want = {p.name: p.read_bytes() for p in sorted(alone.iterdir())}
+        assert got == want, (name, metric)
+        metrics = tuple(m for m in metrics if m != metric)
+    assert metrics == ()  # one experiment per queued value

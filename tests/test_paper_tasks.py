@@ -195,26 +195,34 @@ def _render(cfg: dict, data: dict, doc: dict) -> tuple[str, str]:
 
     cfg = {k: v for k, v in cfg.items() if k not in ("process_docs", "validation_split")}
     cfg.update(dataset_path="json", dataset_name=None, test_split="test", dataset_kwargs=data)
-    if "query" in cfg["doc_to_text"]:
+    if cfg["task"].endswith("hellaswag"):
         cfg["process_docs"] = lambda ds: ds.map(_hub_hellaswag)
     task = next(iter(TaskManager(include_defaults=False).load_task_or_group([cfg]).values()))
     return task.fewshot_context(doc, 0), task.doc_to_target(doc)
 
 
-@pytest.mark.parametrize(
-    ("name", "mini"), [("arc_easy", "arc_easy"), ("arc_challenge", "arc_challenge"),
-                       ("hellaswag", "hellaswag")]
-)  # fmt: skip
+HUB_DATA = {
+    "arc_easy": "allenai/ai2_arc",
+    "arc_challenge": "allenai/ai2_arc",
+    "hellaswag": "Rowan/hellaswag",
+    "mmlu_stem": "cais/mmlu",
+    "mmlu_pro": "TIGER-Lab/MMLU-Pro",
+}
+
+
+@pytest.mark.parametrize(("name", "mini"), [(n, n) for n in HUB_DATA])
 def test_hub_tasks_render_the_mini_tasks_prompts(name: str, mini: str) -> None:
     """The full-data tasks of the paper suite ask exactly what the mini tasks ask: the same
-    prompt and target for the same item (HellaSwag through lm-eval's process_docs fields)."""
+    prompt and target for the same item (HellaSwag through lm-eval's process_docs fields;
+    MMLU-STEM without its subject filter, the mini items' subjects being partly not MMLU's)."""
     hub = load_task_config(HUB / f"karma_paper_hub_{name}.yaml")
-    assert hub["dataset_path"] in ("allenai/ai2_arc", "Rowan/hellaswag")
+    assert hub["dataset_path"] == HUB_DATA[name]
     base = load_task_config(PAPER / f"karma_paper_{mini}.yaml")
-    keep = ("filter_list", "metric_list", "description", "output_type")
+    keep = ("filter_list", "metric_list", "description", "output_type", "num_fewshot")
     assert {k: hub[k] for k in keep} == {k: base[k] for k in keep}
     gen, mini_gen = dict(hub["generation_kwargs"]), dict(base["generation_kwargs"])
-    assert gen.pop("max_gen_toks") == 1024 and mini_gen.pop("max_gen_toks") == 256
+    length = 2048 if name == "mmlu_pro" else 1024  # MMLU-Pro: lm-eval's and its scripts' length
+    assert gen.pop("max_gen_toks") == length and mini_gen.pop("max_gen_toks") == 256
     assert gen == mini_gen  # a larger model's chain of thought has 4x the room
     task = _task(mini)
     for doc in list(task.test_docs())[:5]:
@@ -274,3 +282,159 @@ def test_tiny_model_runs_every_task_through_run_tasks(tiny_model_dir: Path) -> N
         assert out.metrics[name]["score"] == out.metrics[name]["exact_match_custom-extract"]
         rows = out.samples.filter(out.samples["benchmark"] == name)
         assert rows["task_doc_id"].to_list() == [0, 1] and rows["response"].null_count() == 0
+
+
+def _lm_eval_yaml(rel: str) -> dict:
+    import lm_eval
+
+    from karma.evaluation.taskconfig import TagLoader
+
+    path = Path(lm_eval.__file__).parent / "tasks" / rel
+    return yaml.load(path.read_text(), Loader=TagLoader)
+
+
+def _lm_eval_mmlu() -> dict[str, str]:
+    """Every MMLU subject of the installed lm-eval (lm_eval/tasks/mmlu/default) -> its tag."""
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    cfgs = [_lm_eval_yaml(f"mmlu/default/{p.name}") for p in sorted(root.glob("mmlu_*.yaml"))]
+    return {str(c["dataset_name"]): str(c["tag"]) for c in cfgs}
+
+
+def test_hub_mmlu_stem_items_are_lm_evals_mmlu_stem_groups() -> None:
+    """karma's subject list is lm-eval's mmlu_stem group's (read from the installed package),
+    and the task's filter keeps exactly those subjects' rows of MMLU's `all` configuration."""
+    from datasets import Dataset
+
+    from karma.evaluation.mmlu import MMLU_STEM_SUBJECTS, mmlu_stem_docs
+
+    group = _lm_eval_yaml("mmlu/default/_mmlu_stem.yaml")
+    assert group["group"] == "mmlu_stem" and group["task"] == ["mmlu_stem_tasks"]
+    subjects = _lm_eval_mmlu()
+    assert len(subjects) == 57
+    stem = sorted(s for s, tag in subjects.items() if tag == "mmlu_stem_tasks")
+    assert list(MMLU_STEM_SUBJECTS) == stem
+    template = _lm_eval_yaml("mmlu/default/_default_template_yaml")
+    hub = load_task_config(HUB / "karma_paper_hub_mmlu_stem.yaml")
+    assert (hub["dataset_path"], hub["test_split"]) == (template["dataset_path"], "test")
+    assert template["test_split"] == "test" and hub["dataset_name"] == "all"
+    assert hub["process_docs"] is mmlu_stem_docs
+    # a stand-in for `all`: two rows per subject, in lm-eval's order
+    rows = [{"subject": s, "question": f"{s} {i}"} for s in sorted(subjects) for i in range(2)]
+    kept = mmlu_stem_docs(Dataset.from_list(rows))
+    assert kept["question"] == [r["question"] for r in rows if r["subject"] in stem]
+    assert len(kept) == 2 * 19
+
+
+def test_hub_mmlu_pro_is_lm_evals_mmlu_pro_scored_with_fallbacks() -> None:
+    """lm-eval's mmlu_pro: its data, prompt (doc_to_text), per-category description, stop
+    sequence, metric and length; zero-shot; its strict pattern kept as strict-extract, the score
+    MMLU-Pro's scripts' extraction. One task over all 14 categories (its group's items)."""
+    from lm_eval.tasks.mmlu_pro import utils
+
+    from karma.evaluation.extract import mmlu_pro_fallback
+
+    hub = load_task_config(HUB / "karma_paper_hub_mmlu_pro.yaml")
+    ref = _mmlu_pro_template()
+    for key in ("dataset_path", "test_split", "metric_list", "doc_to_target"):
+        assert hub[key] == ref[key], key
+    assert hub["generation_kwargs"] == ref["generation_kwargs"]  # incl. 2048 tokens
+    assert hub["doc_to_text"] is utils.doc_to_text and "process_docs" not in hub
+    assert (ref["num_fewshot"], hub["num_fewshot"]) == (5, 0)  # zero-shot in the paper suite
+    (strict,) = ref["filter_list"]
+    assert hub["filter_list"][1] == {**strict, "name": "strict-extract"}
+    assert hub["filter_list"][0]["filter"][0]["filter_fn"] is mmlu_pro_fallback
+    group = _lm_eval_yaml("mmlu_pro/_mmlu_pro.yaml")
+    assert len(group["task"]) == 14
+    from lm_eval.utils import apply_template  # how lm-eval renders a description
+
+    for name in group["task"]:
+        sub = _lm_eval_yaml(f"mmlu_pro/{name}.yaml")
+        category = getattr(utils, sub["process_docs"].split(".")[-1]).keywords["subject"]
+        assert apply_template(hub["description"], {"category": category}) == sub["description"]
+
+
+HUB_STEM_PRO = ["mmlu_stem", "mmlu_pro"]
+
+
+def _apply(steps: list[dict], response: str) -> str:
+    from lm_eval.api.registry import get_filter
+
+    resps: list = [[response]]
+    for step in steps:
+        kwargs = {k: v for k, v in step.items() if k != "function"}
+        resps = list(get_filter(step["function"])(**kwargs).apply(resps, [{}]))
+    return resps[0]
+
+
+@pytest.mark.parametrize("name", HUB_STEM_PRO)
+@pytest.mark.parametrize(
+    ("response", "letter"),
+    [
+        ("Both look plausible.\nAnswer: C", "C"),  # MMLU-Pro's first fallback
+        ("Step 1: 2 + 2 = 4.\nAnswer:D", "D"),
+        ("Option B is wrong, so I'd go with F.", "F"),  # the last standalone letter
+        ("Therefore (H) is right", "H"),
+    ],
+)
+def test_hub_strict_fails_where_the_fallback_finds_the_letter(
+    name: str, response: str, letter: str
+) -> None:
+    """Completions without "the answer is (X)": lm-eval's strict pattern (the diagnostic
+    strict-extract) finds nothing, the score's extraction (custom-extract) finds the letter."""
+    cfg = load_task_config(HUB / f"karma_paper_hub_{name}.yaml")
+    custom, strict = (cfg["filter_list"][i]["filter"] for i in (0, 1))
+    assert _apply(strict, response) == "[invalid]"
+    assert _apply(custom, response) == letter
+    stated = f"So the answer is ({letter})."
+    assert _apply(custom, stated) == letter == _apply(strict, stated)
+
+
+def _fallback_lm(name: str, fixed: str):
+    """An lm-eval LM that writes "Answer: X" (no "the answer is"): the correct letter on even
+    doc ids, ``fixed`` on odd ones."""
+    from lm_eval.api.model import LM
+
+    class Fallback(LM):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return [
+                f"Reasoning...\nAnswer: {_letter(name, r.doc) if r.doc_id % 2 == 0 else fixed}"
+                for r in requests
+            ]
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+    return Fallback()
+
+
+@pytest.mark.parametrize("name", HUB_STEM_PRO)
+def test_hub_task_scores_by_the_fallback_under_one_key(name: str) -> None:
+    """The hub task (its data swapped for the mini items) is one task with one score key:
+    custom-extract counts the "Answer: X" letters, strict-extract none of them."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    base = load_task_config(PAPER / f"karma_paper_{name}.yaml")
+    cfg = {k: v for k, v in load_task_config(HUB / f"karma_paper_hub_{name}.yaml").items()}
+    cfg.pop("process_docs", None)  # the mini items' subjects are partly not MMLU's
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs=base["dataset_kwargs"])
+    rows = _rows(name)
+    expected = sum(
+        _letter(name, r) == (_letter(name, r) if i % 2 == 0 else "A") for i, r in enumerate(rows)
+    ) / len(rows)
+    res = lm_eval.simple_evaluate(
+        model=_fallback_lm(name, "A"),
+        tasks=[cfg],
+        task_manager=TaskManager(include_defaults=False),
+        bootstrap_iters=0,
+    )
+    (task,) = res["results"]
+    assert task == f"karma_paper_hub_{name}"
+    assert 0.5 < expected < 1.0
+    assert res["results"][task][METRIC] == pytest.approx(expected)
+    assert res["results"][task]["exact_match,strict-extract"] == 0.0

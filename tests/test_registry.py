@@ -66,6 +66,25 @@ def test_code_deps_hold_every_module_the_stage_imports(wiring) -> None:
     assert loaded and loaded <= deps, sorted(loaded - deps)
 
 
+def test_task_deps_hold_the_karma_code_task_yamls_load() -> None:
+    """The ``!function karma.*`` code of karma's task YAMLs (outside any import closure) is in
+    the deps of every lm-eval stage, so that editing it re-runs them."""
+    import re
+
+    from karma.registry import TASK_DEPS
+
+    tasks = REPO / "karma/evaluation/tasks"
+    named = {
+        m.rpartition(".")[0].replace(".", "/") + ".py"
+        for path in tasks.rglob("*.yaml")
+        for m in re.findall(r"!function\s+(karma\.[\w.]+)", path.read_text())
+    }
+    assert {"karma/evaluation/extract.py", "karma/evaluation/mmlu.py"} <= named
+    assert named <= set(TASK_DEPS)
+    for name in ("benchmark", "evaluate_base", "evaluate", "sp_evaluate"):
+        assert named <= set(_stages()[name]["deps"]), name
+
+
 def _layouts_module() -> str:
     """The module that defines ``to_trl`` (the TRL layout select and train apply)."""
     found = [p for p in (REPO / "karma/pairing").glob("*.py") if "\ndef to_trl(" in p.read_text()]

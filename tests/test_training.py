@@ -1210,3 +1210,34 @@ def test_accelerate_launch_two_cpu_processes(two_processes: tuple, tiny_model_di
     assert math.isfinite(metrics["loss"]) and changed_tensors(tiny_model_dir, root / "policy")
     a, b = _state(full / "policy"), _state(root / "policy")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_trl_field_table_equals_trl() -> None:
+    """The table the early checks read (no TRL import) is TRL's own dataclasses, for every
+    objective: after a TRL upgrade, ``python -m karma.training.trl_fields`` regenerates it."""
+    from karma.training.trl_fields import fields, reflect
+
+    for method, table in reflect().items():
+        assert fields(method) == table, method
+    assert fields("dpo")["learning_rate"] == ["float"]
+    assert "max_steps" in fields("kto")
+
+
+def test_a_bad_trl_value_fails_before_trl_loads() -> None:
+    """``check_settings`` needs no TRL import: run it in a fresh interpreter and check that
+    neither trl nor torch were imported when the one-line error came."""
+    code = (
+        "import sys\n"
+        "from karma.core.errors import KarmaError\n"
+        "from karma.training.settings import TrainConfig\n"
+        "from karma.training.trl_config import check_settings\n"
+        "try:\n"
+        "    check_settings(TrainConfig(trl={'max_steps': 'many'}))\n"
+        "except KarmaError as err:\n"
+        "    print(err)\n"
+        "print('trl' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    error, loaded = out.stdout.strip().splitlines()
+    assert "train.trl.max_steps" in error and "wrong type" in error, out.stdout
+    assert loaded == "False False", out.stdout

@@ -27,6 +27,7 @@ from karma.core.errors import KarmaError, did_you_mean
 from karma.core.io import cache_root
 from karma.evaluation.metrics import flat_key
 from karma.evaluation.settings import TaskSpec
+from karma.evaluation.taskindex import registry_names
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +290,7 @@ def warn_truncation(load: list[Any], cap: int | None) -> None:
 
 def _check_registered(registered: Mapping[str, str], embedded: list[str], where: str) -> None:
     """Names not in lm-eval's registry raise with the closest known names."""
-    from lm_eval.tasks import TaskManager
-
-    log.info("indexing lm-eval's task registry (takes a while) ...")
-    known = set(TaskManager().all_tasks)
+    known = registry_names()
     for bench, name in registered.items():
         if name not in known:
             raise KarmaError(

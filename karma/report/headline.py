@@ -14,7 +14,8 @@ that the report reads, not DVC metrics). This stage picks, from them, what ``dvc
   against itself, a definition, so it is not a headline);
 * ``pairs.made`` (preferences), ``pairs.kept`` (MAP selection), ``pairs.trained`` (distinct
   pairs the optimizer saw: ``min(kept, steps x global batch)``), ``mean_kinship`` (of the
-  pairs made) and ``judge.agreement`` when a judge ran.
+  pairs made) and ``agreement`` (with ``agreement.lo``/``.hi``, Wilson 95 %): how often the
+  instance rating (the judge's, or the dataset's) prefers the response the run's strategy chose.
 
 Nothing here varies between identical reruns (timings are logged, never written).
 
@@ -63,7 +64,6 @@ DATA_KEYS = (
     ("pairs.made", "preferences", "pairs"),
     ("pairs.kept", "select", "pairs_kept"),
     ("mean_kinship", "preferences", "mean_kinship"),
-    ("judge.agreement", "preferences", "judge.agreement"),
 )
 
 
@@ -100,6 +100,24 @@ def trained_pairs(train: Mapping[str, Any], kept: float | None) -> int | None:
     return seen if given is None else min(seen, int(given))
 
 
+def _agreement(prefs: Mapping[str, Any]) -> dict[str, Any]:
+    """``agreement`` (``.lo``, ``.hi``) of the run's strategy: the only one the stage tallies.
+
+    >>> _agreement({"agreement.sim.agree": 0.6, "agreement.sim.lo": 0.4, "agreement.sim.hi": 0.8})
+    {'agreement': 0.6, 'agreement.lo': 0.4, 'agreement.hi': 0.8}
+    """
+    found = sorted(k for k in prefs if k.startswith("agreement.") and k.endswith(".agree"))
+    if len(found) != 1 or _num(prefs[found[0]]) is None:
+        return {}
+    stem = found[0].removesuffix(".agree")
+    keys = {"agreement": f"{stem}.agree", **{f"agreement.{b}": f"{stem}.{b}" for b in ("lo", "hi")}}
+    return {
+        key: round(float(value), DIGITS)
+        for key, src in keys.items()
+        if (value := _num(prefs.get(src))) is not None
+    }
+
+
 def headline(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The headline keys from the diagnostics ``{stage: flat metrics}`` (absent stages skipped)."""
     out = _bench_keys(diag.get("eval") or {})
@@ -110,6 +128,7 @@ def headline(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for key, stage, name in DATA_KEYS:
         if _num(value := (diag.get(stage) or {}).get(name)) is not None:
             out[key] = round(value, DIGITS) if isinstance(value, float) else value
+    out.update(_agreement(diag.get("preferences") or {}))
     if train and (n := trained_pairs(train, out.get("pairs.kept"))) is not None:
         out["pairs.trained"] = n
     return out

@@ -63,6 +63,7 @@ from karma.training.trl_config import (
     build_lora_config,
     build_trl_config,
     check_heldout_modelled,
+    check_settings,
 )
 
 if TYPE_CHECKING:
@@ -286,6 +287,7 @@ def heldout_files(paths: TrainPaths) -> dict[str, Path]:
 def _inputs(params: Params, paths: TrainPaths, world: int) -> tuple[TrainConfig, Any, Any, Any]:
     """Validate everything cheap (before any model loads or any process is launched)."""
     cfg = apply_recipe(params.train)
+    check_settings(cfg)  # in a second, before TRL and torch load
     obj = objective(cfg.method)
     stored = _stored(cfg, paths)
     args = build_trl_config(cfg, seed=params.seed, output_dir=paths.checkpoints, world_size=world)

@@ -13,10 +13,10 @@ process); gradient accumulation is derived from the per-device batch and the pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from karma.core.errors import KarmaError, did_you_mean
 from karma.core.settings import read_yaml
 from karma.training.objectives import OBJECTIVES, objective
 from karma.training.settings import TrainConfig
+from karma.training.trl_fields import fields
 
 log = logging.getLogger(__name__)
 
@@ -146,37 +147,52 @@ def batch_plan(cfg: TrainConfig, world_size: int = 1) -> BatchPlan:
                      cfg.global_batch_size, True)  # fmt: skip
 
 
-def _check_fields(cls: type, block: str, args: dict[str, Any]) -> None:
-    """Every key of ``args`` is a field of the dataclass ``cls`` (did-you-mean otherwise)."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+def _config_name(method: str) -> str:
+    """``trl.DPOConfig`` for ``dpo`` (from the registry, without importing TRL)."""
+    module, _, name = objective(method).config.partition(":")
+    return f"{module.split('.')[0]}.{name}"
+
+
+def _check_fields(method: str, block: str, args: dict[str, Any]) -> None:
+    """Every key of ``args`` is a field of ``method``'s TRL config (did-you-mean otherwise)."""
+    names = set(fields(method))
     for key in args:
         if key not in names:
+            cls = _config_name(method)
             raise KarmaError(
-                f"unknown {cls.__name__} field{did_you_mean(key, names)}",
+                f"unknown {cls.split('.')[-1]} field{did_you_mean(key, names)}",
                 field=f"train.{block}.{key}",
-                expected=f"a field of {cls.__module__.split('.')[0]}.{cls.__name__}",
+                expected=f"a field of {cls}",
             )
 
 
-def _coerce_numbers(cls: type, args: dict[str, Any]) -> dict[str, Any]:
+def _coerce_numbers(method: str, args: dict[str, Any]) -> dict[str, Any]:
     """Turn numeric strings into numbers for numeric TRL fields.
 
     PyYAML (YAML 1.1) reads ``5e-5`` (no dot) as a string, and ``dvc exp run -S`` may write it so.
     """
-    types_ = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(cls)}
+    kinds = fields(method)
     out = dict(args)
     for key, value in args.items():
-        if not isinstance(value, str) or key not in types_:
+        if not isinstance(value, str) or not set(kinds.get(key, ["other"])) <= NUMERIC:
             continue
-        kind = types_[key]
-        try:
-            if "float" in kind:
-                out[key] = float(value)
-            elif kind.startswith("int"):
-                out[key] = int(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            out[key] = float(value) if "float" in kinds[key] else int(value)
     return out
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Every TRL setting of ``cfg`` (its ``trl`` block and every method's block) names a field
+    of its config and has the field's type and sign: one line naming the key otherwise. Reads
+    :mod:`karma.training.trl_fields`, so a typo fails in a second, before TRL (and torch) load.
+    """
+    _check_fields(cfg.method, "trl", cfg.trl)
+    for name in OBJECTIVES:  # a typo in another method's block fails too
+        _check_fields(name, name, cfg.method_args(name))
+    user = _coerce_numbers(cfg.method, {**cfg.trl, **cfg.method_args()})
+    for key, value in user.items():
+        where = f"train.{_user_block(cfg, key)}.{key}"
+        check_value(fields(cfg.method).get(key), key, value, where)
 
 
 def trl_kwargs(
@@ -191,10 +207,8 @@ def trl_kwargs(
     """
     import torch
 
+    check_settings(cfg)
     obj = objective(cfg.method)
-    _check_fields(obj.config_class(), "trl", cfg.trl)
-    for name, other in OBJECTIVES.items():  # a typo in another method's block fails too
-        _check_fields(other.config_class(), name, cfg.method_args(name))
     kwargs = {**TRL_DEFAULTS, **copy.deepcopy(cfg.trl), **copy.deepcopy(cfg.method_args())}
     kwargs.update(copy.deepcopy(dict(obj.fixed)))
     kwargs.update(output_dir=str(output_dir), seed=int(seed), report_to="none")
@@ -212,9 +226,10 @@ def trl_kwargs(
         )
     if torch.accelerator.current_accelerator() is None:
         kwargs.setdefault("use_cpu", True)
-    kwargs = _coerce_numbers(obj.config_class(), kwargs)
+    kwargs = _coerce_numbers(cfg.method, kwargs)
     for key in {**cfg.trl, **cfg.method_args()}:
-        check_value(obj.config_class(), key, kwargs[key], f"train.{_user_block(cfg, key)}.{key}")
+        where = f"train.{_user_block(cfg, key)}.{key}"
+        check_value(fields(cfg.method).get(key), key, kwargs[key], where)
     return kwargs
 
 
@@ -227,27 +242,23 @@ def _user_block(cfg: TrainConfig, key: str) -> str:
 POSITIVE = {"learning_rate", "beta", "gradient_accumulation_steps", "save_steps", "logging_steps"}
 NON_NEGATIVE = {"weight_decay", "warmup_ratio", "warmup_steps", "num_train_epochs",
                 "max_grad_norm", "label_smoothing"}  # fmt: skip
+NUMERIC = {"int", "float", "null"}
 _KIND_CHECKS = {
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    bool: lambda v: isinstance(v, bool),
-    str: lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
 }
 
 
-def check_value(cls: type, key: str, value: Any, where: str) -> None:
-    """A TRL setting of the field's type (int, float, bool, text) and sign, named by its key."""
-    field = next((f for f in dataclasses.fields(cls) if f.name == key), None)
-    if field is None or isinstance(field.type, str):
-        return
-    kinds = set(typing.get_args(field.type)) or {field.type}
-    if value is None and type(None) in kinds:
+def check_value(kinds: list[str] | None, key: str, value: Any, where: str) -> None:
+    """A TRL setting of its field's ``kinds`` (:mod:`karma.training.trl_fields`: int, float,
+    bool, text, null; ``other`` is not checked) and sign, named by its key."""
+    if kinds is None or (value is None and "null" in kinds):
         return
     checks = [_KIND_CHECKS[k] for k in kinds if k in _KIND_CHECKS]
-    if checks and len(checks) == len(kinds - {type(None)}) and not any(c(value) for c in checks):
-        names = " | ".join(sorted("null" if k is type(None) else getattr(k, "__name__", str(k))
-                                  for k in kinds))  # fmt: skip
-        raise KarmaError("wrong type", field=where, value=value, expected=names)
+    if checks and "other" not in kinds and not any(c(value) for c in checks):
+        raise KarmaError("wrong type", field=where, value=value, expected=" | ".join(kinds))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if key in POSITIVE and not value > 0:
             raise KarmaError("out of range", field=where, value=value, expected=f"{key} > 0")
