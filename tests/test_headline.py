@@ -28,7 +28,9 @@ def _default_like() -> dict[str, dict]:
                f"delta.{b}.wins": 3, f"delta.{b}.losses": 1, f"policy.{b}.acc": 0.5}  # fmt: skip
     train = {"steps": 16, "batch.global": 4, "pairs": 323, "heldout.after.loss": 0.68,
              "heldout.after.reward_accuracy": 0.62, "heldout.after.reward_margin": 0.38,
-             "heldout.before.loss": 0.693, "grad_norm": 13.5, "tokens": 9342}  # fmt: skip
+             "heldout.before.loss": 0.693, "grad_norm": 13.5, "tokens": 9342,
+             "dev.heldout.after.reward_margin": 0.3, "dev.heldout.delta.reward_margin.ci_low": 0.1,
+             "dev.heldout.after.loss": 0.69}  # fmt: skip
     prefs = {"pairs": 400, "mean_kinship": 0.9165, "diag.pool.mean_kinship": 0.8, "drop_tie": 3,
              "agreement.score.agree": 0.62, "agreement.score.lo": 0.57, "agreement.score.hi": 0.67,
              "agreement.score.n": 386, "rating.overall_score.agree": 200}  # fmt: skip
@@ -40,8 +42,10 @@ def _default_like() -> dict[str, dict]:
 def test_headline_keys_are_few_and_named_for_a_reviewer() -> None:
     diag = _default_like()
     out = headline(diag)
-    # 7 columns x 5 + 2 held-out + 3 pairs + mean_kinship + agreement with its interval
-    assert len(out) <= 44, len(out)
+    # 7 columns x 5 + 2 held-out + 2 dev + 3 pairs + mean_kinship + agreement with its interval
+    assert len(out) <= 46, len(out)
+    assert (out["dev.reward_margin"], out["dev.reward_margin.lo"]) == (0.3, 0.1)
+    assert "dev.loss" not in out and "dev.heldout.after.loss" not in out
     assert sum(len(d) for d in diag.values()) > 2 * len(out)
     for b in [*BENCHMARKS, "total"]:
         short = SHORT[b]
@@ -60,7 +64,7 @@ def test_committed_headline_matches_the_committed_diagnostics() -> None:
     """metrics/headline.json is what the headline stage makes of diagnostics/ (no timings)."""
     committed = json.loads((REPO / "metrics/headline.json").read_text())
     assert committed == headline(read_diagnostics(REPO / "diagnostics"))
-    assert len(committed) <= 44
+    assert len(committed) <= 46
     train = json.loads((REPO / "diagnostics/train.json").read_text())
     assert "wall_time_s" not in train and "tokens_per_second" not in train
     metrics_files = sorted(p.name for p in (REPO / "metrics").glob("*.json"))

@@ -11,7 +11,9 @@ that the report reads, not DVC metrics). This stage picks, from them, what ``dvc
 * the same for ``total`` (the paper's Table 2 Total: 0-1 mean of MMLU, MMLU-Pro, ARC-E, ARC-C
   and IFEval; interval from the bootstrap of the Total itself);
 * the held-out preference metrics after training (``heldout.*``; "before" is the reference
-  against itself, a definition, so it is not a headline);
+  against itself, a definition, so it is not a headline), and on the dev pairs, where recipes
+  are chosen, the margin after training and the lower bound of its change (``dev.reward_margin``,
+  ``dev.reward_margin.lo``: the rule of ``docs/recipe_choice.md``);
 * ``pairs.made`` (preferences), ``pairs.kept`` (MAP selection), ``pairs.trained`` (distinct
   pairs the optimizer saw: ``min(kept, steps x global batch)``), ``mean_kinship`` (of the
   pairs made) and ``agreement`` (with ``agreement.lo``/``.hi``, Wilson 95 %): how often the
@@ -59,6 +61,9 @@ SHORT = {
 }
 #: Held-out metrics shown after training (the objective's own; "before" is definitional).
 HELDOUT = ("reward_accuracy", "reward_margin")
+#: ``(headline key, train key)`` of the dev pairs' numbers recipes are compared on.
+DEV_KEYS = (("dev.reward_margin", "dev.heldout.after.reward_margin"),
+            ("dev.reward_margin.lo", "dev.heldout.delta.reward_margin.ci_low"))  # fmt: skip
 #: ``(headline key, diagnostics file, key)`` of the data-side headline numbers.
 DATA_KEYS = (
     ("pairs.made", "preferences", "pairs"),
@@ -125,6 +130,9 @@ def headline(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for m in HELDOUT:
         if _num(value := train.get(f"heldout.after.{m}")) is not None:
             out[f"heldout.{m}"] = round(float(value), DIGITS)
+    for key, name in DEV_KEYS:
+        if _num(value := train.get(name)) is not None:
+            out[key] = round(float(value), DIGITS)
     for key, stage, name in DATA_KEYS:
         if _num(value := (diag.get(stage) or {}).get(name)) is not None:
             out[key] = round(value, DIGITS) if isinstance(value, float) else value
