@@ -251,7 +251,8 @@ PIPELINE: tuple[Wiring, ...] = (
         kinds={"out": ("metrics", NO_CACHE)},
         comment="What a reviewer compares (at most ~40 keys): per benchmark the policy score, its "
         "paired delta with interval and Holm-adjusted significance, the paper's Total, held-out "
-        "metrics (test; dev: dev.reward_margin*), pairs. The only DVC metrics file; every stage's full metrics are diagnostics.",
+        "metrics (test; dev: dev.reward_margin*), pairs. The only DVC metrics file; every "
+        "stage's full metrics are diagnostics.",
     ),
     *(
         Wiring(
