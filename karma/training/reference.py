@@ -95,10 +95,11 @@ def stored_trainer(cls: type, stored: dict[str, dict[str, tuple[float, float]]],
 
     class StoredReference(cls):  # type: ignore[misc, valid-type]
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
-            if name not in stored:
-                raise KarmaError(f"no stored reference log-probs of the {name} pairs", file=where)
             # the held-out set holds the test and the dev pairs (keys are content hashes)
-            table = stored[name] if name != "eval" else {**stored.get("dev", {}), **stored[name]}
+            parts = [name] if name != "eval" else ["eval", "dev"]
+            if not any(p in stored for p in parts):
+                raise KarmaError(f"no stored reference log-probs of the {name} pairs", file=where)
+            table = {k: v for p in parts for k, v in stored.get(p, {}).items()}
             return attach(dataset, table, where)
 
     StoredReference.__name__ = cls.__name__
