@@ -281,6 +281,13 @@ def test_stored_reference_of_the_dev_pairs(
     np.testing.assert_allclose(dev, [stored["dev"][k] for k in keys], rtol=0, atol=1e-6)
     live = heldout_logps(trainer, spec, part="dev").policy  # the policy = the base: the same
     np.testing.assert_allclose(dev, live, atol=1e-4)
+    # dev pairs alone (choosing a recipe without scoring the test pairs)
+    only = make_trainer(params.train, tiny_model_dir, seed=0, output_dir=tmp_path / "ck2",
+                        dataset=with_keys(load_pairs(pairs_file)),
+                        eval_dataset=tagged({"dev": with_keys(load_pairs(dev_file))}),
+                        stored=Stored({"train": stored["train"], "dev": stored["dev"]}, out))
+    alone = heldout_logps(only, spec, reference=True, part="dev").policy
+    np.testing.assert_array_equal(alone, dev)
 
 
 def test_stored_reference_must_match_the_pairs(
