@@ -9,7 +9,7 @@ to fewer steps, then the lower learning rate. Writes ``grid.json`` and a Markdow
 ``--out``; ``docs/recipe_choice.md`` holds the committed run.
 
     python scripts/choose_recipe.py --out /tmp/recipe-grid
-    python scripts/choose_recipe.py --out /tmp/g --lrs 2e-5,5e-5 --steps 4   # a smaller grid
+    python scripts/choose_recipe.py --out /tmp/g --steps 4,8,16   # a fuller grid
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--kinship-dir", default="data/kinship")
     ap.add_argument("--base", default="models/base")
     ap.add_argument("--lrs", default="2e-5,5e-5,1e-4")
-    ap.add_argument("--steps", default="4,8")
+    ap.add_argument("--steps", default="4")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
