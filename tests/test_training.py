@@ -619,7 +619,7 @@ def test_trl_config_passthrough_and_defaults(tmp_path: Path):
     assert args.bf16 is False and args.gradient_checkpointing is False
     sft = build_trl_config(TrainConfig(method="sft"), seed=0, output_dir=tmp_path)
     assert type(sft).__name__ == "SFTConfig" and sft.report_to == []
-    assert sft.max_steps == 16 and sft.learning_rate == 5e-5  # the default train.trl
+    assert sft.max_steps == 4 and sft.learning_rate == 2e-5  # the default train.trl (dev-chosen)
 
 
 def test_trl_rejects_bad_value(tmp_path: Path):
