@@ -4,8 +4,8 @@ decoding, embedded GGUF (cache, download failure, end to end)."""
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
