@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -336,3 +337,24 @@ def test_embedded_smollm2_end_to_end(tmp_path: Path, karma_cache: Path, karma_cl
     before, after = _tensors(out), _tensors(tmp_path / "policy")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "one step moves weights"
+
+
+def test_saved_tokenizer_bytes_do_not_depend_on_offline_mode(tmp_path: Path) -> None:
+    """Under HF_HUB_OFFLINE=1 transformers records ``local_files_only: true`` in a saved
+    tokenizer_config.json; karma's loader records one fixed value, so a policy trained in CI
+    (offline) has the committed bytes (a fresh-clone repro once dirtied dvc.lock by that byte)."""
+    from transformers import AutoTokenizer
+
+    from karma.core.lm import load_causal_lm
+    from tests.fixtures import build_tiny_model
+
+    src = build_tiny_model(tmp_path / "m")
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py
+    raw = AutoTokenizer.from_pretrained(str(src))
+    raw.save_pretrained(str(tmp_path / "raw"))
+    _, tok = load_causal_lm(src, chat_template=False)
+    tok.save_pretrained(str(tmp_path / "ours"))
+    raw_cfg = json.loads((tmp_path / "raw/tokenizer_config.json").read_text())
+    ours = json.loads((tmp_path / "ours/tokenizer_config.json").read_text())
+    assert raw_cfg.get("local_files_only") is True  # what the fix is for
+    assert ours["local_files_only"] is False

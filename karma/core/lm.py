@@ -71,6 +71,18 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def fixed_load_flags(tokenizer: Any) -> Any:
+    """``tokenizer`` with how it was loaded recorded as one fixed value.
+
+    transformers writes its load flags into the saved ``tokenizer_config.json``: under
+    ``HF_HUB_OFFLINE=1`` (tests, offline machines) ``local_files_only`` becomes ``true``. How a
+    tokenizer was loaded is not part of the model, so every saved model (base, policies) gets
+    the same bytes offline or not.
+    """
+    tokenizer.init_kwargs["local_files_only"] = False
+    return tokenizer
+
+
 def load_causal_lm(
     source: str | os.PathLike[str],
     *,
@@ -90,7 +102,7 @@ def load_causal_lm(
     where = str(model_dir(source)) if local else str(source)
     extra = {"revision": revision} if revision and not local else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        tokenizer = fixed_load_flags(AutoTokenizer.from_pretrained(where, **extra))
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **extra)
     except OSError as err:
         msg = " ".join(str(err).split())[:300]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from karma.core.errors import KarmaError
 from karma.core.io import atomic_file, cache_root
-from karma.core.lm import load_causal_lm, pad_id, torch_dtype, write_provenance
+from karma.core.lm import fixed_load_flags, load_causal_lm, pad_id, torch_dtype, write_provenance
 from karma.core.stage import Stage, output_path
 from karma.models.settings import BaseModelConfig
 
@@ -200,10 +200,7 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict[str, Any
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = pad_id(tokenizer)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    # how it was loaded (offline or not, HF_HUB_OFFLINE) is not part of the model: one fixed value,
-    # so a fresh clone's base model has the committed bytes
-    tokenizer.init_kwargs["local_files_only"] = False
-    tokenizer.save_pretrained(str(out_dir))
+    fixed_load_flags(tokenizer).save_pretrained(str(out_dir))
     write_provenance(out_dir, {"source": cfg.source, "resolved": described, "dtype": cfg.dtype})
     log.info("base model (%d parameters) saved to %s", model.num_parameters(), out_dir)
     return {

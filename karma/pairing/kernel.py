@@ -34,7 +34,7 @@ REASONS = (
 KEPT, TOO_FEW, UNKNOWN, NO_ELIGIBLE, TIE, IDENTICAL = range(6)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pick_random(lo, hi, cand, ncand, draw):  # type: ignore[no-untyped-def]
     """The ``draw``-th candidate pair (p < q, in record order)."""
     k = np.int64(draw % np.uint64(ncand * (ncand - 1) // 2))
@@ -50,7 +50,7 @@ def _pick_random(lo, hi, cand, ncand, draw):  # type: ignore[no-untyped-def]
     return -1, -1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pick_best_pair(lo, hi, cand, model, s_pref, kin, tau, by_score):  # type: ignore[no-untyped-def]
     """``score`` (by_score) or ``sim``: the best eligible pair, then the other key, then first."""
     a = -1
@@ -85,7 +85,7 @@ def _pick_best_pair(lo, hi, cand, model, s_pref, kin, tau, by_score):  # type: i
     return a, b
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pick_score_sim(lo, hi, cand, model, s_pref, kin, tau):  # type: ignore[no-untyped-def]
     """The best-S_pref candidate with a kin partner, and its most-kin partner."""
     a = -1
@@ -126,7 +126,7 @@ def _pick_score_sim(lo, hi, cand, model, s_pref, kin, tau):  # type: ignore[no-u
     return a, b
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pick(strategy, lo, hi, cand, ncand, model, s_pref, kin, tau, draw):  # type: ignore[no-untyped-def]
     """The pair of a scored-candidate strategy, (-1, -1) when none is eligible."""
     if strategy == RANDOM:
@@ -136,7 +136,7 @@ def _pick(strategy, lo, hi, cand, ncand, model, s_pref, kin, tau, draw):  # type
     return _pick_score_sim(lo, hi, cand, model, s_pref, kin, tau)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rlaif_row(lo, hi, cand, model, nonempty, rating, s_pref, pool_all, draw):  # type: ignore[no-untyped-def]
     """``rlaif`` for one instruction: (chosen, rejected, reason)."""
     count = 0
@@ -171,7 +171,7 @@ def _rlaif_row(lo, hi, cand, model, nonempty, rating, s_pref, pool_all, draw):  
     return -1, -1, TIE  # not reached
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pair_row(strategy, lo, hi, cand, model, nonempty, rating, s_pref, kin, tau, stream, row,
               pool_all):  # type: ignore[no-untyped-def]  # fmt: skip
     """One instruction (completions ``lo:hi``): (chosen, rejected, reason)."""
@@ -205,7 +205,7 @@ def _pair_row(strategy, lo, hi, cand, model, nonempty, rating, s_pref, kin, tau,
     return b, a, KEPT
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pair_kernel(
     offsets: np.ndarray,  # int64 (n+1,)  completions of instruction i: offsets[i]:offsets[i+1]
     model: np.ndarray,  # int64 (c,)  index into s_pref / kin, -1 = unknown
@@ -232,7 +232,7 @@ def pair_kernel(
         out_reason[i] = why
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def same_pair_kernel(
     offsets: np.ndarray,
     model: np.ndarray,
@@ -263,7 +263,7 @@ def same_pair_kernel(
                 out[k] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pool_kernel(
     offsets: np.ndarray, model: np.ndarray, ok: np.ndarray, m: int, out: np.ndarray
 ) -> None:

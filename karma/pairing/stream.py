@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +149,8 @@ class PairStream:
         self.changed = self.dropped = 0
         self.same = {s: 0 for s in STRATEGIES if s != strategy}
         self.agreement = AgreementTally()  # the strategy's pairs vs the instance rating
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="karma-diagnostics")
+        self._pending: Future[Any] | None = None  # the last batch's diagnostics, running
 
     def add(self, data: UltraFeedback) -> tuple[Any, np.ndarray]:
         """Pair one batch; returns its flat pairs table (:func:`flat_pairs`) and the split code
@@ -179,19 +182,38 @@ class PairStream:
                 tally[v] = tally.get(v, 0) + k
         self.test += int((codes == TEST).sum())
         self.dev += int((codes == DEV).sum())
-        if self.diagnose:
-            self.pool_counts += pool_counts(prep)
-            c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
-            self.changed += int(((chosen != c0) | (rejected != r0)).sum())
-            self.dropped += int((~kept & (reason0 == KEPT)).sum())
-            same = same_pairs(
-                prep.offsets, prep.model, prep.nonempty, prep.ratings[self.rating], prep.s_pref,
-                prep.kin, chosen, rejected, strategies=list(self.same), tau=self.tau,
-                seed=self.seed, pool=self.baseline_pool, row0=prep.row0,
-            )  # fmt: skip
-            for other, n in same.items():
-                self.same[other] += n
+        if self.diagnose:  # on the other core, while the next batch is read and paired
+            self._collect()
+            self._pending = self._worker.submit(self._diagnose, prep, chosen, rejected, kw)
         return pairs, codes
+
+    def _diagnose(
+        self, prep: Prepared, chosen: np.ndarray, rejected: np.ndarray, kw: dict[str, Any]
+    ) -> tuple[np.ndarray, int, int, dict[str, int]]:
+        """One batch's diagnostic searches (the Numba kernels release the GIL): pool counts,
+        changed and dropped by tau, and how often each other strategy makes the same pair."""
+        counts = pool_counts(prep)
+        c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
+        changed = int(((chosen != c0) | (rejected != r0)).sum())
+        dropped = int(((chosen < 0) & (reason0 == KEPT)).sum())
+        same = same_pairs(
+            prep.offsets, prep.model, prep.nonempty, prep.ratings[self.rating], prep.s_pref,
+            prep.kin, chosen, rejected, strategies=list(self.same), tau=self.tau,
+            seed=self.seed, pool=self.baseline_pool, row0=prep.row0,
+        )  # fmt: skip
+        return counts, changed, dropped, same
+
+    def _collect(self) -> None:
+        """Add the previous batch's diagnostics (at most one batch is in flight)."""
+        if self._pending is None:
+            return
+        counts, changed, dropped, same = self._pending.result()
+        self._pending = None
+        self.pool_counts += counts
+        self.changed += changed
+        self.dropped += dropped
+        for other, n in same.items():
+            self.same[other] += n
 
     def metrics(self) -> dict[str, Any]:
         """Counts, pair statistics, agreement with both rating fields, split and ``diag.*``."""
@@ -229,6 +251,7 @@ class PairStream:
                     "split.dev_pairs": self.dev,
                     "split.dev_share": round6(self.dev / max(pairs, 1))})  # fmt: skip
         if self.diagnose:
+            self._collect()
             out.update(self.diagnostics(n, pairs, used))
         return out
 

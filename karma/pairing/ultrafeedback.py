@@ -468,13 +468,15 @@ def iter_ultrafeedback(
     by lines; other sources (a .json file, a hub id) in one batch. Concatenated, the batches
     are what :func:`read_ultrafeedback` returns, and they are checked as it checks
     (``limits``, one completion per model and instruction)."""
-    for batch in _batches(source, split, batch_records):
-        _no_repeated_model(batch)
+    for batch, checked in _batches(source, split, batch_records):
+        if not checked:
+            _no_repeated_model(batch)
         yield batch
 
 
-def _parquet_batches(path: Path, batch_records: int) -> Iterator[UltraFeedback]:
-    """A Parquet file's records, validated, in batches (:func:`parquet_frames`), read ahead."""
+def _parquet_batches(path: Path, batch_records: int) -> Iterator[tuple[UltraFeedback, bool]]:
+    """A Parquet file's records in batches (:func:`parquet_frames`), read and checked ahead
+    (``(batch, checked)``: the repeated-model check runs in the reading thread too)."""
     import pyarrow.parquet as pq
 
     try:  # pre_buffer would keep every row group read so far (memory grows with the file)
@@ -485,19 +487,24 @@ def _parquet_batches(path: Path, batch_records: int) -> Iterator[UltraFeedback]:
         ) from None
     names = pf.schema_arrow.names
     if pf.metadata.num_rows == 0 or "completions" not in names:
-        yield _read_parquet(path)  # the in-memory reader names what is wrong
+        yield _read_parquet(path), False  # the in-memory reader names what is wrong
         return
 
-    def batches() -> Iterator[UltraFeedback]:
+    def batches() -> Iterator[tuple[UltraFeedback, bool]]:
         row0 = 0
         for frame in parquet_frames(pf, path, batch_records):
-            yield from_frame(frame, file=path, row0=row0)
+            batch = from_frame(frame, file=path, row0=row0)
+            _no_repeated_model(batch)
+            yield batch, True
             row0 += frame.height
 
     yield from prefetch(batches())
 
 
-def _batches(source: str | Path, split: str, batch_records: int) -> Iterator[UltraFeedback]:
+def _batches(
+    source: str | Path, split: str, batch_records: int
+) -> Iterator[tuple[UltraFeedback, bool]]:
+    """``(batch, checked)``: the source in batches, and whether the repeated-model check ran."""
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file() and path.stat().st_size and suffix in (".parquet", ".pq"):
@@ -508,12 +515,12 @@ def _batches(source: str | Path, split: str, batch_records: int) -> Iterator[Ult
         for item in _iter_jsonl(path):
             chunk.append(item)
             if len(chunk) == batch_records:
-                yield from_records(chunk, file=path, row0=row0)
+                yield from_records(chunk, file=path, row0=row0), False
                 row0, chunk = row0 + len(chunk), []
         if chunk or row0 == 0:
-            yield from_records(chunk, file=path, row0=row0)
+            yield from_records(chunk, file=path, row0=row0), False
     else:
-        yield _read_source(source, split)
+        yield _read_source(source, split), False
 
 
 def read_ultrafeedback(source: str | Path, *, split: str = "train") -> UltraFeedback:

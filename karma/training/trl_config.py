@@ -153,17 +153,20 @@ def _config_name(method: str) -> str:
     return f"{module.split('.')[0]}.{name}"
 
 
-def _check_fields(method: str, block: str, args: dict[str, Any]) -> None:
-    """Every key of ``args`` is a field of ``method``'s TRL config (did-you-mean otherwise)."""
-    names = set(fields(method))
+def _check_names(names: set[str], config: str, block: str, args: dict[str, Any]) -> None:
+    """Every key of ``args`` is one of ``names``, the fields of ``config`` (did-you-mean)."""
     for key in args:
         if key not in names:
-            cls = _config_name(method)
             raise KarmaError(
-                f"unknown {cls.split('.')[-1]} field{did_you_mean(key, names)}",
+                f"unknown {config.split('.')[-1]} field{did_you_mean(key, names)}",
                 field=f"train.{block}.{key}",
-                expected=f"a field of {cls}",
+                expected=f"a field of {config}",
             )
+
+
+def _check_fields(method: str, block: str, args: dict[str, Any]) -> None:
+    """Every key of ``args`` is a field of ``method``'s TRL config."""
+    _check_names(set(fields(method)), _config_name(method), block, args)
 
 
 def _coerce_numbers(method: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +327,8 @@ def build_lora_config(lora: dict[str, Any] | None) -> Any:
         raise KarmaError(
             "LoRA needs peft: pip install 'karma-align[lora]'", field="train.lora"
         ) from None
-    _check_fields(LoraConfig, "lora", lora)
+    names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    _check_names(names, "peft.LoraConfig", "lora", lora)
     try:
         return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
     except (ValueError, TypeError) as err:
