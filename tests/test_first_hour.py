@@ -63,7 +63,7 @@ def test_first_hour(tmp_path: Path) -> None:
         pytest.fail(f"a fresh-clone repro changed tracked files:\n{dirty}\n{diff[:6000]}")
 
     _run(["git", "add", "-A"], clone, env)
-    _run(["git", "commit", "-qm", "first run"], clone, env)
+    _run(["git", "commit", "-q", "--allow-empty", "-m", "first run"], clone, env)  # clean
     _run([*dvc, "exp", "run", "-S", "kinship=sim"], clone, env)
     diff = json.loads(_run([*dvc, "metrics", "diff", "HEAD", "--json"], clone, env))
     changed = diff["metrics/headline.json"]
