@@ -22,7 +22,7 @@ loop is timed on the first 100k records and extrapolated linearly.
 (:func:`karma.core.stage.execute` on the Parquet: records streamed in batches of
 ``preferences.batch_records``, both splits written as they come, diagnostics included) and, in
 the same run, the floor: reading the same input with the same library (pyarrow record batches
-of the same columns) and writing an output of the same size (the stage's two files, read back
+of the same columns) and writing an output of the same size (the stage's three files, read back
 and written again with the same writer). It reports time, peak memory (VmHWM of each child
 process) and the ratio stage / floor; at the smallest size it also checks that the streamed
 files are byte-identical to the in-memory path (make_pairs + write_splits) with other batch
@@ -209,6 +209,7 @@ def run_floor(data: Path, out: Path) -> dict:
     import pyarrow.parquet as pq
 
     from karma.pairing.batching import parquet_frames
+    from karma.pairing.layouts import SPLITS
     from karma.pairing.writers import RowGroupWriter
 
     t0 = time.perf_counter()
@@ -217,7 +218,7 @@ def run_floor(data: Path, out: Path) -> dict:
     for frame in parquet_frames(pf, data, 100_000):
         rows += frame.height
     t1 = time.perf_counter()
-    for name in ("train_prefs", "test_prefs"):
+    for name in SPLITS:  # every file the stage wrote (train, test, dev)
         src = pq.ParquetFile(out / f"{name}.parquet", pre_buffer=False)
         writer = RowGroupWriter(out.with_name(f"floor_{name}.parquet"), src.schema_arrow)
         for batch in src.iter_batches(batch_size=65_536):
@@ -234,6 +235,7 @@ def check_identical(data: Path, tmp: Path, strategy: str) -> bool:
     from karma.core.stage import execute
     from karma.kinship.kinship import STAGE as KINSHIP
     from karma.kinship.kinship import KinshipPaths
+    from karma.pairing.layouts import SPLITS
     from karma.pairing.preferences import STAGE, PreferencesPaths
     from karma.pairing.settings import PreferencesConfig
     from karma.pairing.stream import make_pairs
@@ -255,7 +257,7 @@ def check_identical(data: Path, tmp: Path, strategy: str) -> bool:
                      strategy=strategy, test_fraction=0.2)  # fmt: skip
     write_splits(res, tmp / "memory")
     files.append({f.name: f.read_bytes() for f in (tmp / "memory").glob("*.parquet")})
-    return files[0] == files[1] == files[2] and len(files[0]) == 2
+    return files[0] == files[1] == files[2] and len(files[0]) == len(SPLITS)
 
 
 def _child(args: argparse.Namespace) -> None:
