@@ -280,6 +280,25 @@ def pool_kernel(
                 out[a, b] += 1
 
 
+def _contiguous(
+    offsets: np.ndarray,
+    model: np.ndarray,
+    nonempty: np.ndarray,
+    rating: np.ndarray,
+    s_pref: np.ndarray,
+    kin: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """The kernels' row arrays, contiguous and of the dtypes they are compiled for."""
+    return (
+        np.ascontiguousarray(offsets, dtype=np.int64),
+        np.ascontiguousarray(model, dtype=np.int64),
+        np.ascontiguousarray(nonempty, dtype=np.bool_),
+        np.ascontiguousarray(rating, dtype=np.float64),
+        np.ascontiguousarray(s_pref, dtype=np.float64),
+        np.ascontiguousarray(kin, dtype=np.float64),
+    )
+
+
 def pair_arrays(
     offsets: np.ndarray,
     model: np.ndarray,
@@ -308,12 +327,7 @@ def pair_arrays(
     rejected = np.empty(n, dtype=np.int64)
     reason = np.empty(n, dtype=np.int8)
     pair_kernel(
-        np.ascontiguousarray(offsets, dtype=np.int64),
-        np.ascontiguousarray(model, dtype=np.int64),
-        np.ascontiguousarray(nonempty, dtype=np.bool_),
-        np.ascontiguousarray(rating, dtype=np.float64),
-        np.ascontiguousarray(s_pref, dtype=np.float64),
-        np.ascontiguousarray(kin, dtype=np.float64),
+        *_contiguous(offsets, model, nonempty, rating, s_pref, kin),
         code,
         float(tau),
         np.uint64(stream_seed(seed, strategy)),
@@ -349,12 +363,7 @@ def same_pairs(
     streams = np.array([stream_seed(seed, s) for s in strategies], dtype=np.uint64)
     out = np.zeros(len(strategies), dtype=np.int64)
     same_pair_kernel(
-        np.ascontiguousarray(offsets, dtype=np.int64),
-        np.ascontiguousarray(model, dtype=np.int64),
-        np.ascontiguousarray(nonempty, dtype=np.bool_),
-        np.ascontiguousarray(rating, dtype=np.float64),
-        np.ascontiguousarray(s_pref, dtype=np.float64),
-        np.ascontiguousarray(kin, dtype=np.float64),
+        *_contiguous(offsets, model, nonempty, rating, s_pref, kin),
         codes,
         streams,
         float(tau),
