@@ -414,7 +414,7 @@ def main() -> None:
     ap.add_argument("--vs", choices=["loop", "floor", "peer"], default="loop")
     ap.add_argument("--peer", default=PEER, help="--vs peer: the commit to compare with")
     ap.add_argument("--peer-root", help="--vs peer: keep its checkout here (and reuse it)")
-    ap.add_argument("--runs", type=int, default=5, help="--vs peer: runs of each command")
+    ap.add_argument("--runs", type=int, default=5, help="--vs peer/floor: runs of each command")
     ap.add_argument("--loop-runs", type=int, default=1, help="--vs peer: runs of the loop")
     ap.add_argument("--inputs", help="--vs floor: keep the generated inputs here (and reuse them)")
     ap.add_argument("--child", choices=["stage", "loop", "stream", "floor"])
@@ -503,19 +503,22 @@ def floor_main(args: argparse.Namespace) -> None:
                 same = check_identical(data, tmp, args.strategy)
                 print(f"streamed (batches of 997 and 100k) == in-memory, byte for byte: {same}")
             out = tmp / "prefs"
-            st = _spawn("stream", data, out, args.strategy)
-            fl = _spawn("floor", data, out, args.strategy)
-            print(
-                f"stage: {st['seconds']:.1f} s, {st['pairs']:,} pairs "
-                f"({st['out_bytes'] / 2**20:,.0f} MiB out), peak RSS {st['max_rss_gib']:.2f} GiB"
-            )
-            print(
-                f"floor: {fl['seconds']:.1f} s (read {fl['read']:.1f}, write {fl['write']:.1f})"
-                f", peak RSS {fl['max_rss_gib']:.2f} GiB"
-            )
-            ok = "met" if st["max_rss_gib"] < 2 else "MISSED"
+            runs = []  # (stage, floor), in turn, so that a drift of the machine reaches both
+            for _ in range(args.runs):
+                runs.append((_spawn("stream", data, out, args.strategy),
+                             _spawn("floor", data, out, args.strategy)))  # fmt: skip
+            st, fl = runs[0]
+            print(f"stage: {st['pairs']:,} pairs ({st['out_bytes'] / 2**20:,.0f} MiB out), "
+                  f"peak RSS {max(r[0]['max_rss_gib'] for r in runs):.2f} GiB; floor: read "
+                  f"{fl['read']:.1f} s + write {fl['write']:.1f} s, peak RSS "
+                  f"{max(r[1]['max_rss_gib'] for r in runs):.2f} GiB")  # fmt: skip
+            print(f"{'':14s} {'min':>7s} {'median':>7s} {'max':>7s}  ({args.runs} runs each)")
+            print(f"{'stage s':14s} {_spread([a['seconds'] for a, _ in runs])}")
+            print(f"{'floor s':14s} {_spread([b['seconds'] for _, b in runs])}")
+            ok = "met" if max(r[0]["max_rss_gib"] for r in runs) < 2 else "MISSED"
             goal = "1.5" if n >= 1_000_000 else "2"  # issue 17: <= 2x at 100k, <= 1.5x at 1M
-            print(f"stage / floor: {st['seconds'] / fl['seconds']:.2f}x (goal <= {goal}x); "
+            ratios = [a["seconds"] / b["seconds"] for a, b in runs]
+            print(f"{'stage / floor':14s} {_spread(ratios)}  (goal <= {goal}x); "
                   f"peak memory goal < 2 GiB: {ok}", flush=True)  # fmt: skip
             for f in [*tmp.glob("floor_*"), *([] if args.inputs else [data])]:
                 f.unlink()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from karma.command import load_stage, make_command, run_click, setup_logging
+from karma.command import finish_process, load_stage, make_command, run_click, setup_logging
 from karma.core.errors import did_you_mean
 from karma.registry import commands
 
@@ -189,9 +189,16 @@ def _write_owned(path: Path, text: str, flag: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``karma`` console script."""
+    """Run the ``karma`` command line (``argv``: the arguments; None: the process's)."""
     run_click(cli, argv, prog="karma")
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """Entry point of the ``karma`` console script and of ``python -m karma.cli``: :func:`main`,
+    then the process ends (:func:`~karma.command.finish_process`)."""
     main()
+    finish_process()
+
+
+if __name__ == "__main__":
+    console_main()

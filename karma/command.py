@@ -187,6 +187,8 @@ def make_command(stage: Stage, command_name: str, short_help: str, *, settings: 
             raise with_source(err, sources(file, overrides)) from None
         if settings and metrics is not None and is_main_process():
             click.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+        if stage.exit_fast:
+            _EXIT_FAST.add(stage.name)
 
     return click.Command(
         command_name,
@@ -196,6 +198,22 @@ def make_command(stage: Stage, command_name: str, short_help: str, *, settings: 
         short_help=short_help,
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     )
+
+
+#: Stages that succeeded in this process and declared ``exit_fast`` (:func:`finish_process`).
+_EXIT_FAST: set[str] = set()
+
+
+def finish_process() -> None:
+    """At the end of a process entry point: when the command that ran was a stage that declared
+    ``exit_fast`` and it succeeded, flush the output streams and the log and end the process
+    at once (``os._exit(0)``), skipping the interpreter's teardown; else return."""
+    if not _EXIT_FAST:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -315,3 +333,4 @@ def stage_main(ref: str) -> None:
             click.echo(f"karma: error: {err}", err=True)
             sys.exit(1)
     run_click(command, argv, prog=f"stage {stage.name}")
+    finish_process()

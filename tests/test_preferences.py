@@ -766,6 +766,7 @@ def test_stage_settings_and_defaults(tmp_path: Path) -> None:
         "preferences.layout",
         "preferences.test_fraction",
         "preferences.dev_fraction",
+        "preferences.diagnostics_sample",
         "preferences.batch_records",
     ]
     assert "preferences.batch_records" not in STAGE.tracked_keys(Params)  # operational
@@ -1428,6 +1429,76 @@ def test_streamed_stage_writes_the_in_memory_bytes(
     assert {**ref.metrics, **meta} == runs[0][0]
 
 
+SAMPLED_KEYS = ("diag.instructions", "diag.changed_by_tau", "diag.changed_by_tau_n",
+                 "diag.dropped_by_tau", "diag.dropped_by_tau_n")  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["sim", "random"])
+def test_diagnostics_sample_is_the_searched_blocks(
+    demo: Demo, tmp_path: Path, strategy: str
+) -> None:
+    """With ``diag_stride`` 2, the diagnostics equal those of a stream that sees only blocks 0
+    and 2 of 1,024 instructions (read as batches of exactly those rows, so the same global
+    rows and seeds), whatever the batch size; the pairs do not change."""
+    from karma.pairing.pool import Pool
+    from karma.pairing.stream import DIAG_BLOCK, PairStream
+    from karma.pairing.ultrafeedback import iter_ultrafeedback
+    from tests.fixtures import synthetic_records
+
+    data = tmp_path / "uf.parquet"
+    synthetic_records(4 * DIAG_BLOCK - 100, data, seed=5)
+    pool = Pool.of(demo.models.select("model", "s_pref"), demo.kinship)
+    kw = {"strategy": strategy, "tau": 0.5, "seed": 3}
+
+    ref = PairStream(pool, **kw)
+    for i, batch in enumerate(iter_ultrafeedback(data, batch_records=DIAG_BLOCK)):
+        if i in (0, 2):
+            ref.add(batch)
+    want = ref.metrics()
+    keys = [k for k in want if k in SAMPLED_KEYS or k.startswith(("diag.overlap.", "diag.pool."))]
+    assert want["diag.instructions"] == 2 * DIAG_BLOCK
+    assert want["diag.pool.candidate_pairs"] > 0 and want["diag.overlap.rlaif"] > 0
+    assert (want["diag.changed_by_tau_n"] > 0) == (strategy == "sim")  # random ignores tau
+
+    full = PairStream(pool, **kw)
+    for batch in iter_ultrafeedback(data, batch_records=100_000):
+        full.add(batch)
+    for size in (700, 100_000):
+        sampled = PairStream(pool, **kw, diag_stride=2)
+        for batch in iter_ultrafeedback(data, batch_records=size):
+            sampled.add(batch)
+        got = sampled.metrics()
+        assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, size
+        nondiag = [k for k in got if not k.startswith("diag.")]
+        assert {k: got[k] for k in nondiag} == {k: full.metrics()[k] for k in nondiag}
+    assert full.metrics()["diag.instructions"] == 4 * DIAG_BLOCK - 100
+
+
+def test_stage_samples_diagnostics_of_a_large_parquet(demo: Demo, tmp_path: Path) -> None:
+    """``preferences.diagnostics_sample`` bounds the diagnostics, not the pairs: the files are
+    those of the unsampled run, and the card says what was sampled."""
+    from karma.pairing.stream import diagnostic_stride
+    from tests.fixtures import synthetic_records
+
+    data = tmp_path / "uf.parquet"
+    synthetic_records(3000, data, seed=4)
+    assert diagnostic_stride(3000, 1024) == 3 and diagnostic_stride(3000, 3000) == 1
+    outs = {}
+    for sample in (None, 1024):
+        cfg = PreferencesConfig(dataset=str(data), diagnostics_sample=sample, batch_records=512)
+        out = tmp_path / f"s{sample}"
+        metrics = execute(STAGE, Params(kinship="sim", preferences=cfg),
+                          PreferencesPaths(kinship_dir=demo.kinship_dir, out=out))  # fmt: skip
+        outs[sample] = ({s: (out / f"{s}.parquet").read_bytes() for s in SPLITS}, metrics,
+                        (out / "README.md").read_text())  # fmt: skip
+    assert outs[None][0] == outs[1024][0]
+    assert outs[None][1]["diag.instructions"] == 3000
+    assert outs[1024][1]["diag.instructions"] == 1024  # block 0 of 0-2
+    assert outs[1024][1]["pairs"] == outs[None][1]["pairs"]
+    assert "sample of 1024 of the 3000 instructions" in outs[1024][2]
+    assert "sample of" not in outs[None][2]
+
+
 def test_streamed_json_lines_and_errors_name_the_global_record(demo: Demo, tmp_path: Path) -> None:
     from karma.pairing.ultrafeedback import iter_ultrafeedback
 
@@ -1485,3 +1556,35 @@ def test_streaming_reader_does_not_keep_what_it_read(tmp_path: Path) -> None:
         seen.append(pa.total_allocated_bytes())
     assert len(seen) == 60
     assert max(seen) < 0.5 * path.stat().st_size, (max(seen), path.stat().st_size)
+
+
+# --------------------------------------------------------------------------- process exit
+_ENTRY = (
+    "import atexit, sys; atexit.register(lambda: print('teardown ran', file=sys.stderr)); "
+    "from karma.cli import console_main; sys.argv = ['karma', *sys.argv[1:]]; console_main()"
+)
+
+
+def test_cli_process_ends_fast_with_everything_written(demo: Demo, tmp_path: Path) -> None:
+    """A ``preferences`` process (``exit_fast``) ends without the interpreter's teardown (an
+    atexit hook does not run), yet stdout, a pipe, carries the whole metrics JSON and the files
+    are complete; a failed run and a stage without ``exit_fast`` end normally."""
+    import subprocess
+    import sys
+
+    out, metrics = tmp_path / "out", tmp_path / "m.json"
+    argv = ["preferences", "--kinship-dir", str(demo.kinship_dir), "--out", str(out),
+            "--dataset", str(DEMO), "--metrics", str(metrics)]  # fmt: skip
+    run = partial(subprocess.run, capture_output=True, text=True, cwd=REPO, check=False)
+    proc = run([sys.executable, "-c", _ENTRY, *argv])
+    assert proc.returncode == 0, proc.stderr
+    assert "teardown ran" not in proc.stderr
+    assert json.loads(proc.stdout) == json.loads(metrics.read_text())
+    rows = pl.read_parquet(out / "train_prefs.parquet").height
+    assert rows == json.loads(proc.stdout)["split.train_pairs"] > 0
+
+    bad = run([sys.executable, "-c", _ENTRY, *argv[:-4], "--dataset", str(tmp_path / "no.jsonl")])
+    assert bad.returncode == 1 and "teardown ran" in bad.stderr
+    assert "karma: error:" in bad.stderr and bad.stdout == ""
+    other = run([sys.executable, "-c", _ENTRY, "params"])  # not an exit_fast stage
+    assert other.returncode == 0 and "teardown ran" in other.stderr

@@ -564,4 +564,5 @@ STAGE = Stage(
     run=run_kinship,
     help="Min-max normalise each benchmark, S_pref = mean normalised score, kinship = cosine "
     "(or pearson, euclidean) of the normalised vectors; global kin pairs by strategy.",
+    exit_fast=True,
 )

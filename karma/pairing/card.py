@@ -28,8 +28,15 @@ def diagnostics_text(result: PreferenceResult) -> str:
     m = result.metrics
     if "diag.changed_by_tau" not in m:
         return "(not computed)"
-    n = result.counts["instructions"]
+    n = m.get("diag.instructions", result.counts["instructions"])
     lines = []
+    if n < result.counts["instructions"]:
+        lines += [
+            f"These diagnostics searched an even sample of {n} of the "
+            f"{result.counts['instructions']} instructions (`preferences.diagnostics_sample`); "
+            "the pairs themselves come from every instruction.",
+            "",
+        ]
     if spec(result.strategy).karma:
         ch, dr = m["diag.changed_by_tau_n"], m["diag.dropped_by_tau_n"]
         verdict = (
@@ -207,5 +214,6 @@ def summary(result: PreferenceResult) -> str:
         f"(ties {m['rating_tie']}, {m['rated_pairs']} rated pairs)"
     )
     if "diag.changed_by_tau" in m:
-        text += f"; tau changed {m['diag.changed_by_tau_n']} of {m['instructions']} pairs"
+        n = m.get("diag.instructions", m["instructions"])
+        text += f"; tau changed {m['diag.changed_by_tau_n']} of {n} pairs"
     return text

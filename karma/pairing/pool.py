@@ -127,6 +127,25 @@ class Prepared:
     def kin(self) -> np.ndarray:
         return self.pool.kin
 
+    def slice(self, a: int, b: int) -> Prepared:
+        """Instructions ``a`` to ``b - 1`` of the batch, as a batch of their own (the same
+        global rows, so the same per-row seeds)."""
+        lo, hi = int(self.offsets[a]), int(self.offsets[b])
+        data = UltraFeedback(
+            self.data.prompts.slice(a, b - a), self.data.completions.slice(lo, hi - lo),
+            self.data.source,
+        )  # fmt: skip
+        return Prepared(
+            data=data,
+            pool=self.pool,
+            offsets=self.offsets[a : b + 1] - lo,
+            model=self.model[lo:hi],
+            nonempty=self.nonempty[lo:hi],
+            ratings={f: r[lo:hi] for f, r in self.ratings.items()},
+            text_len=self.text_len[lo:hi],
+            row0=self.row0 + a,
+        )
+
 
 def prepare(
     data: UltraFeedback,

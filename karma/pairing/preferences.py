@@ -94,13 +94,14 @@ def _pair_and_write(params: Params, paths: PreferencesPaths) -> tuple[Preference
     from karma.pairing.batching import count_records
     from karma.pairing.kernel import REASONS
     from karma.pairing.pool import Pool, load_kinship_dir
-    from karma.pairing.stream import PairStream, warm_kernels_in_background
+    from karma.pairing.stream import PairStream, diagnostic_stride, warm_kernels_in_background
     from karma.pairing.ultrafeedback import iter_ultrafeedback
     from karma.pairing.writers import SplitWriter
 
     cfg = params.preferences
     warm = warm_kernels_in_background()
     models, kinship = load_kinship_dir(paths.kinship_dir)
+    total = count_records(cfg.dataset)
     stream = PairStream(
         Pool.of(models.select("model", "s_pref"), kinship),
         strategy=params.kinship,
@@ -111,9 +112,10 @@ def _pair_and_write(params: Params, paths: PreferencesPaths) -> tuple[Preference
         baseline_pool=cfg.baseline_pool,
         test_fraction=cfg.test_fraction,
         dev_fraction=cfg.dev_fraction,
+        diag_stride=diagnostic_stride(total, cfg.diagnostics_sample),
     )
     writer = SplitWriter(Path(paths.out), cfg.layout)
-    bar = progress_bar(count_records(cfg.dataset))
+    bar = progress_bar(total)
     try:
         batches = iter_ultrafeedback(cfg.dataset, split=cfg.split, batch_records=cfg.batch_records)
         for batch in batches:
@@ -189,4 +191,5 @@ STAGE = Stage(
     "whose model has the higher S_pref (KARMA), or binarise by rating (rlaif), or pair at "
     "random; train_prefs/dev_prefs/test_prefs split by prompt, in TRL's conversational layout "
     "or H4's, with metadata columns and what the kinship threshold did (diag.* metrics, the card).",
+    exit_fast=True,
 )

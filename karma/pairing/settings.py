@@ -64,6 +64,10 @@ class PreferencesConfig(Section):
         "test prompts do not change): the held-out pairs recipes are chosen on; 0: none",
         ge=0, lt=1,
     )  # fmt: skip
+    diagnostics_sample: int | None = setting(
+        50_000, "instructions the diag.* searches run on: an even sample of blocks of 1,024 "
+        "when a Parquet input has more (the pairs do not change); null: all", ge=1024,
+    )  # fmt: skip
     batch_records: int = setting(
         100_000, "records read and paired at a time (bounds memory; the outputs are the same)",
         ge=1, operational=True,

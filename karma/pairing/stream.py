@@ -47,6 +47,39 @@ from karma.pairing.ultrafeedback import UltraFeedback
 
 log = logging.getLogger(__name__)
 
+#: Instructions per block of the diagnostics sample (:func:`diagnostic_runs`).
+DIAG_BLOCK = 1024
+
+
+def diagnostic_stride(total: int | None, limit: int | None) -> int:
+    """Every how many blocks of :data:`DIAG_BLOCK` instructions the diagnostics search, so that
+    about ``limit`` of ``total`` instructions are searched (1: all; also when ``total`` is not
+    known in advance)."""
+    if not total or limit is None or total <= limit:
+        return 1
+    return -(-total // max(limit, DIAG_BLOCK))
+
+
+def diagnostic_runs(row0: int, n: int, stride: int) -> list[tuple[int, int]]:
+    """The instructions of a batch (global rows ``row0`` to ``row0 + n - 1``) in the
+    diagnostics sample, as ``(start, stop)`` runs of local indices: the blocks ``row //
+    DIAG_BLOCK`` divisible by ``stride``. They depend only on the global rows, not on how the
+    data was batched.
+
+    >>> diagnostic_runs(1000, 3000, 2)  # rows 1000-3999: blocks 0 and 2 of 0-3
+    [(0, 24), (1048, 2072)]
+    """
+    if stride == 1:
+        return [(0, n)] if n else []
+    runs = []
+    first = row0 // DIAG_BLOCK
+    for block in range(-(-first // stride) * stride, (row0 + n - 1) // DIAG_BLOCK + 1, stride):
+        a = max(block * DIAG_BLOCK, row0) - row0
+        b = min((block + 1) * DIAG_BLOCK, row0 + n) - row0
+        if a < b:
+            runs.append((a, b))
+    return runs
+
 
 @dataclass(frozen=True)
 class PreferenceResult:
@@ -116,7 +149,8 @@ class PairStream:
     not grow with the number of instructions.
 
     ``diagnose``: also run the searches the diagnostics need (the strategy at tau = -inf and
-    every other strategy at tau) and tally the pool (see :func:`diagnostics_of`).
+    every other strategy at tau) and tally the pool (see :meth:`diagnostics`), on the blocks
+    of instructions that ``diag_stride`` selects (:func:`diagnostic_runs`; 1: all).
     """
 
     def __init__(
@@ -132,12 +166,13 @@ class PairStream:
         test_fraction: float = 0.2,
         dev_fraction: float = 0.15,
         diagnose: bool = True,
+        diag_stride: int = 1,
     ) -> None:
         strategy_code(strategy)
         self.pool, self.strategy, self.tau, self.seed = pool, strategy, float(tau), seed
         self.rating, self.aliases, self.baseline_pool = rating, aliases, baseline_pool
         self.test_fraction, self.dev_fraction = test_fraction, dev_fraction
-        self.diagnose = diagnose
+        self.diagnose, self.diag_stride = diagnose, diag_stride
         m1 = pool.m + 1
         self.reasons = np.zeros(len(REASONS), dtype=np.int64)
         self.counts = {"completions": 0, "completions_blank": 0, "completions_unknown_model": 0}
@@ -147,6 +182,7 @@ class PairStream:
         self.test = self.dev = 0
         self.pool_counts = np.zeros((pool.m, pool.m), dtype=np.int64)
         self.changed = self.dropped = 0
+        self.diag_n = self.diag_pairs = 0  # instructions and pairs in the diagnostics sample
         self.same = {s: 0 for s in STRATEGIES if s != strategy}
         self.agreement = AgreementTally()  # the strategy's pairs vs the instance rating
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="karma-diagnostics")
@@ -184,23 +220,42 @@ class PairStream:
         self.dev += int((codes == DEV).sum())
         if self.diagnose:  # on the other core, while the next batch is read and paired
             self._collect()
-            self._pending = self._worker.submit(self._diagnose, prep, chosen, rejected, kw)
+            runs = diagnostic_runs(prep.row0, prep.n, self.diag_stride)
+            self.diag_n += sum(b - a for a, b in runs)
+            self.diag_pairs += sum(int((chosen[a:b] >= 0).sum()) for a, b in runs)
+            self._pending = self._worker.submit(self._diagnose, prep, chosen, rejected, kw, runs)
         return pairs, codes
 
     def _diagnose(
-        self, prep: Prepared, chosen: np.ndarray, rejected: np.ndarray, kw: dict[str, Any]
+        self,
+        prep: Prepared,
+        chosen: np.ndarray,
+        rejected: np.ndarray,
+        kw: dict[str, Any],
+        runs: list[tuple[int, int]],
     ) -> tuple[np.ndarray, int, int, dict[str, int]]:
-        """One batch's diagnostic searches (the Numba kernels release the GIL): pool counts,
-        changed and dropped by tau, and how often each other strategy makes the same pair."""
-        counts = pool_counts(prep)
-        c0, r0, reason0 = search(prep, self.strategy, tau=-math.inf, **kw)
-        changed = int(((chosen != c0) | (rejected != r0)).sum())
-        dropped = int(((chosen < 0) & (reason0 == KEPT)).sum())
-        same = same_pairs(
-            prep.offsets, prep.model, prep.nonempty, prep.ratings[self.rating], prep.s_pref,
-            prep.kin, chosen, rejected, strategies=list(self.same), tau=self.tau,
-            seed=self.seed, pool=self.baseline_pool, row0=prep.row0,
-        )  # fmt: skip
+        """The diagnostic searches on the sampled runs of one batch (the Numba kernels release
+        the GIL): pool counts, changed and dropped by tau, and how often each other strategy
+        makes the same pair."""
+        counts = np.zeros_like(self.pool_counts)
+        changed = dropped = 0
+        same = dict.fromkeys(self.same, 0)
+        for a, b in runs:
+            part = prep if (a, b) == (0, prep.n) else prep.slice(a, b)
+            lo = int(prep.offsets[a])
+            c, r = chosen[a:b], rejected[a:b]
+            c, r = np.where(c >= 0, c - lo, -1), np.where(r >= 0, r - lo, -1)
+            counts += pool_counts(part)
+            c0, r0, reason0 = search(part, self.strategy, tau=-math.inf, **kw)
+            changed += int(((c != c0) | (r != r0)).sum())
+            dropped += int(((c < 0) & (reason0 == KEPT)).sum())
+            found = same_pairs(
+                part.offsets, part.model, part.nonempty, part.ratings[self.rating], part.s_pref,
+                part.kin, c, r, strategies=list(self.same), tau=self.tau, seed=self.seed,
+                pool=self.baseline_pool, row0=part.row0,
+            )  # fmt: skip
+            for other, k in found.items():
+                same[other] += k
         return counts, changed, dropped, same
 
     def _collect(self) -> None:
@@ -252,12 +307,14 @@ class PairStream:
                     "split.dev_share": round6(self.dev / max(pairs, 1))})  # fmt: skip
         if self.diagnose:
             self._collect()
-            out.update(self.diagnostics(n, pairs, used))
+            out.update(self.diagnostics(used))
         return out
 
-    def diagnostics(self, n: int, pairs: int, used: dict[str, Any]) -> dict[str, Any]:
+    def diagnostics(self, used: dict[str, Any]) -> dict[str, Any]:
         """What the kinship threshold did, as flat ``diag.*`` metrics.
 
+        ``instructions``: how many instructions the diagnostics searched (all, or an even
+        sample of blocks: :func:`diagnostic_runs`); every share below is of that sample.
         ``changed_by_tau``: share of instructions whose outcome (pair or drop) differs from the
         search without a threshold (tau = -inf: every candidate pair eligible);
         ``dropped_by_tau``: share paired without the threshold but dropped with it;
@@ -266,14 +323,16 @@ class PairStream:
         the pairs used vs of every candidate pair, and the Spearman correlation of the two over
         the pool.
         """
+        dn, dp = self.diag_n, self.diag_pairs
         out: dict[str, Any] = {
-            "diag.changed_by_tau": round6(self.changed / max(n, 1)),
+            "diag.instructions": dn,
+            "diag.changed_by_tau": round6(self.changed / max(dn, 1)),
             "diag.changed_by_tau_n": self.changed,
-            "diag.dropped_by_tau": round6(self.dropped / max(n, 1)),
+            "diag.dropped_by_tau": round6(self.dropped / max(dn, 1)),
             "diag.dropped_by_tau_n": self.dropped,
         }
         for other, same in self.same.items():
-            out[f"diag.overlap.{other}"] = round6(same / pairs) if pairs else None
+            out[f"diag.overlap.{other}"] = round6(same / dp) if dp else None
         out.update(self.agreement.metrics())
         out["diag.used.mean_kinship"] = used["mean_kinship"]
         out["diag.used.mean_abs_s_pref_gap"] = used["mean_abs_s_pref_gap"]
