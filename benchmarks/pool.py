@@ -7,6 +7,7 @@ a real reward model of that size costs. Each side runs ``--repeats`` times; the 
 (a shared machine's noise only ever adds time).
 
     python -m benchmarks.pool [--prompts 16] [--tokens 32] [--batch 16] [--repeats 2]
+    python -m benchmarks.pool --only judge --device cuda --completions 512   # on a GPU
 """
 
 from __future__ import annotations
@@ -72,13 +73,13 @@ def bench_generate(model: str, n: int, tokens: int, batch: int, repeats: int) ->
     return tl / tb
 
 
-def bench_reward(model: str, n: int, batch: int, repeats: int) -> float:
+def bench_reward(model: str, n: int, batch: int, repeats: int, device: str = "cpu") -> float:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model)
-    rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).eval().to(device)
     rm.config.pad_token_id = tok.pad_token_id
     chats = prompts(n)
     pairs = [
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--completions", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device of the reward model (cuda)")
+    ap.add_argument("--only", choices=["all", "generate", "judge"], default="all")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -121,13 +124,15 @@ def main() -> None:
             else str(build_tiny_model(Path(tmp) / "tiny", hidden_size=256, num_layers=4))
         )
         print(f"model: {where}, torch threads: {__import__('torch').get_num_threads()}")
-        g = bench_generate(where, args.prompts, args.tokens, args.batch, args.repeats)
-        r = bench_reward(where, args.completions, args.batch, args.repeats)
-    print(
-        pl.DataFrame(
-            {"benchmark": ["hf generate", "reward judge"], "speed-up": [g, r], "target": [3.0, 3.0]}
-        )
-    )
+        rows = []
+        if args.only in ("all", "generate"):
+            rows.append(("hf generate", bench_generate(where, args.prompts, args.tokens,
+                                                       args.batch, args.repeats)))  # fmt: skip
+        if args.only in ("all", "judge"):
+            rows.append((f"reward judge ({args.device})", bench_reward(
+                where, args.completions, args.batch, args.repeats, args.device)))  # fmt: skip
+    print(pl.DataFrame(rows, schema=["benchmark", "speed-up"], orient="row")
+          .with_columns(target=pl.lit(3.0)))  # fmt: skip
 
 
 if __name__ == "__main__":
