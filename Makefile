@@ -40,7 +40,7 @@ repro: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: install-test
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ruff check .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/deptry karma
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)

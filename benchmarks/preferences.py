@@ -401,6 +401,13 @@ def peer_main(args: argparse.Namespace) -> None:
                            check=False, capture_output=True)  # fmt: skip
 
 
+def _same_pairs(a: Path, b: Path) -> bool:
+    """Whether two pairs files hold the same pairs (texts, models, kinship, ratings), in order."""
+    cols = ["prompt", "chosen", "rejected", "chosen_model", "rejected_model", "kinship",
+            "chosen_rating", "rejected_rating"]  # fmt: skip
+    return pl.read_parquet(a).select(cols).equals(pl.read_parquet(b).select(cols))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="64000,1000000")
@@ -458,21 +465,7 @@ def main() -> None:
             note = f" (timed on {lp['records']:,} records, x{scale:.0f})" if limit else ""
             print(f"loop:  {loop_s:.2f} s{note}; peak RSS {lp['max_rss_gib']:.2f} GiB")
             if not limit:
-                cols = [
-                    "prompt",
-                    "chosen",
-                    "rejected",
-                    "chosen_model",
-                    "rejected_model",
-                    "kinship",
-                    "chosen_rating",
-                    "rejected_rating",
-                ]
-                same = (
-                    pl.read_parquet(tmp / "stage.parquet")
-                    .select(cols)
-                    .equals(pl.read_parquet(tmp / "loop.parquet").select(cols))
-                )
+                same = _same_pairs(tmp / "stage.parquet", tmp / "loop.parquet")
                 print(f"same pairs as the loop: {same}")
             print(
                 f"speed-up: {loop_s / st['seconds']:.1f}x"

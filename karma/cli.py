@@ -166,6 +166,8 @@ def compare_command(a: str, b: str, repo: Path, seed: int, n_boot: int) -> None:
     from karma.report.compare import compare_markdown
 
     click.echo(compare_markdown(repo, a, b, seed=seed, n_boot=n_boot), nl=False)
+
+
 def _check_owned(path: Path, flag: str) -> None:
     """Refuse to overwrite a file karma did not write (a link: its target)."""
     from karma.core.errors import KarmaError

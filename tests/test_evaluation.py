@@ -1014,8 +1014,9 @@ def test_ifeval_scores_equal_lm_evals_command_line(
         key=lambda r: r["doc_id"],
     )
     spec = {"ifeval": TaskSpec(task=str(task), metric="prompt_level_strict_acc")}
-    cfg = EvaluateConfig(max_gen_toks=24, cache=False, samples_dir=str(tmp_path / "ours"),
-                         allow_code=True)  # the task file's !function: lm-eval's own IFEval
+    cfg = EvaluateConfig(
+        max_gen_toks=24, cache=False, samples_dir=str(tmp_path / "ours"), allow_code=True
+    )  # the task file's !function: lm-eval's own IFEval
     ours = lmeval.run_tasks(str(model), spec, cfg)
     for key in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
                 "inst_level_loose_acc"):  # fmt: skip

@@ -84,6 +84,7 @@ def build_workspace(ws: Path) -> None:
     # paid once per session (torch + transformers: 4 s idle, 14 s on a loaded 2-core machine):
     # the train cases time their checks only
     from trl import DPOConfig  # noqa: F401
+
     shutil.copy(REPO / "data/origin/scores.csv", ws / "scores.csv")
     demo = DEMO.read_text().splitlines()
     (ws / "demo.jsonl").write_text("\n".join(demo[:40]) + "\n")

@@ -342,9 +342,7 @@ def test_sigterm_behaves_as_ctrl_c(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
-    assert err.strip().splitlines() == [
-        "karma: aborted (SIGTERM); temporary outputs removed"
-    ], err
+    assert err.strip().splitlines() == ["karma: aborted (SIGTERM); temporary outputs removed"], err
     assert tree(ws) == before  # the earlier outputs whole; no temporary, no lock left
 
 

@@ -248,8 +248,10 @@ def test_stored_reference_replaces_the_reference_model(
         runs[mode] = (ref, trainer.train().training_loss, _moved(trainer, tiny_model_dir))
     (live_ref, live_loss, _), (ref, loss, moved) = runs["live"], runs["stored"]
     np.testing.assert_allclose(ref.policy, live_ref.policy, atol=1e-4)
-    print(f"stored - live reference: max {np.abs(ref.policy - live_ref.policy).max():.2e}; "
-          f"train loss {loss:.6f} vs {live_loss:.6f}")
+    print(
+        f"stored - live reference: max {np.abs(ref.policy - live_ref.policy).max():.2e}; "
+        f"train loss {loss:.6f} vs {live_loss:.6f}"
+    )
     np.testing.assert_array_equal(ref.counts, live_ref.counts)
     assert math.isfinite(loss) and loss == pytest.approx(live_loss, rel=1e-4) and moved > 10
 
@@ -282,10 +284,15 @@ def test_stored_reference_of_the_dev_pairs(
     live = heldout_logps(trainer, spec, part="dev").policy  # the policy = the base: the same
     np.testing.assert_allclose(dev, live, atol=1e-4)
     # dev pairs alone (choosing a recipe without scoring the test pairs)
-    only = make_trainer(params.train, tiny_model_dir, seed=0, output_dir=tmp_path / "ck2",
-                        dataset=with_keys(load_pairs(pairs_file)),
-                        eval_dataset=tagged({"dev": with_keys(load_pairs(dev_file))}),
-                        stored=Stored({"train": stored["train"], "dev": stored["dev"]}, out))
+    only = make_trainer(
+        params.train,
+        tiny_model_dir,
+        seed=0,
+        output_dir=tmp_path / "ck2",
+        dataset=with_keys(load_pairs(pairs_file)),
+        eval_dataset=tagged({"dev": with_keys(load_pairs(dev_file))}),
+        stored=Stored({"train": stored["train"], "dev": stored["dev"]}, out),
+    )
     alone = heldout_logps(only, spec, reference=True, part="dev").policy
     np.testing.assert_array_equal(alone, dev)
 

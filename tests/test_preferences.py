@@ -1155,8 +1155,9 @@ def test_stage_dev_split(demo: Demo, tmp_path: Path) -> None:
     an empty dev_prefs; the count is in the metrics and the card."""
     runs = {}
     for dev in (0.15, 0.0):
-        params = Params(kinship="score", preferences=PreferencesConfig(dataset=str(DEMO),
-                                                                       dev_fraction=dev))
+        params = Params(
+            kinship="score", preferences=PreferencesConfig(dataset=str(DEMO), dev_fraction=dev)
+        )
         out = tmp_path / f"dev{dev}"
         m = execute(STAGE, params, PreferencesPaths(kinship_dir=demo.kinship_dir, out=out))
         runs[dev] = (out, m)

@@ -22,6 +22,7 @@ from karma.evaluation.taskconfig import (
     resolve_tasks,
 )
 from karma.evaluation.tasks import make_tasks as _generate
+from karma.evaluation.tasks import mini_arc, mini_hellaswag, mini_mmlu
 
 SUITES = suites()
 
@@ -118,14 +119,14 @@ def test_mmlu_stem_answers() -> None:
             assert r["choices"][r["answer"]] == str(value), r["question"]
             assert sum(c == str(value) for c in r["choices"]) == 1
     assert computed >= 15
-    facts = {q: right for q, right, _ in _generate.STEM_FACTS}
+    facts = {q: right for q, right, _ in mini_mmlu.STEM_FACTS}
     for r in _rows("mmlu_stem"):
         if r["question"] in facts:
             assert r["choices"][r["answer"]] == facts[r["question"]]
 
 
 def test_mmlu_pro_answers() -> None:
-    facts = {q: right for q, right, _ in _generate.PRO_FACTS}
+    facts = {q: right for q, right, _ in mini_mmlu.PRO_FACTS}
     for r in _rows("mmlu_pro"):
         assert len(r["options"]) == 10 and len(set(r["options"])) == 10
         assert r["answer"] == "ABCDEFGHIJ"[r["answer_index"]]
@@ -135,7 +136,7 @@ def test_mmlu_pro_answers() -> None:
             assert right == str(value), r["question"]
         else:
             assert right == facts[r["question"]]
-    capitals = dict(_generate.CAPITALS)
+    capitals = dict(mini_mmlu.CAPITALS)
     for r in _rows("mmlu_pro"):
         m = re.fullmatch(r"What is the capital of (\w+)\?", r["question"])
         if m:
@@ -143,13 +144,13 @@ def test_mmlu_pro_answers() -> None:
 
 
 def test_hellaswag_and_arc_answers() -> None:
-    right = {ctx: ending for _, ctx, ending, _ in _generate.HELLASWAG}
+    right = {ctx: ending for _, ctx, ending, _ in mini_hellaswag.HELLASWAG}
     for r in _rows("hellaswag"):
         assert len(r["endings"]) == 4 and len(set(r["endings"])) == 4
         assert r["endings"][r["label"]] == right[r["ctx"]]
     for name, items in (
-        ("arc_easy", _generate.ARC_EASY),
-        ("arc_challenge", _generate.ARC_CHALLENGE),
+        ("arc_easy", mini_arc.ARC_EASY),
+        ("arc_challenge", mini_arc.ARC_CHALLENGE),
     ):
         truth = {q: a for q, a, _ in items}
         for r in _rows(name):
@@ -157,10 +158,10 @@ def test_hellaswag_and_arc_answers() -> None:
             assert len(labels) == len(text) >= 3 and len(set(text)) == len(text)
             assert text[labels.index(r["answerKey"])] == truth[r["question"]]
     # spot checks of the hand-written answers that a typo would break
-    easy = {q: a for q, a, _ in _generate.ARC_EASY}
+    easy = {q: a for q, a, _ in mini_arc.ARC_EASY}
     assert easy["What is 9 times 3?"] == "27"
     assert easy["How many legs does an insect have?"] == "Six"
-    hard = {q: a for q, a, _ in _generate.ARC_CHALLENGE}
+    hard = {q: a for q, a, _ in mini_arc.ARC_CHALLENGE}
     assert hard["What is 15 percent of 200?"] == str(int(0.15 * 200))
     assert hard["How many seconds are there in 5 minutes?"] == str(5 * 60)
 

@@ -301,7 +301,9 @@ class BoundedLoader(yaml.SafeLoader):
         size = 1 + sum(self.sizes.get(id(n), 1) for n in children)
         if size > MAX_YAML_NODES:
             raise yaml.constructor.ConstructorError(
-                None, None, f"aliases expand to more than {MAX_YAML_NODES} values",
+                None,
+                None,
+                f"aliases expand to more than {MAX_YAML_NODES} values",
                 node.start_mark,
             )
         self.sizes[id(node)] = size
@@ -323,7 +325,9 @@ class BoundedLoader(yaml.SafeLoader):
         digits = str(node.value).lstrip("+-").replace("_", "")
         if len(digits) > MAX_INT_DIGITS:
             raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {len(digits)} digits, more than {MAX_INT_DIGITS}",
+                None,
+                None,
+                f"an integer of {len(digits)} digits, more than {MAX_INT_DIGITS}",
                 node.start_mark,
             )
         return super().construct_yaml_int(node)

@@ -447,4 +447,3 @@ def _os_errors(fn: Callable[..., Any], *args: Any, staged: Any = ()) -> Any:
         if name is None and staged:
             name = ", ".join(str(s.final) for s in staged)
         raise KarmaError(f"cannot write or read: {disk_reason(err)}", file=name) from None
-

@@ -31,9 +31,10 @@ class ScoresConfig(Section):
     measured: dict[
         Annotated[str, Field(pattern=_NAME)], Annotated[str, Field(min_length=1)] | PoolModel
     ] = setting(
-        EMBEDDED_POOL, "the pool: {name: hub id or model dir, or a mapping (model, revision, "
+        EMBEDDED_POOL,
+        "the pool: {name: hub id or model dir, or a mapping (model, revision, "
         "chat_template, derive, modes, benchmark, generate)}: origin models benchmarked by "
-        "lm-eval (benchmark@<name>); with completions: pool also generate@<name>"
+        "lm-eval (benchmark@<name>); with completions: pool also generate@<name>",
     )
     scale: dict[str, Annotated[float, Field(gt=0)]] = setting(
         PAPER_SCALE, "factor from lm-eval's fractions to the reported table's unit, per benchmark"

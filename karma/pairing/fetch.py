@@ -99,7 +99,9 @@ def _load(dataset: str, revision: str | None, split: str) -> tuple[UltraFeedback
         raise KarmaError(
             f"cannot {'read' if local else 'fetch'} the dataset: {type(err).__name__}: {reason}",
             file=dataset,
-            expected=f"the split {split!r} in its data files" if local else "the hub reachable "
+            expected=f"the split {split!r} in its data files"
+            if local
+            else "the hub reachable "
             "(offline? no network, or HF_HUB_OFFLINE set) and the id, revision and split to exist",
         ) from None
     keep = [c for c in ("source", "instruction", "completions") if c in ds.column_names]

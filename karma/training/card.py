@@ -104,5 +104,3 @@ def base_summary(base: str | Path) -> str:
     arch = ",".join(conf.get("architectures") or [conf.get("model_type", "?")])
     layers, hidden = conf.get("num_hidden_layers", "?"), conf.get("hidden_size", "?")
     return f"{arch}, {layers} layers, hidden {hidden}"
-
-

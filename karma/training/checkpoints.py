@@ -38,7 +38,6 @@ CURVE_SKIP = (
 )
 
 
-
 def fingerprint(cfg: TrainConfig, paths: Any, seed: int, *, world_size: int = 1) -> dict[str, Any]:
     """What a checkpoint depends on: training settings, seed, process count (checkpoints hold
     per-process RNG state), data and base model contents."""
@@ -173,5 +172,3 @@ def final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 out[key.replace("/", "_")] = float(value)
     return out
-
-

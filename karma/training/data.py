@@ -93,4 +93,3 @@ def unpaired(pairs: Any) -> Any:
         raise KarmaError("TRL's unpair_preference_dataset changed its row order",
                          expected="n chosen rows then n rejected rows")  # fmt: skip
     return rows.select([j for i in range(n) for j in (i, n + i)])
-

@@ -145,8 +145,10 @@ def run_reference(params: Params, paths: ReferencePaths) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     for split in data:
-        frame = pl.DataFrame({c: done[split][c] for c in (KEY, *REF_COLUMNS)},
-                             schema={KEY: pl.String, **dict.fromkeys(REF_COLUMNS, pl.Float32)})
+        frame = pl.DataFrame(
+            {c: done[split][c] for c in (KEY, *REF_COLUMNS)},
+            schema={KEY: pl.String, **dict.fromkeys(REF_COLUMNS, pl.Float32)},
+        )
         frame.write_parquet(out / SPLITS[split])
         metrics[f"{split}.pairs"] = frame.height
         metrics[f"{split}.dropped"] = len(data[split]) - frame.height  # prompt over max_length

@@ -97,8 +97,10 @@ class TrainBase(Section):
         for key in value:
             fixed = {o.name: o.fixed[key] for o in objectives if key in o.fixed}
             if fixed:
-                raise ValueError(f"{key!r} is set by train.method ({fixed}); another value is "
-                                 "another entry of karma/training/objectives.py")
+                raise ValueError(
+                    f"{key!r} is set by train.method ({fixed}); another value is "
+                    "another entry of karma/training/objectives.py"
+                )
             if key in TRL_RESERVED:
                 raise ValueError(f"{key!r} is set by {TRL_RESERVED[key]}")
         if "gradient_accumulation_steps" in value and info.data.get("global_batch_size"):
@@ -116,8 +118,10 @@ TrainConfig = create_model(  # type: ignore[call-overload]
     __base__=TrainBase,
     __module__=__name__,
     **{
-        name: (dict[str, Any], setting(dict(o.defaults), f"fields for {o.config.split(':')[1]} "
-                                       f"of method {name} only"))
+        name: (
+            dict[str, Any],
+            setting(dict(o.defaults), f"fields for {o.config.split(':')[1]} of method {name} only"),
+        )
         for name, o in OBJECTIVES.items()
     },
 )

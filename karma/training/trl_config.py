@@ -49,7 +49,6 @@ TRL_DEFAULTS: dict[str, Any] = {
 }
 
 
-
 def apply_recipe(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its recipe file's ``trl`` / ``<method>`` blocks merged in (and
     ``global_batch_size``, ``lora``, ``dtype`` replaced); errors name the recipe file and key."""
@@ -76,8 +75,6 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
         err = exc.errors(include_url=False)[0]
         key = ".".join(str(p) for p in err["loc"])
         raise KarmaError(err["msg"], file=path, field=key, value=err.get("input")) from None
-
-
 
 
 # ---------------------------------------------------------------- batch
@@ -333,5 +330,3 @@ def build_lora_config(lora: dict[str, Any] | None) -> Any:
         return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
     except (ValueError, TypeError) as err:
         raise KarmaError(f"bad LoRA settings: {err}", field="train.lora") from None
-
-
